@@ -1,0 +1,1 @@
+"""Thin client SDK for training jobs (grpcio, protobuf, safetensors, torch); see README."""

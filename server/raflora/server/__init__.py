@@ -1,0 +1,1 @@
+"""raFLoRA aggregation server: the aggregation engine lives in :mod:`raflora.server.engine`."""

@@ -1,0 +1,106 @@
+"""Exact truncated SVD of a sum of low-rank products, without the dense matrix when cheaper.
+
+``Σ_i B_i A_i = [B_1 … B_n] · [A_1; …; A_n]``. A thin QR of both stacked factors and an SVD of
+the small core give the exact SVD in O((d_out + d_in)·N² + N³) for N = Σ r_i. Once N nears
+min(d_out, d_in) a dense accumulator is cheaper and its memory no longer grows with the
+number of clients; :func:`choose_method` picks by a flop model calibrated on CPU LAPACK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .errors import EmptyRoundError
+from .types import FactorPair, LowRank
+
+# A full SVD with vectors costs about this many GEMM flops per m·n² (measured: MKL gesdd on
+# 2500² and 4096² fp32 ran ~30x slower per n³ than a GEMM per m·n·k).
+_SVD_FLOP_FACTOR = 30.0
+
+
+class SvdMethod(str, Enum):
+    AUTO = "auto"
+    FACTORED = "factored"
+    DENSE = "dense"
+
+
+def factored_cost(d_out: int, d_in: int, n: int) -> float:
+    """GEMM-equivalent flops of the QR-of-stacked-factors path."""
+    k_b, k_a = min(d_out, n), min(d_in, n)
+    qr = 4.0 * d_out * n * k_b + 4.0 * d_in * n * k_a
+    core = 2.0 * k_b * n * k_a + _SVD_FLOP_FACTOR * max(k_b, k_a) * min(k_b, k_a) ** 2
+    return qr + core
+
+
+def dense_cost(d_out: int, d_in: int, n: int) -> float:
+    """GEMM-equivalent flops of accumulating the dense matrix and taking its SVD."""
+    small, large = min(d_out, d_in), max(d_out, d_in)
+    return 2.0 * d_out * d_in * n + _SVD_FLOP_FACTOR * large * small**2
+
+
+def choose_method(d_out: int, d_in: int, n: int) -> SvdMethod:
+    if factored_cost(d_out, d_in, n) <= dense_cost(d_out, d_in, n):
+        return SvdMethod.FACTORED
+    return SvdMethod.DENSE
+
+
+def _truncate(U: Tensor, S: Tensor, V: Tensor, max_rank: int) -> LowRank:
+    k = min(max_rank, int(S.shape[0]))
+    return LowRank(U[:, :k].contiguous(), S[:k].contiguous(), V[:, :k].contiguous())
+
+
+def factored_svd(terms: Sequence[FactorPair], max_rank: int) -> LowRank:
+    """Exact top-``max_rank`` SVD of ``Σ B_i A_i`` from the stacked factors."""
+    B = torch.cat([t.B for t in terms], dim=1)
+    A = torch.cat([t.A for t in terms], dim=0)
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    k = min(max_rank, int(S.shape[0]))
+    return LowRank(Qb @ Uc[:, :k], S[:k].contiguous(), Qa @ Vch[:k].T)
+
+
+def dense_svd(terms: Sequence[FactorPair], max_rank: int) -> LowRank:
+    """Exact top-``max_rank`` SVD via one dense accumulator (memory independent of len(terms))."""
+    first = terms[0]
+    acc = torch.zeros(
+        first.B.shape[0], first.A.shape[1], dtype=first.B.dtype, device=first.B.device
+    )
+    for t in terms:
+        acc.addmm_(t.B, t.A)
+    U, S, Vh = torch.linalg.svd(acc, full_matrices=False)
+    # A sum of rank-N terms has rank <= N: keep the same width as the factored path.
+    return _truncate(U, S, Vh.T, min(max_rank, sum(t.rank for t in terms)))
+
+
+def truncated_svd_of_sum(
+    terms: Sequence[FactorPair], max_rank: int, method: SvdMethod = SvdMethod.AUTO
+) -> LowRank:
+    """Top-``max_rank`` SVD of ``Σ B_i A_i``; every term must share dtype and device."""
+    if not terms:
+        raise EmptyRoundError("updates", "cannot aggregate an empty set of factor terms")
+    if method is SvdMethod.AUTO:
+        d_out, d_in = int(terms[0].B.shape[0]), int(terms[0].A.shape[1])
+        method = choose_method(d_out, d_in, sum(t.rank for t in terms))
+    if method is SvdMethod.FACTORED:
+        return factored_svd(terms, max_rank)
+    return dense_svd(terms, max_rank)
+
+
+def singular_values_of_product(B: Tensor, A: Tensor) -> Tensor:
+    """Singular values of ``B @ A`` in O((d_out + d_in)·k²), never forming the product."""
+    if B.shape[1] == 0:
+        return torch.zeros(0, dtype=B.dtype, device=B.device)
+    _, Rb = torch.linalg.qr(B)
+    _, Ra = torch.linalg.qr(A.T)
+    sigma: Tensor = torch.linalg.svdvals(Rb @ Ra.T)
+    return sigma
+
+
+def frobenius_norm_of_product(B: Tensor, A: Tensor) -> Tensor:
+    """‖B A‖_F from the k×k Gram matrices: trace(BᵀB · AAᵀ)."""
+    return ((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt()

@@ -1,0 +1,23 @@
+"""Aggregation strategies behind one interface, selected by name."""
+
+from .base import PreparedRound, Strategy, StrategyConfig, resolve_device
+from .factor_level import RBLA, FedIT, HetLoRA
+from .registry import STRATEGIES, make_strategy
+from .spectral import FlexLoRA, RaFLoRA, SpectralStrategy
+from .stacking import FLoRA
+
+__all__ = [
+    "RBLA",
+    "STRATEGIES",
+    "FLoRA",
+    "FedIT",
+    "FlexLoRA",
+    "HetLoRA",
+    "PreparedRound",
+    "RaFLoRA",
+    "SpectralStrategy",
+    "Strategy",
+    "StrategyConfig",
+    "make_strategy",
+    "resolve_device",
+]

@@ -1,0 +1,136 @@
+"""The one interface every aggregation strategy implements, and its shared plumbing."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..distribution import FactorSplit
+from ..errors import ConfigError, EmptyRoundError
+from ..initialization import shared_init_rows
+from ..lowrank import SvdMethod
+from ..types import AdapterSchema, ClientAdapter, ClientUpdate, FactorPair, GlobalState
+from ..validation import validate_rank, validate_round, validate_update
+from ..weights import Weighting, client_weights
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """What a federation declares that the math depends on."""
+
+    schema: AdapterSchema
+    max_rank: int
+    seed: int = 0
+    weighting: Weighting = Weighting.EXAMPLES
+    split: FactorSplit = FactorSplit.ORTHONORMAL_A
+    svd_method: SvdMethod = SvdMethod.AUTO
+    allowed_ranks: Collection[int] | None = None
+    device: str | torch.device = "cpu"
+    compute_dtype: torch.dtype = torch.float32
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise ConfigError("max_rank", f"must be >= 1, got {self.max_rank}")
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise ConfigError("compute_dtype", "aggregation runs in float32 or float64")
+        if self.allowed_ranks is not None:
+            bad = [r for r in self.allowed_ranks if not 1 <= r <= self.max_rank]
+            if bad or not self.allowed_ranks:
+                raise ConfigError("allowed_ranks", f"must be non-empty within 1..{self.max_rank}")
+
+
+@dataclass(frozen=True)
+class PreparedRound:
+    """A validated round: updates on the compute device and dtype, with normalised weights."""
+
+    updates: Sequence[ClientUpdate]
+    ranks: tuple[int, ...]
+    p: Tensor  # float64, sums to 1
+
+
+class Strategy(ABC):
+    """Give the global adapter to a client; turn a round's uploads into the next state."""
+
+    name: ClassVar[str]
+    known_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: StrategyConfig) -> None:
+        unknown = sorted(set(config.options) - self.known_options)
+        if unknown:
+            raise ConfigError(
+                f"options.{unknown[0]}",
+                f"unknown option for strategy {self.name!r}; known: {sorted(self.known_options)}",
+            )
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = config.compute_dtype
+
+    # -- the interface ---------------------------------------------------------------------
+    @abstractmethod
+    def initial_state(self) -> GlobalState:
+        """Round 0: ΔW = 0."""
+
+    @abstractmethod
+    def distribute(self, state: GlobalState, rank: int, scale: float) -> ClientAdapter:
+        """The adapter a client of this rank and scaling loads before training."""
+
+    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        """Validate the round's uploads, then combine them into the next global state."""
+        prepared = self.prepare(updates)
+        modules = {name: self._aggregate_module(name, state, prepared) for name in self.schema}
+        return GlobalState(round=state.round + 1, modules=modules, participant_ranks=prepared.ranks)
+
+    @abstractmethod
+    def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> Any:
+        """One module's next state from a prepared round."""
+
+    # -- shared plumbing -------------------------------------------------------------------
+    @property
+    def schema(self) -> AdapterSchema:
+        return self.config.schema
+
+    def check_client_rank(self, rank: int, scale: float) -> None:
+        validate_rank(rank, self.config.max_rank, self.config.allowed_ranks)
+        if not scale > 0:
+            raise ConfigError("scale", f"must be > 0, got {scale}")
+
+    def init_rows(self, name: str, rows: int, salt: str = "") -> Tensor:
+        d_in = self.schema.modules[name].d_in
+        return shared_init_rows(
+            name + salt, d_in, rows, self.config.seed, dtype=self.dtype, device=self.device
+        )
+
+    def prepare(self, updates: Sequence[ClientUpdate]) -> PreparedRound:
+        if not updates:
+            raise EmptyRoundError("updates", "a round needs at least one upload to aggregate")
+        validate_round(updates)
+        for u in updates:
+            validate_update(u, self.schema, self.config.max_rank, self.config.allowed_ranks)
+        moved = [self._to_compute(u) for u in updates]
+        p = client_weights([u.num_examples for u in updates], self.config.weighting)
+        return PreparedRound(updates=moved, ranks=tuple(u.rank for u in updates), p=p)
+
+    def _to_compute(self, u: ClientUpdate) -> ClientUpdate:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=self.device, dtype=self.dtype)
+
+        factors = {n: FactorPair(B=move(f.B), A=move(f.A)) for n, f in u.factors.items()}
+        return ClientUpdate(u.client_id, u.rank, u.num_examples, u.scale, factors)
+
+    def compute_scalar(self, value: Tensor | float) -> Tensor:
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)

@@ -1,0 +1,63 @@
+"""Client weights and the per-rank-index weights that distinguish raFLoRA from FlexLoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .errors import ZeroWeightError
+
+
+class Weighting(str, Enum):
+    EXAMPLES = "examples"  # p_i ∝ n_i
+    UNIFORM = "uniform"
+
+
+def client_weights(num_examples: Sequence[int], weighting: Weighting) -> Tensor:
+    """Normalised p_i over the round's participants (float64)."""
+    if weighting is Weighting.UNIFORM:
+        raw = torch.ones(len(num_examples), dtype=torch.float64)
+    else:
+        raw = torch.tensor([float(n) for n in num_examples], dtype=torch.float64)
+    total = float(raw.sum())
+    if total <= 0:
+        raise ZeroWeightError(
+            "num_examples", f"participants' weights sum to {total}; at least one must be > 0"
+        )
+    return raw / total
+
+
+def rank_partitions(ranks: Sequence[int]) -> tuple[int, ...]:
+    """The distinct ranks ρ_1 < … < ρ_K; partition k covers indices ρ_{k-1}+1 … ρ_k."""
+    return tuple(sorted(set(ranks)))
+
+
+def holder_weight_per_index(ranks: Sequence[int], p: Tensor) -> Tensor:
+    """W_j = Σ_{l : r_l ≥ j} p_l for j = 1 … max(r) (returned 0-indexed)."""
+    top = max(ranks)
+    r = torch.tensor(list(ranks), dtype=torch.long)
+    j = torch.arange(1, top + 1)
+    covers = (r[:, None] >= j[None, :]).to(p.dtype)
+    return (p[:, None] * covers).sum(dim=0)
+
+
+def uniform_index_weights(ranks: Sequence[int], p: Tensor) -> list[Tensor]:
+    """FlexLoRA: every rank index of client i carries p_i."""
+    return [p[i].expand(r).clone() for i, r in enumerate(ranks)]
+
+
+def holder_normalized_index_weights(ranks: Sequence[int], p: Tensor) -> list[Tensor]:
+    """raFLoRA: index j of client i carries p_i / Σ_{l : r_l ≥ j} p_l.
+
+    An index whose holders all weigh zero gets weight zero: nobody with data trained it.
+    """
+    W = holder_weight_per_index(ranks, p)
+    safe = torch.where(W > 0, W, torch.ones_like(W))
+    out = []
+    for i, r in enumerate(ranks):
+        w = p[i] / safe[:r]
+        out.append(torch.where(W[:r] > 0, w, torch.zeros_like(w)))
+    return out

@@ -1,0 +1,74 @@
+"""Shared fixtures: small random federations in float64 for exact comparisons."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from raflora.server.engine import (
+    AdapterSchema,
+    ClientUpdate,
+    FactorPair,
+    ScalingRule,
+    lora_scaling,
+)
+
+SHAPES = {"layers.0.q_proj": (24, 18), "layers.0.v_proj": (14, 30)}
+
+# (client id, rank, examples, lora alpha): 3 distinct ranks, unequal examples and alphas.
+CLIENTS: list[tuple[str, int, int, float]] = [
+    ("c0", 2, 40, 4.0),
+    ("c1", 2, 10, 8.0),
+    ("c2", 4, 25, 16.0),
+    ("c3", 8, 7, 2.0),
+    ("c4", 8, 60, 32.0),
+]
+
+
+@pytest.fixture
+def schema() -> AdapterSchema:
+    return AdapterSchema.from_shapes(SHAPES)
+
+
+def random_updates(
+    schema: AdapterSchema,
+    specs: Sequence[tuple[str, int, int, float]],
+    *,
+    seed: int = 0,
+    rule: ScalingRule = ScalingRule.STANDARD,
+    dtype: torch.dtype = torch.float64,
+) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for cid, r, n, alpha in specs:
+        factors = {
+            name: FactorPair(
+                B=torch.randn(shape.d_out, r, generator=gen, dtype=torch.float64).to(dtype),
+                A=torch.randn(r, shape.d_in, generator=gen, dtype=torch.float64).to(dtype),
+            )
+            for name, shape in schema.modules.items()
+        }
+        out.append(ClientUpdate(cid, r, n, lora_scaling(alpha, r, rule), factors))
+    return out
+
+
+def as_reference(updates: Sequence[ClientUpdate]) -> list[dict[str, Any]]:
+    """The uploads as plain float64 NumPy for tests/reference.py."""
+    out = []
+    for u in updates:
+        c: dict[str, Any] = {"rank": u.rank, "n": u.num_examples, "s": u.scale}
+        for name, f in u.factors.items():
+            c[name] = (f.B.double().numpy(), f.A.double().numpy())
+        out.append(c)
+    return out
+
+
+def rel_err(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+    a = x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    b = y.detach().double().cpu().numpy() if isinstance(y, torch.Tensor) else y
+    denom = max(float(np.linalg.norm(b)), 1e-300)
+    return float(np.linalg.norm(a - b) / denom)
