@@ -7,7 +7,7 @@ STAMP := $(VENV)/.raflora-installed
 # multi-GB CUDA build, so install it first whenever the venv has no torch yet.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit bench proto clean
 
 install: $(STAMP)
 
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/raflora-engine-demo $(ARGS)
 
 lint: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -31,6 +32,9 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_aggregation.py $(ARGS)

@@ -85,9 +85,27 @@ class Strategy(ABC):
     def initial_state(self) -> GlobalState:
         """Round 0: ΔW = 0."""
 
-    @abstractmethod
     def distribute(self, state: GlobalState, rank: int, scale: float) -> ClientAdapter:
         """The adapter a client of this rank and scaling loads before training."""
+        self.check_client_rank(rank, scale)
+        parts = {name: self.distribute_module(state, name, rank, scale) for name in self.schema}
+        merge = {name: m for name, (_, m) in parts.items() if m is not None}
+        return ClientAdapter(
+            rank=rank,
+            scale=scale,
+            factors={name: f for name, (f, _) in parts.items()},
+            merge=merge or None,
+        )
+
+    @abstractmethod
+    def distribute_module(
+        self, state: GlobalState, name: str, rank: int, scale: float
+    ) -> tuple[FactorPair, FactorPair | None]:
+        """One module of :meth:`distribute` (lets callers stream a large adapter module-wise).
+
+        Returns the client's LoRA factors and, for stacking strategies, the delta to merge.
+        Callers must have checked ``rank`` and ``scale`` with :meth:`check_client_rank`.
+        """
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         """Validate the round's uploads, then combine them into the next global state."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..distribution import truncate_factors
 from ..errors import RankError
 from ..lowrank import frobenius_norm_of_product
-from ..types import ClientAdapter, FactorPair, GlobalState
+from ..types import FactorPair, GlobalState
 from .base import PreparedRound, Strategy
 
 
@@ -28,14 +28,12 @@ class FactorLevelStrategy(Strategy):
         }
         return GlobalState(round=0, modules=modules)
 
-    def distribute(self, state: GlobalState, rank: int, scale: float) -> ClientAdapter:
-        self.check_client_rank(rank, scale)
-        factors = {}
-        for name in self.schema:
-            module = state.modules[name]
-            assert isinstance(module, FactorPair)
-            factors[name] = truncate_factors(module, rank, scale, self.init_rows(name, rank))
-        return ClientAdapter(rank=rank, scale=scale, factors=factors)
+    def distribute_module(
+        self, state: GlobalState, name: str, rank: int, scale: float
+    ) -> tuple[FactorPair, FactorPair | None]:
+        module = state.modules[name]
+        assert isinstance(module, FactorPair)
+        return truncate_factors(module, rank, scale, self.init_rows(name, rank)), None
 
     def padded(self, round_: PreparedRound, name: str) -> tuple[Tensor, Tensor]:
         """Every client's (effective B, A) zero-padded to R: shapes n×d_out×R and n×R×d_in."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..distribution import split_lowrank
 from ..lowrank import truncated_svd_of_sum
-from ..types import ClientAdapter, FactorPair, GlobalState, LowRank
+from ..types import FactorPair, GlobalState, LowRank
 from ..weights import holder_normalized_index_weights, uniform_index_weights
 from .base import PreparedRound, Strategy
 
@@ -33,16 +33,13 @@ class SpectralStrategy(Strategy):
             )
         return GlobalState(round=0, modules=modules)
 
-    def distribute(self, state: GlobalState, rank: int, scale: float) -> ClientAdapter:
-        self.check_client_rank(rank, scale)
-        factors = {}
-        for name in self.schema:
-            module = state.modules[name]
-            assert isinstance(module, LowRank)
-            factors[name] = split_lowrank(
-                module, rank, scale, self.config.split, self.init_rows(name, rank)
-            )
-        return ClientAdapter(rank=rank, scale=scale, factors=factors)
+    def distribute_module(
+        self, state: GlobalState, name: str, rank: int, scale: float
+    ) -> tuple[FactorPair, FactorPair | None]:
+        module = state.modules[name]
+        assert isinstance(module, LowRank)
+        init = self.init_rows(name, rank)
+        return split_lowrank(module, rank, scale, self.config.split, init), None
 
     def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> LowRank:
         weights = self.index_weights(round_.ranks, round_.p)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..types import ClientAdapter, FactorPair, GlobalState
+from ..types import FactorPair, GlobalState
 from .base import PreparedRound, Strategy
 
 
@@ -26,21 +26,16 @@ class FLoRA(Strategy):
         }
         return GlobalState(round=0, modules=modules)
 
-    def distribute(self, state: GlobalState, rank: int, scale: float) -> ClientAdapter:
-        self.check_client_rank(rank, scale)
-        salt = f"#round{state.round}"  # FLoRA re-initialises LoRA every round
-        factors, merge = {}, {}
-        for name, shape in self.schema.modules.items():
-            module = state.modules[name]
-            assert isinstance(module, FactorPair)
-            merge[name] = module
-            factors[name] = FactorPair(
-                B=self.compute_scalar(0).new_zeros(shape.d_out, rank),
-                A=self.init_rows(name, rank, salt),
-            )
-        return ClientAdapter(
-            rank=rank, scale=scale, factors=factors, merge=merge if state.round > 0 else None
+    def distribute_module(
+        self, state: GlobalState, name: str, rank: int, scale: float
+    ) -> tuple[FactorPair, FactorPair | None]:
+        module = state.modules[name]
+        assert isinstance(module, FactorPair)
+        fresh = FactorPair(
+            B=self.compute_scalar(0).new_zeros(self.schema.modules[name].d_out, rank),
+            A=self.init_rows(name, rank, f"#round{state.round}"),  # FLoRA re-inits every round
         )
+        return fresh, (module if state.round > 0 else None)
 
     def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> FactorPair:
         p = round_.p.to(dtype=self.dtype, device=self.device)
