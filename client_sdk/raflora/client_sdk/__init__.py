@@ -1,1 +1,52 @@
 """Thin client SDK for training jobs (grpcio, protobuf, safetensors, torch); see README."""
+
+from raflora.v1 import aggregation_pb2 as pb
+
+from .client import (
+    AdminClient,
+    JoinInfo,
+    ProgressCallback,
+    PulledAdapter,
+    PushResult,
+    RafloraClient,
+    RetryPolicy,
+    lora_state_dict,
+)
+from .errors import (
+    AlreadyExistsError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RafloraError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AdminClient",
+    "AlreadyExistsError",
+    "DataLossError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "JoinInfo",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProgressCallback",
+    "PulledAdapter",
+    "PushResult",
+    "RafloraClient",
+    "RafloraError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "lora_state_dict",
+    "pb",
+]

@@ -97,6 +97,13 @@ class Strategy(ABC):
             merge=merge or None,
         )
 
+    def merge_rank(self, state: GlobalState, name: str) -> int | None:
+        """Rank of the delta a client must merge before training (None: nothing to merge).
+
+        Known before :meth:`distribute_module` runs, so a server can lay out a payload first.
+        """
+        return None
+
     @abstractmethod
     def distribute_module(
         self, state: GlobalState, name: str, rank: int, scale: float

@@ -26,6 +26,9 @@ class FLoRA(Strategy):
         }
         return GlobalState(round=0, modules=modules)
 
+    def merge_rank(self, state: GlobalState, name: str) -> int | None:
+        return state.modules[name].rank if state.round > 0 else None
+
     def distribute_module(
         self, state: GlobalState, name: str, rank: int, scale: float
     ) -> tuple[FactorPair, FactorPair | None]:

@@ -1,0 +1,536 @@
+"""One federation's rounds: open -> collecting -> aggregating -> published.
+
+All state changes happen on the event loop; payload validation, aggregation, persistence and
+view building run in threads so the loop keeps serving every other client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from raflora.server.engine import (
+    ClientUpdate,
+    FactorPair,
+    GlobalState,
+    LowRank,
+    RankEnergy,
+    Strategy,
+    Weighting,
+    adapter_energy,
+    lora_scaling,
+    make_strategy,
+)
+from raflora.server.engine.validation import validate_rank
+from raflora.v1.wire import LORA_A, LORA_B, tensor_name
+
+from .config import FederationConfig, check_id
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
+from .metrics import ServerMetrics
+from .storage import ClientRecord, FederationStore, UploadRecord
+from .tensorio import load_factors, max_upload_bytes, validate_upload_file, write_safetensors
+
+log = logging.getLogger("raflora.server")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Phase(str, Enum):
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+
+
+class EventType(str, Enum):
+    STATUS = "status"
+    UPLOAD = "upload"
+    AGGREGATING = "aggregating"
+    PUBLISHED = "published"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    federation_id: str
+    round: int
+    phase: Phase
+    uploads: int
+    min_clients: int
+    expected_clients: int
+    deadline_unix: float
+    energy: RankEnergy | None
+    joined_clients: int
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    type: EventType
+    snapshot: Snapshot
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PushTicket:
+    """A push whose header passed every check; the payload is still to come."""
+
+    client_id: str
+    round: int
+    rank: int
+    num_examples: int
+    lora_alpha: float
+    scale: float
+    total_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    round: int
+    duplicate: bool
+    size: int
+    uploads_in_round: int
+
+
+@dataclass(frozen=True)
+class View:
+    """A client's pull payload, cached on disk."""
+
+    path: Path
+    round: int
+    rank: int
+    scale: float
+    size: int
+    sha256: str
+    has_merge: bool
+
+
+class FederationRuntime:
+    def __init__(
+        self,
+        config: FederationConfig,
+        store: FederationStore,
+        metrics: ServerMetrics,
+        executor: Executor,
+        device: str,
+    ) -> None:
+        self.config = config
+        self.id = config.federation_id
+        self.store = store
+        self.metrics = metrics
+        self.executor = executor
+        self.strategy: Strategy = make_strategy(config.strategy, config.strategy_config(device))
+        self.schema = self.strategy.schema
+        self.lock = asyncio.Lock()
+        self.state: GlobalState = self.strategy.initial_state()
+        self.energy: RankEnergy | None = None
+        self.phase = Phase.COLLECTING
+        self.uploads: dict[str, UploadRecord] = {}
+        self.clients: dict[str, ClientRecord] = {}
+        self.deadline_unix = 0.0
+        self._deadline_passed = False
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._subscribers: set[asyncio.Queue[RoundEvent]] = set()
+        self._views: dict[tuple[int, int, float], asyncio.Task[View]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the newest published round, joined clients and acknowledged uploads."""
+        latest = self.store.latest_round()
+        if latest > 0:
+            loaded = self.store.load_state(latest, list(self.schema))
+            self.state = GlobalState(
+                round=loaded.round,
+                modules={n: _to_device(m, self.strategy) for n, m in loaded.modules.items()},
+                participant_ranks=loaded.participant_ranks,
+            )
+            self.energy = adapter_energy(self.state).overall
+            self.metrics.record_energy(self.id, self.energy)
+        self.clients = self.store.load_clients()
+        self.uploads = self.store.load_uploads(self.state.round)
+        self.metrics.current_round.labels(self.id).set(self.state.round)
+        self.metrics.last_published.labels(self.id).set(time.time())
+        self.metrics.active_clients.labels(self.id).set(len(self.clients))
+        self.metrics.round_uploads.labels(self.id).set(len(self.uploads))
+        log.info(
+            "federation %s resumed at round %d with %d acknowledged uploads",
+            self.id,
+            self.state.round,
+            len(self.uploads),
+        )
+
+    def start(self) -> None:
+        """Arm the deadline and close the round if a crash left it ready to aggregate."""
+        self._open_round()
+        self._spawn(self._maybe_close())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- queries ---------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            federation_id=self.id,
+            round=self.state.round,
+            phase=self.phase,
+            uploads=len(self.uploads),
+            min_clients=self.config.min_clients,
+            expected_clients=self.config.target_clients,
+            deadline_unix=self.deadline_unix,
+            energy=self.energy,
+            joined_clients=len(self.clients),
+        )
+
+    def subscribe(self) -> asyncio.Queue[RoundEvent]:
+        queue: asyncio.Queue[RoundEvent] = asyncio.Queue(maxsize=1024)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[RoundEvent]) -> None:
+        self._subscribers.discard(queue)
+
+    def _emit(self, type_: EventType, message: str = "") -> None:
+        event = RoundEvent(type_, self.snapshot(), message)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # a watcher that stopped reading: drop it
+                self._subscribers.discard(queue)
+
+    # -- join ------------------------------------------------------------------------------
+    async def join(
+        self, client_id: str, rank: int, num_examples: int, lora_alpha: float
+    ) -> ClientRecord:
+        check_id("client_id", client_id)
+        validate_rank(rank, self.config.max_rank, self.config.allowed_ranks or None)
+        alpha = lora_alpha or self.config.lora_alpha
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise InvalidArgumentError("lora_alpha", f"must be a positive number, got {alpha}")
+        record = ClientRecord(
+            client_id,
+            rank,
+            num_examples,
+            alpha,
+            lora_scaling(alpha, rank, self.config.scaling_rule),
+        )
+        async with self.lock:
+            previous = self.clients.get(client_id)
+            if previous == record:
+                return record
+            if previous is not None and previous.rank != rank and client_id in self.uploads:
+                raise FailedPreconditionError(
+                    "rank",
+                    f"client {client_id!r} already uploaded at rank {previous.rank} in round "
+                    f"{self.state.round}; it can change rank from the next round",
+                )
+            clients = {**self.clients, client_id: record}
+            await asyncio.to_thread(self.store.save_clients, clients)
+            self.clients = clients
+        self.metrics.active_clients.labels(self.id).set(len(self.clients))
+        return record
+
+    def client(self, client_id: str) -> ClientRecord:
+        record = self.clients.get(client_id)
+        if record is None:
+            raise FailedPreconditionError(
+                "client_id", f"client {client_id!r} has not joined federation {self.id!r}"
+            )
+        return record
+
+    # -- push ------------------------------------------------------------------------------
+    def begin_push(
+        self,
+        client_id: str,
+        round_: int,
+        rank: int,
+        num_examples: int,
+        lora_alpha: float,
+        total_bytes: int,
+        sha256: str,
+    ) -> PushTicket:
+        joined = self.client(client_id)
+        if rank != joined.rank:
+            raise InvalidArgumentError(
+                "rank", f"upload rank {rank} != rank {joined.rank} given at join"
+            )
+        self._check_round_open(round_)
+        if self.config.weighting is Weighting.EXAMPLES and num_examples < 1:
+            raise InvalidArgumentError(
+                "num_examples", "must be >= 1: this federation weighs clients by examples"
+            )
+        alpha = lora_alpha or joined.lora_alpha
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise InvalidArgumentError("lora_alpha", f"must be a positive number, got {alpha}")
+        if not _SHA_RE.match(sha256):
+            raise InvalidArgumentError("sha256", "must be 64 lowercase hex digits")
+        limit = max_upload_bytes(self.schema, rank)
+        if not 0 < total_bytes <= limit:
+            raise InvalidArgumentError(
+                "total_bytes", f"{total_bytes} is outside 1..{limit} for rank {rank}"
+            )
+        return PushTicket(
+            client_id,
+            round_,
+            rank,
+            num_examples,
+            alpha,
+            lora_scaling(alpha, rank, self.config.scaling_rule),
+            total_bytes,
+            sha256,
+        )
+
+    def _check_round_open(self, round_: int) -> None:
+        current = self.state.round
+        if round_ < current:
+            raise FailedPreconditionError(
+                "round", f"round {round_} is closed; the open round is {current}"
+            )
+        if round_ > current:
+            raise FailedPreconditionError(
+                "round", f"round {round_} is not open yet; the open round is {current}"
+            )
+        if self.phase is Phase.AGGREGATING:
+            raise FailedPreconditionError(
+                "round", f"round {current} is aggregating; wait for round {current + 1}"
+            )
+
+    def incoming_path(self, round_: int) -> Path:
+        return self.store.incoming_path(round_)
+
+    async def finish_push(self, ticket: PushTicket, received: Path) -> PushOutcome:
+        """Validate a fully received payload, make it durable, acknowledge it."""
+        try:
+            await asyncio.to_thread(
+                validate_upload_file, received, self.schema, ticket.rank, ticket.client_id
+            )
+            async with self.lock:
+                self._check_round_open(ticket.round)
+                existing = self.uploads.get(ticket.client_id)
+                if existing is not None:
+                    if existing.sha256 != ticket.sha256:
+                        raise AlreadyExistsError(
+                            "sha256",
+                            f"client {ticket.client_id!r} already uploaded a different update "
+                            f"for round {ticket.round}",
+                        )
+                    received.unlink(missing_ok=True)
+                    return PushOutcome(ticket.round, True, existing.size, len(self.uploads))
+                record = UploadRecord(
+                    ticket.client_id,
+                    ticket.round,
+                    ticket.rank,
+                    ticket.num_examples,
+                    ticket.lora_alpha,
+                    ticket.scale,
+                    ticket.sha256,
+                    ticket.total_bytes,
+                )
+                await asyncio.to_thread(self.store.commit_upload, received, record)
+                self.uploads[ticket.client_id] = record
+                count = len(self.uploads)
+        finally:
+            received.unlink(missing_ok=True)  # no-op once committed (it was renamed)
+        rank = str(ticket.rank)
+        self.metrics.uploads.labels(self.id, rank).inc()
+        self.metrics.upload_bytes.labels(self.id, rank).inc(ticket.total_bytes)
+        self.metrics.round_uploads.labels(self.id).set(count)
+        self._emit(EventType.UPLOAD, f"{ticket.client_id} uploaded rank {ticket.rank}")
+        self._spawn(self._maybe_close())
+        return PushOutcome(ticket.round, False, ticket.total_bytes, count)
+
+    # -- rounds ----------------------------------------------------------------------------
+    def _open_round(self) -> None:
+        self._deadline_passed = False
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        self.deadline_unix = 0.0
+        if self.config.deadline_seconds > 0:
+            self.deadline_unix = time.time() + self.config.deadline_seconds
+            self._deadline_handle = asyncio.get_running_loop().call_later(
+                self.config.deadline_seconds, self._on_deadline
+            )
+
+    def _on_deadline(self) -> None:
+        self._deadline_passed = True
+        self._spawn(self._maybe_close())
+
+    def _ready(self) -> bool:
+        n = len(self.uploads)
+        if n >= self.config.target_clients:
+            return True
+        return self._deadline_passed and n >= self.config.min_clients
+
+    async def _maybe_close(self) -> None:
+        async with self.lock:
+            if self._closed or self.phase is not Phase.COLLECTING or not self._ready():
+                return
+            self.phase = Phase.AGGREGATING
+            uploads = sorted(self.uploads.values(), key=lambda u: u.client_id)
+            state = self.state
+        self._emit(EventType.AGGREGATING, f"aggregating {len(uploads)} uploads")
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            new_state, energy = await loop.run_in_executor(
+                self.executor, self._aggregate_and_publish, state, uploads
+            )
+        except Exception as exc:  # keep collecting; the operator sees it in logs and metrics
+            log.exception("federation %s: aggregation of round %d failed", self.id, state.round)
+            self.metrics.aggregation_failures.labels(self.id).inc()
+            async with self.lock:
+                self.phase = Phase.COLLECTING
+            self._emit(EventType.FAILED, f"aggregation failed: {exc}")
+            return
+        elapsed = time.perf_counter() - started
+        async with self.lock:
+            self.state, self.energy = new_state, energy
+            self.uploads = {}
+            self.phase = Phase.COLLECTING
+            self._views = {k: v for k, v in self._views.items() if k[0] >= new_state.round}
+            self._open_round()
+        await asyncio.to_thread(self.store.prune, new_state.round)
+        m = self.metrics
+        m.aggregation_seconds.labels(self.id, self.config.strategy).observe(elapsed)
+        m.rounds.labels(self.id).inc()
+        m.current_round.labels(self.id).set(new_state.round)
+        m.last_published.labels(self.id).set(time.time())
+        m.round_uploads.labels(self.id).set(0)
+        m.record_energy(self.id, energy)
+        log.info(
+            "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
+            self.id,
+            new_state.round,
+            len(uploads),
+            elapsed,
+            energy.e_min,
+        )
+        self._emit(EventType.PUBLISHED, f"round {new_state.round} published")
+
+    def _aggregate_and_publish(
+        self, state: GlobalState, uploads: list[UploadRecord]
+    ) -> tuple[GlobalState, RankEnergy]:
+        """Runs in the aggregation thread: load, aggregate, persist atomically."""
+        updates = [
+            ClientUpdate(
+                u.client_id,
+                u.rank,
+                u.num_examples,
+                u.scale,
+                load_factors(self.store.upload_path(u.round, u.client_id), self.schema),
+            )
+            for u in uploads
+        ]
+        new_state = self.strategy.aggregate(state, updates)
+        energy = adapter_energy(new_state).overall
+        manifest = {
+            "federation_id": self.id,
+            "strategy": self.config.strategy,
+            "uploads": [
+                {
+                    "client_id": u.client_id,
+                    "rank": u.rank,
+                    "num_examples": u.num_examples,
+                    "scale": u.scale,
+                    "sha256": u.sha256,
+                }
+                for u in uploads
+            ],
+            "energy": {
+                "e_min": energy.e_min,
+                "effective_rank": energy.effective_rank,
+                "partition_upper_ranks": list(energy.boundaries),
+                "partition_energy": list(energy.partition_energy),
+            },
+            "published_unix": time.time(),
+        }
+        self.store.publish(new_state, manifest)
+        return new_state, energy
+
+    # -- pull ------------------------------------------------------------------------------
+    async def view_for(self, client_id: str) -> View:
+        joined = self.client(client_id)
+        state = self.state
+        key = (state.round, joined.rank, joined.scale)
+        task = self._views.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._build_view, state, joined.rank, joined.scale)
+            )
+            self._views[key] = task
+        return await asyncio.shield(task)
+
+    def _build_view(self, state: GlobalState, rank: int, scale: float) -> View:
+        folder = self.store.view_dir(state.round)
+        path = folder / f"rank-{rank}-scale-{scale.hex()}.safetensors"
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        has_merge = False
+        for name, shape in self.schema.modules.items():
+            specs.append((tensor_name(name, LORA_A), torch.float32, (rank, shape.d_in)))
+            specs.append((tensor_name(name, LORA_B), torch.float32, (shape.d_out, rank)))
+            k = self.strategy.merge_rank(state, name)
+            if k is not None:
+                has_merge = True
+                specs.append(
+                    (tensor_name(name, LORA_A, merge=True), torch.float32, (k, shape.d_in))
+                )
+                specs.append(
+                    (tensor_name(name, LORA_B, merge=True), torch.float32, (shape.d_out, k))
+                )
+
+        def produce() -> Iterator[tuple[str, Tensor]]:
+            for name in self.schema:
+                factors, merge = self.strategy.distribute_module(state, name, rank, scale)
+                yield tensor_name(name, LORA_A), factors.A.float()
+                yield tensor_name(name, LORA_B), factors.B.float()
+                if merge is not None:
+                    yield tensor_name(name, LORA_A, merge=True), merge.A.float()
+                    yield tensor_name(name, LORA_B, merge=True), merge.B.float()
+
+        tmp = folder / f".{path.name}.tmp"
+        metadata = {
+            "format": "raflora.v1",
+            "round": str(state.round),
+            "rank": str(rank),
+            "scale": repr(scale),
+        }
+        size, digest = write_safetensors(tmp, specs, produce(), metadata)
+        tmp.replace(path)
+        return View(path, state.round, rank, scale, size, digest, has_merge)
+
+
+def _to_device(module: LowRank | FactorPair, strategy: Strategy) -> LowRank | FactorPair:
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=strategy.device, dtype=strategy.dtype)
+
+    if isinstance(module, LowRank):
+        return LowRank(move(module.U), move(module.S), move(module.V))
+    return FactorPair(move(module.B), move(module.A))

@@ -1,0 +1,143 @@
+"""Prometheus metrics of the service, on a registry of its own (one per server instance)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from raflora.server.engine import RankEnergy
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "raflora_rpcs",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rounds = Counter(
+            "raflora_rounds_published",
+            "Rounds aggregated and published",
+            ["federation"],
+            registry=r,
+        )
+        self.current_round = Gauge(
+            "raflora_current_round", "Newest published round", ["federation"], registry=r
+        )
+        self.last_published = Gauge(
+            "raflora_round_last_published_timestamp_seconds",
+            "Unix time of the newest publication (or federation start)",
+            ["federation"],
+            registry=r,
+        )
+        self.round_uploads = Gauge(
+            "raflora_round_uploads",
+            "Uploads acknowledged in the open round",
+            ["federation"],
+            registry=r,
+        )
+        self.active_clients = Gauge(
+            "raflora_active_clients", "Clients joined to the federation", ["federation"], registry=r
+        )
+        self.uploads = Counter(
+            "raflora_uploads", "Acknowledged uploads", ["federation", "rank"], registry=r
+        )
+        self.upload_bytes = Counter(
+            "raflora_upload_bytes",
+            "Bytes of acknowledged uploads",
+            ["federation", "rank"],
+            registry=r,
+        )
+        self.upload_errors = Counter(
+            "raflora_upload_errors",
+            "Refused uploads, by gRPC status code",
+            ["federation", "code"],
+            registry=r,
+        )
+        self.download_bytes = Counter(
+            "raflora_download_bytes", "Bytes served by Pull", ["federation", "rank"], registry=r
+        )
+        self.push_seconds = Histogram(
+            "raflora_push_duration_seconds",
+            "Push latency",
+            ["federation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pull_seconds = Histogram(
+            "raflora_pull_duration_seconds",
+            "Pull latency",
+            ["federation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.aggregation_seconds = Histogram(
+            "raflora_aggregation_duration_seconds",
+            "Round aggregation time",
+            ["federation", "strategy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.aggregation_failures = Counter(
+            "raflora_aggregation_failures",
+            "Rounds whose aggregation failed",
+            ["federation"],
+            registry=r,
+        )
+        self.e_min = Gauge(
+            "raflora_rank_energy_min_fraction",
+            "Energy share of the top rho_1 directions of the published update (1 = collapse)",
+            ["federation"],
+            registry=r,
+        )
+        self.effective_rank = Gauge(
+            "raflora_rank_effective_rank",
+            "exp(entropy) of the published spectrum",
+            ["federation"],
+            registry=r,
+        )
+        self.partition_energy = Gauge(
+            "raflora_rank_partition_energy",
+            "Energy share of rank partition k (indices rho_{k-1}+1..rho_k)",
+            ["federation", "partition", "upper_rank"],
+            registry=r,
+        )
+        self.tail_energy = Gauge(
+            "raflora_rank_tail_energy",
+            "Energy share beyond the largest participant rank",
+            ["federation"],
+            registry=r,
+        )
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def record_energy(self, federation: str, energy: RankEnergy) -> None:
+        if math.isnan(energy.e_min):
+            return
+        self.e_min.labels(federation).set(energy.e_min)
+        self.effective_rank.labels(federation).set(energy.effective_rank)
+        self.tail_energy.labels(federation).set(energy.tail_energy)
+        for k, (upper, share) in enumerate(
+            zip(energy.boundaries, energy.partition_energy, strict=True), start=1
+        ):
+            self.partition_energy.labels(federation, str(k), str(upper)).set(share)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the bound port (``port`` 0 picks one)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http, self._thread = server, thread
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
