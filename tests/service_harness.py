@@ -127,7 +127,12 @@ def start_server_process(data_dir: Path, log: Path, port: int | None = None) -> 
     with log.open("ab") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     handle = ServerProcess(process, port, metrics_port, log)
-    wait_serving(handle.target, process)
+    try:
+        wait_serving(handle.target, process)
+    except BaseException:  # never leak a server that did not come up
+        if process.poll() is None:
+            handle.kill()
+        raise
     return handle
 
 

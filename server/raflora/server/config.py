@@ -86,11 +86,11 @@ class FederationConfig(BaseModel):
     def _consistent(self) -> FederationConfig:
         bad = [r for r in self.allowed_ranks if not 1 <= r <= self.max_rank]
         if bad:
-            raise ValueError(f"allowed_ranks {bad} are outside 1..max_rank={self.max_rank}")
+            raise ConfigError("allowed_ranks", f"{bad} are outside 1..max_rank={self.max_rank}")
         if self.expected_clients and self.expected_clients < self.min_clients:
-            raise ValueError("expected_clients must be 0 or >= min_clients")
+            raise ConfigError("expected_clients", "must be 0 or >= min_clients")
         if self.strategy == "fedit" and len(set(self.allowed_ranks)) != 1:
-            raise ValueError("strategy 'fedit' needs exactly one allowed rank")
+            raise ConfigError("allowed_ranks", "strategy 'fedit' needs exactly one allowed rank")
         return self
 
     # -- derived ---------------------------------------------------------------------------
@@ -121,6 +121,9 @@ class FederationConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
+            cause = first.get("ctx", {}).get("error")
+            if isinstance(cause, ConfigError):  # a cross-field check names its own field
+                raise ConfigError(cause.field, cause.detail) from None
             field = ".".join(str(p) for p in first["loc"]) or "spec"
             raise ConfigError(field, first["msg"]) from None
 

@@ -272,8 +272,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):  # type: ignore[mi
                         "data", f"chunk of {len(chunk)} bytes exceeds chunk_size {self.chunk_size}"
                     )
                 received += len(chunk)
-                if received > declared:
-                    raise InvalidArgumentError(
+                if received > declared:  # a size mismatch: DATA_LOSS, as the API documents
+                    raise DataLossError(
                         "total_bytes", f"stream carries more than the declared {declared} bytes"
                     )
                 digest.update(chunk)
