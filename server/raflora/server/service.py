@@ -196,6 +196,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):  # type: ignore[mi
                 total_bytes=view.size,
                 sha256=view.sha256,
                 has_merge=view.has_merge,
+                energy=energy_proto(view.energy),
             )
         )
         with view.path.open("rb") as f:

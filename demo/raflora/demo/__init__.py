@@ -1,0 +1,1 @@
+"""The main job: a real federated LoRA fine-tuning run that shows rank collapse and its cure."""
