@@ -61,3 +61,39 @@ def holder_normalized_index_weights(ranks: Sequence[int], p: Tensor) -> list[Ten
         w = p[i] / safe[:r]
         out.append(torch.where(W[:r] > 0, w, torch.zeros_like(w)))
     return out
+
+
+def holder_aware_index_weights(
+    ranks: Sequence[int],
+    p: Tensor,
+    *,
+    gamma: float = 1.0,
+    shrinkage: float = 0.0,
+    max_boost: float = float("inf"),
+) -> list[Tensor]:
+    """Interpolations between FlexLoRA and raFLoRA: w_ij = p_i · m_j.
+
+    With W_j the holders' weight share of index j, the raw boost is ``W_j^-gamma`` (gamma = 1:
+    raFLoRA, gamma = 0: FlexLoRA). ``shrinkage`` κ pulls the boost toward 1 (rank-agnostic)
+    when the holders' Kish effective sample size ESS_j = W_j² / Σ_{holders} p_l² is small:
+    m_j = λ_j W_j^-gamma + (1 - λ_j) with λ_j = ESS_j / (ESS_j + κ). ``max_boost`` caps m_j,
+    damping how much a sparsely held partition can be amplified. Indices whose holders all
+    weigh zero get weight zero.
+    """
+    if gamma < 0 or shrinkage < 0 or max_boost < 1:
+        raise ValueError("need gamma >= 0, shrinkage >= 0 and max_boost >= 1")
+    W = holder_weight_per_index(ranks, p)
+    top = W.shape[0]
+    r = torch.tensor(list(ranks), dtype=torch.long)
+    covers = (r[:, None] >= torch.arange(1, top + 1)[None, :]).to(p.dtype)
+    sq = (p[:, None] ** 2 * covers).sum(dim=0)
+    live = W > 0
+    safe_W = torch.where(live, W, torch.ones_like(W))
+    boost = safe_W ** (-gamma)
+    if shrinkage > 0:
+        ess = safe_W**2 / torch.where(live, sq, torch.ones_like(sq))
+        lam = ess / (ess + shrinkage)
+        boost = lam * boost + (1 - lam)
+    boost = torch.clamp(boost, max=max_boost)
+    m = torch.where(live, boost, torch.zeros_like(boost))
+    return [p[i] * m[:rank] for i, rank in enumerate(ranks)]

@@ -3,7 +3,7 @@
 from .base import PreparedRound, Strategy, StrategyConfig, resolve_device
 from .factor_level import RBLA, FedIT, HetLoRA
 from .registry import STRATEGIES, make_strategy
-from .spectral import FlexLoRA, RaFLoRA, SpectralStrategy
+from .spectral import FlexLoRA, HolderAwareRaFLoRA, RaFLoRA, SpectralStrategy
 from .stacking import FLoRA
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "FedIT",
     "FlexLoRA",
     "HetLoRA",
+    "HolderAwareRaFLoRA",
     "PreparedRound",
     "RaFLoRA",
     "SpectralStrategy",

@@ -5,11 +5,11 @@ from __future__ import annotations
 from ..errors import UnknownStrategyError
 from .base import Strategy, StrategyConfig
 from .factor_level import RBLA, FedIT, HetLoRA
-from .spectral import FlexLoRA, RaFLoRA
+from .spectral import FlexLoRA, HolderAwareRaFLoRA, RaFLoRA
 from .stacking import FLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RaFLoRA, FlexLoRA, HetLoRA, RBLA, FLoRA, FedIT)
+    cls.name: cls for cls in (RaFLoRA, FlexLoRA, HolderAwareRaFLoRA, HetLoRA, RBLA, FLoRA, FedIT)
 }
 
 

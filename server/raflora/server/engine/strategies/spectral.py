@@ -11,10 +11,15 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..distribution import split_lowrank
+from ..errors import ConfigError
 from ..lowrank import truncated_svd_of_sum
 from ..types import FactorPair, GlobalState, LowRank
-from ..weights import holder_normalized_index_weights, uniform_index_weights
-from .base import PreparedRound, Strategy
+from ..weights import (
+    holder_aware_index_weights,
+    holder_normalized_index_weights,
+    uniform_index_weights,
+)
+from .base import PreparedRound, Strategy, StrategyConfig
 
 
 class SpectralStrategy(Strategy):
@@ -67,3 +72,38 @@ class RaFLoRA(SpectralStrategy):
 
     def index_weights(self, ranks: Sequence[int], p: Tensor) -> list[Tensor]:
         return holder_normalized_index_weights(ranks, p)
+
+
+class HolderAwareRaFLoRA(SpectralStrategy):
+    """raFLoRA with tempered partition weights (options ``gamma``, ``shrinkage``, ``max_boost``).
+
+    Defaults reproduce raFLoRA exactly; ``gamma = 0`` reproduces FlexLoRA. See
+    :func:`~raflora.server.engine.weights.holder_aware_index_weights` and docs/evaluation.md.
+    """
+
+    name = "raflora_ha"
+    known_options = frozenset({"gamma", "shrinkage", "max_boost"})
+
+    def __init__(self, config: StrategyConfig) -> None:
+        super().__init__(config)
+        opts = config.options
+        try:
+            self.gamma = float(opts.get("gamma", 1.0))
+            self.shrinkage = float(opts.get("shrinkage", 0.0))
+            self.max_boost = float(opts.get("max_boost", float("inf")))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                "options", f"gamma, shrinkage and max_boost are numbers: {exc}"
+            ) from None
+        for field, value, low in (
+            ("gamma", self.gamma, 0.0),
+            ("shrinkage", self.shrinkage, 0.0),
+            ("max_boost", self.max_boost, 1.0),
+        ):
+            if not value >= low:
+                raise ConfigError(f"options.{field}", f"must be >= {low}, got {value}")
+
+    def index_weights(self, ranks: Sequence[int], p: Tensor) -> list[Tensor]:
+        return holder_aware_index_weights(
+            ranks, p, gamma=self.gamma, shrinkage=self.shrinkage, max_boost=self.max_boost
+        )

