@@ -2,12 +2,15 @@
 
 It speaks to the server only through the client SDK: join, then each round pull the global
 adapter at its rank into its PeftModel, train a few steps on its private shard, push, and block
-on the watch stream until the next round is published.
+on the watch stream until the next round is published. Given several ``--federation`` flags it
+takes part in all of them in lockstep with one model per federation (the evaluation harness
+compares strategies on identical clients this way, loading the model once).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -27,7 +30,7 @@ from .model import LoraClassifier, tokenize, train_steps
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True)
-    p.add_argument("--federation", required=True)
+    p.add_argument("--federation", action="append", required=True)
     p.add_argument("--client-id", required=True)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--lora-alpha", type=int, required=True)
@@ -49,33 +52,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     ds = datasets.load(args.dataset)
     shard = np.array(json.loads(args.shard_file.read_text()), dtype=np.int64)
-    model = LoraClassifier(args.rank, args.lora_alpha, ds.prompts, args.max_length)
-    train = tokenize(model, [ds.texts[i] for i in shard], ds.labels[shard])
+    first = LoraClassifier(args.rank, args.lora_alpha, ds.prompts, args.max_length)
+    models = [first] + [copy.deepcopy(first) for _ in args.federation[1:]]
+    train = tokenize(first, [ds.texts[i] for i in shard], ds.labels[shard])
     tag = f"[{args.client_id} r={args.rank}]"
-    with RafloraClient(args.target, args.federation, args.client_id) as client:
-        info = client.join(rank=args.rank, num_examples=len(shard), lora_alpha=args.lora_alpha)
-        current = info.round
+    clients = [RafloraClient(args.target, fed, args.client_id) for fed in args.federation]
+    try:
+        rounds = [
+            c.join(rank=args.rank, num_examples=len(shard), lora_alpha=args.lora_alpha).round
+            for c in clients
+        ]
         for _ in range(args.rounds):
-            pulled = client.pull()
-            load_pulled_adapter(model.encoder, pulled)
-            started = time.perf_counter()
-            loss = train_steps(
-                model,
-                train,
-                args.local_steps,
-                args.batch_size,
-                args.lr,
-                seed=args.seed * 100_003 + pulled.round,
-            )
-            client.push(adapter_state(model.encoder), round=pulled.round, num_examples=len(shard))
-            print(
-                f"{tag} round {pulled.round}: train loss {loss:.3f} "
-                f"({time.perf_counter() - started:.1f}s)",
-                file=sys.stderr,
-                flush=True,
-            )
-            current = client.wait_for_round(pulled.round, timeout=3600).round
-    print(f"{tag} done at round {current}", file=sys.stderr, flush=True)
+            for k, (client, model) in enumerate(zip(clients, models, strict=True)):
+                pulled = client.pull()
+                load_pulled_adapter(model.encoder, pulled)
+                started = time.perf_counter()
+                loss = train_steps(
+                    model,
+                    train,
+                    args.local_steps,
+                    args.batch_size,
+                    args.lr,
+                    seed=args.seed * 100_003 + pulled.round,
+                )
+                client.push(
+                    adapter_state(model.encoder), round=pulled.round, num_examples=len(shard)
+                )
+                rounds[k] = pulled.round
+                print(
+                    f"{tag} {client.federation_id} round {pulled.round}: train loss {loss:.3f} "
+                    f"({time.perf_counter() - started:.1f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            rounds = [
+                c.wait_for_round(t, timeout=3600).round
+                for c, t in zip(clients, rounds, strict=True)
+            ]
+    finally:
+        for c in clients:
+            c.close()
+    print(f"{tag} done at rounds {rounds}", file=sys.stderr, flush=True)
     return 0
 
 

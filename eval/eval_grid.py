@@ -1,0 +1,440 @@
+"""Evaluation harness: strategies × seeds × label skew × rank layouts on the real federation.
+
+Every cell (dataset, skew, layout, seed) runs the real thing: one ``raflora-server``, six
+separate client processes speaking gRPC through the SDK (each takes part in one federation per
+strategy, in lockstep, with identical data, mini-batches and round-0 init, so strategies are
+compared pairwise), and an evaluator that pulls every strategy's global adapter each round.
+Per run it records accuracy and loss per round, E_min, partition energies, effective rank and
+‖ΔW‖. Cells are written as they finish, so an interrupted grid resumes where it stopped; a CPU
+budget stops scheduling new cells in time. ``--report-only`` rebuilds the summary.
+
+    python eval/eval_grid.py --budget-minutes 55 --out out/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raflora.client_sdk import AdminClient, RafloraClient, pb
+from raflora.client_sdk.peft_adapter import adapter_shapes, load_pulled_adapter
+from raflora.demo import data as datasets
+from raflora.demo.model import LoraClassifier, evaluate, tokenize
+from raflora.demo.orchestrator import ServerProcess, delta_norm, python_env, wait_for_round
+
+# label -> (strategy, options)
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "flexlora": ("flexlora", {}),
+    "raflora": ("raflora", {}),
+    "ha-gamma0.5": ("raflora_ha", {"gamma": "0.5"}),
+    "ha-shrink2": ("raflora_ha", {"shrinkage": "2"}),
+    "ha-cap2": ("raflora_ha", {"max_boost": "2"}),
+}
+BASE_RANKS = [2, 2, 4, 4, 16, 16]
+LONE_RANKS = [2, 2, 2, 4, 4, 16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    skew: float
+    layout: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        skew = "iid" if math.isinf(self.skew) else f"{self.skew:g}"
+        return f"{self.dataset}-a{skew}-{self.layout}-s{self.seed}"
+
+    @property
+    def setting(self) -> str:
+        return self.id.rsplit("-s", 1)[0]
+
+
+def layout_ranks(layout: str, shard_sizes: Sequence[int], seed: int) -> list[int]:
+    """Assign ranks to clients: tied to data size, independent of it, or one lone big rank."""
+    rng = np.random.default_rng(seed + 7919)
+    if layout == "tied":  # the largest shards train the largest ranks
+        order = np.argsort(shard_sizes)
+        ranks = [0] * len(shard_sizes)
+        for position, client in enumerate(order):
+            ranks[int(client)] = sorted(BASE_RANKS)[position]
+        return ranks
+    if layout == "independent":
+        return [int(r) for r in rng.permutation(BASE_RANKS)]
+    if layout == "lone":
+        return [int(r) for r in rng.permutation(LONE_RANKS)]
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def run_cell(
+    cell: Cell, args: argparse.Namespace, server: ServerProcess, out: Path
+) -> dict[str, Any]:
+    ds = datasets.load(cell.dataset)
+    train_idx, test_idx = datasets.held_out_split(ds.labels, args.test_size, cell.seed)
+    shards = [
+        train_idx[s]
+        for s in datasets.dirichlet_shards(
+            ds.labels[train_idx], len(BASE_RANKS), cell.skew, cell.seed
+        )
+    ]
+    ranks = layout_ranks(cell.layout, [len(s) for s in shards], cell.seed)
+    R = max(ranks)
+    work = out / "work" / cell.id
+    work.mkdir(parents=True, exist_ok=True)
+    evaluator = LoraClassifier(R, 2 * R, ds.prompts, args.max_length)
+    test = tokenize(evaluator, [ds.texts[i] for i in test_idx], ds.labels[test_idx])
+    shapes = adapter_shapes(evaluator.encoder)
+    admin = AdminClient(server.target)
+    feds = {label: f"{cell.id}-{label}".replace(".", "_") for label in args.variants}
+    for label, fed in feds.items():
+        strategy, options = VARIANTS[label]
+        admin.create_federation(
+            pb.FederationSpec(
+                federation_id=fed,
+                modules=[pb.ModuleSpec(name=n, d_out=o, d_in=i) for n, (o, i) in shapes.items()],
+                strategy=strategy,
+                strategy_options=options,
+                max_rank=R,
+                lora_alpha=2 * R,
+                init_seed=cell.seed,
+                round_policy=pb.RoundPolicy(min_clients=len(ranks), expected_clients=len(ranks)),
+            )
+        )
+    procs = []
+    for k, (rank, shard) in enumerate(zip(ranks, shards, strict=True)):
+        shard_file = work / f"client-{k}.json"
+        shard_file.write_text(json.dumps(shard.tolist()))
+        cmd = [
+            sys.executable,
+            "-m",
+            "raflora.demo.trainer",
+            "--target",
+            server.target,
+            "--client-id",
+            f"client-{k}",
+            "--rank",
+            str(rank),
+            "--lora-alpha",
+            str(2 * rank),
+            "--shard-file",
+            str(shard_file),
+            "--dataset",
+            cell.dataset,
+            "--rounds",
+            str(args.rounds),
+            "--local-steps",
+            str(args.local_steps),
+            "--lr",
+            str(args.lr),
+            "--max-length",
+            str(args.max_length),
+            "--seed",
+            str(1000 * cell.seed + k),
+        ]
+        for fed in feds.values():
+            cmd += ["--federation", fed]
+        log = (work / f"client-{k}.log").open("wb")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env()))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in feds}
+    models = {label: evaluator if i == 0 else _clone(evaluator) for i, label in enumerate(feds)}
+    observers = {
+        label: RafloraClient(server.target, fed, "evaluator") for label, fed in feds.items()
+    }
+    try:
+        for obs in observers.values():
+            obs.join(rank=R, num_examples=len(test_idx), lora_alpha=2 * R)
+        for t in range(args.rounds + 1):
+            for label, obs in observers.items():
+                if t > 0:
+                    wait_for_round(obs, t - 1, procs, work, label)
+                pulled = obs.pull()
+                load_pulled_adapter(models[label].encoder, pulled)
+                accuracy, loss = evaluate(models[label], test)
+                runs[label].append(
+                    {
+                        "round": pulled.round,
+                        "accuracy": accuracy,
+                        "loss": loss,
+                        "e_min": pulled.energy.e_min if pulled.round else None,
+                        "effective_rank": pulled.energy.effective_rank,
+                        "partition_energy": list(pulled.energy.partition_energy),
+                        "delta_norm": delta_norm(models[label]),
+                    }
+                )
+            accs = "  ".join(f"{lab} {runs[lab][-1]['accuracy']:.3f}" for lab in feds)
+            print(f"  {cell.id} round {t}: {accs}", file=sys.stderr, flush=True)
+        for p in procs:
+            if p.wait(300) != 0:
+                raise RuntimeError(f"a client failed; see {work}")
+    finally:
+        for obs in observers.values():
+            obs.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return {
+        "cell": cell.__dict__ | {"id": cell.id, "setting": cell.setting},
+        "ranks": ranks,
+        "shard_sizes": [len(s) for s in shards],
+        "runs": runs,
+    }
+
+
+def _clone(model: LoraClassifier) -> LoraClassifier:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+# -- summary ---------------------------------------------------------------------------------
+def summarize(out: Path, variants: Sequence[str]) -> dict[str, Any]:
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        by_setting.setdefault(c["cell"]["setting"], []).append(c)
+    summary: dict[str, Any] = {}
+    for setting, group in sorted(by_setting.items()):
+        rows: dict[str, Any] = {}
+        for label in variants:
+            if not all(label in c["runs"] for c in group):
+                continue
+            final = np.array([c["runs"][label][-1]["accuracy"] for c in group])
+            mean_over_rounds = np.array(
+                [np.mean([r["accuracy"] for r in c["runs"][label][1:]]) for c in group]
+            )
+            e_min = np.array([c["runs"][label][-1]["e_min"] for c in group], dtype=float)
+            loss = np.array([c["runs"][label][-1]["loss"] for c in group])
+            norm = np.array([c["runs"][label][-1]["delta_norm"] for c in group])
+            # Paired with FlexLoRA on the same seed, over every round after round 0.
+            diffs = (
+                np.array(
+                    [
+                        np.mean(
+                            [
+                                a["accuracy"] - b["accuracy"]
+                                for a, b in zip(
+                                    c["runs"][label][1:], c["runs"]["flexlora"][1:], strict=True
+                                )
+                            ]
+                        )
+                        for c in group
+                    ]
+                )
+                if "flexlora" in group[0]["runs"]
+                else np.zeros(len(group))
+            )
+            rows[label] = {
+                "seeds": len(group),
+                "final_accuracy": _ms(final),
+                "mean_accuracy_over_rounds": _ms(mean_over_rounds),
+                "final_loss": _ms(loss),
+                "final_e_min": _ms(e_min),
+                "final_delta_norm": _ms(norm),
+                "paired_diff_vs_flexlora": _ms(diffs, sem=True),
+            }
+        summary[setting] = rows
+    return summary
+
+
+def _ms(values: np.ndarray, sem: bool = False) -> dict[str, float]:
+    n = len(values)
+    sd = float(np.std(values, ddof=1)) if n > 1 else 0.0
+    out = {"mean": float(np.mean(values)), "sd": sd}
+    if sem:
+        out["sem"] = sd / math.sqrt(n) if n > 1 else float("nan")
+    return out
+
+
+def verdicts(summary: dict[str, Any], variants: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per variant: settings where it is worse than FlexLoRA beyond noise (mean < -2·sem, or
+    below -0.01 with a single seed), and its mean E_min relative to FlexLoRA's."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in variants:
+        if label == "flexlora":
+            continue
+        worse, e_ratio = [], []
+        for setting, rows in summary.items():
+            if label not in rows or "flexlora" not in rows:
+                continue
+            d = rows[label]["paired_diff_vs_flexlora"]
+            noise = 2 * d["sem"] if d["sem"] == d["sem"] else 0.01
+            if d["mean"] < -max(noise, 1e-9):
+                worse.append(setting)
+            e_ratio.append(
+                rows[label]["final_e_min"]["mean"] / rows["flexlora"]["final_e_min"]["mean"]
+            )
+        out[label] = {
+            "worse_than_flexlora_in": worse,
+            "mean_e_min_ratio_to_flexlora": float(np.mean(e_ratio)) if e_ratio else None,
+        }
+    return out
+
+
+def write_report(out: Path, variants: Sequence[str], meta: dict[str, Any]) -> str:
+    summary = summarize(out, variants)
+    verdict = verdicts(summary, variants)
+    (out / "summary.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "verdicts": verdict}, indent=2)
+    )
+    lines = [
+        "| setting | strategy | seeds | final acc | acc over rounds "
+        "| Δacc vs FlexLoRA (paired) | final loss | E_min | ‖ΔW‖ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, rows in summary.items():
+        for label, r in rows.items():
+            d = r["paired_diff_vs_flexlora"]
+            diff = f"{d['mean']:+.3f} ± {d.get('sem', 0):.3f}"
+            lines.append(
+                f"| {setting} | {label} | {r['seeds']} | {_fmt(r['final_accuracy'])} | "
+                f"{_fmt(r['mean_accuracy_over_rounds'])} | {diff} | {_fmt(r['final_loss'])} | "
+                f"{_fmt(r['final_e_min'])} | {_fmt(r['final_delta_norm'], 2)} |"
+            )
+    lines.append("")
+    for label, v in verdict.items():
+        worse = v["worse_than_flexlora_in"]
+        lines.append(
+            f"- **{label}**: worse than FlexLoRA beyond noise in {len(worse)} "
+            f"setting(s) {worse}; mean E_min = "
+            f"{v['mean_e_min_ratio_to_flexlora'] or float('nan'):.2f}× FlexLoRA's"
+        )
+    text = "\n".join(lines)
+    (out / "summary.md").write_text(text + "\n")
+    _plot(out, summary, variants)
+    return text
+
+
+def _fmt(ms: dict[str, float], digits: int = 3) -> str:
+    return f"{ms['mean']:.{digits}f} ± {ms['sd']:.{digits}f}"
+
+
+def _plot(out: Path, summary: dict[str, Any], variants: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(summary)
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(settings) + 2))
+    y = np.arange(len(settings))
+    height = 0.8 / max(len(variants) - 1, 1)
+    for k, label in enumerate(v for v in variants if v != "flexlora"):
+        d = [
+            summary[s].get(label, {}).get("paired_diff_vs_flexlora", {"mean": np.nan, "sem": 0})
+            for s in settings
+        ]
+        axes[0].barh(
+            y + k * height,
+            [x["mean"] for x in d],
+            height,
+            xerr=[2 * (x.get("sem") or 0) for x in d],
+            label=label,
+        )
+        e = [
+            summary[s].get(label, {}).get("final_e_min", {"mean": np.nan})["mean"] for s in settings
+        ]
+        axes[1].barh(y + k * height, e, height, label=label)
+    ef = [
+        summary[s].get("flexlora", {}).get("final_e_min", {"mean": np.nan})["mean"]
+        for s in settings
+    ]
+    axes[1].scatter(ef, y + 0.4, marker="|", s=200, color="black", label="flexlora")
+    for ax, title in zip(
+        axes, ("accuracy − FlexLoRA (paired over rounds, ±2 sem)", "final E_min"), strict=True
+    ):
+        ax.set_yticks(y + 0.4, settings)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].axvline(0, color="black", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--datasets", default="bbc")
+    p.add_argument("--skews", default="0.1,0.5,1,inf", help="Dirichlet alphas; inf = IID")
+    p.add_argument("--layouts", default="tied,independent,lone")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--local-steps", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--test-size", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=float("inf"),
+        help="stop starting new cells when this much wall time would be exceeded",
+    )
+    p.add_argument("--out", type=Path, default=Path("out/eval"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    (args.out / "cells").mkdir(parents=True, exist_ok=True)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if not args.report_only:
+        torch.set_num_threads(1)
+        cells = [
+            Cell(d, float(a), layout, int(s))
+            for s, d, a, layout in itertools.product(
+                args.seeds.split(","),
+                args.datasets.split(","),
+                args.skews.split(","),
+                args.layouts.split(","),
+            )
+        ]
+        todo = [c for c in cells if not (args.out / "cells" / f"{c.id}.json").exists()]
+        print(f"{len(cells)} cells, {len(cells) - len(todo)} already done", file=sys.stderr)
+        started = time.monotonic()
+        durations: list[float] = []
+        server = ServerProcess(args.out / "server-data", args.out / "server.log")
+        try:
+            server.wait_ready()
+            for n, cell in enumerate(todo, 1):
+                elapsed = (time.monotonic() - started) / 60
+                expected = float(np.mean(durations)) if durations else 0.0
+                if elapsed + expected > args.budget_minutes:
+                    print(
+                        f"budget of {args.budget_minutes} min reached: {len(todo) - n + 1} cells "
+                        "left for a later run (rerun the same command to resume)",
+                        file=sys.stderr,
+                    )
+                    break
+                t0 = time.monotonic()
+                print(f"[{n}/{len(todo)}] {cell.id}", file=sys.stderr, flush=True)
+                result = run_cell(cell, args, server, args.out)
+                durations.append((time.monotonic() - t0) / 60)
+                result["minutes"] = durations[-1]
+                tmp = args.out / "cells" / f".{cell.id}.tmp"
+                tmp.write_text(json.dumps(result, indent=1))
+                tmp.replace(args.out / "cells" / f"{cell.id}.json")
+        finally:
+            server.stop()
+    print(write_report(args.out, args.variants, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
