@@ -1,0 +1,42 @@
+"""The docs' examples run as written against a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .service_harness import ROOT, threaded_server
+
+
+@pytest.mark.parametrize("script", ["plain_pytorch.py", "peft_model.py"])
+def test_example_runs(tmp_path: Path, script: str) -> None:
+    if script == "peft_model.py":
+        pytest.importorskip("peft")
+    with threaded_server(tmp_path) as server:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                str(ROOT / d) for d in ("server", "client_sdk", "proto", "demo")
+            ),
+        }
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "examples" / script),
+                "--target",
+                server.target,
+                "--rounds",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("round")]
+    assert len(lines) == 2 and "round 2 published" in lines[-1]
