@@ -1,0 +1,785 @@
+"""Benchmark the aggregation service end to end over loopback gRPC.
+
+The server runs as a separate ``raflora-server`` process (one fresh process per phase, so its
+peak RSS, ``VmHWM`` in ``/proc/<pid>/status``, belongs to that phase alone; a 5 ms sampler also
+records the peak of ``RssAnon``, i.e. without the mmap-ed upload files the server validates);
+clients are the real SDK in this process. Measured in the same run:
+
+* **raw TCP**: a loopback socket copy of the same number of bytes, both directions
+  (``sendall`` of one buffer, ``recv_into`` a preallocated buffer in 4 MiB windows);
+* **throughput**, per adapter size: one client pushes a rank-64 fp32 adapter of 4096×4096
+  modules (2 MiB per module) with the SDK's ``push`` (safetensors serialisation, SHA-256,
+  chunked stream; on the server: hash, spill to disk, validation, fsync, ack), then ``pull``\\ s
+  it twice: the first pull of a (round, rank, scale) builds the server's cached view, the
+  second only streams it (round 0: the view is built from the empty initial state).
+  ``min_clients`` is above the number of pushes, so no aggregation runs during this phase.
+  Each repeat uses a new client (a new upload, not a duplicate) with its own ``lora_alpha``
+  (a new view, so every repeat measures a cold first pull);
+* **round**: ``--clients`` SDK clients in threads (gRPC releases the GIL while it waits) join
+  a federation of four 1024×1024 modules at ranks 4/8/16/32 and pull; then all push at once
+  through a barrier while one watcher stream records the AGGREGATING and PUBLISHED events.
+  Turnaround is the time from the last push's acknowledgement (on the client) to PUBLISHED;
+  after that every client pulls the new round.
+
+Round-trip throughput is ``size / (push time + pull time)``: adapter bytes per second of a
+full upload-then-download, each byte counted once (the raw-TCP round trip is defined the same
+way, so the ratio is like for like).
+
+``--server-threads N`` sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for the server process:
+on a busy 2-core machine torch's default two intra-op threads can make validation, view
+building and aggregation many times slower (see docs/benchmarks.md).
+
+Progress goes to stderr; Markdown tables and PASS/MISS verdicts against the goals (>= 500 MiB/s
+round trip for 64 MiB, turnaround under a second) go to stdout; ``--json`` writes every
+measurement. Run from the repository root::
+
+    .venv/bin/python bench/bench_service.py --json /tmp/bench_service.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the server-process helper lives in tests/
+    sys.path.insert(0, str(ROOT))
+
+from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb  # noqa: E402
+from raflora.v1 import aggregation_pb2_grpc as pb_grpc  # noqa: E402
+from tests.service_harness import ServerProcess, spec, start_server_process  # noqa: E402
+
+MiB = 1 << 20
+MODULE_DIM = 4096
+THROUGHPUT_RANK = 64
+ROUND_RANKS = (4, 8, 16, 32)
+ROUND_MODULES = 4
+ROUND_DIM = 1024
+TCP_WINDOW = 4 * MiB
+GOAL_ROUND_TRIP_MIB_S = 500.0
+GOAL_TURNAROUND_S = 1.0
+GOAL_SIZE_MIB = 64
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# -- server process and its memory -------------------------------------------------------------
+def proc_status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class RssSampler:
+    """Samples VmRSS of a process every few ms; ``peak`` also folds in the kernel's VmHWM."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.max_rss_kib = 0
+        self.max_anon_kib = 0  # RssAnon: heap and buffers, without mmap-ed file pages
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.max_rss_kib = max(self.max_rss_kib, proc_status_kib(self.pid, "VmRSS"))
+                self.max_anon_kib = max(self.max_anon_kib, proc_status_kib(self.pid, "RssAnon"))
+            except (OSError, KeyError):
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_mib(self) -> float:
+        hwm = proc_status_kib(self.pid, "VmHWM")
+        return max(hwm, self.max_rss_kib) / 1024
+
+    def peak_anon_mib(self) -> float:
+        return self.max_anon_kib / 1024
+
+
+@dataclass
+class Server:
+    process: ServerProcess
+    idle_rss_mib: float
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.process.pid)
+
+    @property
+    def target(self) -> str:
+        return self.process.target
+
+
+def launch(workdir: Path, name: str) -> Server:
+    data = workdir / name
+    data.mkdir(parents=True)
+    handle = start_server_process(data, workdir / f"{name}.log")
+    idle = proc_status_kib(handle.process.pid, "VmRSS") / 1024
+    log(f"server {name}: pid {handle.process.pid}, {handle.target}, idle RSS {idle:.0f} MiB")
+    return Server(handle, idle)
+
+
+def stop(server: Server) -> None:
+    code = server.process.terminate()
+    if code != 0:
+        log(f"warning: server exited with {code}; see {server.process.log}")
+
+
+# -- raw TCP baseline --------------------------------------------------------------------------
+def _recv_exact(sock: socket.socket, buf: memoryview) -> None:
+    got, n = 0, len(buf)
+    while got < n:
+        k = sock.recv_into(buf[got : got + TCP_WINDOW])
+        if k == 0:
+            raise ConnectionError(f"peer closed after {got} of {n} bytes")
+        got += k
+
+
+def tcp_copy(payload: bytes, sink: bytearray, upload: bool) -> float:
+    """Seconds to move ``payload`` over one loopback TCP connection into ``sink``.
+
+    ``upload``: this thread sends, a server thread receives (the push direction); otherwise
+    the server thread sends and this thread receives (the pull direction). The clock runs from
+    the first byte handed to the kernel to the last byte landing in ``sink``.
+    """
+    view = memoryview(sink)[: len(payload)]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        ready = threading.Event()
+        done: list[float] = []
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                conn, _ = listener.accept()
+                with conn:
+                    ready.wait()
+                    if upload:
+                        _recv_exact(conn, view)
+                        done.append(time.perf_counter())
+                    else:
+                        conn.sendall(payload)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            start = time.perf_counter()
+            ready.set()
+            if upload:
+                client.sendall(payload)
+            else:
+                _recv_exact(client, view)
+                done.append(time.perf_counter())
+            thread.join(120)
+        if errors:
+            raise errors[0]
+    return done[0] - start
+
+
+# -- payloads ----------------------------------------------------------------------------------
+def make_adapter(modules: int, dim: int, rank: int, seed: int) -> dict[str, Tensor]:
+    """PEFT-named fp32 factors, the same rank for every module."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {
+        f"layers.{i}.proj": (
+            torch.randn(rank, dim, generator=g) * 0.01,
+            torch.randn(dim, rank, generator=g) * 0.01,
+        )
+        for i in range(modules)
+    }
+    return lora_state_dict(factors)
+
+
+def module_shapes(modules: int, dim: int) -> dict[str, tuple[int, int]]:
+    return {f"layers.{i}.proj": (dim, dim) for i in range(modules)}
+
+
+# -- phase 1: throughput -----------------------------------------------------------------------
+@dataclass
+class TransferRun:
+    repeat: int
+    payload_bytes: int
+    client_prep_s: float  # safetensors save + sha256, what push does before its first byte
+    push_s: float
+    pull_first_s: float
+    pull_cached_s: float
+    server_push_s: float  # the server's own push histogram: first message to ack
+
+
+@dataclass
+class SizeResult:
+    size_mib: int
+    modules: int
+    payload_bytes: int
+    tcp_up_s: list[float]
+    tcp_down_s: list[float]
+    runs: list[TransferRun]
+    server_idle_rss_mib: float
+    server_peak_rss_mib: float
+    server_peak_anon_mib: float
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def scrape_sum(url: str, metric: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(metric + "{") or line.startswith(metric + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
+    per_module = THROUGHPUT_RANK * 2 * MODULE_DIM * 4
+    modules = max(1, round(size_mib * MiB / per_module))
+    log(f"--- {size_mib} MiB: {modules} modules {MODULE_DIM}x{MODULE_DIM} at rank 64, fp32")
+    tensors = make_adapter(modules, MODULE_DIM, THROUGHPUT_RANK, seed=size_mib)
+    payload = save_safetensors(tensors)
+    n = len(payload)
+
+    sink = bytearray(n)
+    sink[:] = payload  # fault the receive buffer in once; every copy below reuses it
+    up, down = [], []
+    for i in range(repeats):
+        up.append(tcp_copy(payload, sink, upload=True))
+        down.append(tcp_copy(payload, sink, upload=False))
+        log(f"raw tcp #{i}: up {n / MiB / up[-1]:.0f} MiB/s, down {n / MiB / down[-1]:.0f} MiB/s")
+    del sink
+    gc.collect()
+
+    server = launch(workdir, f"size-{size_mib}")
+    runs: list[TransferRun] = []
+    federation = f"tp-{size_mib}"
+    metrics_url = server.process.metrics_url
+    push_metric = "raflora_push_duration_seconds_sum"
+    with RssSampler(server.pid) as sampler:
+        with AdminClient(server.target) as admin:
+            admin.create_federation(
+                spec(
+                    federation,
+                    module_shapes(modules, MODULE_DIM),
+                    max_rank=THROUGHPUT_RANK,
+                    min_clients=repeats + 2,
+                )
+            )
+        for i in range(repeats):
+            gc.collect()
+            t0 = time.perf_counter()
+            blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+            hashlib.sha256(blob).hexdigest()
+            prep = time.perf_counter() - t0
+            del blob
+            with RafloraClient(server.target, federation, f"client-{i}") as client:
+                # A distinct alpha per client: a distinct scale, hence a cold view per repeat.
+                info = client.join(THROUGHPUT_RANK, num_examples=100, lora_alpha=16.0 + i)
+                before = scrape_sum(metrics_url, push_metric)
+                t0 = time.perf_counter()
+                result = client.push(tensors, round=info.round, num_examples=100)
+                push = time.perf_counter() - t0
+                server_push = scrape_sum(metrics_url, push_metric) - before
+                if result.duplicate or result.received_bytes != n:
+                    raise RuntimeError(f"unexpected push result {result}")
+                t0 = time.perf_counter()
+                first = client.pull()
+                pull_first = time.perf_counter() - t0
+                del first
+                gc.collect()
+                t0 = time.perf_counter()
+                second = client.pull()
+                pull_cached = time.perf_counter() - t0
+                del second
+                gc.collect()
+            run = TransferRun(i, n, prep, push, pull_first, pull_cached, server_push)
+            runs.append(run)
+            log(
+                f"service #{i}: push {n / MiB / push:.0f} MiB/s ({push:.2f}s; server side "
+                f"{server_push:.2f}s, client prep {prep:.2f}s), pull first "
+                f"{n / MiB / pull_first:.0f} MiB/s, cached {n / MiB / pull_cached:.0f} MiB/s"
+            )
+        peak, anon = sampler.peak_mib(), sampler.peak_anon_mib()
+    stop(server)
+    shutil.rmtree(workdir / f"size-{size_mib}", ignore_errors=True)
+    res = SizeResult(size_mib, modules, n, up, down, runs, server.idle_rss_mib, peak, anon)
+    res.summary = summarise_size(res)
+    return res
+
+
+def summarise_size(r: SizeResult) -> dict[str, float]:
+    mib = r.payload_bytes / MiB
+    tcp_up, tcp_down = median(r.tcp_up_s), median(r.tcp_down_s)
+    push = median([x.push_s for x in r.runs])
+    first = median([x.pull_first_s for x in r.runs])
+    cached = median([x.pull_cached_s for x in r.runs])
+    rt_cached = median([x.push_s + x.pull_cached_s for x in r.runs])
+    rt_first = median([x.push_s + x.pull_first_s for x in r.runs])
+    tcp_rt = median([u + d for u, d in zip(r.tcp_up_s, r.tcp_down_s, strict=True)])
+    return {
+        "tcp_up_mib_s": mib / tcp_up,
+        "tcp_down_mib_s": mib / tcp_down,
+        "tcp_round_trip_mib_s": mib / tcp_rt,
+        "push_s": push,
+        "push_mib_s": mib / push,
+        "push_ratio": tcp_up / push,
+        "client_prep_s": median([x.client_prep_s for x in r.runs]),
+        "server_push_s": median([x.server_push_s for x in r.runs]),
+        "pull_first_s": first,
+        "pull_first_mib_s": mib / first,
+        "pull_cached_s": cached,
+        "pull_cached_mib_s": mib / cached,
+        "pull_cached_ratio": tcp_down / cached,
+        "round_trip_s": rt_cached,
+        "round_trip_mib_s": mib / rt_cached,
+        "round_trip_ratio": tcp_rt / rt_cached,
+        "round_trip_cold_s": rt_first,
+        "round_trip_cold_mib_s": mib / rt_first,
+        "round_trip_cold_ratio": tcp_rt / rt_first,
+    }
+
+
+# -- phase 2: one round with many concurrent clients -------------------------------------------
+@dataclass
+class RoundRun:
+    round: int
+    push_latency_s: list[float]
+    first_push_start: float
+    last_ack: float
+    aggregating_at: float
+    published_at: float
+    all_pulled_at: float
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundResult:
+    clients: int
+    payload_bytes_by_rank: dict[int, int]
+    runs: list[RoundRun]
+    server_idle_rss_mib: float
+    server_peak_rss_mib: float
+    server_peak_anon_mib: float
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+class Watcher:
+    """One WatchRounds stream; records when each round's AGGREGATING and PUBLISHED arrive."""
+
+    def __init__(self, target: str, federation: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        stub = pb_grpc.AggregationServiceStub(self.channel)
+        self.stream = stub.WatchRounds(pb.WatchRoundsRequest(federation_id=federation))
+        self.subscribed = threading.Event()
+        self.aggregating: dict[int, float] = {}
+        self.published: dict[int, float] = {}
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self.subscribed.wait(30):
+            raise TimeoutError("watch stream did not start")
+
+    def _run(self) -> None:
+        try:
+            for event in self.stream:
+                now = time.perf_counter()
+                with self.cond:
+                    if event.type == pb.ROUND_EVENT_TYPE_STATUS:
+                        self.subscribed.set()
+                    elif event.type == pb.ROUND_EVENT_TYPE_AGGREGATING:
+                        # Sent while the closing round is still the open one: it becomes
+                        # round + 1 when PUBLISHED arrives.
+                        self.aggregating[event.status.round + 1] = now
+                    elif event.type == pb.ROUND_EVENT_TYPE_PUBLISHED:
+                        self.published[event.status.round] = now
+                    elif event.type == pb.ROUND_EVENT_TYPE_FAILED:
+                        log(f"aggregation failed: {event.message}")
+                    self.cond.notify_all()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log(f"watch stream ended: {exc.code()}")
+
+    def wait_published(self, round_: int, timeout: float) -> float:
+        with self.cond:
+            if not self.cond.wait_for(lambda: round_ in self.published, timeout):
+                raise TimeoutError(f"round {round_} was not published within {timeout}s")
+            return self.published[round_]
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.thread.join(10)
+        self.channel.close()
+
+
+def run_threads(n: int, fn: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def one_round(
+    clients: list[RafloraClient],
+    ranks: list[int],
+    adapters: dict[int, dict[str, Tensor]],
+    watcher: Watcher,
+    round_: int,
+) -> RoundRun:
+    """Every client pushes at once (after a barrier); then waits for the round and pulls it."""
+    n = len(clients)
+    barrier = threading.Barrier(n + 1)
+    starts = [0.0] * n
+    acks = [0.0] * n
+
+    def push(i: int) -> None:
+        barrier.wait()
+        starts[i] = time.perf_counter()
+        clients[i].push(adapters[ranks[i]], round=round_, num_examples=50 + i)
+        acks[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=push, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for t in threads:
+        t.join(300)
+    if not all(acks):
+        raise RuntimeError("some pushes did not finish")
+    published = watcher.wait_published(round_ + 1, 300)
+    pulled = [0.0] * n
+
+    def pull(i: int) -> None:
+        got = clients[i].pull()
+        if got.round != round_ + 1:
+            raise RuntimeError(f"client {i} pulled round {got.round}, not {round_ + 1}")
+        pulled[i] = time.perf_counter()
+
+    run_threads(n, pull)
+    run = RoundRun(
+        round_ + 1,
+        [a - s for a, s in zip(acks, starts, strict=True)],
+        min(starts),
+        max(acks),
+        watcher.aggregating.get(round_ + 1, float("nan")),
+        published,
+        max(pulled),
+    )
+    run.summary = summarise_round(run)
+    return run
+
+
+def bench_round(workdir: Path, n_clients: int, rounds: int) -> RoundResult:
+    log(f"--- round: {n_clients} clients, {ROUND_MODULES} modules {ROUND_DIM}x{ROUND_DIM}")
+    server = launch(workdir, "round")
+    federation = "round-bench"
+    ranks = [ROUND_RANKS[i % len(ROUND_RANKS)] for i in range(n_clients)]
+    adapters = {r: make_adapter(ROUND_MODULES, ROUND_DIM, r, seed=r) for r in sorted(set(ranks))}
+    sizes = {r: len(save_safetensors(a)) for r, a in adapters.items()}
+    runs: list[RoundRun] = []
+    with RssSampler(server.pid) as sampler:
+        with AdminClient(server.target) as admin:
+            admin.create_federation(
+                spec(
+                    federation,
+                    module_shapes(ROUND_MODULES, ROUND_DIM),
+                    max_rank=max(ROUND_RANKS),
+                    min_clients=n_clients,
+                    expected_clients=n_clients,
+                )
+            )
+        clients = [RafloraClient(server.target, federation, f"c{i:03d}") for i in range(n_clients)]
+
+        def join_and_pull(i: int) -> None:
+            clients[i].join(ranks[i], num_examples=50 + i)
+            clients[i].pull()
+
+        run_threads(n_clients, join_and_pull)
+        watcher = Watcher(server.target, federation)
+        try:
+            for k in range(rounds):
+                run = one_round(clients, ranks, adapters, watcher, k)
+                runs.append(run)
+                s = run.summary
+                log(
+                    f"round {run.round}: push p50 {s['push_p50_s'] * 1e3:.0f} ms, p99 "
+                    f"{s['push_p99_s'] * 1e3:.0f} ms; last ack -> published "
+                    f"{s['turnaround_s'] * 1e3:.0f} ms; -> all pulled "
+                    f"{s['publish_to_all_pulled_s'] * 1e3:.0f} ms"
+                )
+        finally:
+            watcher.close()
+            for c in clients:
+                c.close()
+        peak, anon = sampler.peak_mib(), sampler.peak_anon_mib()
+    stop(server)
+    shutil.rmtree(workdir / "round", ignore_errors=True)
+    result = RoundResult(n_clients, sizes, runs, server.idle_rss_mib, peak, anon)
+    latencies = [x for r in runs for x in r.push_latency_s]
+    result.summary = {
+        "push_p50_s": percentile(latencies, 50),
+        "push_p99_s": percentile(latencies, 99),
+        "push_max_s": max(latencies),
+        "turnaround_s": median([r.summary["turnaround_s"] for r in runs]),
+        "turnaround_max_s": max(r.summary["turnaround_s"] for r in runs),
+        "round_wall_s": median([r.summary["round_wall_s"] for r in runs]),
+        "publish_to_all_pulled_s": median([r.summary["publish_to_all_pulled_s"] for r in runs]),
+        "server_peak_rss_mib": peak,
+    }
+    return result
+
+
+def summarise_round(r: RoundRun) -> dict[str, float]:
+    return {
+        "push_p50_s": percentile(r.push_latency_s, 50),
+        "push_p99_s": percentile(r.push_latency_s, 99),
+        "push_max_s": max(r.push_latency_s),
+        "pushes_wall_s": r.last_ack - r.first_push_start,
+        "ack_to_aggregating_s": r.aggregating_at - r.last_ack,
+        "aggregating_to_published_s": r.published_at - r.aggregating_at,
+        "turnaround_s": r.published_at - r.last_ack,
+        "round_wall_s": r.published_at - r.first_push_start,
+        "publish_to_all_pulled_s": r.all_pulled_at - r.published_at,
+    }
+
+
+# -- report ------------------------------------------------------------------------------------
+def report(sizes: list[SizeResult], round_result: RoundResult | None) -> list[str]:
+    out = []
+    if sizes:
+        out += [
+            "| adapter | raw TCP up / down | push | pull, first (builds view) | pull, cached "
+            "| round trip (cached pull) | round trip (first pull) | server peak RSS (anon; idle) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sizes:
+            s = r.summary
+            mib = r.payload_bytes / MiB
+            out.append(
+                f"| {mib:.1f} MiB ({r.modules} mod.) "
+                f"| {s['tcp_up_mib_s']:.0f} / {s['tcp_down_mib_s']:.0f} MiB/s "
+                f"| {s['push_mib_s']:.0f} MiB/s ({s['push_s']:.2f} s, {s['push_ratio']:.2f}× TCP) "
+                f"| {s['pull_first_mib_s']:.0f} MiB/s ({s['pull_first_s']:.2f} s) "
+                f"| {s['pull_cached_mib_s']:.0f} MiB/s ({s['pull_cached_s']:.2f} s, "
+                f"{s['pull_cached_ratio']:.2f}× TCP) "
+                f"| {s['round_trip_mib_s']:.0f} MiB/s ({s['round_trip_ratio']:.2f}× TCP) "
+                f"| {s['round_trip_cold_mib_s']:.0f} MiB/s ({s['round_trip_cold_ratio']:.2f}× TCP) "
+                f"| {r.server_peak_rss_mib:.0f} MiB ({r.server_peak_anon_mib:.0f}; "
+                f"{r.server_idle_rss_mib:.0f}) |"
+            )
+        out.append("")
+        out += [
+            "| adapter | push: client prep (save+sha256) | push: server side | push total |",
+            "|---|---|---|---|",
+        ]
+        for r in sizes:
+            s = r.summary
+            out.append(
+                f"| {r.payload_bytes / MiB:.1f} MiB | {s['client_prep_s']:.2f} s "
+                f"| {s['server_push_s']:.2f} s | {s['push_s']:.2f} s |"
+            )
+        out.append("")
+    if round_result is not None:
+        rr = round_result
+        out += [
+            f"| round ({rr.clients} clients) | push p50 | push p99 | pushes wall "
+            "| last ack → AGGREGATING | → PUBLISHED | **last ack → published** "
+            "| published → all pulled |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for run in rr.runs:
+            s = run.summary
+            out.append(
+                f"| round {run.round} | {s['push_p50_s'] * 1e3:.0f} ms "
+                f"| {s['push_p99_s'] * 1e3:.0f} ms | {s['pushes_wall_s'] * 1e3:.0f} ms "
+                f"| {s['ack_to_aggregating_s'] * 1e3:.0f} ms "
+                f"| {s['aggregating_to_published_s'] * 1e3:.0f} ms "
+                f"| **{s['turnaround_s'] * 1e3:.0f} ms** "
+                f"| {s['publish_to_all_pulled_s'] * 1e3:.0f} ms |"
+            )
+        s = rr.summary
+        out.append(
+            f"| all rounds | {s['push_p50_s'] * 1e3:.0f} ms | {s['push_p99_s'] * 1e3:.0f} ms "
+            f"| | | | **{s['turnaround_s'] * 1e3:.0f} ms** (median) "
+            f"| {s['publish_to_all_pulled_s'] * 1e3:.0f} ms |"
+        )
+        payloads = ", ".join(
+            f"r{r}: {b / MiB:.2f} MiB" for r, b in rr.payload_bytes_by_rank.items()
+        )
+        out.append("")
+        out.append(
+            f"Server peak RSS during the round phase: {rr.server_peak_rss_mib:.0f} MiB "
+            f"(anonymous {rr.server_peak_anon_mib:.0f} MiB; idle {rr.server_idle_rss_mib:.0f} MiB)."
+            f" Upload sizes: {payloads}."
+        )
+        out.append("")
+    return out
+
+
+def verdicts(sizes: list[SizeResult], round_result: RoundResult | None) -> list[str]:
+    out = []
+    goal = [r for r in sizes if round(r.payload_bytes / MiB) == GOAL_SIZE_MIB]
+    if goal:
+        s = goal[0].summary
+        for label, key in (
+            ("cached pull", "round_trip_mib_s"),
+            ("first pull", "round_trip_cold_mib_s"),
+        ):
+            ok = s[key] >= GOAL_ROUND_TRIP_MIB_S
+            out.append(
+                f"{'PASS' if ok else 'MISS'}: {GOAL_SIZE_MIB} MiB round trip ({label}) "
+                f"{s[key]:.0f} MiB/s vs goal >= {GOAL_ROUND_TRIP_MIB_S:.0f} MiB/s"
+            )
+    else:
+        out.append(f"n/a: round-trip goal needs --sizes to include {GOAL_SIZE_MIB}")
+    if round_result is not None:
+        worst = round_result.summary["turnaround_max_s"]
+        ok = worst < GOAL_TURNAROUND_S
+        out.append(
+            f"{'PASS' if ok else 'MISS'}: round turnaround (last ack -> published), worst round "
+            f"{worst * 1e3:.0f} ms (median {round_result.summary['turnaround_s'] * 1e3:.0f} ms) "
+            f"vs goal < {GOAL_TURNAROUND_S * 1e3:.0f} ms"
+        )
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpc": grpc.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--sizes", default="64,512", help="adapter sizes in MiB, comma-separated")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients in one round")
+    p.add_argument("--repeats", type=int, default=3, help="transfers per size / rounds")
+    p.add_argument("--workdir", type=Path, default=None, help="server data (default: a tmp dir)")
+    p.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    p.add_argument("--skip-round", action="store_true", help="only the throughput phase")
+    p.add_argument(
+        "--server-threads",
+        type=int,
+        default=0,
+        help="OMP/MKL threads of the server process (0: torch's default, one per core)",
+    )
+    args = p.parse_args(argv)
+    if args.server_threads > 0:  # start_server_process hands our environment to the server
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.server_threads)
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    workdir = Path(tempfile.mkdtemp(prefix="raflora-bench-", dir=args.workdir))
+    log(f"data under {workdir}")
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    try:
+        size_results = [bench_size(workdir, s, args.repeats) for s in sizes]
+        round_result = (
+            None
+            if args.skip_round or args.clients < 1
+            else bench_round(workdir, args.clients, args.repeats)
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()
+    log(f"done in {elapsed:.0f}s")
+
+    lines = report(size_results, round_result)
+    lines.append(
+        f"Run took {elapsed:.0f} s on {os.cpu_count()} CPUs; server intra-op threads: "
+        f"{args.server_threads or 'torch default'}; 1-min load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (other work on the machine "
+        "competes with both the server and the clients)."
+    )
+    lines.append("")
+    lines += verdicts(size_results, round_result)
+    print("\n".join(lines))
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "load_average": {"before": load_before, "after": load_after},
+                    "elapsed_s": elapsed,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "sizes": [asdict(r) for r in size_results],
+                    "round": asdict(round_result) if round_result is not None else None,
+                    "verdicts": verdicts(size_results, round_result),
+                },
+                indent=2,
+            )
+        )
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
