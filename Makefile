@@ -27,6 +27,7 @@ engine-demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/python scripts/gen_deploy.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

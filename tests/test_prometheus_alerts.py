@@ -1,0 +1,234 @@
+"""A real Prometheus scrapes a running server and evaluates the shipped alert rules.
+
+One raflora-server runs a FlexLoRA and a raFLoRA federation side by side with clients of ranks
+{2, 4, 8}: round 0 pushes random factors, every later round is a pass-through (each client
+pushes back exactly what it pulled). Under FlexLoRA E_min climbs above 0.9 within two rounds
+and keeps rising; under raFLoRA it stays put (tests/test_service_metrics.py). Prometheus
+(Debian's package) scrapes /metrics every second and evaluates deploy/prometheus's rules every
+second, with every ``for:`` cut to 1 s and the expressions exactly as shipped. Checked through
+Prometheus' HTTP API: RafloraRankCollapse stays silent until FlexLoRA has spent 5 rounds above
+the threshold, then fires for "flex" and never for "ra"; every dashboard query returns data;
+RafloraServerDown fires once the server stops.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from raflora.client_sdk import AdminClient, RafloraClient
+from raflora.client_sdk.errors import FailedPreconditionError
+
+from .deploy_support import all_rules, dashboard_queries, debian_tool, load_rules
+from .deploy_support import rules_with_short_for as short_rules
+from .service_harness import free_port, spec, threaded_server
+from .test_service_metrics import CLIENTS, MODULES, random_factors
+
+pytestmark = pytest.mark.slow
+
+FEDERATIONS = {"flex": "flexlora", "ra": "raflora"}
+ROUNDS = 7  # published rounds 1..7; flex is above 0.9 from round 2 on
+COLLAPSE = "RafloraRankCollapse"
+# Panels with no series unless something fails.
+MAY_BE_EMPTY = {"Aggregation failures"}
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str, **params: str) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.get("/api/v1/query", query=expr)["result"]
+        return result
+
+    def values(self, expr: str) -> dict[str, float]:
+        """federation label -> value."""
+        return {r["metric"].get("federation", ""): float(r["value"][1]) for r in self.query(expr)}
+
+    def alerts(self, name: str) -> dict[str, str]:
+        """federation (or instance) label -> state ("pending" or "firing") of one alert."""
+        return {
+            a["labels"].get("federation", a["labels"].get("instance", "")): a["state"]
+            for a in self.get("/api/v1/alerts")["alerts"]
+            if a["labels"]["alertname"] == name
+        }
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
+    binary = debian_tool("prometheus")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(metrics_port: int) -> Prometheus:
+        rules = short_rules(seconds=1)
+        for ours, shipped in zip(all_rules(rules), all_rules(load_rules()), strict=True):
+            assert ours["expr"] == shipped["expr"]  # only `for:` differs from what ships
+        (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+        config = {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": ["rules.yml"],
+            "scrape_configs": [
+                {
+                    "job_name": "raflora",
+                    "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                }
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        log = (tmp_path / "prometheus.log").open("wb")
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        prom = Prometheus(f"http://127.0.0.1:{port}")
+
+        def ready() -> bool:
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_for("Prometheus to be ready", ready)
+        return prom
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def test_rank_collapse_alert_fires_for_flexlora_only(
+    tmp_path: Path, prometheus_factory: Callable[[int], Prometheus]
+) -> None:
+    with ExitStack() as outer:
+        server = outer.enter_context(threaded_server(tmp_path / "data"))
+        prom = prometheus_factory(server.server.metrics_port)
+        wait_for(
+            "the first scrape",
+            lambda: prom.values('up{job="raflora"}') == {"": 1.0},
+        )
+        with ExitStack() as stack:
+            admin = stack.enter_context(AdminClient(server.target))
+            clients: dict[str, list[RafloraClient]] = {}
+            for fed, strategy in FEDERATIONS.items():
+                admin.create_federation(
+                    spec(
+                        fed,
+                        MODULES,
+                        strategy=strategy,
+                        max_rank=8,
+                        min_clients=len(CLIENTS),
+                        expected_clients=len(CLIENTS),
+                        init_seed=5,
+                    )
+                )
+                clients[fed] = []
+                for cid, rank, n, alpha in CLIENTS:
+                    client = stack.enter_context(RafloraClient(server.target, fed, cid))
+                    client.join(rank=rank, num_examples=n, lora_alpha=alpha)
+                    clients[fed].append(client)
+
+            e_min: dict[str, list[float]] = {fed: [] for fed in FEDERATIONS}
+            for t in range(ROUNDS):
+                for fed in FEDERATIONS:
+                    for i, (client, (_, rank, n, _)) in enumerate(
+                        zip(clients[fed], CLIENTS, strict=True)
+                    ):
+                        tensors = random_factors(rank, seed=i) if t == 0 else client.pull().tensors
+                        client.push(tensors, round=t, num_examples=n)
+                    assert clients[fed][0].wait_for_round(t, timeout=60).round == t + 1
+                # Prometheus scrapes every round and evaluates the rules on it before the
+                # next one: the collapse count is in rounds, not seconds.
+                published = {fed: float(t + 1) for fed in FEDERATIONS}
+                wait_for(
+                    f"round {t + 1} in Prometheus",
+                    partial(lambda want: prom.values("raflora_current_round") == want, published),
+                )
+                time.sleep(1.2)  # more than one evaluation interval
+                scraped = prom.values("raflora_rank_energy_min_fraction")
+                for fed in FEDERATIONS:
+                    e_min[fed].append(scraped[fed])
+                if t + 1 == 5:  # flex above 0.9 in rounds 2..5: 4 rounds, one short of the alert
+                    assert prom.values("raflora:rank_collapse:rounds") == {"flex": 4.0}
+                    assert prom.alerts(COLLAPSE) == {}
+
+            # One refused upload (a stale round) so that the error panels have a series.
+            with pytest.raises(FailedPreconditionError):
+                clients["ra"][0].push(random_factors(2, seed=0), round=0, num_examples=1)
+
+        assert e_min["flex"][0] < 0.9 < e_min["flex"][1], e_min
+        assert max(e_min["ra"]) < 0.9 and max(e_min["ra"]) - min(e_min["ra"]) < 1e-4, e_min
+        wait_for("the collapse alert to fire", lambda: prom.alerts(COLLAPSE) == {"flex": "firing"})
+        wait_for(
+            "the count to reach the last round",
+            lambda: prom.values("raflora:rank_collapse:rounds") == {"flex": float(ROUNDS - 1)},
+        )
+        assert prom.values("raflora:rank_collapse:since_round") == {"flex": 2.0}
+        # Nothing else fires on a healthy run.
+        others = [
+            a for a in prom.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] != COLLAPSE
+        ]
+        assert others == []
+        # The rules Prometheus loaded are healthy (no evaluation errors).
+        groups = prom.get("/api/v1/rules")["groups"]
+        assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
+
+        # Every dashboard query runs and, with real traffic behind it, returns series.
+        time.sleep(2)
+        for title, expr in dashboard_queries():
+            if title not in MAY_BE_EMPTY:
+                assert prom.query(expr), f"panel {title!r}: no data for {expr}"
+
+        outer.close()  # stop the server
+        wait_for(
+            "RafloraServerDown to fire",
+            lambda: (
+                prom.alerts("RafloraServerDown")
+                == {f"127.0.0.1:{server.server.metrics_port}": "firing"}
+            ),
+        )
