@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +101,20 @@ class ServerProcess:
         return self.process.wait(30)
 
 
-def start_server_process(data_dir: Path, log: Path, port: int | None = None) -> ServerProcess:
-    """``raflora-server`` as a separate process; returns once it reports SERVING."""
+def start_server_process(
+    data_dir: Path,
+    log: Path,
+    port: int | None = None,
+    *,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> ServerProcess:
+    """``raflora-server`` as a separate process; returns once it reports SERVING.
+
+    ``extra_args`` go to the command line, ``env`` adds environment (``RAFLORA_*`` settings),
+    ``credentials`` are what the health check connects with (a TLS server needs them).
+    """
     port = port or free_port()
     metrics_port = free_port()
     cmd = [
@@ -119,16 +131,18 @@ def start_server_process(data_dir: Path, log: Path, port: int | None = None) -> 
         str(data_dir),
         "--device",
         "cpu",
+        *extra_args,
     ]
-    env = {
+    full_env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("server", "client_sdk", "proto")),
+        **(env or {}),
     }
     with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     handle = ServerProcess(process, port, metrics_port, log)
     try:
-        wait_serving(handle.target, process)
+        wait_serving(handle.target, process, credentials=credentials)
     except BaseException:  # never leak a server that did not come up
         if process.poll() is None:
             handle.kill()
@@ -137,12 +151,20 @@ def start_server_process(data_dir: Path, log: Path, port: int | None = None) -> 
 
 
 def wait_serving(
-    target: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 60
+    target: str,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.secure_channel(target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(target)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:

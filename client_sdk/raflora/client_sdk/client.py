@@ -4,6 +4,12 @@ Synchronous on purpose (training loops are), thin (grpcio, protobuf, safetensors
 never imports the server. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with
 exponential backoff and jitter; pushes are idempotent on the server (same checksum), so a retry
 after an interrupted upload is never double-counted.
+
+Security (docs/security.md): pass ``credentials=grpc.ssl_channel_credentials(...)`` for TLS (with
+a client key and certificate for mutual TLS) and ``enrolment_secret=`` when the server has
+authentication on. ``join`` presents the secret and keeps the client token the server returns;
+every later call carries that token, and the client joins again by itself when the token is
+about to expire, has expired or was revoked, as long as it still holds a valid secret.
 """
 
 from __future__ import annotations
@@ -24,9 +30,32 @@ from raflora.v1 import aggregation_pb2 as pb
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 from raflora.v1.wire import DEFAULT_CHUNK_SIZE, MERGE_PREFIX, iter_chunks
 
-from .errors import RETRYABLE, DataLossError, DeadlineExceededError, RafloraError, from_rpc_error
+from .errors import (
+    RETRYABLE,
+    DataLossError,
+    DeadlineExceededError,
+    RafloraError,
+    from_rpc_error,
+)
+
+REFRESH_MARGIN_SECONDS = 60.0  # join again this long (at most a quarter of its life) before
+# the client token expires
+
+
+def bearer(credential: str | None) -> Metadata | None:
+    """gRPC metadata carrying ``credential`` (None: nothing to send)."""
+    return (("authorization", f"Bearer {credential}"),) if credential else None
+
+
+def _needs_rejoin(error: RafloraError) -> bool:
+    details = error.details.lower()
+    return error.code == grpc.StatusCode.UNAUTHENTICATED and (
+        "expired" in details or "revoked" in details
+    )
+
 
 T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` during large transfers."""
 
@@ -88,10 +117,15 @@ class RafloraClient:
         client_id: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        enrolment_secret: str | None = None,
+        token: str | None = None,
         timeout: float = 300.0,
         retry: RetryPolicy | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
+        """``enrolment_secret``: the federation's, needed by ``join`` when the server has
+        authentication on. ``token``: a client token already issued (then ``join`` is needed
+        only to refresh it, which needs the secret)."""
         self.target = target
         self.federation_id = federation_id
         self.client_id = client_id
@@ -107,6 +141,11 @@ class RafloraClient:
         self.stub = pb_grpc.AggregationServiceStub(self.channel)
         self.rank: int | None = None
         self.scale: float | None = None
+        self._enrolment_secret = enrolment_secret
+        self.token = token
+        self.token_expires_unix = 0.0  # unknown for a token passed in
+        self._refresh_margin = REFRESH_MARGIN_SECONDS
+        self._join_args: tuple[int, int, float] | None = None
 
     def close(self) -> None:
         self.channel.close()
@@ -118,14 +157,44 @@ class RafloraClient:
         self.close()
 
     # -- calls -----------------------------------------------------------------------------
+    def _token_metadata(self) -> Metadata | None:
+        return bearer(self.token)
+
+    def _can_rejoin(self) -> bool:
+        return self._enrolment_secret is not None and self._join_args is not None
+
+    def _refresh_if_due(self) -> None:
+        """Join again shortly before the token expires (a long upload starts with a live one)."""
+        if (
+            self.token
+            and self.token_expires_unix
+            and self._can_rejoin()
+            and time.time() > self.token_expires_unix - self._refresh_margin
+        ):
+            self._rejoin()
+
+    def _rejoin(self) -> None:
+        assert self._join_args is not None
+        rank, num_examples, lora_alpha = self._join_args
+        self.join(rank, num_examples, lora_alpha)
+
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn``, retrying transient failures; map every other status to a typed error."""
+        """Run ``fn``, retrying transient failures; map every other status to a typed error.
+
+        An expired or revoked token is replaced by joining again, once per call.
+        """
         delays = self.retry.delays()
+        rejoined = False
+        self._refresh_if_due()
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
+                if not rejoined and _needs_rejoin(error) and self._can_rejoin():
+                    rejoined = True
+                    self._rejoin()
+                    continue
                 if error.code not in RETRYABLE:
                     raise error from None
                 delay = next(delays, None)
@@ -134,6 +203,7 @@ class RafloraClient:
                 time.sleep(delay)
 
     def join(self, rank: int, num_examples: int, lora_alpha: float = 0.0) -> JoinInfo:
+        """Join (or re-join) the federation at ``rank``; keeps the client token it returns."""
         request = pb.JoinRequest(
             federation_id=self.federation_id,
             client_id=self.client_id,
@@ -141,15 +211,39 @@ class RafloraClient:
             num_examples=num_examples,
             lora_alpha=lora_alpha,
         )
-        response = self._call(lambda: self.stub.Join(request, timeout=self.timeout))
+        secret = bearer(self._enrolment_secret)
+        response = self._call_plain(
+            lambda: self.stub.Join(request, timeout=self.timeout, metadata=secret)
+        )
         self.rank, self.scale = rank, response.scale
+        self._join_args = (rank, num_examples, lora_alpha)
+        if response.client_token:
+            self.token = response.client_token
+            self.token_expires_unix = response.token_expires_unix
+            lifetime = response.token_expires_unix - time.time()
+            self._refresh_margin = min(REFRESH_MARGIN_SECONDS, max(lifetime, 0.0) / 4)
         self.chunk_size = min(self.chunk_size, response.chunk_size or self.chunk_size)
         return JoinInfo(response.status.round, response.scale, self.chunk_size, response.spec)
+
+    def _call_plain(self, fn: Callable[[], T]) -> T:
+        """``_call`` without token refresh (for join itself)."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                delay = next(delays, None) if error.code in RETRYABLE else None
+                if delay is None:
+                    raise error from None
+                time.sleep(delay)
 
     def status(self) -> pb.RoundStatus:
         request = pb.GetRoundRequest(federation_id=self.federation_id)
         status: pb.RoundStatus = self._call(
-            lambda: self.stub.GetRound(request, timeout=self.timeout)
+            lambda: self.stub.GetRound(
+                request, timeout=self.timeout, metadata=self._token_metadata()
+            )
         )
         return status
 
@@ -158,7 +252,7 @@ class RafloraClient:
         request = pb.PullRequest(federation_id=self.federation_id, client_id=self.client_id)
 
         def attempt() -> PulledAdapter:
-            stream = self.stub.Pull(request, timeout=self.timeout)
+            stream = self.stub.Pull(request, timeout=self.timeout, metadata=self._token_metadata())
             header: pb.PullHeader | None = None
             # Hash each chunk as it arrives (overlaps the transfer) and join once at the end:
             # one copy of the payload instead of a growing buffer plus a bytes() copy of it.
@@ -223,7 +317,11 @@ class RafloraClient:
                 if progress is not None:
                     progress(sent, len(payload))
 
-        response = self._call(lambda: self.stub.Push(requests(), timeout=self.timeout))
+        response = self._call(
+            lambda: self.stub.Push(
+                requests(), timeout=self.timeout, metadata=self._token_metadata()
+            )
+        )
         return PushResult(
             response.round, response.duplicate, response.received_bytes, response.uploads_in_round
         )
@@ -238,7 +336,10 @@ class RafloraClient:
 
         def attempt() -> pb.RoundStatus:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            for event in self.stub.WatchRounds(request, timeout=remaining):
+            watch = self.stub.WatchRounds(
+                request, timeout=remaining, metadata=self._token_metadata()
+            )
+            for event in watch:
                 status: pb.RoundStatus = event.status
                 if status.round > after_round:
                     return status
@@ -254,11 +355,17 @@ class RafloraClient:
     def _call_until(self, fn: Callable[[], T], deadline: float | None) -> T:
         """Like _call, but keeps retrying UNAVAILABLE until ``deadline`` (server restarts)."""
         delays = self.retry.delays()
+        rejoined = False
+        self._refresh_if_due()
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
+                if not rejoined and _needs_rejoin(error) and self._can_rejoin():
+                    rejoined = True
+                    self._rejoin()
+                    continue
                 if error.code not in RETRYABLE or (
                     deadline is not None and time.monotonic() >= deadline
                 ):
@@ -281,33 +388,68 @@ def grpc_unavailable() -> grpc.RpcError:
 
 
 class AdminClient:
-    """Creates and inspects federations."""
+    """Creates and inspects federations (``admin_token`` when the server has auth on)."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        admin_token: str | None = None,
+    ) -> None:
         self.channel = (
             grpc.secure_channel(target, credentials)
             if credentials is not None
             else grpc.insecure_channel(target)
         )
         self.stub = pb_grpc.AdminServiceStub(self.channel)
+        self._metadata = bearer(admin_token)
 
-    def create_federation(self, spec: pb.FederationSpec, timeout: float = 30.0) -> pb.Federation:
+    def _call(self, fn: Callable[[], T]) -> T:
         try:
-            federation: pb.Federation = self.stub.CreateFederation(
-                pb.CreateFederationRequest(spec=spec), timeout=timeout
-            )
+            return fn()
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def create_federation(
+        self, spec: pb.FederationSpec, timeout: float = 30.0, enrolment_secret: str = ""
+    ) -> pb.Federation:
+        """Create a federation. With auth on, the response's ``enrolment_secret`` is the secret
+        clients join with (``enrolment_secret`` chosen here, or generated): it is shown once."""
+        request = pb.CreateFederationRequest(spec=spec, enrolment_secret=enrolment_secret)
+        federation: pb.Federation = self._call(
+            lambda: self.stub.CreateFederation(request, timeout=timeout, metadata=self._metadata)
+        )
         return federation
 
     def get_federation(self, federation_id: str, timeout: float = 30.0) -> pb.Federation:
-        try:
-            federation: pb.Federation = self.stub.GetFederation(
-                pb.GetFederationRequest(federation_id=federation_id), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        request = pb.GetFederationRequest(federation_id=federation_id)
+        federation: pb.Federation = self._call(
+            lambda: self.stub.GetFederation(request, timeout=timeout, metadata=self._metadata)
+        )
         return federation
+
+    def list_federations(self, timeout: float = 30.0) -> list[pb.Federation]:
+        request = pb.ListFederationsRequest()
+        response: pb.ListFederationsResponse = self._call(
+            lambda: self.stub.ListFederations(request, timeout=timeout, metadata=self._metadata)
+        )
+        return list(response.federations)
+
+    def rotate_enrolment_secret(
+        self, federation_id: str, enrolment_secret: str = "", timeout: float = 30.0
+    ) -> str:
+        """Replace the federation's enrolment secret (revoking every client token issued under
+        the old one); returns the new secret."""
+        request = pb.RotateEnrolmentSecretRequest(
+            federation_id=federation_id, enrolment_secret=enrolment_secret
+        )
+        response: pb.RotateEnrolmentSecretResponse = self._call(
+            lambda: self.stub.RotateEnrolmentSecret(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        )
+        return response.enrolment_secret
 
     def close(self) -> None:
         self.channel.close()

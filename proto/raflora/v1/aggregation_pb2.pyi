@@ -152,18 +152,22 @@ class RoundStatus(_message.Message):
     def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., published_round: _Optional[int] = ..., phase: _Optional[_Union[RoundPhase, str]] = ..., uploads: _Optional[int] = ..., min_clients: _Optional[int] = ..., expected_clients: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., energy: _Optional[_Union[RankEnergy, _Mapping]] = ..., joined_clients: _Optional[int] = ...) -> None: ...
 
 class Federation(_message.Message):
-    __slots__ = ("spec", "status")
+    __slots__ = ("spec", "status", "enrolment_secret")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    ENROLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     spec: FederationSpec
     status: RoundStatus
-    def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ...) -> None: ...
+    enrolment_secret: str
+    def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., enrolment_secret: _Optional[str] = ...) -> None: ...
 
 class CreateFederationRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "enrolment_secret")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    ENROLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     spec: FederationSpec
-    def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ...) -> None: ...
+    enrolment_secret: str
+    def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ..., enrolment_secret: _Optional[str] = ...) -> None: ...
 
 class GetFederationRequest(_message.Message):
     __slots__ = ("federation_id",)
@@ -181,6 +185,22 @@ class ListFederationsResponse(_message.Message):
     federations: _containers.RepeatedCompositeFieldContainer[Federation]
     def __init__(self, federations: _Optional[_Iterable[_Union[Federation, _Mapping]]] = ...) -> None: ...
 
+class RotateEnrolmentSecretRequest(_message.Message):
+    __slots__ = ("federation_id", "enrolment_secret")
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ENROLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    federation_id: str
+    enrolment_secret: str
+    def __init__(self, federation_id: _Optional[str] = ..., enrolment_secret: _Optional[str] = ...) -> None: ...
+
+class RotateEnrolmentSecretResponse(_message.Message):
+    __slots__ = ("federation_id", "enrolment_secret")
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ENROLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    federation_id: str
+    enrolment_secret: str
+    def __init__(self, federation_id: _Optional[str] = ..., enrolment_secret: _Optional[str] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("federation_id", "client_id", "rank", "num_examples", "lora_alpha")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -196,16 +216,20 @@ class JoinRequest(_message.Message):
     def __init__(self, federation_id: _Optional[str] = ..., client_id: _Optional[str] = ..., rank: _Optional[int] = ..., num_examples: _Optional[int] = ..., lora_alpha: _Optional[float] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("spec", "status", "scale", "chunk_size")
+    __slots__ = ("spec", "status", "scale", "chunk_size", "client_token", "token_expires_unix")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     spec: FederationSpec
     status: RoundStatus
     scale: float
     chunk_size: int
-    def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scale: _Optional[float] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    client_token: str
+    token_expires_unix: float
+    def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scale: _Optional[float] = ..., chunk_size: _Optional[int] = ..., client_token: _Optional[str] = ..., token_expires_unix: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("federation_id", "client_id")

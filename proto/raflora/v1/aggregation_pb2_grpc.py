@@ -49,6 +49,11 @@ class AdminServiceStub:
                 request_serializer=raflora_dot_v1_dot_aggregation__pb2.ListFederationsRequest.SerializeToString,
                 response_deserializer=raflora_dot_v1_dot_aggregation__pb2.ListFederationsResponse.FromString,
                 _registered_method=True)
+        self.RotateEnrolmentSecret = channel.unary_unary(
+                '/raflora.v1.AdminService/RotateEnrolmentSecret',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -72,6 +77,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateEnrolmentSecret(self, request, context):
+        """Replaces a federation's enrolment secret and revokes every client token issued under the
+        old one (clients join again with the new secret). Fails with FAILED_PRECONDITION when
+        authentication is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +103,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListFederations,
                     request_deserializer=raflora_dot_v1_dot_aggregation__pb2.ListFederationsRequest.FromString,
                     response_serializer=raflora_dot_v1_dot_aggregation__pb2.ListFederationsResponse.SerializeToString,
+            ),
+            'RotateEnrolmentSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateEnrolmentSecret,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +191,33 @@ class AdminService:
             '/raflora.v1.AdminService/ListFederations',
             raflora_dot_v1_dot_aggregation__pb2.ListFederationsRequest.SerializeToString,
             raflora_dot_v1_dot_aggregation__pb2.ListFederationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateEnrolmentSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AdminService/RotateEnrolmentSecret',
+            raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,9 @@ import logging
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
@@ -18,12 +20,12 @@ from grpc_reflection.v1alpha import reflection
 
 from raflora.server.engine.strategies import resolve_device
 from raflora.v1 import aggregation_pb2 as pb
-from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 
+from .auth import Authority, load_or_create_key
 from .config import FederationConfig
 from .hub import FederationHub
 from .metrics import ServerMetrics
-from .service import AdminService, AggregationService
+from .service import AdminService, AggregationService, Limits, add_services
 from .settings import ServerSettings, load_settings
 from .storage import Storage
 
@@ -43,7 +45,18 @@ class RafloraServer:
         self.device = str(resolve_device(settings.device))
         self.metrics = ServerMetrics()
         self.storage = Storage(settings.data_dir)
-        self.hub = FederationHub(self.storage, self.metrics, self.device)
+        self.hub = FederationHub(
+            self.storage,
+            self.metrics,
+            self.device,
+            max_pushes_per_round=settings.max_pushes_per_round,
+            aggregation_delay_seconds=settings.debug_aggregation_delay_seconds,
+        )
+        admin_token = settings.resolved_admin_token()
+        key = None
+        if admin_token is not None:
+            key = load_or_create_key(settings.token_key_file or settings.data_dir / "token.key")
+        self.authority = Authority(admin_token, key, settings.token_ttl_seconds)
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -52,38 +65,93 @@ class RafloraServer:
     async def start(self) -> None:
         s = self.settings
         self.hub.resume_all()
+        self.authority.load(self.storage, list(self.hub.federations))
         if s.federations_file is not None:
-            for raw in json.loads(s.federations_file.read_text()):
-                await self.hub.create(FederationConfig.parse(raw), exist_ok=True)
+            await self._create_from_file(s.federations_file)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_concurrent_streams", s.max_concurrent_streams),
         ]
-        server = aio.server(options=options)
-        pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.metrics), server)
-        pb_grpc.add_AggregationServiceServicer_to_server(
-            AggregationService(self.hub, self.metrics, s.chunk_size), server
+        server = aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        limits = Limits(s.chunk_size, s.idle_stream_timeout_seconds, s.max_request_seconds)
+        add_services(
+            server,
+            ("AdminService", AdminService(self.hub, self.metrics, self.authority)),
+            (
+                "AggregationService",
+                AggregationService(self.hub, self.metrics, limits, self.authority),
+            ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            self.port = server.add_secure_port(address, server_credentials(s))
+        else:
+            self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+        tls = "mtls" if s.mutual_tls else "tls" if s.tls else "off"
+        self.metrics.security.labels("on" if self.authority.enabled else "off", tls).set(1)
         log.info(
-            "raflora server on %s:%d (device %s, data %s, metrics port %s, %d federations)",
+            "raflora server on %s:%d (device %s, data %s, metrics port %s, %d federations, "
+            "auth %s, tls %s)",
             s.host,
             self.port,
             self.device,
             s.data_dir,
             self.metrics_port or "off",
             len(self.hub.federations),
+            "on" if self.authority.enabled else "off",
+            tls,
         )
+        if not self.authority.enabled:
+            log.warning(
+                "AUTHENTICATION IS OFF: anyone who can reach %s can create federations, join, "
+                "push and pull. Set admin_token_file (and TLS) before exposing this server; "
+                "see docs/security.md",
+                f"{s.host}:{self.port}",
+            )
+        elif not s.tls:
+            log.warning(
+                "authentication is on but TLS is off: tokens and secrets cross the network in "
+                "clear text; set tls_cert_file/tls_key_file unless a TLS proxy fronts the server"
+            )
+
+    async def _create_from_file(self, path: Path) -> None:
+        """Create the federations a JSON file lists (if absent); apply their enrolment secrets.
+
+        Besides the FederationConfig fields an entry may name ``enrolment_secret_file`` (a path,
+        relative to the file's folder): a secret that differs from the stored one replaces it.
+        """
+        for raw in json.loads(path.read_text()):
+            entry: dict[str, Any] = dict(raw)
+            secret_file = entry.pop("enrolment_secret_file", None)
+            secret = entry.pop("enrolment_secret", None)
+            config = FederationConfig.parse(entry)
+            await self.hub.create(config, exist_ok=True)
+            if secret_file is not None:
+                secret = (path.parent / str(secret_file)).read_text().strip()
+            if not self.authority.enabled:
+                continue
+            fid = config.federation_id
+            if secret is not None and not self.authority.secret_matches(fid, str(secret)):
+                await asyncio.to_thread(self.authority.set_secret, fid, str(secret))
+                log.info("federation %s: enrolment secret set from %s", fid, path)
+            elif secret is None and not self.authority.has_secret(fid):
+                log.warning(
+                    "federation %s has no enrolment secret: give it enrolment_secret_file in %s "
+                    "or call RotateEnrolmentSecret",
+                    fid,
+                    path,
+                )
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let running ones finish within ``grace``, then close."""
@@ -115,6 +183,17 @@ async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) ->
     await server.stop()
 
 
+def server_credentials(s: ServerSettings) -> grpc.ServerCredentials:
+    """TLS from the settings' PEM files; mutual TLS (client certificates required) with a CA."""
+    assert s.tls_cert_file is not None and s.tls_key_file is not None
+    chain = s.tls_cert_file.read_bytes()
+    key = s.tls_key_file.read_bytes()
+    client_ca = s.tls_client_ca_file.read_bytes() if s.tls_client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="raflora-server", description="raFLoRA federated LoRA aggregation server"
@@ -128,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--federations-file", type=Path, help="JSON list of federations to create")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
+    p.add_argument("--tls-client-ca-file", type=Path, help="PEM CA: require client certificates")
+    p.add_argument("--admin-token-file", type=Path, help="admin token: turns authentication on")
+    p.add_argument("--token-key-file", type=Path, help="client-token HMAC key (default in data)")
+    p.add_argument(
+        "--require-auth",
+        action="store_true",
+        default=None,
+        help="refuse to start without an admin token",
+    )
     return p
 
 

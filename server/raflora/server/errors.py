@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 from raflora.server.engine import AggregationError, UnknownStrategyError
@@ -39,10 +41,33 @@ class ResourceExhaustedError(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class UnauthenticatedError(ServiceError):
+    """No credential, or one that is malformed, forged, expired or revoked."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ServiceError):
+    """A valid credential that does not cover this federation, client, rank or method."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DeadlineExceededError(ServiceError):
+    """A stream idle past ``idle_stream_timeout_seconds`` or longer than ``max_request_seconds``."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message to abort with; engine errors are bad input."""
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, UnknownStrategyError | AggregationError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "storage: disk full on the server"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

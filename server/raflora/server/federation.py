@@ -42,13 +42,22 @@ from .errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
+    ResourceExhaustedError,
 )
 from .metrics import ServerMetrics
-from .storage import ClientRecord, FederationStore, UploadRecord
+from .storage import (
+    ClientRecord,
+    FederationStore,
+    UploadRecord,
+    disk_full_is_resource_exhausted,
+)
 from .tensorio import load_factors, max_upload_bytes, validate_upload_file, write_safetensors
 
 log = logging.getLogger("raflora.server")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# A round whose publication failed on I/O (disk full) is retried with this backoff.
+_RETRY_INITIAL_SECONDS = 1.0
+_RETRY_MAX_SECONDS = 60.0
 
 
 class Phase(str, Enum):
@@ -128,8 +137,13 @@ class FederationRuntime:
         metrics: ServerMetrics,
         executor: Executor,
         device: str,
+        *,
+        max_pushes_per_round: int = 10,
+        aggregation_delay_seconds: float = 0.0,
     ) -> None:
         self.config = config
+        self.max_pushes_per_round = max_pushes_per_round
+        self.aggregation_delay_seconds = aggregation_delay_seconds
         self.id = config.federation_id
         self.store = store
         self.metrics = metrics
@@ -149,6 +163,9 @@ class FederationRuntime:
         self._views: dict[tuple[int, int, float], asyncio.Task[View]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._push_attempts: dict[str, int] = {}  # client id -> attempts in the open round
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_INITIAL_SECONDS
 
     # -- lifecycle -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -183,8 +200,9 @@ class FederationRuntime:
 
     async def close(self) -> None:
         self._closed = True
-        if self._deadline_handle is not None:
-            self._deadline_handle.cancel()
+        for handle in (self._deadline_handle, self._retry_handle):
+            if handle is not None:
+                handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -278,6 +296,7 @@ class FederationRuntime:
         sha256: str,
     ) -> PushTicket:
         joined = self.client(client_id)
+        self._count_push_attempt(client_id)
         if rank != joined.rank:
             raise InvalidArgumentError(
                 "rank", f"upload rank {rank} != rank {joined.rank} given at join"
@@ -307,6 +326,17 @@ class FederationRuntime:
             total_bytes,
             sha256,
         )
+
+    def _count_push_attempt(self, client_id: str) -> None:
+        """Every push of a joined client counts, refused ones included; reset each round."""
+        attempts = self._push_attempts.get(client_id, 0) + 1
+        self._push_attempts[client_id] = attempts
+        if attempts > self.max_pushes_per_round:
+            raise ResourceExhaustedError(
+                "round",
+                f"client {client_id!r} reached the limit of {self.max_pushes_per_round} push "
+                f"attempts in round {self.state.round}; wait for the next round",
+            )
 
     def _check_round_open(self, round_: int) -> None:
         current = self.state.round
@@ -405,16 +435,23 @@ class FederationRuntime:
                 self.executor, self._aggregate_and_publish, state, uploads
             )
         except Exception as exc:  # keep collecting; the operator sees it in logs and metrics
-            log.exception("federation %s: aggregation of round %d failed", self.id, state.round)
+            if isinstance(exc, ResourceExhaustedError):  # disk full: no traceback needed
+                log.error("federation %s: round %d not published: %s", self.id, state.round, exc)
+            else:
+                log.exception("federation %s: aggregation of round %d failed", self.id, state.round)
             self.metrics.aggregation_failures.labels(self.id).inc()
             async with self.lock:
                 self.phase = Phase.COLLECTING
             self._emit(EventType.FAILED, f"aggregation failed: {exc}")
+            if isinstance(exc, OSError | ResourceExhaustedError):  # I/O: try again later
+                self._schedule_retry()
             return
         elapsed = time.perf_counter() - started
+        self._retry_delay = _RETRY_INITIAL_SECONDS
         async with self.lock:
             self.state, self.energy = new_state, energy
             self.uploads = {}
+            self._push_attempts = {}
             self.phase = Phase.COLLECTING
             self._views = {k: v for k, v in self._views.items() if k[0] >= new_state.round}
             self._open_round()
@@ -435,6 +472,27 @@ class FederationRuntime:
             energy.e_min,
         )
         self._emit(EventType.PUBLISHED, f"round {new_state.round} published")
+
+    def _schedule_retry(self) -> None:
+        if self._closed:
+            return
+        delay, self._retry_delay = (
+            self._retry_delay,
+            min(self._retry_delay * 2, _RETRY_MAX_SECONDS),
+        )
+        log.warning("federation %s: retrying the aggregation in %.0fs", self.id, delay)
+        self._retry_handle = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._maybe_close())
+        )
+
+    def _debug_delay(self) -> None:
+        if self.aggregation_delay_seconds > 0:
+            log.warning(
+                "federation %s: debug_aggregation_delay_seconds: sleeping %.1fs before commit",
+                self.id,
+                self.aggregation_delay_seconds,
+            )
+            time.sleep(self.aggregation_delay_seconds)
 
     def _aggregate_and_publish(
         self, state: GlobalState, uploads: list[UploadRecord]
@@ -473,7 +531,7 @@ class FederationRuntime:
             },
             "published_unix": time.time(),
         }
-        self.store.publish(new_state, manifest)
+        self.store.publish(new_state, manifest, before_commit=self._debug_delay)
         return new_state, energy
 
     # -- pull ------------------------------------------------------------------------------
@@ -525,8 +583,13 @@ class FederationRuntime:
             "rank": str(rank),
             "scale": repr(scale),
         }
-        size, digest = write_safetensors(tmp, specs, produce(), metadata)
-        tmp.replace(path)
+        try:
+            with disk_full_is_resource_exhausted("building a pull view"):
+                size, digest = write_safetensors(tmp, specs, produce(), metadata)
+                tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return View(path, state.round, rank, scale, size, digest, has_merge, energy)
 
 

@@ -16,10 +16,20 @@ log = logging.getLogger("raflora.server")
 
 
 class FederationHub:
-    def __init__(self, storage: Storage, metrics: ServerMetrics, device: str) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        metrics: ServerMetrics,
+        device: str,
+        *,
+        max_pushes_per_round: int = 10,
+        aggregation_delay_seconds: float = 0.0,
+    ) -> None:
         self.storage = storage
         self.metrics = metrics
         self.device = device
+        self.max_pushes_per_round = max_pushes_per_round
+        self.aggregation_delay_seconds = aggregation_delay_seconds
         # One aggregation at a time: torch already spreads one over all cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-aggregate")
         self.federations: dict[str, FederationRuntime] = {}
@@ -32,6 +42,8 @@ class FederationHub:
             self.metrics,
             self.executor,
             self.device,
+            max_pushes_per_round=self.max_pushes_per_round,
+            aggregation_delay_seconds=self.aggregation_delay_seconds,
         )
 
     def resume_all(self) -> None:

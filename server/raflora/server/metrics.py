@@ -116,6 +116,12 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
+        self.security = Gauge(
+            "raflora_security_info",
+            "1, labelled with whether authentication (on/off) and TLS (off/tls/mtls) are on",
+            ["auth", "tls"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

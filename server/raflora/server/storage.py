@@ -10,9 +10,12 @@ Layout under ``<data_dir>/federations/<id>/``::
                                     acknowledged uploads for the open round t; the .json,
                                     written last, is the commit point
     views/<t>/...                   cached per-rank pull payloads (disposable)
+    enrolment.json                  salted hash of the enrolment secret (auth on; mode 0600)
 
 Every write is file-then-fsync-then-rename-then-fsync-directory, so an acknowledged upload
-or a published round survives a crash and a half-written one is never seen.
+or a published round survives a crash and a half-written one is never seen. A write that runs
+out of space (ENOSPC, EDQUOT) removes its temporaries and raises ResourceExhaustedError
+("storage: disk full ..."): nothing already acknowledged is touched.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from raflora.server.engine import FactorPair, GlobalState, LowRank, ModuleState
 
+from .errors import DISK_FULL_ERRNOS, ResourceExhaustedError
 from .tensorio import write_safetensors
 
 _ROUND_DIGITS = 8
@@ -50,18 +55,37 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def disk_full_is_resource_exhausted(what: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT into the documented RESOURCE_EXHAUSTED; other errors pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise ResourceExhaustedError(
+                "storage", f"disk full on the server while {what}"
+            ) from None
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with disk_full_is_resource_exhausted(f"writing {path.name}"):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
+def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode(), mode)
 
 
 @dataclass(frozen=True)
@@ -114,6 +138,16 @@ class FederationStore:
     def save_clients(self, clients: Mapping[str, ClientRecord]) -> None:
         atomic_write_json(self.root / "clients.json", [asdict(c) for c in clients.values()])
 
+    def save_enrolment(self, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self.root / "enrolment.json", dict(record), mode=0o600)
+
+    def load_enrolment(self) -> dict[str, Any] | None:
+        path = self.root / "enrolment.json"
+        if not path.exists():
+            return None
+        value: dict[str, Any] = json.loads(path.read_text())
+        return value
+
     def load_clients(self) -> dict[str, ClientRecord]:
         path = self.root / "clients.json"
         if not path.exists():
@@ -132,11 +166,16 @@ class FederationStore:
 
     def commit_upload(self, received: Path, record: UploadRecord) -> Path:
         """Make a received, validated payload durable; after this returns it may be acked."""
-        fsync_file(received)
         final = self.upload_path(record.round, record.client_id)
-        os.replace(received, final)
-        fsync_dir(final.parent)
-        atomic_write_json(final.with_suffix(".json"), asdict(record))
+        with disk_full_is_resource_exhausted("storing an upload"):
+            fsync_file(received)
+            os.replace(received, final)
+            fsync_dir(final.parent)
+        try:
+            atomic_write_json(final.with_suffix(".json"), asdict(record))
+        except BaseException:  # not committed: the .json is the commit point
+            final.unlink(missing_ok=True)
+            raise
         return final
 
     def load_uploads(self, round_: int) -> dict[str, UploadRecord]:
@@ -162,26 +201,41 @@ class FederationStore:
         ]
         return max(done, default=0)
 
-    def publish(self, state: GlobalState, manifest: Mapping[str, Any]) -> Path:
-        """Write state ``state.round`` atomically: a temporary directory renamed into place."""
+    def publish(
+        self,
+        state: GlobalState,
+        manifest: Mapping[str, Any],
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path:
+        """Write state ``state.round`` atomically: a temporary directory renamed into place.
+
+        ``before_commit`` (a test hook) runs once the temporary directory is complete.
+        """
         final = self.rounds / _round_name(state.round)
         tmp = self.rounds / f".tmp-{_round_name(state.round)}-{uuid.uuid4().hex}"
-        tmp.mkdir(parents=True)
-        tensors = _state_tensors(state)
-        size, digest = write_safetensors(
-            tmp / "state.safetensors",
-            [(n, t.dtype, tuple(t.shape)) for n, t in tensors],
-            iter(tensors),
-        )
-        fsync_file(tmp / "state.safetensors")
-        body = {
-            **manifest,
-            "round": state.round,
-            "participant_ranks": list(state.participant_ranks),
-        }
-        body.update(state_sha256=digest, state_bytes=size)
-        atomic_write_json(tmp / "manifest.json", body)
-        fsync_dir(tmp)
+        try:
+            with disk_full_is_resource_exhausted(f"publishing round {state.round}"):
+                tmp.mkdir(parents=True)
+                tensors = _state_tensors(state)
+                size, digest = write_safetensors(
+                    tmp / "state.safetensors",
+                    [(n, t.dtype, tuple(t.shape)) for n, t in tensors],
+                    iter(tensors),
+                )
+                fsync_file(tmp / "state.safetensors")
+                body = {
+                    **manifest,
+                    "round": state.round,
+                    "participant_ranks": list(state.participant_ranks),
+                }
+                body.update(state_sha256=digest, state_bytes=size)
+                atomic_write_json(tmp / "manifest.json", body)
+                fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if before_commit is not None:
+            before_commit()
         if final.exists():  # a crash after rename but before cleanup: keep the complete one
             shutil.rmtree(tmp)
             return final
