@@ -102,6 +102,7 @@ def test_interrupted_push_is_retried_and_counted_once(
 
     result = client.push(big, round=0, num_examples=5, progress=progress)
     assert killed, "the server was never interrupted"
+    killed[0].join(60)  # the fixture must see the restarted process to stop it
     assert result.uploads_in_round == 1 and not result.duplicate
     again = client.push(big, round=0, num_examples=5)
     assert again.duplicate and again.uploads_in_round == 1
