@@ -79,7 +79,7 @@ class RoundPolicy(_message.Message):
     def __init__(self, min_clients: _Optional[int] = ..., expected_clients: _Optional[int] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class FederationSpec(_message.Message):
-    __slots__ = ("federation_id", "modules", "strategy", "strategy_options", "max_rank", "allowed_ranks", "lora_alpha", "scaling_rule", "weighting", "factor_split", "round_policy", "init_seed")
+    __slots__ = ("federation_id", "modules", "strategy", "strategy_options", "max_rank", "allowed_ranks", "lora_alpha", "scaling_rule", "weighting", "factor_split", "round_policy", "init_seed", "min_partition_holders")
     class StrategyOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class FederationSpec(_message.Message):
     FACTOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
     ROUND_POLICY_FIELD_NUMBER: _ClassVar[int]
     INIT_SEED_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTITION_HOLDERS_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     modules: _containers.RepeatedCompositeFieldContainer[ModuleSpec]
     strategy: str
@@ -111,21 +112,26 @@ class FederationSpec(_message.Message):
     factor_split: FactorSplit
     round_policy: RoundPolicy
     init_seed: int
-    def __init__(self, federation_id: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[ModuleSpec, _Mapping]]] = ..., strategy: _Optional[str] = ..., strategy_options: _Optional[_Mapping[str, str]] = ..., max_rank: _Optional[int] = ..., allowed_ranks: _Optional[_Iterable[int]] = ..., lora_alpha: _Optional[float] = ..., scaling_rule: _Optional[_Union[ScalingRule, str]] = ..., weighting: _Optional[_Union[Weighting, str]] = ..., factor_split: _Optional[_Union[FactorSplit, str]] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., init_seed: _Optional[int] = ...) -> None: ...
+    min_partition_holders: int
+    def __init__(self, federation_id: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[ModuleSpec, _Mapping]]] = ..., strategy: _Optional[str] = ..., strategy_options: _Optional[_Mapping[str, str]] = ..., max_rank: _Optional[int] = ..., allowed_ranks: _Optional[_Iterable[int]] = ..., lora_alpha: _Optional[float] = ..., scaling_rule: _Optional[_Union[ScalingRule, str]] = ..., weighting: _Optional[_Union[Weighting, str]] = ..., factor_split: _Optional[_Union[FactorSplit, str]] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., init_seed: _Optional[int] = ..., min_partition_holders: _Optional[int] = ...) -> None: ...
 
 class RankEnergy(_message.Message):
-    __slots__ = ("partition_upper_ranks", "partition_energy", "e_min", "effective_rank", "tail_energy")
+    __slots__ = ("partition_upper_ranks", "partition_energy", "e_min", "effective_rank", "tail_energy", "partition_holders", "partition_holder_weight")
     PARTITION_UPPER_RANKS_FIELD_NUMBER: _ClassVar[int]
     PARTITION_ENERGY_FIELD_NUMBER: _ClassVar[int]
     E_MIN_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_RANK_FIELD_NUMBER: _ClassVar[int]
     TAIL_ENERGY_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_HOLDER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     partition_upper_ranks: _containers.RepeatedScalarFieldContainer[int]
     partition_energy: _containers.RepeatedScalarFieldContainer[float]
     e_min: float
     effective_rank: float
     tail_energy: float
-    def __init__(self, partition_upper_ranks: _Optional[_Iterable[int]] = ..., partition_energy: _Optional[_Iterable[float]] = ..., e_min: _Optional[float] = ..., effective_rank: _Optional[float] = ..., tail_energy: _Optional[float] = ...) -> None: ...
+    partition_holders: _containers.RepeatedScalarFieldContainer[int]
+    partition_holder_weight: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, partition_upper_ranks: _Optional[_Iterable[int]] = ..., partition_energy: _Optional[_Iterable[float]] = ..., e_min: _Optional[float] = ..., effective_rank: _Optional[float] = ..., tail_energy: _Optional[float] = ..., partition_holders: _Optional[_Iterable[int]] = ..., partition_holder_weight: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("federation_id", "round", "published_round", "phase", "uploads", "min_clients", "expected_clients", "deadline_unix", "energy", "joined_clients")
@@ -320,11 +326,13 @@ class WatchRoundsRequest(_message.Message):
     def __init__(self, federation_id: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class RoundEvent(_message.Message):
-    __slots__ = ("type", "status", "message")
+    __slots__ = ("type", "status", "message", "warnings")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     type: RoundEventType
     status: RoundStatus
     message: str
-    def __init__(self, type: _Optional[_Union[RoundEventType, str]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type: _Optional[_Union[RoundEventType, str]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., message: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -65,6 +65,7 @@ class FederationConfig(BaseModel):
     expected_clients: int = Field(default=0, ge=0, description="0: same as min_clients")
     deadline_seconds: float = Field(default=0.0, ge=0)
     init_seed: int = Field(default=0, ge=0)
+    min_partition_holders: int = Field(default=2, ge=1)
 
     @field_validator("strategy")
     @classmethod
@@ -136,6 +137,7 @@ class FederationConfig(BaseModel):
             "strategy_options": {k: _parse_option(v) for k, v in spec.strategy_options.items()},
             "allowed_ranks": tuple(spec.allowed_ranks),
             "init_seed": spec.init_seed,
+            "min_partition_holders": spec.min_partition_holders or 2,
             "expected_clients": policy.expected_clients,
             "deadline_seconds": policy.deadline_seconds,
         }
@@ -179,6 +181,7 @@ class FederationConfig(BaseModel):
                 deadline_seconds=self.deadline_seconds,
             ),
             init_seed=self.init_seed,
+            min_partition_holders=self.min_partition_holders,
         )
 
 

@@ -31,8 +31,10 @@ from raflora.server.engine import (
     Strategy,
     Weighting,
     adapter_energy,
+    client_weights,
     lora_scaling,
     make_strategy,
+    partition_holders,
 )
 from raflora.server.engine.validation import validate_rank
 from raflora.v1.wire import LORA_A, LORA_B, tensor_name
@@ -60,6 +62,9 @@ _RETRY_INITIAL_SECONDS = 1.0
 _RETRY_MAX_SECONDS = 60.0
 
 
+Holders = tuple[int, int, float]  # (partition upper rank, holder count, holder weight share)
+
+
 class Phase(str, Enum):
     COLLECTING = "collecting"
     AGGREGATING = "aggregating"
@@ -84,6 +89,7 @@ class Snapshot:
     deadline_unix: float
     energy: RankEnergy | None
     joined_clients: int
+    holders: tuple[Holders, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class RoundEvent:
     type: EventType
     snapshot: Snapshot
     message: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ class View:
     sha256: str
     has_merge: bool
     energy: RankEnergy | None
+    holders: tuple[Holders, ...] = ()
 
 
 class FederationRuntime:
@@ -153,6 +161,7 @@ class FederationRuntime:
         self.lock = asyncio.Lock()
         self.state: GlobalState = self.strategy.initial_state()
         self.energy: RankEnergy | None = None
+        self.holders: tuple[Holders, ...] = ()
         self.phase = Phase.COLLECTING
         self.uploads: dict[str, UploadRecord] = {}
         self.clients: dict[str, ClientRecord] = {}
@@ -179,7 +188,12 @@ class FederationRuntime:
                 participant_ranks=loaded.participant_ranks,
             )
             self.energy = adapter_energy(self.state).overall
+            self.holders = tuple(
+                (int(r), int(c), float(w))
+                for r, c, w in self.store.read_manifest(latest).get("partition_holders", [])
+            )
             self.metrics.record_energy(self.id, self.energy)
+            self.metrics.record_holders(self.id, self.holders)
         self.clients = self.store.load_clients()
         self.uploads = self.store.load_uploads(self.state.round)
         self.metrics.current_round.labels(self.id).set(self.state.round)
@@ -225,6 +239,7 @@ class FederationRuntime:
             expected_clients=self.config.target_clients,
             deadline_unix=self.deadline_unix,
             energy=self.energy,
+            holders=self.holders,
             joined_clients=len(self.clients),
         )
 
@@ -236,8 +251,8 @@ class FederationRuntime:
     def unsubscribe(self, queue: asyncio.Queue[RoundEvent]) -> None:
         self._subscribers.discard(queue)
 
-    def _emit(self, type_: EventType, message: str = "") -> None:
-        event = RoundEvent(type_, self.snapshot(), message)
+    def _emit(self, type_: EventType, message: str = "", warnings: tuple[str, ...] = ()) -> None:
+        event = RoundEvent(type_, self.snapshot(), message, warnings)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
@@ -431,7 +446,7 @@ class FederationRuntime:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            new_state, energy = await loop.run_in_executor(
+            new_state, energy, holders = await loop.run_in_executor(
                 self.executor, self._aggregate_and_publish, state, uploads
             )
         except Exception as exc:  # keep collecting; the operator sees it in logs and metrics
@@ -449,7 +464,7 @@ class FederationRuntime:
         elapsed = time.perf_counter() - started
         self._retry_delay = _RETRY_INITIAL_SECONDS
         async with self.lock:
-            self.state, self.energy = new_state, energy
+            self.state, self.energy, self.holders = new_state, energy, holders
             self.uploads = {}
             self._push_attempts = {}
             self.phase = Phase.COLLECTING
@@ -463,6 +478,7 @@ class FederationRuntime:
         m.last_published.labels(self.id).set(time.time())
         m.round_uploads.labels(self.id).set(0)
         m.record_energy(self.id, energy)
+        m.record_holders(self.id, holders)
         log.info(
             "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
             self.id,
@@ -471,7 +487,16 @@ class FederationRuntime:
             elapsed,
             energy.e_min,
         )
-        self._emit(EventType.PUBLISHED, f"round {new_state.round} published")
+        warnings = tuple(
+            f"rank partition {k} (indices up to {rho}) is held by {count} client(s) "
+            f"with {share:.0%} of the round's weight; fewer than min_partition_holders="
+            f"{self.config.min_partition_holders}"
+            for k, (rho, count, share) in enumerate(holders, start=1)
+            if count < self.config.min_partition_holders
+        )
+        for warning in warnings:
+            log.warning("federation %s round %d: %s", self.id, new_state.round, warning)
+        self._emit(EventType.PUBLISHED, f"round {new_state.round} published", warnings)
 
     def _schedule_retry(self) -> None:
         if self._closed:
@@ -496,7 +521,7 @@ class FederationRuntime:
 
     def _aggregate_and_publish(
         self, state: GlobalState, uploads: list[UploadRecord]
-    ) -> tuple[GlobalState, RankEnergy]:
+    ) -> tuple[GlobalState, RankEnergy, tuple[Holders, ...]]:
         """Runs in the aggregation thread: load, aggregate, persist atomically."""
         updates = [
             ClientUpdate(
@@ -510,6 +535,8 @@ class FederationRuntime:
         ]
         new_state = self.strategy.aggregate(state, updates)
         energy = adapter_energy(new_state).overall
+        p = client_weights([u.num_examples for u in uploads], self.config.weighting)
+        holders = tuple(partition_holders([u.rank for u in uploads], p))
         manifest = {
             "federation_id": self.id,
             "strategy": self.config.strategy,
@@ -529,26 +556,34 @@ class FederationRuntime:
                 "partition_upper_ranks": list(energy.boundaries),
                 "partition_energy": list(energy.partition_energy),
             },
+            "partition_holders": [list(h) for h in holders],
             "published_unix": time.time(),
         }
         self.store.publish(new_state, manifest, before_commit=self._debug_delay)
-        return new_state, energy
+        return new_state, energy, holders
 
     # -- pull ------------------------------------------------------------------------------
     async def view_for(self, client_id: str) -> View:
         joined = self.client(client_id)
-        state, energy = self.state, self.energy
+        state, energy, holders = self.state, self.energy, self.holders
         key = (state.round, joined.rank, joined.scale)
         task = self._views.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._build_view, state, energy, joined.rank, joined.scale)
+                asyncio.to_thread(
+                    self._build_view, state, energy, holders, joined.rank, joined.scale
+                )
             )
             self._views[key] = task
         return await asyncio.shield(task)
 
     def _build_view(
-        self, state: GlobalState, energy: RankEnergy | None, rank: int, scale: float
+        self,
+        state: GlobalState,
+        energy: RankEnergy | None,
+        holders: tuple[Holders, ...],
+        rank: int,
+        scale: float,
     ) -> View:
         folder = self.store.view_dir(state.round)
         path = folder / f"rank-{rank}-scale-{scale.hex()}.safetensors"
@@ -590,7 +625,7 @@ class FederationRuntime:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return View(path, state.round, rank, scale, size, digest, has_merge, energy)
+        return View(path, state.round, rank, scale, size, digest, has_merge, energy, holders)
 
 
 def _to_device(module: LowRank | FactorPair, strategy: Strategy) -> LowRank | FactorPair:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -122,6 +123,18 @@ class ServerMetrics:
             ["auth", "tls"],
             registry=r,
         )
+        self.partition_holders = Gauge(
+            "raflora_rank_partition_holders",
+            "Clients of the last round whose rank covers partition k",
+            ["federation", "partition", "upper_rank"],
+            registry=r,
+        )
+        self.partition_holder_weight = Gauge(
+            "raflora_rank_partition_holder_weight",
+            "Share of the last round's client weight held by partition k's holders",
+            ["federation", "partition", "upper_rank"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -135,6 +148,11 @@ class ServerMetrics:
             zip(energy.boundaries, energy.partition_energy, strict=True), start=1
         ):
             self.partition_energy.labels(federation, str(k), str(upper)).set(share)
+
+    def record_holders(self, federation: str, holders: Sequence[tuple[int, int, float]]) -> None:
+        for k, (upper, count, share) in enumerate(holders, start=1):
+            self.partition_holders.labels(federation, str(k), str(upper)).set(count)
+            self.partition_holder_weight.labels(federation, str(k), str(upper)).set(share)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port (``port`` 0 picks one)."""

@@ -34,7 +34,7 @@ from .errors import (
     InvalidArgumentError,
     status_of,
 )
-from .federation import EventType, FederationRuntime, Phase, RoundEvent, Snapshot
+from .federation import EventType, FederationRuntime, Holders, Phase, RoundEvent, Snapshot
 from .hub import FederationHub
 from .metrics import ServerMetrics
 from .storage import disk_full_is_resource_exhausted
@@ -57,7 +57,7 @@ _EVENTS = {
 }
 
 
-def energy_proto(energy: RankEnergy | None) -> pb.RankEnergy:
+def energy_proto(energy: RankEnergy | None, holders: tuple[Holders, ...] = ()) -> pb.RankEnergy:
     if energy is None:
         return pb.RankEnergy()
     return pb.RankEnergy(
@@ -66,6 +66,8 @@ def energy_proto(energy: RankEnergy | None) -> pb.RankEnergy:
         e_min=energy.e_min,
         effective_rank=energy.effective_rank,
         tail_energy=energy.tail_energy,
+        partition_holders=[count for _, count, _ in holders],
+        partition_holder_weight=[share for _, _, share in holders],
     )
 
 
@@ -79,13 +81,18 @@ def status_proto(s: Snapshot) -> pb.RoundStatus:
         min_clients=s.min_clients,
         expected_clients=s.expected_clients,
         deadline_unix=s.deadline_unix,
-        energy=energy_proto(s.energy),
+        energy=energy_proto(s.energy, s.holders),
         joined_clients=s.joined_clients,
     )
 
 
 def event_proto(e: RoundEvent) -> pb.RoundEvent:
-    return pb.RoundEvent(type=_EVENTS[e.type], status=status_proto(e.snapshot), message=e.message)
+    return pb.RoundEvent(
+        type=_EVENTS[e.type],
+        status=status_proto(e.snapshot),
+        message=e.message,
+        warnings=list(e.warnings),
+    )
 
 
 def federation_proto(runtime: FederationRuntime) -> pb.Federation:
@@ -378,7 +385,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):  # type: ignore[mi
             total_bytes=view.size,
             sha256=view.sha256,
             has_merge=view.has_merge,
-            energy=energy_proto(view.energy),
+            energy=energy_proto(view.energy, view.holders),
         )
         await self._write(context, pb.PullChunk(header=header), deadline)
         with view.path.open("rb") as f:

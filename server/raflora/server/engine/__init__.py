@@ -35,7 +35,7 @@ from .types import (
     ScalingRule,
     lora_scaling,
 )
-from .weights import Weighting, client_weights, rank_partitions
+from .weights import Weighting, client_weights, partition_holders, rank_partitions
 
 __all__ = [
     "STRATEGIES",
@@ -76,6 +76,7 @@ __all__ = [
     "make_strategy",
     "module_spectrum",
     "orthogonal_fresh_rows",
+    "partition_holders",
     "rank_partitions",
     "shared_init_rows",
     "spectrum_energy",

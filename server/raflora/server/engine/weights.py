@@ -97,3 +97,19 @@ def holder_aware_index_weights(
     boost = torch.clamp(boost, max=max_boost)
     m = torch.where(live, boost, torch.zeros_like(boost))
     return [p[i] * m[:rank] for i, rank in enumerate(ranks)]
+
+
+def partition_holders(ranks: Sequence[int], p: Tensor) -> list[tuple[int, int, float]]:
+    """(upper rank ρ_k, number of holders, holders' weight share W_k) per rank partition.
+
+    Operators watch these: a partition held by one or two clients is amplified by raFLoRA
+    from very little data (docs/evaluation.md).
+    """
+    return [
+        (
+            rho,
+            sum(1 for r in ranks if r >= rho),
+            float(sum(float(p[i]) for i, r in enumerate(ranks) if r >= rho)),
+        )
+        for rho in rank_partitions(ranks)
+    ]

@@ -1,0 +1,86 @@
+"""Operators see how many clients hold each rank partition, and are warned when too few do."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
+from raflora.server.engine import partition_holders
+from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+
+from .service_harness import scrape, spec, threaded_server
+
+MODULES = {"m": (12, 10)}
+CLIENTS = [("a", 2, 30), ("b", 2, 10), ("c", 4, 20), ("d", 8, 40)]
+
+
+def test_partition_holders_definition() -> None:
+    p = torch.tensor([0.3, 0.1, 0.2, 0.4], dtype=torch.float64)
+    got = partition_holders([2, 2, 4, 8], p)
+    assert [(r, c) for r, c, _ in got] == [(2, 4), (4, 2), (8, 1)]
+    assert [w for _, _, w in got] == pytest.approx([1.0, 0.6, 0.4])
+
+
+def test_metrics_status_and_warning_event(tmp_path: Path) -> None:
+    with threaded_server(tmp_path) as server:
+        AdminClient(server.target).create_federation(
+            spec(
+                "vis",
+                MODULES,
+                max_rank=8,
+                min_clients=4,
+                expected_clients=4,
+                min_partition_holders=2,
+            )
+        )
+        events: list[pb.RoundEvent] = []
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.AggregationServiceStub(channel)
+            stream = stub.WatchRounds(pb.WatchRoundsRequest(federation_id="vis"), timeout=60)
+
+            def collect() -> None:
+                for event in stream:
+                    events.append(event)
+                    if event.type == pb.ROUND_EVENT_TYPE_PUBLISHED:
+                        return
+
+            watcher = threading.Thread(target=collect)
+            watcher.start()
+            for cid, rank, n in CLIENTS:
+                with RafloraClient(server.target, "vis", cid) as client:
+                    client.join(rank=rank, num_examples=n)
+                    g = torch.Generator().manual_seed(rank + n)
+                    tensors = lora_state_dict(
+                        {
+                            "m": (
+                                torch.randn(rank, 10, generator=g),
+                                torch.randn(12, rank, generator=g),
+                            )
+                        }
+                    )
+                    client.push(tensors, round=0, num_examples=n)
+            watcher.join(60)
+            stream.cancel()
+        published = [e for e in events if e.type == pb.ROUND_EVENT_TYPE_PUBLISHED]
+        assert len(published) == 1
+        (warning,) = published[0].warnings  # only partition 3 (rank 8) has a single holder
+        assert "partition 3" in warning and "1 client" in warning and "40%" in warning
+        energy = published[0].status.energy
+        assert list(energy.partition_holders) == [4, 2, 1]
+        assert list(energy.partition_holder_weight) == pytest.approx([1.0, 0.6, 0.4])
+        samples = {
+            (s.name, s.labels["upper_rank"]): s.value
+            for family in text_string_to_metric_families(scrape(server.metrics_url))
+            for s in family.samples
+            if s.name.startswith("raflora_rank_partition_holder")
+            and s.labels["federation"] == "vis"
+        }
+        assert samples[("raflora_rank_partition_holders", "8")] == 1
+        assert samples[("raflora_rank_partition_holders", "2")] == 4
+        assert samples[("raflora_rank_partition_holder_weight", "4")] == pytest.approx(0.6)
