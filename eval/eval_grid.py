@@ -160,7 +160,7 @@ def run_cell(
             for label, obs in observers.items():
                 if t > 0:
                     wait_for_round(obs, t - 1, procs, work, label)
-                pulled = obs.pull()
+                pulled = obs.pull(round=t)
                 load_pulled_adapter(models[label].encoder, pulled)
                 accuracy, loss = evaluate(models[label], test)
                 runs[label].append(

@@ -84,3 +84,30 @@ def test_metrics_status_and_warning_event(tmp_path: Path) -> None:
         assert samples[("raflora_rank_partition_holders", "8")] == 1
         assert samples[("raflora_rank_partition_holders", "2")] == 4
         assert samples[("raflora_rank_partition_holder_weight", "4")] == pytest.approx(0.6)
+
+
+def test_older_rounds_can_be_pulled(tmp_path: Path) -> None:
+    """An evaluator that falls behind still reads every round, exactly as it was published."""
+    from raflora.client_sdk import FailedPreconditionError
+
+    with threaded_server(tmp_path) as server:
+        AdminClient(server.target).create_federation(spec("old", MODULES, max_rank=8))
+        with RafloraClient(server.target, "old", "solo") as client:
+            client.join(rank=4, num_examples=5)
+            seen = {}
+            for t in range(3):
+                pulled = client.pull()
+                assert pulled.round == t
+                seen[t] = pulled.tensors
+                bumped = {k: v + 0.1 * (t + 1) for k, v in pulled.tensors.items()}
+                client.push(bumped, round=t, num_examples=5)
+                client.wait_for_round(t, timeout=30)
+            for t in range(3):
+                again = client.pull(round=t)
+                assert again.round == t
+                assert all(torch.equal(again.tensors[k], seen[t][k]) for k in seen[t])
+            assert client.pull().round == 3
+            assert float(client.pull(round=0).tensors["m.lora_B.weight"].abs().sum()) == 0
+            with pytest.raises(FailedPreconditionError) as info:
+                client.pull(round=9)
+            assert info.value.field == "round"

@@ -247,9 +247,17 @@ class RafloraClient:
         )
         return status
 
-    def pull(self, progress: ProgressCallback | None = None) -> PulledAdapter:
-        """Download the newest published adapter at this client's rank (checksum-verified)."""
-        request = pb.PullRequest(federation_id=self.federation_id, client_id=self.client_id)
+    def pull(
+        self, progress: ProgressCallback | None = None, round: int | None = None
+    ) -> PulledAdapter:
+        """Download the adapter at this client's rank (checksum-verified).
+
+        ``round`` None means the newest published round; an evaluator that must see every
+        round can ask for an older one.
+        """
+        request = pb.PullRequest(
+            federation_id=self.federation_id, client_id=self.client_id, round=round
+        )
 
         def attempt() -> PulledAdapter:
             stream = self.stub.Pull(request, timeout=self.timeout, metadata=self._token_metadata())

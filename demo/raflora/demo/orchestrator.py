@@ -238,7 +238,7 @@ def run_strategy(
             for t in range(cfg.rounds + 1):
                 if t > 0:
                     wait_for_round(observer, t - 1, clients, logs, strategy)
-                pulled = observer.pull()
+                pulled = observer.pull(round=t)
                 load_pulled_adapter(evaluator.encoder, pulled)
                 accuracy, loss = evaluate(evaluator, test)
                 energy = pulled.energy

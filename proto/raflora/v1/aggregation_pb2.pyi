@@ -238,12 +238,14 @@ class JoinResponse(_message.Message):
     def __init__(self, spec: _Optional[_Union[FederationSpec, _Mapping]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scale: _Optional[float] = ..., chunk_size: _Optional[int] = ..., client_token: _Optional[str] = ..., token_expires_unix: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("federation_id", "client_id")
+    __slots__ = ("federation_id", "client_id", "round")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     client_id: str
-    def __init__(self, federation_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, federation_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("round", "rank", "scale", "total_bytes", "sha256", "has_merge", "energy")

@@ -44,6 +44,7 @@ from .errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     ResourceExhaustedError,
 )
 from .metrics import ServerMetrics
@@ -563,9 +564,20 @@ class FederationRuntime:
         return new_state, energy, holders
 
     # -- pull ------------------------------------------------------------------------------
-    async def view_for(self, client_id: str) -> View:
+    async def view_for(self, client_id: str, round_: int | None = None) -> View:
+        """The client's payload for the newest round (None) or for an older published one."""
         joined = self.client(client_id)
-        state, energy, holders = self.state, self.energy, self.holders
+        current = self.state.round
+        if round_ is not None and round_ > current:
+            raise FailedPreconditionError(
+                "round", f"round {round_} is not published yet; the newest is {current}"
+            )
+        if round_ is None or round_ == current:
+            state, energy, holders = self.state, self.energy, self.holders
+        elif round_ == 0:
+            state, energy, holders = self.strategy.initial_state(), None, ()
+        else:
+            state, energy, holders = await asyncio.to_thread(self._load_published, round_)
         key = (state.round, joined.rank, joined.scale)
         task = self._views.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
@@ -576,6 +588,24 @@ class FederationRuntime:
             )
             self._views[key] = task
         return await asyncio.shield(task)
+
+    def _load_published(
+        self, round_: int
+    ) -> tuple[GlobalState, RankEnergy | None, tuple[Holders, ...]]:
+        try:
+            manifest = self.store.read_manifest(round_)
+        except FileNotFoundError:
+            raise NotFoundError("round", f"round {round_} is not on disk") from None
+        loaded = self.store.load_state(round_, list(self.schema))
+        state = GlobalState(
+            round=loaded.round,
+            modules={n: _to_device(m, self.strategy) for n, m in loaded.modules.items()},
+            participant_ranks=loaded.participant_ranks,
+        )
+        holders = tuple(
+            (int(r), int(c), float(w)) for r, c, w in manifest.get("partition_holders", [])
+        )
+        return state, adapter_energy(state).overall, holders
 
     def _build_view(
         self,

@@ -377,7 +377,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):  # type: ignore[mi
         self.authority.authorize(
             claims, runtime.id, request.client_id, runtime.client(request.client_id).rank
         )
-        view = await runtime.view_for(request.client_id)
+        requested = request.round if request.HasField("round") else None
+        view = await runtime.view_for(request.client_id, requested)
         header = pb.PullHeader(
             round=view.round,
             rank=view.rank,
