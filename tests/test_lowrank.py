@@ -67,3 +67,47 @@ def test_product_helpers_match_dense() -> None:
     D = (t.B @ t.A).numpy()
     assert np.allclose(singular_values_of_product(t.B, t.A).numpy(), np.linalg.svd(D)[1][:5])
     assert float(frobenius_norm_of_product(t.B, t.A)) == pytest.approx(np.linalg.norm(D))
+
+
+def low_rank_plus_noise(
+    d: int, R: int, clients: int, rank: int, noise: float, seed: int
+) -> list[FactorPair]:
+    """Clients near one shared rank-R adapter: the spectrum a real federation produces."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d, R, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d, R, generator=g, dtype=torch.float64))
+    S = torch.linspace(4.0, 1.0, R, dtype=torch.float64)
+    return [
+        FactorPair(
+            B=U[:, :rank] * S[:rank]
+            + noise * torch.randn(d, rank, generator=g, dtype=torch.float64),
+            A=V[:, :rank].T + noise * torch.randn(rank, d, generator=g, dtype=torch.float64),
+        )
+        for _ in range(clients)
+    ]
+
+
+def test_randomized_path_is_certified_and_matches_exact() -> None:
+    from raflora.server.engine.lowrank import randomized_svd, worth_randomizing
+
+    t = low_rank_plus_noise(256, 8, 25, 8, 1e-3, seed=5)
+    n = sum(x.rank for x in t)
+    assert worth_randomizing(256, 256, n, 8)  # AUTO takes this path for such a round
+    fast = randomized_svd(t, 8)
+    assert fast is not None
+    exact = truncated_svd_of_sum(t, 8, SvdMethod.EXACT)
+    assert torch.allclose(fast.S, exact.S, rtol=1e-6)
+    assert rel_err(fast.dense(), exact.dense()) < 1e-5
+    auto = truncated_svd_of_sum(t, 8, SvdMethod.AUTO)
+    assert torch.equal(auto.S, fast.S)  # deterministic (seeded sketch)
+
+
+def test_randomized_path_falls_back_when_it_cannot_certify() -> None:
+    """A flat spectrum has no gap at R: the sketch cannot certify, and the exact path runs."""
+    from raflora.server.engine.lowrank import randomized_svd
+
+    t = terms(64, 64, [8] * 20, seed=9)
+    assert randomized_svd(t, 8) is None
+    via = truncated_svd_of_sum(t, 8, SvdMethod.RANDOMIZED)
+    exact = truncated_svd_of_sum(t, 8, SvdMethod.EXACT)
+    assert torch.equal(via.S, exact.S) and torch.equal(via.U, exact.U)

@@ -1,9 +1,12 @@
-"""Exact truncated SVD of a sum of low-rank products, without the dense matrix when cheaper.
+"""Truncated SVD of a sum of low-rank products, without the dense matrix when cheaper.
 
 ``Σ_i B_i A_i = [B_1 … B_n] · [A_1; …; A_n]``. A thin QR of both stacked factors and an SVD of
 the small core give the exact SVD in O((d_out + d_in)·N² + N³) for N = Σ r_i. Once N nears
 min(d_out, d_in) a dense accumulator is cheaper and its memory no longer grows with the
 number of clients; :func:`choose_method` picks by a flop model calibrated on CPU LAPACK.
+Both exact paths grow faster than the uploads when N is large, so for large rounds a
+randomized range finder on the factored operator (linear in N) is tried first; its result is
+kept only if a residual check certifies every triplet, else an exact path runs.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ _SVD_FLOP_FACTOR = 30.0
 
 
 class SvdMethod(str, Enum):
-    AUTO = "auto"
+    AUTO = "auto"  # certified randomized for large rounds, else the cheaper exact path
+    EXACT = "exact"  # the cheaper of FACTORED and DENSE, never randomized
     FACTORED = "factored"
     DENSE = "dense"
+    RANDOMIZED = "randomized"  # certified or falls back to EXACT
+
+
+# The randomized path: oversampling, power iterations and the residual it must certify.
+OVERSAMPLE = 16
+POWER_ITERATIONS = 4
+CERTIFY_TOLERANCE = 1e-5
 
 
 def factored_cost(d_out: int, d_in: int, n: int) -> float:
@@ -77,15 +88,70 @@ def dense_svd(terms: Sequence[FactorPair], max_rank: int) -> LowRank:
     return _truncate(U, S, Vh.T, min(max_rank, sum(t.rank for t in terms)))
 
 
+def randomized_svd(
+    terms: Sequence[FactorPair],
+    max_rank: int,
+    *,
+    oversample: int = OVERSAMPLE,
+    power_iterations: int = POWER_ITERATIONS,
+    tolerance: float = CERTIFY_TOLERANCE,
+) -> LowRank | None:
+    """Top-``max_rank`` SVD by a randomized range finder on the factored operator, certified.
+
+    Every product goes through the stacked factors, so the cost is linear in N = Σ r_i:
+    O((d_out + d_in)·N·k) per power iteration with k = max_rank + oversample. The result is
+    returned only if every kept triplet satisfies ‖ΔW v_j − σ_j u_j‖ ≤ tolerance·σ_1 (and
+    ΔWᵀu_j = σ_j v_j holds by construction); otherwise None, and callers use an exact path.
+    The random start is seeded, so the result is deterministic.
+    """
+    B = torch.cat([t.B for t in terms], dim=1)
+    A = torch.cat([t.A for t in terms], dim=0)
+    d_out, n = int(B.shape[0]), int(B.shape[1])
+    d_in = int(A.shape[1])
+    k = min(max_rank + oversample, n, d_out, d_in)
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    omega = torch.randn(d_in, k, generator=gen, dtype=torch.float32).to(B)
+    Q, _ = torch.linalg.qr(B @ (A @ omega))
+    for _ in range(power_iterations):
+        Z, _ = torch.linalg.qr(A.T @ (B.T @ Q))
+        Q, _ = torch.linalg.qr(B @ (A @ Z))
+    Uc, S, Vh = torch.linalg.svd((Q.T @ B) @ A, full_matrices=False)
+    r = min(max_rank, n, int(S.shape[0]))
+    U, S, V = Q @ Uc[:, :r], S[:r], Vh[:r].T
+    top = float(S[0]) if r else 0.0
+    if top == 0.0:
+        return None
+    residual = torch.linalg.vector_norm(B @ (A @ V) - U * S, dim=0)
+    if float(residual.max()) > tolerance * top:
+        return None
+    return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
+
+
+def worth_randomizing(d_out: int, d_in: int, n: int, max_rank: int) -> bool:
+    """Randomized pays off once N is several times the sketch width and exact is costly."""
+    k = max_rank + OVERSAMPLE
+    sketch = 2.0 * (2 * POWER_ITERATIONS + 3) * (d_out + d_in) * n * k
+    exact = min(factored_cost(d_out, d_in, n), dense_cost(d_out, d_in, n))
+    return n >= 4 * k and sketch * 3 < exact
+
+
 def truncated_svd_of_sum(
     terms: Sequence[FactorPair], max_rank: int, method: SvdMethod = SvdMethod.AUTO
 ) -> LowRank:
     """Top-``max_rank`` SVD of ``Σ B_i A_i``; every term must share dtype and device."""
     if not terms:
         raise EmptyRoundError("updates", "cannot aggregate an empty set of factor terms")
-    if method is SvdMethod.AUTO:
-        d_out, d_in = int(terms[0].B.shape[0]), int(terms[0].A.shape[1])
-        method = choose_method(d_out, d_in, sum(t.rank for t in terms))
+    d_out, d_in = int(terms[0].B.shape[0]), int(terms[0].A.shape[1])
+    n = sum(t.rank for t in terms)
+    if method is SvdMethod.RANDOMIZED or (
+        method is SvdMethod.AUTO and worth_randomizing(d_out, d_in, n, max_rank)
+    ):
+        certified = randomized_svd(terms, max_rank)
+        if certified is not None:
+            return certified
+        method = SvdMethod.EXACT
+    if method in (SvdMethod.AUTO, SvdMethod.EXACT):
+        method = choose_method(d_out, d_in, n)
     if method is SvdMethod.FACTORED:
         return factored_svd(terms, max_rank)
     return dense_svd(terms, max_rank)
