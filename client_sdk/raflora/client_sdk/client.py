@@ -178,10 +178,14 @@ class RafloraClient:
         rank, num_examples, lora_alpha = self._join_args
         self.join(rank, num_examples, lora_alpha)
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(
+        self, fn: Callable[[], T], *, persistent: bool = False, deadline: float | None = None
+    ) -> T:
         """Run ``fn``, retrying transient failures; map every other status to a typed error.
 
-        An expired or revoked token is replaced by joining again, once per call.
+        Transient failures are retried per the retry policy, or, when ``persistent``, until
+        ``deadline`` (None: for ever) so a watcher outlives a server restart. An expired or
+        revoked token is replaced by joining again, once per call.
         """
         delays = self.retry.delays()
         rejoined = False
@@ -198,7 +202,11 @@ class RafloraClient:
                 if error.code not in RETRYABLE:
                     raise error from None
                 delay = next(delays, None)
-                if delay is None:
+                if persistent:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise error from None
+                    delay = self.retry.max_backoff if delay is None else delay
+                elif delay is None:
                     raise error from None
                 time.sleep(delay)
 
@@ -354,31 +362,11 @@ class RafloraClient:
             raise grpc_unavailable()
 
         try:
-            return self._call_until(attempt, deadline)
+            return self._call(attempt, persistent=True, deadline=deadline)
         except DeadlineExceededError:
             raise DeadlineExceededError(
                 f"round: no round after {after_round} was published within {timeout}s"
             ) from None
-
-    def _call_until(self, fn: Callable[[], T], deadline: float | None) -> T:
-        """Like _call, but keeps retrying UNAVAILABLE until ``deadline`` (server restarts)."""
-        delays = self.retry.delays()
-        rejoined = False
-        self._refresh_if_due()
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if not rejoined and _needs_rejoin(error) and self._can_rejoin():
-                    rejoined = True
-                    self._rejoin()
-                    continue
-                if error.code not in RETRYABLE or (
-                    deadline is not None and time.monotonic() >= deadline
-                ):
-                    raise error from None
-                time.sleep(next(delays, self.retry.max_backoff))
 
 
 class _StreamEnded(grpc.RpcError, grpc.Call):  # type: ignore[misc]
