@@ -38,9 +38,9 @@ from raflora.demo.orchestrator import ServerProcess, delta_norm, python_env, wai
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "flexlora": ("flexlora", {}),
     "raflora": ("raflora", {}),
-    "ha-gamma0.5": ("raflora_ha", {"gamma": "0.5"}),
-    "ha-shrink2": ("raflora_ha", {"shrinkage": "2"}),
-    "ha-cap2": ("raflora_ha", {"max_boost": "2"}),
+    "ha-gamma0.5": ("raflora_ha", {"gamma": "0.5", "shrinkage": "0"}),
+    "ha-shrink2": ("raflora_ha", {"shrinkage": "2"}),  # the project's default strategy
+    "ha-cap2": ("raflora_ha", {"max_boost": "2", "shrinkage": "0"}),
 }
 BASE_RANKS = [2, 2, 4, 4, 16, 16]
 LONE_RANKS = [2, 2, 2, 4, 4, 16]

@@ -74,7 +74,7 @@ def test_fewer_holders_shrink_toward_flexlora() -> None:
 @pytest.mark.parametrize(
     ("options", "equivalent"),
     [
-        ({}, "raflora"),
+        ({"shrinkage": 0.0}, "raflora"),
         ({"gamma": 1.0, "shrinkage": 0.0}, "raflora"),
         ({"gamma": 0.0}, "flexlora"),
         ({"gamma": 0.0, "shrinkage": 5.0, "max_boost": 3.0}, "flexlora"),
@@ -103,7 +103,10 @@ def test_pass_through_scales_partitions_by_w_to_one_minus_gamma(
     from raflora.server.engine import ClientUpdate, LowRank, lora_scaling
 
     cfg = StrategyConfig(
-        schema=schema, max_rank=8, compute_dtype=torch.float64, options={"gamma": gamma}
+        schema=schema,
+        max_rank=8,
+        compute_dtype=torch.float64,
+        options={"gamma": gamma, "shrinkage": 0.0},
     )
     strategy = make_strategy("raflora_ha", cfg)
     state = strategy.aggregate(strategy.initial_state(), random_updates(schema, CLIENTS, seed=33))

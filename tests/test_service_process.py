@@ -97,7 +97,7 @@ def test_federations_file_bootstraps_an_embedded_default(tmp_path: Path) -> None
     with threaded_server(tmp_path / "d", federations_file=fed_file) as server:
         admin = AdminClient(server.target)
         fed = admin.get_federation("default")
-        assert fed.spec.strategy == "raflora" and fed.spec.max_rank == 16
+        assert fed.spec.strategy == "raflora_ha" and fed.spec.max_rank == 16
         with pytest.raises(InvalidArgumentError) as info:
             admin.create_federation(
                 pb.FederationSpec(

@@ -53,7 +53,8 @@ class FederationConfig(BaseModel):
 
     federation_id: str = Field(pattern=ID_PATTERN)
     modules: tuple[ModuleConfig, ...] = Field(min_length=1)
-    strategy: str = "raflora"
+    # The holder-aware raFLoRA (κ = 2): docs/evaluation.md. The paper's method is "raflora".
+    strategy: str = "raflora_ha"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     max_rank: int = Field(default=16, ge=1)
     allowed_ranks: tuple[int, ...] = ()

@@ -74,11 +74,16 @@ class RaFLoRA(SpectralStrategy):
         return holder_normalized_index_weights(ranks, p)
 
 
+RECOMMENDED_SHRINKAGE = 2.0
+
+
 class HolderAwareRaFLoRA(SpectralStrategy):
     """raFLoRA with tempered partition weights (options ``gamma``, ``shrinkage``, ``max_boost``).
 
-    Defaults reproduce raFLoRA exactly; ``gamma = 0`` reproduces FlexLoRA. See
-    :func:`~raflora.server.engine.weights.holder_aware_index_weights` and docs/evaluation.md.
+    The project's default strategy. Its defaults (γ = 1, κ = 2) are the setting that was never
+    worse than FlexLoRA beyond noise over the evaluation grid (docs/evaluation.md);
+    ``shrinkage = 0`` is raFLoRA exactly and ``gamma = 0`` FlexLoRA exactly. See
+    :func:`~raflora.server.engine.weights.holder_aware_index_weights`.
     """
 
     name = "raflora_ha"
@@ -89,7 +94,7 @@ class HolderAwareRaFLoRA(SpectralStrategy):
         opts = config.options
         try:
             self.gamma = float(opts.get("gamma", 1.0))
-            self.shrinkage = float(opts.get("shrinkage", 0.0))
+            self.shrinkage = float(opts.get("shrinkage", RECOMMENDED_SHRINKAGE))
             self.max_boost = float(opts.get("max_boost", float("inf")))
         except (TypeError, ValueError) as exc:
             raise ConfigError(
