@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ if str(ROOT) not in sys.path:  # the server-process helper and the test CA live 
     sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from raflora.client_sdk import AdminClient, RafloraClient, RetryPolicy  # noqa: E402
@@ -59,14 +61,9 @@ class ClientReport:
     rounds_done: int = 0
 
 
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+def percentile(xs: Sequence[float], q: float) -> float:
+    """numpy's linear-interpolated percentile, q in [0, 100]; NaN for no samples."""
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 def cpu_seconds(pid: int) -> float:

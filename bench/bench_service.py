@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -90,14 +91,8 @@ def median(xs: Sequence[float]) -> float:
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    """numpy's linear-interpolated percentile, q in [0, 100]; NaN for no samples."""
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 # -- server process and its memory -------------------------------------------------------------

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from raflora.client_sdk import AdminClient, RafloraClient, pb
 from raflora.client_sdk.peft_adapter import adapter_shapes, load_pulled_adapter
 from raflora.demo import data as datasets
 from raflora.demo.model import LoraClassifier, evaluate, tokenize
-from raflora.demo.orchestrator import ServerProcess, delta_norm, python_env, wait_for_round
+from raflora.demo.orchestrator import ServerProcess, delta_norm, spawn_trainer, wait_for_round
 
 # label -> (strategy, options)
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -117,37 +116,23 @@ def run_cell(
     for k, (rank, shard) in enumerate(zip(ranks, shards, strict=True)):
         shard_file = work / f"client-{k}.json"
         shard_file.write_text(json.dumps(shard.tolist()))
-        cmd = [
-            sys.executable,
-            "-m",
-            "raflora.demo.trainer",
-            "--target",
-            server.target,
-            "--client-id",
-            f"client-{k}",
-            "--rank",
-            str(rank),
-            "--lora-alpha",
-            str(2 * rank),
-            "--shard-file",
-            str(shard_file),
-            "--dataset",
-            cell.dataset,
-            "--rounds",
-            str(args.rounds),
-            "--local-steps",
-            str(args.local_steps),
-            "--lr",
-            str(args.lr),
-            "--max-length",
-            str(args.max_length),
-            "--seed",
-            str(1000 * cell.seed + k),
-        ]
-        for fed in feds.values():
-            cmd += ["--federation", fed]
-        log = (work / f"client-{k}.log").open("wb")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env()))
+        procs.append(
+            spawn_trainer(
+                server.target,
+                list(feds.values()),
+                f"client-{k}",
+                rank,
+                shard_file,
+                work / f"client-{k}.log",
+                dataset=cell.dataset,
+                rounds=args.rounds,
+                local_steps=args.local_steps,
+                batch_size=16,
+                lr=args.lr,
+                max_length=args.max_length,
+                seed=1000 * cell.seed + k,
+            )
+        )
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in feds}
     models = {label: evaluator if i == 0 else _clone(evaluator) for i, label in enumerate(feds)}
     observers = {

@@ -149,6 +149,58 @@ class ServerProcess:
                 self.process.kill()
 
 
+def spawn_trainer(
+    target: str,
+    federations: Sequence[str],
+    client_id: str,
+    rank: int,
+    shard_file: Path,
+    log_path: Path,
+    *,
+    dataset: str,
+    rounds: int,
+    local_steps: int,
+    batch_size: int,
+    lr: float,
+    max_length: int,
+    seed: int,
+) -> subprocess.Popen[bytes]:
+    """One client process (``raflora.demo.trainer``) with ``lora_alpha = 2r``, logging to a file."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "raflora.demo.trainer",
+        "--target",
+        target,
+        "--client-id",
+        client_id,
+        "--rank",
+        str(rank),
+        "--lora-alpha",
+        str(2 * rank),
+        "--shard-file",
+        str(shard_file),
+        "--dataset",
+        dataset,
+        "--rounds",
+        str(rounds),
+        "--local-steps",
+        str(local_steps),
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        str(lr),
+        "--max-length",
+        str(max_length),
+        "--seed",
+        str(seed),
+    ]
+    for federation in federations:
+        cmd += ["--federation", federation]
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env())
+
+
 def delta_norm(model: LoraClassifier) -> float:
     """‖ΔW‖_F over all adapted modules, from the factors (s·B·A) of the evaluator's view."""
     from peft.tuners.lora import LoraLayer
@@ -194,40 +246,22 @@ def run_strategy(
     clients = []
     for k, rank in enumerate(cfg.ranks):
         shard_file = cfg.out / "shards" / f"client-{k}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "raflora.demo.trainer",
-            "--target",
-            server.target,
-            "--federation",
-            federation,
-            "--client-id",
-            f"client-{k}",
-            "--rank",
-            str(rank),
-            "--lora-alpha",
-            str(2 * rank),
-            "--shard-file",
-            str(shard_file),
-            "--dataset",
-            cfg.dataset,
-            "--rounds",
-            str(cfg.rounds),
-            "--local-steps",
-            str(cfg.local_steps),
-            "--batch-size",
-            str(cfg.batch_size),
-            "--lr",
-            str(cfg.lr),
-            "--max-length",
-            str(cfg.max_length),
-            "--seed",
-            str(cfg.seed + k),
-        ]
-        log = (logs / f"{strategy}-client-{k}.log").open("wb")
         clients.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env())
+            spawn_trainer(
+                server.target,
+                [federation],
+                f"client-{k}",
+                rank,
+                shard_file,
+                logs / f"{strategy}-client-{k}.log",
+                dataset=cfg.dataset,
+                rounds=cfg.rounds,
+                local_steps=cfg.local_steps,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                max_length=cfg.max_length,
+                seed=cfg.seed + k,
+            )
         )
 
     results: list[RoundResult] = []

@@ -182,17 +182,7 @@ class FederationRuntime:
         """Load the newest published round, joined clients and acknowledged uploads."""
         latest = self.store.latest_round()
         if latest > 0:
-            loaded = self.store.load_state(latest, list(self.schema))
-            self.state = GlobalState(
-                round=loaded.round,
-                modules={n: _to_device(m, self.strategy) for n, m in loaded.modules.items()},
-                participant_ranks=loaded.participant_ranks,
-            )
-            self.energy = adapter_energy(self.state).overall
-            self.holders = tuple(
-                (int(r), int(c), float(w))
-                for r, c, w in self.store.read_manifest(latest).get("partition_holders", [])
-            )
+            self.state, self.energy, self.holders = self._load_published(latest)
             self.metrics.record_energy(self.id, self.energy)
             self.metrics.record_holders(self.id, self.holders)
         self.clients = self.store.load_clients()
@@ -589,9 +579,8 @@ class FederationRuntime:
             self._views[key] = task
         return await asyncio.shield(task)
 
-    def _load_published(
-        self, round_: int
-    ) -> tuple[GlobalState, RankEnergy | None, tuple[Holders, ...]]:
+    def _load_published(self, round_: int) -> tuple[GlobalState, RankEnergy, tuple[Holders, ...]]:
+        """A published round from disk, on the compute device, with its energy and holders."""
         try:
             manifest = self.store.read_manifest(round_)
         except FileNotFoundError:
