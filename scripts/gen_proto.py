@@ -2,6 +2,23 @@
 
 Usage: python scripts/gen_proto.py          # regenerate in place
        python scripts/gen_proto.py --check  # fail if the committed stubs drifted
+
+Outputs, per ``.proto`` (grpcio-tools' bundled protoc, plus mypy-protobuf's two plugins):
+
+* ``*_pb2.py`` (``--python_out``) and ``*_pb2_grpc.py`` (``--grpc_python_out``): the runtime
+  modules;
+* ``*_pb2_grpc.pyi`` (``--mypy_grpc_out``, ``protoc-gen-mypy_grpc``): the service stubs, which
+  grpcio-tools does not emit. They type the client stubs and the servicer base classes, sync
+  and ``grpc.aio``, so neither servicers nor clients need ``Any`` or ``# type: ignore``;
+* ``*_pb2.pyi`` (``--mypy_out``, ``protoc-gen-mypy``): the message stubs. These come from
+  mypy-protobuf too, not from protoc's ``--pyi_out``: protoc's stubs fail ``mypy --strict``
+  (bare ``Mapping`` in every constructor) and needed an ``ignore_errors`` override, while
+  mypy-protobuf's pass as they are, and the code that builds and reads messages checks the
+  same against both, so the switch touched only this generated file.
+
+grpcio-tools and mypy-protobuf are pinned to exact versions (pyproject.toml, ``dev``) so that
+``--check`` gives the same bytes on every machine. The plugins are looked up next to the
+running interpreter (a virtual environment's bin/), then on PATH.
 """
 
 from __future__ import annotations
@@ -17,7 +34,20 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")  # both from mypy-protobuf
+
+
+def plugin(name: str) -> Path:
+    """The protoc plugin executable ``name``: beside this interpreter, else on PATH."""
+    exe = name + (".exe" if sys.platform == "win32" else "")
+    beside = Path(sys.executable).parent / exe
+    if beside.is_file():
+        return beside
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return Path(found)
 
 
 def generate(out: Path) -> list[Path]:
@@ -27,9 +57,12 @@ def generate(out: Path) -> list[Path]:
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        *[f"--plugin={name}={plugin(name)}" for name in PLUGINS],
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        # quiet: no "Writing mypy to ..." line per file on stderr.
+        f"--mypy_out=quiet:{out}",
+        f"--mypy_grpc_out=quiet:{out}",
         *[str(p.relative_to(PROTO_ROOT)) for p in protos],
     ]
     if protoc.main(args) != 0:

@@ -54,6 +54,11 @@ class AdminServiceStub:
                 request_serializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretRequest.SerializeToString,
                 response_deserializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretResponse.FromString,
                 _registered_method=True)
+        self.IssueClientCredential = channel.unary_unary(
+                '/raflora.v1.AdminService/IssueClientCredential',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -86,6 +91,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueClientCredential(self, request, context):
+        """A per-client credential: the only way to join a federation without open enrolment, and
+        how an admin hands a client id back to its owner. FAILED_PRECONDITION when auth is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RotateEnrolmentSecret,
                     request_deserializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretRequest.FromString,
                     response_serializer=raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretResponse.SerializeToString,
+            ),
+            'IssueClientCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueClientCredential,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class AdminService:
             '/raflora.v1.AdminService/RotateEnrolmentSecret',
             raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretRequest.SerializeToString,
             raflora_dot_v1_dot_aggregation__pb2.RotateEnrolmentSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueClientCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AdminService/IssueClientCredential',
+            raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

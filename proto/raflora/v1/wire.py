@@ -34,3 +34,64 @@ def iter_chunks(data: bytes | memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) 
 
 def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# -- errors ------------------------------------------------------------------------------------
+# Every refused RPC carries a google.rpc.Status in the ``grpc-status-details-bin`` trailer with
+# an ErrorInfo (domain ERROR_DOMAIN, a stable ``reason`` below, metadata {"field": ...}) and,
+# for a bad field, a BadRequest.FieldViolation. Clients branch on the reason, never on text.
+ERROR_DOMAIN = "raflora.v1"
+FIELD_METADATA_KEY = "field"
+
+
+class ErrorReason:
+    """The stable reasons of ErrorInfo (strings, so unknown future reasons pass through)."""
+
+    # INVALID_ARGUMENT
+    INVALID_FIELD = "INVALID_FIELD"
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    INVALID_UPDATE = "INVALID_UPDATE"
+    # NOT_FOUND
+    FEDERATION_NOT_FOUND = "FEDERATION_NOT_FOUND"
+    ROUND_NOT_FOUND = "ROUND_NOT_FOUND"
+    # FAILED_PRECONDITION
+    NOT_JOINED = "NOT_JOINED"
+    ROUND_CLOSED = "ROUND_CLOSED"
+    ROUND_NOT_OPEN = "ROUND_NOT_OPEN"
+    ROUND_AGGREGATING = "ROUND_AGGREGATING"
+    ROUND_NOT_PUBLISHED = "ROUND_NOT_PUBLISHED"
+    JOIN_LOCKED = "JOIN_LOCKED"
+    AUTH_DISABLED = "AUTH_DISABLED"
+    OPEN_ENROLMENT_OFF = "OPEN_ENROLMENT_OFF"
+    # ALREADY_EXISTS
+    FEDERATION_EXISTS = "FEDERATION_EXISTS"
+    UPLOAD_CONFLICT = "UPLOAD_CONFLICT"
+    # DATA_LOSS
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    SIZE_MISMATCH = "SIZE_MISMATCH"
+    # UNAUTHENTICATED
+    CREDENTIAL_MISSING = "CREDENTIAL_MISSING"
+    TOKEN_INVALID = "TOKEN_INVALID"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    TOKEN_REVOKED = "TOKEN_REVOKED"
+    ENROLMENT_REJECTED = "ENROLMENT_REJECTED"
+    NOT_ADMIN = "NOT_ADMIN"
+    # PERMISSION_DENIED
+    WRONG_FEDERATION = "WRONG_FEDERATION"
+    WRONG_CLIENT = "WRONG_CLIENT"
+    WRONG_RANK = "WRONG_RANK"
+    ADMIN_ONLY = "ADMIN_ONLY"
+    CLIENT_ID_TAKEN = "CLIENT_ID_TAKEN"
+    # RESOURCE_EXHAUSTED
+    PUSH_LIMIT = "PUSH_LIMIT"
+    DISK_FULL = "DISK_FULL"
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
+    TOO_MANY_CLIENTS = "TOO_MANY_CLIENTS"
+    JOIN_LIMIT = "JOIN_LIMIT"
+    # UNAVAILABLE
+    FEDERATION_DEGRADED = "FEDERATION_DEGRADED"
+    # DEADLINE_EXCEEDED
+    STREAM_IDLE = "STREAM_IDLE"
+    REQUEST_TOO_LONG = "REQUEST_TOO_LONG"
+    # INTERNAL
+    INTERNAL = "INTERNAL"
