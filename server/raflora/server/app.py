@@ -21,13 +21,14 @@ from grpc_reflection.v1alpha import reflection
 from raflora.server.engine.strategies import resolve_device
 from raflora.v1 import aggregation_pb2 as pb
 
+from .api import AdminService, AggregationService, Limits, ServiceInterceptor, add_services
 from .auth import Authority, load_or_create_key
 from .config import FederationConfig
-from .hub import FederationHub
+from .errors import ServiceError
 from .metrics import ServerMetrics
-from .service import AdminService, AggregationService, Limits, add_services
+from .rounds import FederationHub, RuntimeLimits
 from .settings import ServerSettings, load_settings
-from .storage import Storage
+from .storage import FileStorage
 
 log = logging.getLogger("raflora.server")
 
@@ -44,13 +45,15 @@ class RafloraServer:
         self.settings = settings
         self.device = str(resolve_device(settings.device))
         self.metrics = ServerMetrics()
-        self.storage = Storage(settings.data_dir)
+        self.storage = FileStorage(settings.data_dir)
         self.hub = FederationHub(
             self.storage,
             self.metrics,
             self.device,
-            max_pushes_per_round=settings.max_pushes_per_round,
-            aggregation_delay_seconds=settings.debug_aggregation_delay_seconds,
+            RuntimeLimits(
+                max_pushes_per_round=settings.max_pushes_per_round,
+                aggregation_delay_seconds=settings.debug_aggregation_delay_seconds,
+            ),
         )
         admin_token = settings.resolved_admin_token()
         key = None
@@ -73,7 +76,11 @@ class RafloraServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_concurrent_streams", s.max_concurrent_streams),
         ]
-        server = aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        server = aio.server(
+            options=options,
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+            interceptors=[ServiceInterceptor(self.metrics, frozenset(SERVICE_NAMES))],
+        )
         limits = Limits(s.chunk_size, s.idle_stream_timeout_seconds, s.max_request_seconds)
         add_services(
             server,
@@ -129,7 +136,8 @@ class RafloraServer:
         """Create the federations a JSON file lists (if absent); apply their enrolment secrets.
 
         Besides the FederationConfig fields an entry may name ``enrolment_secret_file`` (a path,
-        relative to the file's folder): a secret that differs from the stored one replaces it.
+        relative to the file's folder): open enrolment with that shared secret (one that differs
+        from the stored one replaces it). Without it, clients join with per-client credentials.
         """
         for raw in json.loads(path.read_text()):
             entry: dict[str, Any] = dict(raw)
@@ -143,12 +151,20 @@ class RafloraServer:
                 continue
             fid = config.federation_id
             if secret is not None and not self.authority.secret_matches(fid, str(secret)):
-                await asyncio.to_thread(self.authority.set_secret, fid, str(secret))
+                try:
+                    await asyncio.to_thread(self.authority.set_secret, fid, str(secret))
+                except ServiceError as exc:
+                    log.error("federation %s: %s ignored: %s", fid, path, exc)
+                    continue
                 log.info("federation %s: enrolment secret set from %s", fid, path)
-            elif secret is None and not self.authority.has_secret(fid):
-                log.warning(
-                    "federation %s has no enrolment secret: give it enrolment_secret_file in %s "
-                    "or call RotateEnrolmentSecret",
+            elif secret is None and not self.authority.has_record(fid):
+                await asyncio.to_thread(
+                    self.authority.configure, fid, open_enrolment=False, secret=None
+                )
+                log.info(
+                    "federation %s enrols clients with per-client credentials only "
+                    "(IssueClientCredential); give it enrolment_secret_file in %s for open "
+                    "enrolment",
                     fid,
                     path,
                 )

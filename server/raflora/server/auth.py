@@ -5,7 +5,11 @@ Authentication is on when the server has an admin token (``admin_token`` or
 Every call carries gRPC metadata ``authorization: Bearer <credential>``:
 
 * AdminService: the admin token;
-* Join: the federation's enrolment secret. The server stores only a salted SHA-256 of it (the
+* Join: the client's own credential (``rfc1.…``, issued by an admin with
+  IssueClientCredential, bound to one client id), or, under open enrolment only, the
+  federation's shared enrolment secret, which enrols a client id once: that first join
+  returns the id's own credential, and later joins of the id need it (trust on first use).
+  The server stores only salted SHA-256 hashes of either (the
   secret is >= 32 characters of high entropy, so a slow password hash would add cost and no
   strength) and answers with a client token;
 * Pull, Push, GetRound, WatchRounds: the client token, ``rft1.<payload>.<mac>`` where payload is
@@ -37,6 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from raflora.v1.wire import ErrorReason
+
+from .config import check_id
 from .errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -54,6 +61,9 @@ _SECRET_RE = re.compile(r"^[\x21-\x7e]{32,256}$")  # printable ASCII: a valid me
 _MAX_TOKEN_CHARS = 2048
 
 
+CREDENTIAL_PREFIX = "rfc1"
+
+
 @dataclass(frozen=True)
 class ClientClaims:
     """What a client token binds: one client of one federation, at one rank, until expiry."""
@@ -61,26 +71,66 @@ class ClientClaims:
     federation_id: str
     client_id: str
     rank: int
-    generation: int
+    generation: int  # of the federation's enrolment (rotating the shared secret bumps it)
     expires_unix: float
+    client_generation: int = 0  # of the client's credential (re-issuing it bumps it)
 
 
 @dataclass(frozen=True)
 class EnrolmentRecord:
-    """The stored form of an enrolment secret: a salted hash, never the secret."""
+    """The stored form of a credential: a salted hash, never the secret itself.
+
+    For a federation: ``open`` says whether a shared secret may enrol new client ids (open
+    enrolment); otherwise only per-client credentials join. For a client: its credential.
+    """
 
     salt: str
     sha256: str
     generation: int
     created_unix: float
+    open: bool = True  # records written before per-client credentials were shared secrets
 
     @classmethod
-    def new(cls, secret: str, generation: int) -> EnrolmentRecord:
+    def new(cls, secret: str | None, generation: int, *, open: bool = True) -> EnrolmentRecord:
         salt = secrets.token_hex(16)
-        return cls(salt, _salted(salt, secret), generation, time.time())
+        digest = _salted(salt, secret) if secret is not None else ""
+        return cls(salt, digest, generation, time.time(), open)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> EnrolmentRecord:
+        if not isinstance(raw, dict):
+            raise ValueError("enrolment record is not an object")
+        return cls(
+            salt=_typed(raw["salt"], str),
+            sha256=_typed(raw["sha256"], str),
+            generation=_typed(raw["generation"], int),
+            created_unix=float(_typed(raw["created_unix"], (int, float))),
+            open=bool(raw.get("open", True)),
+        )
 
     def matches(self, secret: str) -> bool:
+        if not self.sha256:
+            return False
         return hmac.compare_digest(_salted(self.salt, secret), self.sha256)
+
+
+def new_client_credential(federation_id: str, client_id: str) -> str:
+    """``rfc1.<base64url {f, c}>.<256 random bits>``: it names whom it enrols, so a credential
+    presented for another client id is told apart from a wrong one."""
+    body = _b64(json.dumps({"f": federation_id, "c": client_id}, separators=(",", ":")).encode())
+    return f"{CREDENTIAL_PREFIX}.{body}.{secrets.token_urlsafe(KEY_BYTES)}"
+
+
+def credential_subject(credential: str) -> tuple[str, str] | None:
+    """(federation, client id) a client credential names; None for anything else."""
+    parts = credential.split(".")
+    if len(parts) != 3 or parts[0] != CREDENTIAL_PREFIX or len(credential) > _MAX_TOKEN_CHARS:
+        return None
+    try:
+        body = json.loads(_unb64(parts[1]))
+        return _typed(body["f"], str), _typed(body["c"], str)
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        return None
 
 
 def _salted(salt: str, secret: str) -> str:
@@ -111,6 +161,7 @@ class TokenSigner:
             "r": claims.rank,
             "g": claims.generation,
             "x": round(claims.expires_unix, 3),
+            "k": claims.client_generation,
         }
         payload = _b64(json.dumps(body, separators=(",", ":"), sort_keys=True).encode())
         return f"{TOKEN_PREFIX}.{payload}.{self._mac(payload)}"
@@ -119,10 +170,14 @@ class TokenSigner:
         """The token's claims; UnauthenticatedError if it is malformed, forged or expired."""
         parts = token.split(".")
         if len(token) > _MAX_TOKEN_CHARS or len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            raise UnauthenticatedError("authorization", "not a client token")
+            raise UnauthenticatedError(
+                "authorization", "not a client token", ErrorReason.TOKEN_INVALID
+            )
         _, payload, mac = parts
         if not hmac.compare_digest(self._mac(payload).encode(), mac.encode()):
-            raise UnauthenticatedError("authorization", "client token signature is invalid")
+            raise UnauthenticatedError(
+                "authorization", "client token signature is invalid", ErrorReason.TOKEN_INVALID
+            )
         try:
             body = json.loads(_unb64(payload))
             claims = ClientClaims(
@@ -131,11 +186,16 @@ class TokenSigner:
                 rank=_typed(body["r"], int),
                 generation=_typed(body["g"], int),
                 expires_unix=float(_typed(body["x"], (int, float))),
+                client_generation=_typed(body.get("k", 0), int),
             )
         except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-            raise UnauthenticatedError("authorization", "client token is malformed") from None
+            raise UnauthenticatedError(
+                "authorization", "client token is malformed", ErrorReason.TOKEN_INVALID
+            ) from None
         if claims.expires_unix <= (time.time() if now is None else now):
-            raise UnauthenticatedError("authorization", "client token expired; join again")
+            raise UnauthenticatedError(
+                "authorization", "client token expired; join again", ErrorReason.TOKEN_EXPIRED
+            )
         return claims
 
 
@@ -181,14 +241,18 @@ def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise UnauthenticatedError("authorization", "more than one authorization header")
+        raise UnauthenticatedError(
+            "authorization", "more than one authorization header", ErrorReason.CREDENTIAL_MISSING
+        )
     value = values[0]
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     scheme, _, credential = str(value).partition(" ")
     credential = credential.strip()
     if scheme.lower() != "bearer" or not credential:
-        raise UnauthenticatedError("authorization", "expected 'Bearer <credential>'")
+        raise UnauthenticatedError(
+            "authorization", "expected 'Bearer <credential>'", ErrorReason.CREDENTIAL_MISSING
+        )
     return credential
 
 
@@ -211,54 +275,121 @@ class Authority:
         self._signer = TokenSigner(key) if key is not None else None
         self.ttl_seconds = ttl_seconds
         self._records: dict[str, EnrolmentRecord] = {}
+        self._credentials: dict[str, dict[str, EnrolmentRecord]] = {}
         self._storage: Storage | None = None
-        self._write_lock = threading.Lock()  # rotations run in worker threads
+        self._write_lock = threading.Lock()  # writes run in worker threads
 
-    # -- enrolment secrets -----------------------------------------------------------------
+    # -- enrolment -------------------------------------------------------------------------
     def load(self, storage: Storage, federation_ids: Iterable[str]) -> None:
-        """Read each federation's stored secret hash; warn about federations without one."""
+        """Read each federation's stored enrolment; warn about federations without one."""
         self._storage = storage
         if not self.enabled:
             return
         for federation_id in federation_ids:
-            raw = storage.federation(federation_id).load_enrolment()
+            store = storage.federation(federation_id)
+            try:
+                raw = store.load_enrolment()
+                credentials = {
+                    c: EnrolmentRecord.from_json(r)
+                    for c, r in store.load_client_credentials().items()
+                }
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("federation %s: unreadable enrolment records: %s", federation_id, exc)
+                continue
+            self._credentials[federation_id] = credentials
             if raw is None:
                 log.warning(
-                    "federation %s has no enrolment secret: no client can join it until an "
-                    "admin calls RotateEnrolmentSecret",
+                    "federation %s has no enrolment record: no client can join it until an "
+                    "admin issues client credentials",
                     federation_id,
                 )
                 continue
-            self._records[federation_id] = EnrolmentRecord(**raw)
+            self._records[federation_id] = EnrolmentRecord.from_json(raw)
+
+    def _require_storage(self, field: str) -> Storage:
+        if not self.enabled or self._storage is None:
+            raise FailedPreconditionError(field, "authentication is off", ErrorReason.AUTH_DISABLED)
+        return self._storage
+
+    def configure(self, federation_id: str, *, open_enrolment: bool, secret: str | None) -> str:
+        """Set up a new federation's enrolment; returns its shared secret ("" if per-client).
+
+        Blocking file I/O: call it in a thread.
+        """
+        if not open_enrolment:
+            storage = self._require_storage("open_enrolment")
+            with self._write_lock:
+                previous = self._records.get(federation_id)
+                generation = 1 if previous is None else previous.generation + 1
+                record = EnrolmentRecord.new(None, generation, open=False)
+                storage.federation(federation_id).save_enrolment(asdict(record))
+                self._records[federation_id] = record
+            return ""
+        return self.set_secret(federation_id, secret)
 
     def set_secret(self, federation_id: str, secret: str | None) -> str:
-        """Store (the hash of) a new secret for ``federation_id``; returns the secret.
+        """Store (the hash of) a new shared secret: open enrolment. Returns the secret.
 
         Blocking file I/O: call it in a thread. Bumps the generation, revoking older tokens.
         """
-        if not self.enabled or self._storage is None:
-            raise FailedPreconditionError("enrolment_secret", "authentication is off")
+        storage = self._require_storage("enrolment_secret")
+        previous = self._records.get(federation_id)
+        if previous is not None and not previous.open:
+            raise FailedPreconditionError(
+                "enrolment_secret",
+                f"federation {federation_id!r} enrols clients with per-client credentials only; "
+                "use IssueClientCredential",
+                ErrorReason.OPEN_ENROLMENT_OFF,
+            )
         secret = check_secret_format(secret) if secret else secrets.token_urlsafe(KEY_BYTES)
         with self._write_lock:
             previous = self._records.get(federation_id)
             generation = 1 if previous is None else previous.generation + 1
-            record = EnrolmentRecord.new(secret, generation)
-            self._storage.federation(federation_id).save_enrolment(asdict(record))
+            record = EnrolmentRecord.new(secret, generation, open=True)
+            storage.federation(federation_id).save_enrolment(asdict(record))
             self._records[federation_id] = record
         return secret
 
+    def issue_client_credential(self, federation_id: str, client_id: str) -> str:
+        """A new credential that enrols ``client_id`` only; revokes that client's older tokens.
+
+        Blocking file I/O: call it in a thread.
+        """
+        storage = self._require_storage("client_id")
+        credential = new_client_credential(federation_id, client_id)
+        with self._write_lock:
+            known = self._credentials.setdefault(federation_id, {})
+            previous = known.get(client_id)
+            generation = 1 if previous is None else previous.generation + 1
+            record = EnrolmentRecord.new(credential, generation, open=False)
+            storage.federation(federation_id).save_client_credential(client_id, asdict(record))
+            known[client_id] = record
+        return credential
+
     def has_secret(self, federation_id: str) -> bool:
+        record = self._records.get(federation_id)
+        return record is not None and record.open and bool(record.sha256)
+
+    def has_record(self, federation_id: str) -> bool:
         return federation_id in self._records
+
+    def is_open(self, federation_id: str) -> bool:
+        record = self._records.get(federation_id)
+        return record is not None and record.open
 
     def secret_matches(self, federation_id: str, secret: str) -> bool:
         record = self._records.get(federation_id)
-        return record is not None and record.matches(secret)
+        return record is not None and record.open and record.matches(secret)
 
     # -- checks ----------------------------------------------------------------------------
     def _credential(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
         credential = bearer(metadata)
         if credential is None:
-            raise UnauthenticatedError("authorization", "missing 'Bearer <credential>' metadata")
+            raise UnauthenticatedError(
+                "authorization",
+                "missing 'Bearer <credential>' metadata",
+                ErrorReason.CREDENTIAL_MISSING,
+            )
         return credential
 
     def require_admin(self, metadata: Iterable[tuple[str, Any]] | None) -> None:
@@ -274,29 +405,82 @@ class Authority:
             except UnauthenticatedError:
                 pass
             else:
-                raise PermissionDeniedError("authorization", "client tokens cannot call admin RPCs")
-        raise UnauthenticatedError("authorization", "not the admin token")
+                raise PermissionDeniedError(
+                    "authorization", "client tokens cannot call admin RPCs", ErrorReason.ADMIN_ONLY
+                )
+        raise UnauthenticatedError("authorization", "not the admin token", ErrorReason.NOT_ADMIN)
 
-    def enrol(self, metadata: Iterable[tuple[str, Any]] | None, federation_id: str) -> None:
-        """Join's check: the bearer must be ``federation_id``'s current enrolment secret.
+    def enrol(
+        self,
+        metadata: Iterable[tuple[str, Any]] | None,
+        federation_id: str,
+        client_id: str,
+    ) -> bool:
+        """Join's check: may the bearer enrol as ``client_id``? True for a first join under
+        open enrolment, which must then :meth:`claim` the id once the join succeeded.
 
-        An unknown federation reads the same as a wrong secret: ids are not revealed.
+        * the client's own credential always enrols it;
+        * under open enrolment the shared secret enrols an id once (trust on first use): the
+          join returns the id's new credential, and from then on only that credential (or one
+          an admin issues) enrols it, so no other holder of the secret can act as it.
+
+        An unknown federation reads the same as a wrong credential: ids are not revealed.
         """
         if not self.enabled:
-            return
+            return False
         credential = self._credential(metadata)
-        if not self.secret_matches(federation_id, credential):
-            raise UnauthenticatedError(
-                "authorization", "enrolment secret not accepted for this federation"
+        subject = credential_subject(credential)
+        if subject is not None:
+            known = self._credentials.get(federation_id, {}).get(subject[1])
+            if subject[0] == federation_id and known is not None and known.matches(credential):
+                if subject[1] != client_id:
+                    raise PermissionDeniedError(
+                        "client_id",
+                        "the client credential enrols another client id",
+                        ErrorReason.WRONG_CLIENT,
+                    )
+                return False
+        elif self.secret_matches(federation_id, credential):
+            self._check_unclaimed(federation_id, client_id)
+            return True
+        raise UnauthenticatedError(
+            "authorization",
+            "enrolment credential not accepted for this federation",
+            ErrorReason.ENROLMENT_REJECTED,
+        )
+
+    def _check_unclaimed(self, federation_id: str, client_id: str) -> None:
+        if client_id in self._credentials.get(federation_id, {}):
+            raise PermissionDeniedError(
+                "client_id",
+                "this client id is enrolled already; join with its client credential",
+                ErrorReason.CLIENT_ID_TAKEN,
             )
+
+    def claim(self, federation_id: str, client_id: str) -> str:
+        """Open enrolment's first join of ``client_id``: its credential, issued once.
+
+        Blocking file I/O: call it in a thread (the caller serialises first joins).
+        """
+        check_id("client_id", client_id)
+        self._check_unclaimed(federation_id, client_id)
+        return self.issue_client_credential(federation_id, client_id)
 
     def issue(self, federation_id: str, client_id: str, rank: int) -> tuple[str, float]:
         """A client token for a successful join: (token, expiry); ("", 0) when auth is off."""
         if not self.enabled or self._signer is None:
             return "", 0.0
         record = self._records[federation_id]
+        credential = self._credentials.get(federation_id, {}).get(client_id)
         expires = time.time() + self.ttl_seconds
-        claims = ClientClaims(federation_id, client_id, rank, record.generation, expires)
+        claims = ClientClaims(
+            federation_id,
+            client_id,
+            rank,
+            record.generation,
+            expires,
+            credential.generation if credential is not None else 0,
+        )
         return self._signer.issue(claims), expires
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> ClientClaims | None:
@@ -305,9 +489,17 @@ class Authority:
             return None
         claims = self._signer.verify(self._credential(metadata))
         record = self._records.get(claims.federation_id)
-        if record is None or record.generation != claims.generation:
+        credential = self._credentials.get(claims.federation_id, {}).get(claims.client_id)
+        client_generation = credential.generation if credential is not None else 0
+        if (
+            record is None
+            or record.generation != claims.generation
+            or client_generation != claims.client_generation
+        ):
             raise UnauthenticatedError(
-                "authorization", "client token revoked; join again with the current secret"
+                "authorization",
+                "client token revoked; join again with the current secret",
+                ErrorReason.TOKEN_REVOKED,
             )
         return claims
 
@@ -323,17 +515,22 @@ class Authority:
             return
         if claims.federation_id != federation_id:
             raise PermissionDeniedError(
-                "federation_id", "the client token was issued for another federation"
+                "federation_id",
+                "the client token was issued for another federation",
+                ErrorReason.WRONG_FEDERATION,
             )
         if client_id is not None and claims.client_id != client_id:
             raise PermissionDeniedError(
-                "client_id", "the client token was issued for another client"
+                "client_id",
+                "the client token was issued for another client",
+                ErrorReason.WRONG_CLIENT,
             )
         if rank is not None and claims.rank != rank:
             raise PermissionDeniedError(
                 "rank",
                 f"the client token was issued for rank {claims.rank}, not {rank}; "
                 "use the token of the latest join",
+                ErrorReason.WRONG_RANK,
             )
 
     def client(

@@ -1,4 +1,4 @@
-"""A federation's declaration, validated once, convertible to and from the wire."""
+"""A federation's declaration, validated once. The wire form lives in ``api/serde.py``."""
 
 from __future__ import annotations
 
@@ -16,34 +16,37 @@ from raflora.server.engine import (
     StrategyConfig,
     Weighting,
 )
-from raflora.v1 import aggregation_pb2 as pb
 
 # Ids become directory names: keep them to a safe, portable alphabet.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_ID_ECHO = 64  # characters of a client-supplied id quoted back in an error message
+# Bounds that keep a declared schema within what one server can hold (absurd specs are bad
+# input, not an internal error).
+MAX_DIMENSION = 1 << 20
+MAX_RANK = 4096
+MAX_MODULES = 20_000
+MAX_ADAPTER_ELEMENTS = 1 << 34  # max_rank · Σ(d_out + d_in)
 _ID_RE = re.compile(ID_PATTERN)
 
-_SCALING = {
-    ScalingRule.STANDARD: pb.SCALING_RULE_STANDARD,
-    ScalingRule.RSLORA: pb.SCALING_RULE_RSLORA,
-}
-_WEIGHTING = {Weighting.EXAMPLES: pb.WEIGHTING_EXAMPLES, Weighting.UNIFORM: pb.WEIGHTING_UNIFORM}
-_SPLIT = {
-    FactorSplit.ORTHONORMAL_A: pb.FACTOR_SPLIT_FLEXLORA,
-    FactorSplit.BALANCED: pb.FACTOR_SPLIT_BALANCED,
-}
+
+def echo_id(value: str) -> str:
+    """A client-supplied id as it may appear in a message: quoted and bounded."""
+    if len(value) <= MAX_ID_ECHO:
+        return repr(value)
+    return repr(value[:MAX_ID_ECHO]) + f"… ({len(value)} characters)"
 
 
 def check_id(field: str, value: str) -> str:
-    if not _ID_RE.match(value):
-        raise ConfigError(field, f"{value!r} must match {ID_PATTERN}")
+    if not _ID_RE.fullmatch(value):
+        raise ConfigError(field, f"{echo_id(value)} must match {ID_PATTERN}")
     return value
 
 
 class ModuleConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = Field(min_length=1)
-    d_out: int = Field(gt=0)
-    d_in: int = Field(gt=0)
+    name: str = Field(min_length=1, max_length=256)
+    d_out: int = Field(gt=0, le=MAX_DIMENSION)
+    d_in: int = Field(gt=0, le=MAX_DIMENSION)
 
 
 class FederationConfig(BaseModel):
@@ -52,13 +55,13 @@ class FederationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     federation_id: str = Field(pattern=ID_PATTERN)
-    modules: tuple[ModuleConfig, ...] = Field(min_length=1)
+    modules: tuple[ModuleConfig, ...] = Field(min_length=1, max_length=MAX_MODULES)
     # The holder-aware raFLoRA (κ = 2): docs/evaluation.md. The paper's method is "raflora".
     strategy: str = "raflora_ha"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
-    max_rank: int = Field(default=16, ge=1)
+    max_rank: int = Field(default=16, ge=1, le=MAX_RANK)
     allowed_ranks: tuple[int, ...] = ()
-    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_alpha: float = Field(default=16.0, gt=0, le=1e6)
     scaling_rule: ScalingRule = ScalingRule.STANDARD
     weighting: Weighting = Weighting.EXAMPLES
     factor_split: FactorSplit = FactorSplit.ORTHONORMAL_A
@@ -67,6 +70,20 @@ class FederationConfig(BaseModel):
     deadline_seconds: float = Field(default=0.0, ge=0)
     init_seed: int = Field(default=0, ge=0)
     min_partition_holders: int = Field(default=2, ge=1)
+    # -- trust (docs/security.md) ----------------------------------------------------------
+    max_update_norm: float = Field(
+        default=1e6, gt=0, description="Largest ‖s·B·A‖_F of one module in an upload"
+    )
+    max_examples_per_client: int = Field(
+        default=10_000_000, ge=1, description="Largest num_examples a client may declare at join"
+    )
+    max_weight_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Cap on one client's share of a round's weight (applied before normalising)",
+    )
+    max_clients: int = Field(default=10_000, ge=1, description="Clients that may join")
 
     @field_validator("strategy")
     @classmethod
@@ -91,6 +108,11 @@ class FederationConfig(BaseModel):
             raise ConfigError("allowed_ranks", f"{bad} are outside 1..max_rank={self.max_rank}")
         if self.expected_clients and self.expected_clients < self.min_clients:
             raise ConfigError("expected_clients", "must be 0 or >= min_clients")
+        elements = self.max_rank * sum(m.d_out + m.d_in for m in self.modules)
+        if elements > MAX_ADAPTER_ELEMENTS:
+            raise ConfigError(
+                "modules", f"{elements} adapter elements at max_rank exceed {MAX_ADAPTER_ELEMENTS}"
+            )
         if self.strategy == "fedit" and len(set(self.allowed_ranks)) != 1:
             raise ConfigError("allowed_ranks", "strategy 'fedit' needs exactly one allowed rank")
         return self
@@ -115,7 +137,6 @@ class FederationConfig(BaseModel):
             options=dict(self.strategy_options),
         )
 
-    # -- wire ------------------------------------------------------------------------------
     @classmethod
     def parse(cls, data: dict[str, Any]) -> FederationConfig:
         """Validate, turning pydantic's errors into a ConfigError naming the first bad field."""
@@ -128,75 +149,3 @@ class FederationConfig(BaseModel):
                 raise ConfigError(cause.field, cause.detail) from None
             field = ".".join(str(p) for p in first["loc"]) or "spec"
             raise ConfigError(field, first["msg"]) from None
-
-    @classmethod
-    def from_proto(cls, spec: pb.FederationSpec) -> FederationConfig:
-        policy = spec.round_policy
-        data: dict[str, Any] = {
-            "federation_id": spec.federation_id,
-            "modules": [{"name": m.name, "d_out": m.d_out, "d_in": m.d_in} for m in spec.modules],
-            "strategy_options": {k: _parse_option(v) for k, v in spec.strategy_options.items()},
-            "allowed_ranks": tuple(spec.allowed_ranks),
-            "init_seed": spec.init_seed,
-            "min_partition_holders": spec.min_partition_holders or 2,
-            "expected_clients": policy.expected_clients,
-            "deadline_seconds": policy.deadline_seconds,
-        }
-        if spec.strategy:
-            data["strategy"] = spec.strategy
-        if spec.max_rank:
-            data["max_rank"] = spec.max_rank
-        elif spec.allowed_ranks:
-            data["max_rank"] = max(spec.allowed_ranks)
-        if spec.lora_alpha:
-            data["lora_alpha"] = spec.lora_alpha
-        if policy.min_clients:
-            data["min_clients"] = policy.min_clients
-        for key, table, value in (
-            ("scaling_rule", _SCALING, spec.scaling_rule),
-            ("weighting", _WEIGHTING, spec.weighting),
-            ("factor_split", _SPLIT, spec.factor_split),
-        ):
-            if value:
-                matches = [k for k, v in table.items() if v == value]
-                if not matches:
-                    raise ConfigError(key, f"unknown enum value {value}")
-                data[key] = matches[0]
-        return cls.parse(data)
-
-    def to_proto(self) -> pb.FederationSpec:
-        return pb.FederationSpec(
-            federation_id=self.federation_id,
-            modules=[pb.ModuleSpec(name=m.name, d_out=m.d_out, d_in=m.d_in) for m in self.modules],
-            strategy=self.strategy,
-            strategy_options={k: _format_option(v) for k, v in self.strategy_options.items()},
-            max_rank=self.max_rank,
-            allowed_ranks=list(self.allowed_ranks),
-            lora_alpha=self.lora_alpha,
-            scaling_rule=_SCALING[self.scaling_rule],
-            weighting=_WEIGHTING[self.weighting],
-            factor_split=_SPLIT[self.factor_split],
-            round_policy=pb.RoundPolicy(
-                min_clients=self.min_clients,
-                expected_clients=self.expected_clients,
-                deadline_seconds=self.deadline_seconds,
-            ),
-            init_seed=self.init_seed,
-            min_partition_holders=self.min_partition_holders,
-        )
-
-
-def _parse_option(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _format_option(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from raflora.server.engine import RankEnergy
 
+from .storage.manifest import RoundManifest
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -135,6 +137,30 @@ class ServerMetrics:
             ["federation", "partition", "upper_rank"],
             registry=r,
         )
+        self.storage_problems = Counter(
+            "raflora_storage_problems",
+            "Damage found on storage: rolled-back rounds, corrupt records or states",
+            ["federation"],
+            registry=r,
+        )
+        self.degraded = Gauge(
+            "raflora_federation_degraded",
+            "1 while a federation refuses its RPCs because its stored state is damaged",
+            ["federation"],
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "raflora_uploads_quarantined",
+            "Acknowledged uploads removed from a round (corrupt on disk or failing aggregation)",
+            ["federation"],
+            registry=r,
+        )
+        self.max_weight_share = Gauge(
+            "raflora_round_max_weight_share",
+            "Largest normalised client weight in the last published round",
+            ["federation"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -153,6 +179,13 @@ class ServerMetrics:
         for k, (upper, count, share) in enumerate(holders, start=1):
             self.partition_holders.labels(federation, str(k), str(upper)).set(count)
             self.partition_holder_weight.labels(federation, str(k), str(upper)).set(share)
+
+    def record_round(self, federation: str, manifest: RoundManifest) -> None:
+        """The gauges of a published round, from its manifest."""
+        self.last_published.labels(federation).set(manifest.published_unix)
+        self.record_energy(federation, manifest.energy)
+        self.record_holders(federation, manifest.holders)
+        self.max_weight_share.labels(federation).set(manifest.max_weight_share)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port (``port`` 0 picks one)."""

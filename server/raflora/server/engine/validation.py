@@ -16,7 +16,7 @@ from .errors import (
     ShapeMismatchError,
     UnknownModuleError,
 )
-from .types import ACCEPTED_DTYPES, AdapterSchema, ClientUpdate
+from .types import ACCEPTED_DTYPES, AdapterSchema, ClientUpdate, FactorPair
 
 
 def validate_rank(rank: int, max_rank: int, allowed_ranks: Collection[int] | None) -> None:
@@ -70,3 +70,55 @@ def validate_round(updates: Collection[ClientUpdate]) -> None:
         if u.client_id in seen:
             raise InvalidUpdateError("client_id", f"{u.client_id!r} uploaded twice in one round")
         seen.add(u.client_id)
+
+
+# Largest |element| of s·B or A the service admits: far above any trained LoRA factor, and low
+# enough that Gram products of rank-r factors cannot overflow fp32 (r·d·(1e15)² ≪ 3.4e38 only
+# up to d·r ~ 1e8; the Frobenius bound below is the tighter, operator-set limit).
+MAX_FACTOR_ELEMENT = 1e15
+
+
+def effective_update_norm(pair: FactorPair, scale: float) -> float:
+    """‖s·B·A‖_F from the r×r Gram products, in float64, without the dense d_out×d_in matrix."""
+    B = pair.B.to(torch.float64)
+    A = pair.A.to(torch.float64)
+    gram = (B.T @ B) * (A @ A.T)  # elementwise: tr((BᵀB)(AAᵀ)) = Σ_jk (BᵀB)_jk (AAᵀ)_kj
+    value = float(gram.sum().clamp_min(0.0).sqrt()) * abs(scale)
+    return value
+
+
+def validate_effective_update(
+    field: str,
+    pair: FactorPair,
+    scale: float,
+    compute_dtype: torch.dtype,
+    max_norm: float,
+) -> float:
+    """Check one module of an upload exactly as aggregation will use it; returns ‖s·B·A‖_F.
+
+    Finite in its own dtype is not enough: fp64 1e300 overflows once cast to the compute dtype,
+    and a finite B overflows once multiplied by a huge scale. An upload that passes here cannot
+    make the round's aggregation fail on its numbers.
+    """
+    for label, tensor, factor in (("lora_B", pair.B, scale), ("lora_A", pair.A, 1.0)):
+        name = f"{field}.{label}.weight"
+        cast = tensor.to(compute_dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise NonFiniteError(name, f"overflows to Inf once cast to {compute_dtype}")
+        peak = float(cast.abs().max()) * factor if cast.numel() else 0.0
+        if not math.isfinite(peak) or peak > MAX_FACTOR_ELEMENT:
+            raise InvalidUpdateError(
+                name,
+                f"an element of magnitude {peak:.3g} (after scaling) exceeds "
+                f"{MAX_FACTOR_ELEMENT:g}",
+            )
+    norm = effective_update_norm(
+        FactorPair(B=pair.B.to(compute_dtype), A=pair.A.to(compute_dtype)), scale
+    )
+    if not math.isfinite(norm) or norm > max_norm:
+        raise InvalidUpdateError(
+            field,
+            f"effective update norm ‖s·B·A‖_F = {norm:.3g} exceeds the federation's bound "
+            f"{max_norm:g}",
+        )
+    return norm

@@ -6,11 +6,13 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from .config import FederationConfig
-from .errors import AlreadyExistsError, NotFoundError
-from .federation import FederationRuntime
-from .metrics import ServerMetrics
-from .storage import Storage
+from raflora.v1.wire import ErrorReason
+
+from ..config import FederationConfig, echo_id
+from ..errors import AlreadyExistsError, NotFoundError
+from ..metrics import ServerMetrics
+from ..storage import Storage
+from .runtime import FederationRuntime, RuntimeLimits
 
 log = logging.getLogger("raflora.server")
 
@@ -21,15 +23,12 @@ class FederationHub:
         storage: Storage,
         metrics: ServerMetrics,
         device: str,
-        *,
-        max_pushes_per_round: int = 10,
-        aggregation_delay_seconds: float = 0.0,
+        limits: RuntimeLimits | None = None,
     ) -> None:
         self.storage = storage
         self.metrics = metrics
         self.device = device
-        self.max_pushes_per_round = max_pushes_per_round
-        self.aggregation_delay_seconds = aggregation_delay_seconds
+        self.limits = limits or RuntimeLimits()
         # One aggregation at a time: torch already spreads one over all cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-aggregate")
         self.federations: dict[str, FederationRuntime] = {}
@@ -42,16 +41,22 @@ class FederationHub:
             self.metrics,
             self.executor,
             self.device,
-            max_pushes_per_round=self.max_pushes_per_round,
-            aggregation_delay_seconds=self.aggregation_delay_seconds,
+            self.limits,
         )
 
     def resume_all(self) -> None:
+        """Resume every stored federation; one that cannot even be read is skipped, loudly."""
         for federation_id in self.storage.federation_ids():
-            store = self.storage.federation(federation_id)
-            config = FederationConfig.parse(store.read_config())
-            runtime = self._runtime(config)
-            runtime.resume()
+            try:
+                store = self.storage.federation(federation_id)
+                config = FederationConfig.parse(store.read_config())
+                runtime = self._runtime(config)
+                runtime.resume()
+            except Exception:
+                log.exception("federation %s could not be resumed and is not served", federation_id)
+                self.metrics.storage_problems.labels(federation_id).inc()
+                self.metrics.degraded.labels(federation_id).set(1)
+                continue
             runtime.start()
             self.federations[federation_id] = runtime
 
@@ -64,7 +69,9 @@ class FederationHub:
                 if exist_ok and existing.config == config:
                     return existing
                 raise AlreadyExistsError(
-                    "federation_id", f"federation {config.federation_id!r} already exists"
+                    "federation_id",
+                    f"federation {config.federation_id!r} already exists",
+                    ErrorReason.FEDERATION_EXISTS,
                 )
             runtime = self._runtime(config)  # validates strategy options before touching disk
             await asyncio.to_thread(runtime.store.create, config.model_dump(mode="json"))
@@ -82,7 +89,7 @@ class FederationHub:
     def get(self, federation_id: str) -> FederationRuntime:
         runtime = self.federations.get(federation_id)
         if runtime is None:
-            raise NotFoundError("federation_id", f"no federation {federation_id!r}")
+            raise NotFoundError("federation_id", f"no federation {echo_id(federation_id)}")
         return runtime
 
     async def close(self) -> None:

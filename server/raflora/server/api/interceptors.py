@@ -1,0 +1,203 @@
+"""Error translation and RPC metrics for every method, in one place.
+
+A domain error becomes its documented status and human message plus google.rpc rich details in
+the ``grpc-status-details-bin`` trailer: an ErrorInfo with a stable reason and the field, and a
+BadRequest.FieldViolation for bad input. Clients branch on the reason, never on the text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+from grpc_status import rpc_status
+
+from raflora.server.engine import AggregationError
+from raflora.v1.wire import ERROR_DOMAIN, FIELD_METADATA_KEY, ErrorReason
+
+from ..errors import ServiceError, is_disk_full
+from ..metrics import ServerMetrics
+from .streams import refuse_malformed
+
+log = logging.getLogger("raflora.server")
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor = aio.ServerInterceptor[Any, Any]
+else:  # the stubs' generics are not subscriptable at run time
+    Handler = grpc.RpcMethodHandler
+    _Interceptor = aio.ServerInterceptor
+_AUDITED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_MAX_MESSAGE_CHARS = 2000  # a status message never grows with what a client sent
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    field: str
+
+
+def refusal_of(exc: BaseException) -> Refusal:
+    """The status an exception maps to; engine errors are bad input."""
+    if isinstance(exc, ServiceError):
+        return Refusal(grpc.StatusCode[exc.kind.value], str(exc), exc.reason, exc.field)
+    if isinstance(exc, AggregationError):
+        return Refusal(
+            grpc.StatusCode.INVALID_ARGUMENT, str(exc), ErrorReason.INVALID_UPDATE, exc.field
+        )
+    if is_disk_full(exc):
+        return Refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "storage: disk full on the server",
+            ErrorReason.DISK_FULL,
+            "storage",
+        )
+    return Refusal(
+        grpc.StatusCode.INTERNAL,
+        f"internal error: {type(exc).__name__}",
+        ErrorReason.INTERNAL,
+        "",
+    )
+
+
+def rich_status(refusal: Refusal) -> grpc.Status:
+    message = refusal.message
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + "…"
+    field = refusal.field[:200]
+    info = error_details_pb2.ErrorInfo(
+        reason=refusal.reason, domain=ERROR_DOMAIN, metadata={FIELD_METADATA_KEY: field}
+    )
+    details = [_pack(info)]
+    if refusal.code is grpc.StatusCode.INVALID_ARGUMENT and field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    status = status_pb2.Status(code=refusal.code.value[0], message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+async def abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> None:
+    """Abort with the documented status. Refused credentials are logged for audit (messages
+    name what is wrong, never a credential); unexpected errors with a traceback."""
+    refusal = refusal_of(exc)
+    if refusal.code in _AUDITED:
+        log.warning(
+            "%s refused for %s: %s %s", method, context.peer(), refusal.code.name, refusal.message
+        )
+    elif refusal.code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed for %s", method, context.peer(), exc_info=exc)
+    status = rich_status(refusal)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class ServiceInterceptor(_Interceptor):
+    """Wraps the handlers of ``services``: malformed requests, domain errors, RPC counts."""
+
+    def __init__(self, metrics: ServerMetrics, services: frozenset[str]) -> None:
+        self.metrics = metrics
+        self.services = services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler is None or service not in self.services:
+            return handler
+        return self._wrap(handler, method)
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
+        # grpc-stubs type handlers as synchronous; under grpc.aio they are coroutines.
+        common = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(_any(handler.unary_unary), method, check=True), **common
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(_any(handler.stream_unary), method, check=False), **common
+            )
+        if handler.unary_stream is not None:
+            behaviour: Any = handler.unary_stream
+            if inspect.isasyncgenfunction(behaviour):
+                return grpc.unary_stream_rpc_method_handler(
+                    self._streaming(behaviour, method), **common
+                )
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary(behaviour, method, check=True), **common
+            )
+        return handler
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.rpcs.labels(method, code.name).inc()
+
+    def _unary(
+        self, behaviour: Callable[..., Awaitable[Any]], method: str, *, check: bool
+    ) -> Callable[..., Awaitable[Any]]:
+        async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            code = grpc.StatusCode.OK
+            try:
+                if check:
+                    refuse_malformed(request)
+                return await behaviour(request, context)
+            except aio.AbortError:
+                code = _code(context)
+                raise
+            except Exception as exc:
+                code = refusal_of(exc).code
+                await abort(context, method, exc)
+            finally:
+                self._count(method, code)
+
+        return handler
+
+    def _streaming(
+        self, behaviour: Callable[..., AsyncIterator[Any]], method: str
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def handler(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            code = grpc.StatusCode.OK
+            try:
+                refuse_malformed(request)
+                async for item in behaviour(request, context):
+                    yield item
+            except aio.AbortError:
+                code = _code(context)
+                raise
+            except Exception as exc:
+                code = refusal_of(exc).code
+                await abort(context, method, exc)
+            finally:
+                self._count(method, code)
+
+        return handler
+
+
+def _any(behaviour: object) -> Any:
+    return behaviour
+
+
+def _code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code: Any = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN

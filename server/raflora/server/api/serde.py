@@ -1,0 +1,172 @@
+"""Every conversion between protobuf messages and the domain, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raflora.server.engine import ConfigError, FactorSplit, RankEnergy, ScalingRule, Weighting
+from raflora.v1 import aggregation_pb2 as pb
+
+from ..config import FederationConfig
+from ..rounds import EventType, FederationRuntime, Phase, RoundEvent, Snapshot, View
+from ..storage.manifest import Holders
+
+_SCALING = {
+    ScalingRule.STANDARD: pb.SCALING_RULE_STANDARD,
+    ScalingRule.RSLORA: pb.SCALING_RULE_RSLORA,
+}
+_WEIGHTING = {Weighting.EXAMPLES: pb.WEIGHTING_EXAMPLES, Weighting.UNIFORM: pb.WEIGHTING_UNIFORM}
+_SPLIT = {
+    FactorSplit.ORTHONORMAL_A: pb.FACTOR_SPLIT_FLEXLORA,
+    FactorSplit.BALANCED: pb.FACTOR_SPLIT_BALANCED,
+}
+_PHASES = {
+    Phase.COLLECTING: pb.ROUND_PHASE_COLLECTING,
+    Phase.AGGREGATING: pb.ROUND_PHASE_AGGREGATING,
+}
+_EVENTS = {
+    EventType.STATUS: pb.ROUND_EVENT_TYPE_STATUS,
+    EventType.UPLOAD: pb.ROUND_EVENT_TYPE_UPLOAD,
+    EventType.AGGREGATING: pb.ROUND_EVENT_TYPE_AGGREGATING,
+    EventType.PUBLISHED: pb.ROUND_EVENT_TYPE_PUBLISHED,
+    EventType.FAILED: pb.ROUND_EVENT_TYPE_FAILED,
+    EventType.QUARANTINED: pb.ROUND_EVENT_TYPE_QUARANTINED,
+}
+_TRUST_FIELDS = ("max_update_norm", "max_examples_per_client", "max_weight_share", "max_clients")
+
+
+# -- federation configuration ----------------------------------------------------------------
+def config_from_proto(spec: pb.FederationSpec) -> FederationConfig:
+    policy = spec.round_policy
+    data: dict[str, Any] = {
+        "federation_id": spec.federation_id,
+        "modules": [{"name": m.name, "d_out": m.d_out, "d_in": m.d_in} for m in spec.modules],
+        "strategy_options": {k: _parse_option(v) for k, v in spec.strategy_options.items()},
+        "allowed_ranks": tuple(spec.allowed_ranks),
+        "init_seed": spec.init_seed,
+        "min_partition_holders": spec.min_partition_holders or 2,
+        "expected_clients": policy.expected_clients,
+        "deadline_seconds": policy.deadline_seconds,
+    }
+    if spec.strategy:
+        data["strategy"] = spec.strategy
+    if spec.max_rank:
+        data["max_rank"] = spec.max_rank
+    elif spec.allowed_ranks:
+        data["max_rank"] = max(spec.allowed_ranks)
+    if spec.lora_alpha:
+        data["lora_alpha"] = spec.lora_alpha
+    if policy.min_clients:
+        data["min_clients"] = policy.min_clients
+    for name in _TRUST_FIELDS:
+        value = getattr(spec.trust, name)
+        if value:
+            data[name] = value
+    for key, table, value in (
+        ("scaling_rule", _SCALING, spec.scaling_rule),
+        ("weighting", _WEIGHTING, spec.weighting),
+        ("factor_split", _SPLIT, spec.factor_split),
+    ):
+        if value:
+            matches = [k for k, v in table.items() if v == value]
+            if not matches:
+                raise ConfigError(key, f"unknown enum value {value}")
+            data[key] = matches[0]
+    return FederationConfig.parse(data)
+
+
+def config_to_proto(c: FederationConfig) -> pb.FederationSpec:
+    return pb.FederationSpec(
+        federation_id=c.federation_id,
+        modules=[pb.ModuleSpec(name=m.name, d_out=m.d_out, d_in=m.d_in) for m in c.modules],
+        strategy=c.strategy,
+        strategy_options={k: _format_option(v) for k, v in c.strategy_options.items()},
+        max_rank=c.max_rank,
+        allowed_ranks=list(c.allowed_ranks),
+        lora_alpha=c.lora_alpha,
+        scaling_rule=_SCALING[c.scaling_rule],
+        weighting=_WEIGHTING[c.weighting],
+        factor_split=_SPLIT[c.factor_split],
+        round_policy=pb.RoundPolicy(
+            min_clients=c.min_clients,
+            expected_clients=c.expected_clients,
+            deadline_seconds=c.deadline_seconds,
+        ),
+        init_seed=c.init_seed,
+        min_partition_holders=c.min_partition_holders,
+        trust=pb.TrustPolicy(**{name: getattr(c, name) for name in _TRUST_FIELDS}),
+    )
+
+
+def _parse_option(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _format_option(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# -- rounds ----------------------------------------------------------------------------------
+def energy_proto(energy: RankEnergy | None, holders: tuple[Holders, ...] = ()) -> pb.RankEnergy:
+    if energy is None:
+        return pb.RankEnergy()
+    return pb.RankEnergy(
+        partition_upper_ranks=list(energy.boundaries),
+        partition_energy=list(energy.partition_energy),
+        e_min=energy.e_min,
+        effective_rank=energy.effective_rank,
+        tail_energy=energy.tail_energy,
+        partition_holders=[count for _, count, _ in holders],
+        partition_holder_weight=[share for _, _, share in holders],
+    )
+
+
+def status_proto(s: Snapshot) -> pb.RoundStatus:
+    return pb.RoundStatus(
+        federation_id=s.federation_id,
+        round=s.round,
+        published_round=s.round,
+        phase=_PHASES[s.phase],
+        uploads=s.uploads,
+        min_clients=s.min_clients,
+        expected_clients=s.expected_clients,
+        deadline_unix=s.deadline_unix,
+        energy=energy_proto(s.energy, s.holders),
+        joined_clients=s.joined_clients,
+        degraded=s.degraded,
+    )
+
+
+def event_proto(e: RoundEvent) -> pb.RoundEvent:
+    return pb.RoundEvent(
+        type=_EVENTS[e.type],
+        status=status_proto(e.snapshot),
+        message=e.message,
+        warnings=list(e.warnings),
+    )
+
+
+def federation_proto(runtime: FederationRuntime) -> pb.Federation:
+    return pb.Federation(
+        spec=config_to_proto(runtime.config), status=status_proto(runtime.snapshot())
+    )
+
+
+def pull_header(view: View) -> pb.PullHeader:
+    return pb.PullHeader(
+        round=view.round,
+        rank=view.rank,
+        scale=view.scale,
+        total_bytes=view.size,
+        sha256=view.sha256,
+        has_merge=view.has_merge,
+        energy=energy_proto(view.energy, view.holders),
+    )

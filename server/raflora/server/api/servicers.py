@@ -1,0 +1,284 @@
+"""gRPC servicers: authenticate, parse the request, call the runtime, respond.
+
+Errors are raised as domain errors and translated in one place (``interceptors.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from raflora.v1 import aggregation_pb2 as pb
+from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+
+from ..auth import Authority, check_secret_format
+from ..config import check_id
+from ..errors import InvalidArgumentError
+from ..metrics import ServerMetrics
+from ..rounds import EventType, FederationHub, RoundEvent, WatcherLaggedError
+from .interceptors import refusal_of
+from .serde import (
+    config_from_proto,
+    config_to_proto,
+    event_proto,
+    federation_proto,
+    pull_header,
+    status_proto,
+)
+from .streams import StreamClock, refuse_malformed
+
+log = logging.getLogger("raflora.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    chunk_size: int
+    idle_stream_timeout_seconds: float = 60.0
+    max_request_seconds: float = 3600.0
+    header_timeout_seconds: float = 10.0  # a Push must name itself this soon
+
+
+def _metadata(context: Any) -> Any:
+    return context.invocation_metadata()
+
+
+class AdminService(pb_grpc.AdminServiceServicer):
+    def __init__(
+        self, hub: FederationHub, metrics: ServerMetrics, authority: Authority | None = None
+    ) -> None:
+        self.hub = hub
+        self.metrics = metrics
+        self.authority = authority or Authority(None, None, 3600.0)
+
+    async def CreateFederation(
+        self, request: pb.CreateFederationRequest, context: Any
+    ) -> pb.Federation:
+        self.authority.require_admin(_metadata(context))
+        config = config_from_proto(request.spec)
+        if not self.authority.enabled:
+            if request.enrolment_secret or request.open_enrolment:
+                log.warning(
+                    "CreateFederation %s: enrolment settings ignored, authentication is off",
+                    config.federation_id,
+                )
+            return federation_proto(await self.hub.create(config))
+        if request.enrolment_secret:  # checked before anything is created
+            if not request.open_enrolment:
+                raise InvalidArgumentError(
+                    "enrolment_secret",
+                    "a shared secret is only for open_enrolment; without it, clients join with "
+                    "their own credentials (IssueClientCredential)",
+                )
+            check_secret_format(request.enrolment_secret)
+        runtime = await self.hub.create(config)
+        secret = await asyncio.to_thread(
+            self.authority.configure,
+            config.federation_id,
+            open_enrolment=request.open_enrolment,
+            secret=request.enrolment_secret or None,
+        )
+        out = federation_proto(runtime)
+        out.enrolment_secret = secret
+        return out
+
+    async def GetFederation(self, request: pb.GetFederationRequest, context: Any) -> pb.Federation:
+        self.authority.require_admin(_metadata(context))
+        return federation_proto(self.hub.get(request.federation_id))
+
+    async def ListFederations(
+        self, request: pb.ListFederationsRequest, context: Any
+    ) -> pb.ListFederationsResponse:
+        self.authority.require_admin(_metadata(context))
+        return pb.ListFederationsResponse(
+            federations=[federation_proto(r) for r in self.hub.federations.values()]
+        )
+
+    async def RotateEnrolmentSecret(
+        self, request: pb.RotateEnrolmentSecretRequest, context: Any
+    ) -> pb.RotateEnrolmentSecretResponse:
+        self.authority.require_admin(_metadata(context))
+        runtime = self.hub.get(request.federation_id)
+        secret = await asyncio.to_thread(
+            self.authority.set_secret, runtime.id, request.enrolment_secret or None
+        )
+        log.info("federation %s: enrolment secret rotated; older client tokens revoked", runtime.id)
+        return pb.RotateEnrolmentSecretResponse(federation_id=runtime.id, enrolment_secret=secret)
+
+    async def IssueClientCredential(
+        self, request: pb.IssueClientCredentialRequest, context: Any
+    ) -> pb.IssueClientCredentialResponse:
+        self.authority.require_admin(_metadata(context))
+        runtime = self.hub.get(request.federation_id)
+        client_id = check_id("client_id", request.client_id)
+        credential = await asyncio.to_thread(
+            self.authority.issue_client_credential, runtime.id, client_id
+        )
+        log.info("federation %s: credential issued for client %s", runtime.id, client_id)
+        return pb.IssueClientCredentialResponse(
+            federation_id=runtime.id, client_id=client_id, client_credential=credential
+        )
+
+
+class AggregationService(pb_grpc.AggregationServiceServicer):
+    def __init__(
+        self,
+        hub: FederationHub,
+        metrics: ServerMetrics,
+        limits: Limits | int,
+        authority: Authority | None = None,
+    ) -> None:
+        self.hub = hub
+        self.metrics = metrics
+        self.limits = limits if isinstance(limits, Limits) else Limits(chunk_size=limits)
+        self.chunk_size = self.limits.chunk_size
+        self.authority = authority or Authority(None, None, 3600.0)
+        self._first_joins = asyncio.Lock()  # open enrolment: one id claimed at a time
+
+    def _clock(self) -> StreamClock:
+        return StreamClock(self.limits.idle_stream_timeout_seconds, self.limits.max_request_seconds)
+
+    async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
+        first_join = self.authority.enrol(
+            _metadata(context), request.federation_id, request.client_id
+        )
+        runtime = self.hub.get(request.federation_id)
+        issued = ""
+        if first_join:  # open enrolment: the id's terms and its credential, set once
+            async with self._first_joins:
+                self.authority.enrol(_metadata(context), request.federation_id, request.client_id)
+                record = await runtime.join(
+                    request.client_id, request.rank, request.num_examples, request.lora_alpha
+                )
+                issued = await asyncio.to_thread(
+                    self.authority.claim, runtime.id, request.client_id
+                )
+        else:
+            record = await runtime.join(
+                request.client_id, request.rank, request.num_examples, request.lora_alpha
+            )
+        token, expires = self.authority.issue(runtime.id, record.client_id, record.rank)
+        return pb.JoinResponse(
+            spec=config_to_proto(runtime.config),
+            status=status_proto(runtime.snapshot()),
+            scale=record.scale,
+            chunk_size=self.chunk_size,
+            client_token=token,
+            token_expires_unix=expires,
+            client_credential=issued,
+        )
+
+    async def GetRound(self, request: pb.GetRoundRequest, context: Any) -> pb.RoundStatus:
+        self.authority.client(_metadata(context), request.federation_id)
+        return status_proto(self.hub.get(request.federation_id).snapshot())
+
+    async def Pull(  # type: ignore[override]  # writes with context.write instead of yielding
+        self, request: pb.PullRequest, context: Any
+    ) -> None:
+        """A coroutine that writes (``context.write``), so that each write is timed."""
+        started = time.perf_counter()
+        clock = self._clock()
+        claims = self.authority.client(_metadata(context), request.federation_id, request.client_id)
+        runtime = self.hub.get(request.federation_id)
+        # A token from before a re-join at another rank does not read the new rank's adapter.
+        self.authority.authorize(
+            claims, runtime.id, request.client_id, runtime.client(request.client_id).rank
+        )
+        requested = request.round if request.HasField("round") else None
+        view, reader = await runtime.open_view(request.client_id, requested)
+        with reader:
+            await clock.write(context, pb.PullChunk(header=pull_header(view)))
+            while chunk := reader.read(self.chunk_size):
+                await clock.write(context, pb.PullChunk(data=chunk))
+        self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
+        self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)
+
+    async def WatchRounds(
+        self, request: pb.WatchRoundsRequest, context: Any
+    ) -> AsyncIterator[pb.RoundEvent]:
+        self.authority.client(_metadata(context), request.federation_id)
+        runtime = self.hub.get(request.federation_id)
+        after = request.after_round
+        # A watch ends cleanly after max_request_seconds (the SDK reconnects at once): no RPC
+        # holds its slot forever, and a watcher's token is checked again at least that often.
+        deadline = time.monotonic() + self.limits.max_request_seconds
+        subscription = runtime.subscribe()
+        try:
+            yield event_proto(RoundEvent(EventType.STATUS, runtime.snapshot()))
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    event = await subscription.next(remaining)
+                except WatcherLaggedError as exc:  # end the stream: the client re-reads the status
+                    log.warning("WatchRounds %s for %s ended: %s", runtime.id, context.peer(), exc)
+                    return
+                if event is None:
+                    return
+                if after and event.snapshot.round <= after:
+                    continue
+                yield event_proto(event)
+        finally:
+            subscription.close()
+
+    async def Push(self, requests: AsyncIterator[pb.PushRequest], context: Any) -> pb.PushResponse:
+        started = time.perf_counter()
+        clock = self._clock()
+        federation = "?"
+        try:
+            claims = self.authority.authenticate(_metadata(context))  # before reading anything
+            stream = aiter(requests)
+            first = await clock.next(stream, self.limits.header_timeout_seconds)
+            refuse_malformed(first)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise InvalidArgumentError("header", "the first message must be a PushHeader")
+            h = first.header
+            federation = h.federation_id
+            self.authority.authorize(claims, h.federation_id, h.client_id, h.rank)
+            runtime = self.hub.get(h.federation_id)
+            ticket = runtime.begin_push(
+                h.client_id, h.round, h.rank, h.num_examples, h.lora_alpha, h.total_bytes, h.sha256
+            )
+            try:
+                while (message := await clock.next(stream)) is not None:
+                    refuse_malformed(message)
+                    if message.WhichOneof("payload") != "data":
+                        raise InvalidArgumentError(
+                            "header", "only data chunks may follow the header"
+                        )
+                    if len(message.data) > self.chunk_size:
+                        raise InvalidArgumentError(
+                            "data",
+                            f"chunk of {len(message.data)} bytes exceeds chunk_size "
+                            f"{self.chunk_size}",
+                        )
+                    await ticket.write(message.data)
+            except BaseException:
+                runtime.abort_push(ticket)
+                raise
+            # From here the upload is the server's business: a client that hangs up now does
+            # not interrupt validation and commit half-way.
+            task = asyncio.ensure_future(runtime.finish_push(ticket))
+            task.add_done_callback(_retrieve)
+            outcome = await asyncio.shield(task)
+        except Exception as exc:
+            if federation in self.hub.federations:
+                self.metrics.upload_errors.labels(federation, refusal_of(exc).code.name).inc()
+            raise
+        self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
+        return pb.PushResponse(
+            round=outcome.round,
+            duplicate=outcome.duplicate,
+            received_bytes=outcome.size,
+            uploads_in_round=outcome.uploads_in_round,
+        )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded task's exception as seen (its caller may have gone away)."""
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = ["AdminService", "AggregationService", "Limits"]

@@ -1,0 +1,125 @@
+"""Stream plumbing: tolerant registration, and reads and writes bounded in time.
+
+Requests are decoded by tolerant deserializers: bytes that are not the expected protobuf
+message reach the handler as :class:`Malformed` and are refused with INVALID_ARGUMENT instead of
+gRPC's generic UNKNOWN. A stream with no message moving for ``idle_seconds``, or a transfer
+longer than ``max_seconds``, ends with DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from raflora.v1 import aggregation_pb2 as pb
+from raflora.v1.wire import ErrorReason
+
+from ..errors import DeadlineExceededError, InvalidArgumentError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a tolerant deserializer hands over for bytes that are not the expected message."""
+
+    message_type: str
+
+
+def refuse_malformed(request: object) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgumentError(
+            "request",
+            f"not a valid {request.message_type} protobuf message",
+            ErrorReason.MALFORMED_REQUEST,
+        )
+
+
+def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception:  # DecodeError, or anything a hostile payload provokes
+            return Malformed(message_type.DESCRIPTOR.name)
+
+    return parse
+
+
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_services(server: aio.Server, *servicers: tuple[str, object]) -> None:
+    """Register servicers (by service name) like the generated ``add_*_to_server`` functions,
+    but with tolerant request deserializers."""
+    for name, servicer in servicers:
+        service = pb.DESCRIPTOR.services_by_name[name]
+        handlers = {}
+        for method in service.methods:
+            factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = factory(
+                getattr(servicer, method.name),
+                request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+        )
+        server.add_registered_method_handlers(  # type: ignore[attr-defined]  # not in grpc-stubs
+            service.full_name, handlers
+        )
+
+
+class StreamClock:
+    """The idle and total time limits of one streaming RPC."""
+
+    def __init__(self, idle_seconds: float, max_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+        self.max_seconds = max_seconds
+        self.deadline = time.monotonic() + max_seconds
+
+    def _timeout(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._expired()
+        return min(self.idle_seconds, remaining)
+
+    def _expired(self) -> DeadlineExceededError:
+        if time.monotonic() >= self.deadline:
+            return DeadlineExceededError(
+                "stream",
+                f"transfer exceeded the server's limit of {self.max_seconds:g}s",
+                ErrorReason.REQUEST_TOO_LONG,
+            )
+        return DeadlineExceededError(
+            "stream",
+            f"no message for {self.idle_seconds:g}s: the stream was idle",
+            ErrorReason.STREAM_IDLE,
+        )
+
+    async def bounded(self, awaitable: Awaitable[T], idle_seconds: float | None = None) -> T:
+        timeout = self._timeout()
+        if idle_seconds is not None:
+            timeout = min(timeout, idle_seconds)
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError:
+            raise self._expired() from None
+
+    async def next(self, requests: AsyncIterator[T], idle_seconds: float | None = None) -> T | None:
+        """The next request message (None at the end), within the idle and total limits."""
+        return await self.bounded(anext(requests, None), idle_seconds)
+
+    async def write(self, context: Any, message: Any) -> None:
+        """Send one message; a reader that stops taking them is cut off like an idle writer."""
+        await self.bounded(context.write(message))

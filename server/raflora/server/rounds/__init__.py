@@ -1,0 +1,33 @@
+"""The rounds domain: each federation's state machine, its events, publication and views.
+
+No grpc and no paths: the api layer calls in, the store is reached through its protocol.
+"""
+
+from .events import (
+    EventBus,
+    EventType,
+    Phase,
+    RoundEvent,
+    Snapshot,
+    Subscription,
+    WatcherLaggedError,
+)
+from .hub import FederationHub
+from .runtime import FederationRuntime, PushOutcome, PushTicket, RuntimeLimits
+from .views import View
+
+__all__ = [
+    "EventBus",
+    "EventType",
+    "FederationHub",
+    "FederationRuntime",
+    "Phase",
+    "PushOutcome",
+    "PushTicket",
+    "RoundEvent",
+    "RuntimeLimits",
+    "Snapshot",
+    "Subscription",
+    "View",
+    "WatcherLaggedError",
+]

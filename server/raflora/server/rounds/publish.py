@@ -1,0 +1,197 @@
+"""One round's aggregation job: load → aggregate → energy/holders → a RoundManifest.
+
+Runs in the aggregation thread. No upload can wedge a federation: one whose stored bytes no
+longer match their digest, or that makes the aggregation fail on its own, is quarantined (kept
+for inspection, removed from the round) and the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from raflora.server.engine import (
+    AggregationError,
+    ClientUpdate,
+    FactorPair,
+    GlobalState,
+    Strategy,
+    Weighting,
+    adapter_energy,
+    client_weights,
+    partition_holders,
+)
+
+from ..config import FederationConfig
+from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
+
+log = logging.getLogger("raflora.server")
+
+# Shares become integer example counts for the engine; this resolution keeps them exact to
+# ~1e-12 relative.
+_SHARE_RESOLUTION = 1 << 40
+
+
+def capped_shares(num_examples: Sequence[int], weighting: Weighting, cap: float) -> list[float]:
+    """Normalised client weights with no share above ``cap`` (water-filling).
+
+    Shares above the cap are clipped to it and the excess is spread over the others in
+    proportion to their weights, repeatedly; when ``n · cap < 1`` no share can respect the cap
+    and everyone gets ``1/n``.
+    """
+    p = [float(v) for v in client_weights(list(num_examples), weighting).tolist()]
+    n = len(p)
+    if cap >= 1.0 or n == 0:
+        return p
+    if n * cap <= 1.0:
+        return [1.0 / n] * n
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        budget = 1.0 - cap * len(fixed)
+        mass = sum(p[i] for i in free)
+        shares = [cap if i in fixed else budget * p[i] / mass for i in range(n)]
+        over = [i for i in free if shares[i] > cap * (1 + 1e-12)]
+        if not over:
+            return shares
+        fixed.update(over)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    record: UploadRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    state: GlobalState
+    manifest: RoundManifest
+    quarantined: tuple[Quarantined, ...]
+
+
+class NothingToAggregateError(Exception):
+    """Every upload of the round was quarantined."""
+
+    def __init__(self, quarantined: Sequence[Quarantined]) -> None:
+        super().__init__(f"all {len(quarantined)} uploads of the round were quarantined")
+        self.quarantined = tuple(quarantined)
+
+
+class RoundPublisher:
+    def __init__(
+        self, config: FederationConfig, strategy: Strategy, store: FederationStore
+    ) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.store = store
+
+    def load(self, records: Sequence[UploadRecord]) -> tuple[list[ClientUpdate], list[Quarantined]]:
+        """Read every upload back, checked against its digest; corrupt ones are set aside."""
+        good: list[ClientUpdate] = []
+        bad: list[Quarantined] = []
+        for record in records:
+            try:
+                factors: dict[str, FactorPair] = self.store.read_upload(
+                    record, self.strategy.schema
+                )
+            except (CorruptDataError, AggregationError) as exc:
+                bad.append(Quarantined(record, str(exc)))
+                continue
+            good.append(
+                ClientUpdate(
+                    record.client_id, record.rank, record.num_examples, record.scale, factors
+                )
+            )
+        return good, bad
+
+    def weighted(self, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """The updates with the influence cap applied to the clients actually aggregated."""
+        if self.config.max_weight_share >= 1.0:  # the engine weighs the examples exactly
+            return list(updates)
+        shares = capped_shares(
+            [u.num_examples for u in updates], self.config.weighting, self.config.max_weight_share
+        )
+        return [
+            ClientUpdate(
+                u.client_id, u.rank, max(1, round(p * _SHARE_RESOLUTION)), u.scale, u.factors
+            )
+            for u, p in zip(updates, shares, strict=True)
+        ]
+
+    def aggregate(
+        self, state: GlobalState, updates: list[ClientUpdate]
+    ) -> tuple[GlobalState | None, list[ClientUpdate], list[Quarantined]]:
+        """Aggregate; if that fails, set aside the uploads that fail alone and retry."""
+        culprits: list[Quarantined] = []
+        while updates:
+            try:
+                return self.strategy.aggregate(state, self.weighted(updates)), updates, culprits
+            except Exception as exc:
+                first_error = exc
+            found = []
+            for u in updates:
+                try:
+                    self.strategy.aggregate(state, [u])
+                except Exception as exc:
+                    found.append(Quarantined(_record_of(u), f"aggregation failed on it: {exc}"))
+            if not found:  # the round as a whole fails: not any single upload's doing
+                raise first_error
+            culprits += found
+            names = {q.record.client_id for q in found}
+            updates = [u for u in updates if u.client_id not in names]
+        return None, [], culprits
+
+    def run(
+        self,
+        state: GlobalState,
+        records: Sequence[UploadRecord],
+        before_commit: Callable[[], None] | None = None,
+    ) -> PublishOutcome:
+        by_client = {r.client_id: r for r in records}
+        updates, quarantined = self.load(records)
+        new_state, used, culprits = self.aggregate(state, updates)
+        quarantined += [Quarantined(by_client[q.record.client_id], q.reason) for q in culprits]
+        if new_state is None:
+            raise NothingToAggregateError(quarantined)
+        used_records = [by_client[u.client_id] for u in used]
+        shares = capped_shares(
+            [r.num_examples for r in used_records],
+            self.config.weighting,
+            self.config.max_weight_share,
+        )
+        energy = adapter_energy(new_state).overall
+        holders = tuple(partition_holders([r.rank for r in used_records], _tensor(shares)))
+        manifest = RoundManifest(
+            federation_id=self.config.federation_id,
+            round=new_state.round,
+            strategy=self.config.strategy,
+            uploads=tuple(
+                ManifestUpload(r.client_id, r.rank, r.num_examples, r.scale, r.sha256, share)
+                for r, share in zip(used_records, shares, strict=True)
+            ),
+            energy=energy,
+            holders=holders,
+            participant_ranks=new_state.participant_ranks,
+            published_unix=time.time(),
+            quarantined=tuple(q.record.client_id for q in quarantined),
+        )
+        # Set the culprits aside before the publication: a crash in between re-runs the round
+        # without them instead of failing on them again.
+        for q in quarantined:
+            self.store.quarantine_upload(q.record, q.reason)
+        manifest = self.store.publish(new_state, manifest, before_commit=before_commit)
+        return PublishOutcome(new_state, manifest, tuple(quarantined))
+
+
+def _record_of(update: ClientUpdate) -> UploadRecord:
+    # Only the client id is read from it (the caller maps it back to the real record).
+    return UploadRecord(update.client_id, 0, update.rank, 0, 0.0, update.scale, "", 0)
+
+
+def _tensor(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float64)

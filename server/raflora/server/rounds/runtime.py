@@ -1,0 +1,734 @@
+"""One federation's round state machine: collecting → aggregating → published → collecting.
+
+All state changes happen on the event loop under one lock; payload validation, aggregation,
+persistence and view building run in threads so the loop keeps serving every other client.
+No grpc and no paths here: uploads arrive through a :class:`PushTicket` holding the store's
+sink, and aggregation is :class:`RoundPublisher`'s job (docs/design.md, "The round state
+machine").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from raflora.server.engine import (
+    FactorPair,
+    GlobalState,
+    LowRank,
+    RankEnergy,
+    Strategy,
+    Weighting,
+    lora_scaling,
+    make_strategy,
+)
+from raflora.server.engine.validation import validate_rank
+from raflora.v1.wire import ErrorReason
+
+from ..config import FederationConfig, check_id, echo_id
+from ..errors import (
+    AlreadyExistsError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServiceError,
+    UnavailableError,
+    is_disk_full,
+)
+from ..metrics import ServerMetrics
+from ..storage import (
+    ClientRecord,
+    CorruptDataError,
+    FederationStore,
+    ResumeReport,
+    RoundManifest,
+    UploadRecord,
+    UploadSink,
+)
+from ..storage.manifest import Holders
+from ..storage.tensorio import UpdateBounds, max_upload_bytes, validate_upload
+from .events import EventBus, EventType, Phase, RoundEvent, Snapshot, Subscription
+from .publish import NothingToAggregateError, PublishOutcome, RoundPublisher
+from .views import RoundContent, View, ViewCache
+
+log = logging.getLogger("raflora.server")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+# A round whose publication failed on I/O (disk full) is retried with this backoff.
+_RETRY_INITIAL_SECONDS = 1.0
+_RETRY_MAX_SECONDS = 60.0
+# The LoRA scale s = alpha/r (or alpha/√r) a client may bring: far beyond any real setting, and
+# far from where s·B·A over- or underflows.
+MIN_SCALE = 1e-6
+MAX_SCALE = 1e6
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    max_pushes_per_round: int = 10
+    max_joins_per_round: int = 20
+    aggregation_delay_seconds: float = 0.0  # test hook: sleep before committing a round
+    max_views_per_round: int = 64
+    watcher_capacity: int = 1024
+
+
+@dataclass
+class PushTicket:
+    """A push whose header passed every check; its payload flows into ``sink``."""
+
+    client_id: str
+    round: int
+    rank: int
+    num_examples: int
+    lora_alpha: float
+    scale: float
+    total_bytes: int
+    sha256: str
+    sink: UploadSink
+    duplicate_of: UploadRecord | None = None  # an identical push that was already counted
+    _closed: bool = field(default=False, repr=False)
+
+    async def write(self, chunk: bytes) -> None:
+        """Append one chunk (in a thread: hashing and disk writes stay off the event loop)."""
+        if self.sink.received + len(chunk) > self.total_bytes:
+            raise DataLossError(
+                "total_bytes",
+                f"stream carries more than the declared {self.total_bytes} bytes",
+                ErrorReason.SIZE_MISMATCH,
+            )
+        await asyncio.to_thread(self.sink.write, chunk)
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    round: int
+    duplicate: bool
+    size: int
+    uploads_in_round: int
+
+
+class FederationRuntime:
+    def __init__(
+        self,
+        config: FederationConfig,
+        store: FederationStore,
+        metrics: ServerMetrics,
+        executor: Executor,
+        device: str,
+        limits: RuntimeLimits | None = None,
+    ) -> None:
+        self.config = config
+        self.id = config.federation_id
+        self.store = store
+        self.metrics = metrics
+        self.executor = executor
+        self.limits = limits or RuntimeLimits()
+        self.strategy: Strategy = make_strategy(config.strategy, config.strategy_config(device))
+        self.schema = self.strategy.schema
+        self.bounds = UpdateBounds(self.strategy.dtype, config.max_update_norm)
+        self.publisher = RoundPublisher(config, self.strategy, store)
+        self.views = ViewCache(self.strategy, store, self.limits.max_views_per_round)
+        self.events = EventBus(self.limits.watcher_capacity)
+        self.lock = asyncio.Lock()
+        self.state: GlobalState = self.strategy.initial_state()
+        self.manifest: RoundManifest | None = None
+        self.phase = Phase.COLLECTING
+        self.uploads: dict[str, UploadRecord] = {}
+        self.clients: dict[str, ClientRecord] = {}
+        self.degraded = ""
+        self.deadline_unix = 0.0
+        self._deadline_passed = False
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._push_attempts: dict[str, int] = {}  # client id -> attempts in the open round
+        self._join_attempts: dict[str, int] = {}
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_INITIAL_SECONDS
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the newest published round, joined clients and acknowledged uploads.
+
+        Damage on disk never stops the server: incomplete rounds are set aside (a rollback,
+        logged and counted), unreadable upload records are quarantined, and a published state
+        that fails its digest puts this federation alone in the degraded state.
+        """
+        report = ResumeReport()
+        latest = self.store.latest_round(report)
+        if latest > 0:
+            try:
+                self.state, self.manifest = self._load_published(latest)
+            except CorruptDataError as exc:
+                self._degrade(f"published round {latest} is corrupt: {exc.problem}")
+        self.clients = self.store.load_clients()
+        if not self.degraded:
+            self.uploads = self.store.load_uploads(self.state.round, report)
+        for problem in report.problems:
+            log.error("federation %s: storage: %s", self.id, problem)
+            self.metrics.storage_problems.labels(self.id).inc()
+        if self.manifest is not None:
+            self.metrics.record_round(self.id, self.manifest)
+        self.metrics.current_round.labels(self.id).set(self.state.round)
+        self.metrics.active_clients.labels(self.id).set(len(self.clients))
+        self.metrics.round_uploads.labels(self.id).set(len(self.uploads))
+        log.info(
+            "federation %s resumed at round %d with %d acknowledged uploads",
+            self.id,
+            self.state.round,
+            len(self.uploads),
+        )
+
+    def _degrade(self, reason: str) -> None:
+        self.degraded = reason
+        self.metrics.degraded.labels(self.id).set(1)
+        log.error("federation %s is DEGRADED and refuses its RPCs: %s", self.id, reason)
+
+    def start(self) -> None:
+        """Arm the deadline and close the round if a crash left it ready to aggregate."""
+        self._open_round()
+        self._spawn(self._maybe_close())
+
+    async def close(self) -> None:
+        self._closed = True
+        for handle in (self._deadline_handle, self._retry_handle):
+            if handle is not None:
+                handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def check_serving(self) -> None:
+        if self.degraded:
+            raise UnavailableError(
+                "federation_id", f"federation {self.id!r} is degraded: {self.degraded}"
+            )
+
+    # -- queries and events ----------------------------------------------------------------
+    @property
+    def energy(self) -> RankEnergy | None:
+        return self.manifest.energy if self.manifest is not None else None
+
+    @property
+    def holders(self) -> tuple[Holders, ...]:
+        return self.manifest.holders if self.manifest is not None else ()
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            federation_id=self.id,
+            round=self.state.round,
+            phase=self.phase,
+            uploads=len(self.uploads),
+            min_clients=self.config.min_clients,
+            expected_clients=self.config.target_clients,
+            deadline_unix=self.deadline_unix,
+            energy=self.energy,
+            holders=self.holders,
+            joined_clients=len(self.clients),
+            degraded=self.degraded,
+        )
+
+    def subscribe(self) -> Subscription:
+        return self.events.subscribe()
+
+    def _emit(self, type_: EventType, message: str = "", warnings: tuple[str, ...] = ()) -> None:
+        self.events.emit(RoundEvent(type_, self.snapshot(), message, warnings))
+
+    # -- join ------------------------------------------------------------------------------
+    def _scale(self, field_name: str, alpha: float, rank: int) -> float:
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise InvalidArgumentError(field_name, f"must be a positive number, got {alpha}")
+        scale = lora_scaling(alpha, rank, self.config.scaling_rule)
+        if not MIN_SCALE <= scale <= MAX_SCALE:
+            raise InvalidArgumentError(
+                field_name,
+                f"alpha {alpha:g} at rank {rank} gives the LoRA scale {scale:g}, outside "
+                f"{MIN_SCALE:g}..{MAX_SCALE:g}",
+            )
+        return scale
+
+    async def join(
+        self, client_id: str, rank: int, num_examples: int, lora_alpha: float
+    ) -> ClientRecord:
+        """Join, or re-join with new terms; rank, alpha and examples are then fixed.
+
+        Terms change only between rounds: never while the client has an upload in the open
+        round. Who may call this for ``client_id`` is the api layer's (credential's) business.
+        """
+        self.check_serving()
+        check_id("client_id", client_id)
+        validate_rank(rank, self.config.max_rank, self.config.allowed_ranks or None)
+        if not 0 <= num_examples <= self.config.max_examples_per_client:
+            raise InvalidArgumentError(
+                "num_examples",
+                f"{num_examples} is outside 0..{self.config.max_examples_per_client} "
+                "(the federation's max_examples_per_client)",
+            )
+        if self.config.weighting is Weighting.EXAMPLES and num_examples < 1:
+            raise InvalidArgumentError(
+                "num_examples", "must be >= 1: this federation weighs clients by examples"
+            )
+        alpha = lora_alpha or self.config.lora_alpha
+        scale = self._scale("lora_alpha", alpha, rank)
+        record = ClientRecord(client_id, rank, num_examples, alpha, scale)
+        async with self.lock:
+            previous = self.clients.get(client_id)
+            if previous == record:
+                return record
+            if previous is None and len(self.clients) >= self.config.max_clients:
+                raise ResourceExhaustedError(
+                    "client_id",
+                    f"federation {self.id!r} has its maximum of {self.config.max_clients} clients",
+                    ErrorReason.TOO_MANY_CLIENTS,
+                )
+            attempts = self._join_attempts.get(client_id, 0) + 1
+            if attempts > self.limits.max_joins_per_round:
+                raise ResourceExhaustedError(
+                    "client_id",
+                    f"client {echo_id(client_id)} changed its terms {attempts - 1} times in round "
+                    f"{self.state.round}; wait for the next round",
+                    ErrorReason.JOIN_LIMIT,
+                )
+            if previous is not None and client_id in self.uploads:
+                raise FailedPreconditionError(
+                    "rank" if previous.rank != rank else "client_id",
+                    f"client {echo_id(client_id)} already uploaded at rank {previous.rank} in "
+                    f"round {self.state.round}; it can change its terms from the next round",
+                    ErrorReason.JOIN_LOCKED,
+                )
+            self._join_attempts[client_id] = attempts
+            await asyncio.to_thread(self.store.save_client, record)
+            self.clients[client_id] = record
+        self.metrics.active_clients.labels(self.id).set(len(self.clients))
+        return record
+
+    def client(self, client_id: str) -> ClientRecord:
+        record = self.clients.get(client_id)
+        if record is None:
+            raise FailedPreconditionError(
+                "client_id",
+                f"client {echo_id(client_id)} has not joined federation {self.id!r}",
+                ErrorReason.NOT_JOINED,
+            )
+        return record
+
+    # -- push ------------------------------------------------------------------------------
+    def begin_push(
+        self,
+        client_id: str,
+        round_: int,
+        rank: int,
+        num_examples: int,
+        lora_alpha: float,
+        total_bytes: int,
+        sha256: str,
+    ) -> PushTicket:
+        """Check a push's header; the ticket's sink then takes the payload."""
+        self.check_serving()
+        joined = self.client(client_id)
+        self._count_push_attempt(client_id)
+        if rank != joined.rank:
+            raise InvalidArgumentError(
+                "rank", f"upload rank {rank} != rank {joined.rank} given at join"
+            )
+        if not _SHA_RE.fullmatch(sha256):
+            raise InvalidArgumentError("sha256", "must be 64 lowercase hex digits")
+        duplicate = self._counted_upload(client_id, round_, sha256)
+        if duplicate is None:
+            self._check_round_open(round_)
+        if self.config.weighting is Weighting.EXAMPLES and num_examples < 1:
+            raise InvalidArgumentError(
+                "num_examples", "must be >= 1: this federation weighs clients by examples"
+            )
+        if num_examples > joined.num_examples:
+            raise InvalidArgumentError(
+                "num_examples",
+                f"{num_examples} exceeds the {joined.num_examples} examples declared at join",
+            )
+        if lora_alpha and lora_alpha != joined.lora_alpha:
+            raise InvalidArgumentError(
+                "lora_alpha",
+                f"{lora_alpha:g} differs from the alpha {joined.lora_alpha:g} given at join; "
+                "join again (between rounds) to change it",
+            )
+        limit = max_upload_bytes(self.schema, rank)
+        if not 0 < total_bytes <= limit:
+            raise InvalidArgumentError(
+                "total_bytes", f"{total_bytes} is outside 1..{limit} for rank {rank}"
+            )
+        return PushTicket(
+            client_id,
+            round_,
+            rank,
+            num_examples,
+            joined.lora_alpha,
+            joined.scale,
+            total_bytes,
+            sha256,
+            self.store.open_upload(round_),
+            duplicate,
+        )
+
+    def _counted_upload(self, client_id: str, round_: int, sha256: str) -> UploadRecord | None:
+        """The acknowledged upload an identical re-push repeats (its ack may have been lost)."""
+        existing = self.uploads.get(client_id)
+        if round_ == self.state.round and existing is not None and existing.sha256 == sha256:
+            return existing
+        m = self.manifest
+        if m is not None and round_ == m.round - 1:  # the round that just closed
+            for u in m.uploads:
+                if u.client_id == client_id and u.sha256 == sha256:
+                    return UploadRecord(
+                        client_id, round_, u.rank, u.num_examples, 0.0, u.scale, u.sha256, 0
+                    )
+        return None
+
+    def _uploads_in(self, round_: int) -> int:
+        if round_ == self.state.round:
+            return len(self.uploads)
+        m = self.manifest
+        return len(m.uploads) if m is not None and m.round == round_ + 1 else 0
+
+    def _count_push_attempt(self, client_id: str) -> None:
+        """Every push of a joined client counts, refused ones included; reset each round."""
+        attempts = self._push_attempts.get(client_id, 0) + 1
+        self._push_attempts[client_id] = attempts
+        if attempts > self.limits.max_pushes_per_round:
+            raise ResourceExhaustedError(
+                "round",
+                f"client {echo_id(client_id)} reached the limit of "
+                f"{self.limits.max_pushes_per_round} push attempts in round {self.state.round}; "
+                "wait for the next round",
+                ErrorReason.PUSH_LIMIT,
+            )
+
+    def _check_round_open(self, round_: int) -> None:
+        current = self.state.round
+        if round_ < current:
+            raise FailedPreconditionError(
+                "round",
+                f"round {round_} is closed; the open round is {current}",
+                ErrorReason.ROUND_CLOSED,
+            )
+        if round_ > current:
+            raise FailedPreconditionError(
+                "round",
+                f"round {round_} is not open yet; the open round is {current}",
+                ErrorReason.ROUND_NOT_OPEN,
+            )
+        if self.phase is Phase.AGGREGATING:
+            raise FailedPreconditionError(
+                "round",
+                f"round {current} is aggregating; wait for round {current + 1}",
+                ErrorReason.ROUND_AGGREGATING,
+            )
+
+    def abort_push(self, ticket: PushTicket) -> None:
+        ticket.sink.abort()
+
+    async def finish_push(self, ticket: PushTicket) -> PushOutcome:
+        """Check a fully received payload, make it durable, acknowledge it."""
+        try:
+            return await self._finish_push(ticket)
+        finally:
+            ticket.sink.abort()  # a no-op once committed
+
+    async def _finish_push(self, ticket: PushTicket) -> PushOutcome:
+        sink = ticket.sink
+        if sink.received != ticket.total_bytes:
+            raise DataLossError(
+                "data",
+                f"stream ended after {sink.received} of {ticket.total_bytes} bytes",
+                ErrorReason.SIZE_MISMATCH,
+            )
+        digest = sink.hexdigest()
+        if digest != ticket.sha256:
+            raise DataLossError(
+                "sha256",
+                f"checksum mismatch: payload hashes to {digest}",
+                ErrorReason.CHECKSUM_MISMATCH,
+            )
+        if ticket.duplicate_of is not None:  # identical bytes of an upload already counted
+            return PushOutcome(
+                ticket.round, True, ticket.total_bytes, self._uploads_in(ticket.round)
+            )
+        # The round may have closed while the payload streamed: say so before reading it back.
+        self._check_round_open(ticket.round)
+        await asyncio.to_thread(self._validate, ticket)
+        async with self.lock:
+            duplicate = self._counted_upload(ticket.client_id, ticket.round, ticket.sha256)
+            if duplicate is not None:
+                return PushOutcome(
+                    ticket.round, True, ticket.total_bytes, self._uploads_in(ticket.round)
+                )
+            self._check_round_open(ticket.round)
+            if ticket.client_id in self.uploads:
+                raise AlreadyExistsError(
+                    "sha256",
+                    f"client {echo_id(ticket.client_id)} already uploaded a different update "
+                    f"for round {ticket.round}",
+                    ErrorReason.UPLOAD_CONFLICT,
+                )
+            joined = self.client(ticket.client_id)
+            if joined.rank != ticket.rank or joined.scale != ticket.scale:
+                raise FailedPreconditionError(
+                    "rank",
+                    "the client joined again with other terms while this push streamed",
+                    ErrorReason.JOIN_LOCKED,
+                )
+            record = UploadRecord(
+                ticket.client_id,
+                ticket.round,
+                ticket.rank,
+                ticket.num_examples,
+                ticket.lora_alpha,
+                ticket.scale,
+                ticket.sha256,
+                ticket.total_bytes,
+            )
+            await asyncio.to_thread(self.store.commit_upload, sink, record)
+            self.uploads[ticket.client_id] = record
+            count = len(self.uploads)
+        rank = str(ticket.rank)
+        self.metrics.uploads.labels(self.id, rank).inc()
+        self.metrics.upload_bytes.labels(self.id, rank).inc(ticket.total_bytes)
+        self.metrics.round_uploads.labels(self.id).set(count)
+        self._emit(EventType.UPLOAD, f"{ticket.client_id} uploaded rank {ticket.rank}")
+        self._spawn(self._maybe_close())
+        return PushOutcome(ticket.round, False, ticket.total_bytes, count)
+
+    def _validate(self, ticket: PushTicket) -> None:
+        with ticket.sink.tensors() as reader:
+            validate_upload(
+                reader, self.schema, ticket.rank, ticket.client_id, ticket.scale, self.bounds
+            )
+
+    # -- rounds ----------------------------------------------------------------------------
+    def _open_round(self) -> None:
+        self._deadline_passed = False
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        self.deadline_unix = 0.0
+        if self.config.deadline_seconds > 0:
+            self.deadline_unix = time.time() + self.config.deadline_seconds
+            self._deadline_handle = asyncio.get_running_loop().call_later(
+                self.config.deadline_seconds, self._on_deadline
+            )
+
+    def _on_deadline(self) -> None:
+        self._deadline_passed = True
+        self._spawn(self._maybe_close())
+
+    def _ready(self) -> bool:
+        n = len(self.uploads)
+        if n >= self.config.target_clients:
+            return True
+        return self._deadline_passed and n >= self.config.min_clients
+
+    async def _maybe_close(self) -> None:
+        async with self.lock:
+            if (
+                self._closed
+                or self.degraded
+                or self.phase is not Phase.COLLECTING
+                or not self._ready()
+            ):
+                return
+            self.phase = Phase.AGGREGATING
+            uploads = sorted(self.uploads.values(), key=lambda u: u.client_id)
+            state = self.state
+        self._emit(EventType.AGGREGATING, f"aggregating {len(uploads)} uploads")
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(
+                self.executor, self.publisher.run, state, uploads, self._debug_delay
+            )
+        except NothingToAggregateError as exc:
+            await self._after_quarantine(exc.quarantined)
+            async with self.lock:
+                self.phase = Phase.COLLECTING
+            self._emit(EventType.FAILED, f"aggregation failed: {exc}")
+            return
+        except Exception as exc:  # keep collecting; the operator sees it in logs and metrics
+            await self._aggregation_failed(state.round, exc)
+            return
+        await self._published(outcome, len(uploads), time.perf_counter() - started)
+
+    async def _after_quarantine(self, quarantined: Any) -> None:
+        async with self.lock:
+            for q in quarantined:
+                self.uploads.pop(q.record.client_id, None)
+        for q in quarantined:
+            log.error(
+                "federation %s round %d: upload of client %s quarantined (%s)",
+                self.id,
+                q.record.round,
+                q.record.client_id,
+                q.reason,
+            )
+            self.metrics.quarantined.labels(self.id).inc()
+            self._emit(
+                EventType.QUARANTINED,
+                f"upload of {q.record.client_id} removed from round {q.record.round}: {q.reason}",
+            )
+        self.metrics.round_uploads.labels(self.id).set(len(self.uploads))
+
+    async def _aggregation_failed(self, round_: int, exc: Exception) -> None:
+        io_error = (
+            isinstance(exc, OSError)
+            or is_disk_full(exc)
+            or (isinstance(exc, ServiceError) and exc.reason == ErrorReason.DISK_FULL)
+        )
+        if io_error:
+            log.error("federation %s: round %d not published: %s", self.id, round_, exc)
+        else:
+            log.exception("federation %s: aggregation of round %d failed", self.id, round_)
+        self.metrics.aggregation_failures.labels(self.id).inc()
+        async with self.lock:
+            self.phase = Phase.COLLECTING
+        self._emit(EventType.FAILED, f"aggregation failed: {exc}")
+        if io_error:  # I/O: try again later
+            self._schedule_retry()
+
+    async def _published(self, outcome: PublishOutcome, n_uploads: int, elapsed: float) -> None:
+        await self._after_quarantine(outcome.quarantined)
+        new_state, manifest = outcome.state, outcome.manifest
+        self._retry_delay = _RETRY_INITIAL_SECONDS
+        async with self.lock:
+            self.state, self.manifest = new_state, manifest
+            self.uploads = {}
+            self._push_attempts = {}
+            self._join_attempts = {}
+            self.phase = Phase.COLLECTING
+            self.views.keep_from(new_state.round - 1)
+            self._open_round()
+        await asyncio.to_thread(self.store.prune, new_state.round)
+        m = self.metrics
+        m.aggregation_seconds.labels(self.id, self.config.strategy).observe(elapsed)
+        m.rounds.labels(self.id).inc()
+        m.current_round.labels(self.id).set(new_state.round)
+        m.round_uploads.labels(self.id).set(0)
+        m.record_round(self.id, manifest)
+        log.info(
+            "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
+            self.id,
+            new_state.round,
+            len(manifest.uploads),
+            elapsed,
+            manifest.energy.e_min,
+        )
+        warnings = tuple(
+            f"rank partition {k} (indices up to {rho}) is held by {count} client(s) "
+            f"with {share:.0%} of the round's weight; fewer than min_partition_holders="
+            f"{self.config.min_partition_holders}"
+            for k, (rho, count, share) in enumerate(manifest.holders, start=1)
+            if count < self.config.min_partition_holders
+        )
+        for warning in warnings:
+            log.warning("federation %s round %d: %s", self.id, new_state.round, warning)
+        self._emit(EventType.PUBLISHED, f"round {new_state.round} published", warnings)
+
+    def _schedule_retry(self) -> None:
+        if self._closed:
+            return
+        delay, self._retry_delay = (
+            self._retry_delay,
+            min(self._retry_delay * 2, _RETRY_MAX_SECONDS),
+        )
+        log.warning("federation %s: retrying the aggregation in %.0fs", self.id, delay)
+        self._retry_handle = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._maybe_close())
+        )
+
+    def _debug_delay(self) -> None:
+        if self.limits.aggregation_delay_seconds > 0:
+            log.warning(
+                "federation %s: debug_aggregation_delay_seconds: sleeping %.1fs before commit",
+                self.id,
+                self.limits.aggregation_delay_seconds,
+            )
+            time.sleep(self.limits.aggregation_delay_seconds)
+
+    # -- pull ------------------------------------------------------------------------------
+    async def view_for(self, client_id: str, round_: int | None = None) -> View:
+        """The client's payload for the newest round (None) or for an older published one."""
+        self.check_serving()
+        joined = self.client(client_id)
+        current = self.state.round
+        if round_ is not None and round_ > current:
+            raise FailedPreconditionError(
+                "round",
+                f"round {round_} is not published yet; the newest is {current}",
+                ErrorReason.ROUND_NOT_PUBLISHED,
+            )
+        if round_ is None or round_ == current:
+            content = RoundContent(self.state, self.energy, self.holders)
+        elif round_ == 0:
+            content = RoundContent(self.strategy.initial_state(), None, ())
+        else:
+            content = await asyncio.to_thread(self._load_content, round_)
+        return await self.views.get(content, joined.rank, joined.scale)
+
+    async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, BinaryIO]:
+        """The client's view and its bytes, opened; a view pruned meanwhile is rebuilt once."""
+        view = await self.view_for(client_id, round_)
+        try:
+            return view, await asyncio.to_thread(self.store.open_view, view.stored)
+        except FileNotFoundError:
+            self.views.forget(view)
+        view = await self.view_for(client_id, round_)
+        return view, await asyncio.to_thread(self.store.open_view, view.stored)
+
+    def _load_content(self, round_: int) -> RoundContent:
+        try:
+            state, manifest = self._load_published(round_)
+        except FileNotFoundError:
+            raise NotFoundError(
+                "round", f"round {round_} is not on disk", ErrorReason.ROUND_NOT_FOUND
+            ) from None
+        except CorruptDataError as exc:
+            log.error("federation %s: %s", self.id, exc)
+            self.metrics.storage_problems.labels(self.id).inc()
+            raise UnavailableError(
+                "round",
+                f"round {round_} is damaged on the server's storage",
+                ErrorReason.FEDERATION_DEGRADED,
+            ) from None
+        return RoundContent(state, manifest.energy, manifest.holders)
+
+    def _load_published(self, round_: int) -> tuple[GlobalState, RoundManifest]:
+        """A published round from the store, verified, on the compute device."""
+        loaded, manifest = self.store.load_published(round_, self.schema)
+        state = GlobalState(
+            round=loaded.round,
+            modules={n: _to_device(m, self.strategy) for n, m in loaded.modules.items()},
+            participant_ranks=loaded.participant_ranks,
+        )
+        return state, manifest
+
+
+def _to_device(module: LowRank | FactorPair, strategy: Strategy) -> LowRank | FactorPair:
+    def move(t: Any) -> Any:
+        return t.to(device=strategy.device, dtype=strategy.dtype)
+
+    if isinstance(module, LowRank):
+        return LowRank(move(module.U), move(module.S), move(module.V))
+    return FactorPair(move(module.B), move(module.A))

@@ -1,0 +1,152 @@
+"""The one owner of the round manifest's schema: what a published round records.
+
+A manifest is read back from disk, so :meth:`RoundManifest.from_json` treats it as hostile:
+every field is type-checked and a malformed one raises :class:`ManifestError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from raflora.server.engine import RankEnergy
+
+SCHEMA_VERSION = 2
+Holders = tuple[int, int, float]  # (partition upper rank, holder count, holder weight share)
+
+
+class ManifestError(ValueError):
+    """A manifest on disk that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class ManifestUpload:
+    client_id: str
+    rank: int
+    num_examples: int
+    scale: float
+    sha256: str
+    weight_share: float  # the client's normalised weight p_i in this round
+
+
+@dataclass(frozen=True)
+class RoundManifest:
+    federation_id: str
+    round: int
+    strategy: str
+    uploads: tuple[ManifestUpload, ...]
+    energy: RankEnergy
+    holders: tuple[Holders, ...]
+    participant_ranks: tuple[int, ...]
+    published_unix: float
+    state_sha256: str = ""  # filled in by the store when the state file is written
+    state_bytes: int = 0
+    quarantined: tuple[str, ...] = ()  # client ids removed from the round before aggregating
+
+    @property
+    def max_weight_share(self) -> float:
+        return max((u.weight_share for u in self.uploads), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.energy
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "federation_id": self.federation_id,
+            "round": self.round,
+            "strategy": self.strategy,
+            "uploads": [
+                {
+                    "client_id": u.client_id,
+                    "rank": u.rank,
+                    "num_examples": u.num_examples,
+                    "scale": u.scale,
+                    "sha256": u.sha256,
+                    "weight_share": u.weight_share,
+                }
+                for u in self.uploads
+            ],
+            "energy": {
+                "partition_upper_ranks": list(e.boundaries),
+                "partition_energy": [_finite_or_none(v) for v in e.partition_energy],
+                "tail_energy": _finite_or_none(e.tail_energy),
+                "e_min": _finite_or_none(e.e_min),
+                "effective_rank": _finite_or_none(e.effective_rank),
+                "total_energy": _finite_or_none(e.total_energy),
+            },
+            "partition_holders": [list(h) for h in self.holders],
+            "participant_ranks": list(self.participant_ranks),
+            "published_unix": self.published_unix,
+            "state_sha256": self.state_sha256,
+            "state_bytes": self.state_bytes,
+            "quarantined": list(self.quarantined),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RoundManifest:
+        try:
+            return _parse(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest does not follow the schema: {exc}") from None
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _num(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _parse(raw: Any) -> RoundManifest:
+    if not isinstance(raw, Mapping):
+        raise TypeError("manifest is not a JSON object")
+    energy = raw["energy"]
+    uploads = tuple(
+        ManifestUpload(
+            client_id=_str(u["client_id"]),
+            rank=_int(u["rank"]),
+            num_examples=_int(u["num_examples"]),
+            scale=_num(u["scale"]),
+            sha256=_str(u["sha256"]),
+            weight_share=_num(u.get("weight_share", math.nan)),
+        )
+        for u in raw["uploads"]
+    )
+    return RoundManifest(
+        federation_id=_str(raw["federation_id"]),
+        round=_int(raw["round"]),
+        strategy=_str(raw["strategy"]),
+        uploads=uploads,
+        energy=RankEnergy(
+            boundaries=tuple(_int(b) for b in energy["partition_upper_ranks"]),
+            partition_energy=tuple(_num(v) for v in energy["partition_energy"]),
+            tail_energy=_num(energy.get("tail_energy", 0.0)),
+            e_min=_num(energy["e_min"]),
+            effective_rank=_num(energy["effective_rank"]),
+            total_energy=_num(energy.get("total_energy")),
+        ),
+        holders=tuple((_int(r), _int(c), _num(w)) for r, c, w in raw["partition_holders"]),
+        participant_ranks=tuple(_int(r) for r in raw["participant_ranks"]),
+        published_unix=_num(raw["published_unix"]),
+        state_sha256=_str(raw.get("state_sha256", "")),
+        state_bytes=_int(raw.get("state_bytes", 0)),
+        quarantined=tuple(_str(c) for c in raw.get("quarantined", ())),
+    )
