@@ -22,6 +22,7 @@ from raflora.server.engine.strategies import resolve_device
 from raflora.v1 import aggregation_pb2 as pb
 
 from .api import AdminService, AggregationService, Limits, ServiceInterceptor, add_services
+from .api.admission import Admission, AdmissionLimits
 from .auth import Authority, load_or_create_key
 from .config import FederationConfig
 from .errors import ServiceError
@@ -76,12 +77,27 @@ class RafloraServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_concurrent_streams", s.max_concurrent_streams),
         ]
+        # No maximum_concurrent_rpcs: gRPC would count health checks too. Admission counts
+        # only the raflora services, per caller and server-wide (api/admission.py).
+        admission = Admission(
+            AdmissionLimits(
+                max_rpcs=s.max_concurrent_rpcs,
+                max_rpcs_per_client=s.max_rpcs_per_client,
+                max_watches_per_client=s.max_watches_per_client,
+                max_rpcs_per_host=s.max_rpcs_per_host,
+            ),
+            self.authority,
+        )
         server = aio.server(
             options=options,
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
-            interceptors=[ServiceInterceptor(self.metrics, frozenset(SERVICE_NAMES))],
+            interceptors=[ServiceInterceptor(self.metrics, frozenset(SERVICE_NAMES), admission)],
         )
-        limits = Limits(s.chunk_size, s.idle_stream_timeout_seconds, s.max_request_seconds)
+        limits = Limits(
+            s.chunk_size,
+            s.idle_stream_timeout_seconds,
+            s.max_request_seconds,
+            s.push_header_timeout_seconds,
+        )
         add_services(
             server,
             ("AdminService", AdminService(self.hub, self.metrics, self.authority)),

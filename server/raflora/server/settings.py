@@ -67,7 +67,22 @@ class ServerSettings(BaseSettings):
 
     # -- limits ----------------------------------------------------------------------------
     max_concurrent_rpcs: int = Field(
-        default=1024, ge=1, description="RPCs in flight server-wide; more: RESOURCE_EXHAUSTED"
+        default=1024,
+        ge=1,
+        description="raflora RPCs in flight server-wide (health checks never count); more: "
+        "RESOURCE_EXHAUSTED",
+    )
+    max_rpcs_per_client: int = Field(
+        default=64, ge=1, description="RPCs in flight per authenticated client"
+    )
+    max_watches_per_client: int = Field(
+        default=4, ge=1, description="WatchRounds streams open per authenticated client"
+    )
+    max_rpcs_per_host: int = Field(
+        default=512, ge=1, description="RPCs in flight per peer host without a client token"
+    )
+    push_header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="A Push must send its header this soon after opening"
     )
     max_concurrent_streams: int = Field(
         default=128, ge=1, description="HTTP/2 streams per connection (grpc.max_concurrent_streams)"

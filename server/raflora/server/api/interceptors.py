@@ -24,6 +24,7 @@ from raflora.v1.wire import ERROR_DOMAIN, FIELD_METADATA_KEY, ErrorReason
 
 from ..errors import ServiceError, is_disk_full
 from ..metrics import ServerMetrics
+from .admission import Admission, Ticket
 from .streams import refuse_malformed
 
 log = logging.getLogger("raflora.server")
@@ -108,9 +109,17 @@ async def abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseEx
 class ServiceInterceptor(_Interceptor):
     """Wraps the handlers of ``services``: malformed requests, domain errors, RPC counts."""
 
-    def __init__(self, metrics: ServerMetrics, services: frozenset[str]) -> None:
+    def __init__(
+        self, metrics: ServerMetrics, services: frozenset[str], admission: Admission | None = None
+    ) -> None:
         self.metrics = metrics
         self.services = services
+        self.admission = admission
+
+    def _admit(self, method: str, context: aio.ServicerContext[Any, Any]) -> Ticket | None:
+        if self.admission is None:
+            return None
+        return self.admission.admit(method, context.invocation_metadata(), context.peer())
 
     async def intercept_service(
         self,
@@ -156,7 +165,9 @@ class ServiceInterceptor(_Interceptor):
     ) -> Callable[..., Awaitable[Any]]:
         async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             code = grpc.StatusCode.OK
+            ticket = None
             try:
+                ticket = self._admit(method, context)
                 if check:
                     refuse_malformed(request)
                 return await behaviour(request, context)
@@ -167,6 +178,8 @@ class ServiceInterceptor(_Interceptor):
                 code = refusal_of(exc).code
                 await abort(context, method, exc)
             finally:
+                if ticket is not None:
+                    ticket.release()
                 self._count(method, code)
 
         return handler
@@ -178,7 +191,9 @@ class ServiceInterceptor(_Interceptor):
             request: Any, context: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             code = grpc.StatusCode.OK
+            ticket = None
             try:
+                ticket = self._admit(method, context)
                 refuse_malformed(request)
                 async for item in behaviour(request, context):
                     yield item
@@ -189,6 +204,8 @@ class ServiceInterceptor(_Interceptor):
                 code = refusal_of(exc).code
                 await abort(context, method, exc)
             finally:
+                if ticket is not None:
+                    ticket.release()
                 self._count(method, code)
 
         return handler

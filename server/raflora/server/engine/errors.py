@@ -1,7 +1,7 @@
 """Typed errors of the aggregation engine.
 
 Every error carries the name of the offending field so that the service layer can map it to a
-gRPC status whose message names the problem (DESIGN.md §3) without parsing strings.
+gRPC status whose details name the problem (docs/design.md §6) without parsing strings.
 """
 
 from __future__ import annotations

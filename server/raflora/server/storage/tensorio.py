@@ -90,7 +90,9 @@ class _DictReader:
 
 
 def _not_safetensors(exc: BaseException) -> InvalidUpdateError:
-    return InvalidUpdateError("payload", f"not a valid safetensors file: {exc}")
+    # An OSError's text names the server's path: say what, never where.
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:300]
+    return InvalidUpdateError("payload", f"not a valid safetensors file: {reason}")
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """SVD-redistribution strategies: FlexLoRA (the baseline) and raFLoRA (the paper's fix).
 
 Both form ``ΔW' = Σ_i Σ_j w_ij · s_i · B_i[:, j] A_i[j, :]`` and keep its top-R SVD; they
-differ only in the per-index weights w_ij (DESIGN.md §2).
+differ only in the per-index weights w_ij (docs/design.md §2.3).
 """
 
 from __future__ import annotations

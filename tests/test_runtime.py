@@ -1,0 +1,387 @@
+"""The round state machine on its own: FederationRuntime over the in-memory store.
+
+No server, no sockets, no disk: quorum, deadline, late and duplicate pushes, the trust rules of
+join and push, quarantine and retry after a failed aggregation, and resume. Each published
+state is compared with the engine run independently on the same uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from raflora.server.config import FederationConfig
+from raflora.server.engine import AdapterSchema, make_strategy
+from raflora.server.errors import (
+    AlreadyExistsError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from raflora.server.metrics import ServerMetrics
+from raflora.server.rounds import EventType, FederationRuntime, Phase, RuntimeLimits
+from raflora.server.storage import MemoryFederationStore
+from raflora.v1.wire import ErrorReason
+from tests.helpers.adapters import engine_update, factors
+
+MODULES = {"q": (8, 6), "v": (5, 6)}
+SCHEMA = AdapterSchema.from_shapes(MODULES)
+T = TypeVar("T")
+
+
+def config(**overrides: Any) -> FederationConfig:
+    data: dict[str, Any] = {
+        "federation_id": "fed",
+        "modules": [{"name": n, "d_out": o, "d_in": i} for n, (o, i) in MODULES.items()],
+        "strategy": "raflora",
+        "max_rank": 4,
+        "min_clients": 2,
+    }
+    return FederationConfig.parse({**data, **overrides})
+
+
+class Harness:
+    """A runtime on a running event loop, with its in-memory store and an event log."""
+
+    def __init__(self, cfg: FederationConfig, store: MemoryFederationStore | None = None) -> None:
+        self.config = cfg
+        self.store = store or MemoryFederationStore()
+        self.executor = ThreadPoolExecutor(1)
+        if self.store.config is None:
+            self.store.create(cfg.model_dump(mode="json"))
+        self.runtime = FederationRuntime(
+            cfg, self.store, ServerMetrics(), self.executor, "cpu", RuntimeLimits()
+        )
+        self.events: list[EventType] = []
+
+    async def start(self) -> None:
+        self.runtime.resume()
+        self.runtime.start()
+        subscription = self.runtime.subscribe()
+
+        async def record() -> None:
+            while True:
+                event = await subscription.next()
+                if event is not None:
+                    self.events.append(event.type)
+
+        self._recorder = asyncio.get_running_loop().create_task(record())
+
+    async def stop(self) -> None:
+        self._recorder.cancel()
+        await self.runtime.close()
+        self.executor.shutdown()
+
+    async def push(
+        self, client: str, data: bytes, *, rank: int, examples: int = 10, round_: int = 0
+    ) -> Any:
+        ticket = self.runtime.begin_push(
+            client, round_, rank, examples, 0.0, len(data), hashlib.sha256(data).hexdigest()
+        )
+        for start in range(0, len(data), 256):
+            await ticket.write(data[start : start + 256])
+        return await self.runtime.finish_push(ticket)
+
+    async def published(self, round_: int, timeout: float = 30) -> None:
+        async def wait() -> None:
+            while self.runtime.state.round < round_:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(wait(), timeout)
+
+
+def run(cfg: FederationConfig, scenario: Callable[[Harness], Awaitable[T]]) -> T:
+    async def main() -> T:
+        h = Harness(cfg)
+        await h.start()
+        try:
+            return await scenario(h)
+        finally:
+            await h.stop()
+
+    return asyncio.run(main())
+
+
+def upload(rank: int, seed: int) -> bytes:
+    return save(factors(rank, seed, MODULES))
+
+
+def test_a_round_closes_at_quorum_and_equals_the_engine() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 30, 0.0)
+        await h.runtime.join("b", 4, 10, 0.0)
+        first = await h.push("a", upload(2, 1), rank=2, examples=30)
+        assert (first.uploads_in_round, h.runtime.phase) == (1, Phase.COLLECTING)
+        await h.push("b", upload(4, 2), rank=4, examples=10)
+        await h.published(1)
+        cfg = h.config
+        strategy = make_strategy("raflora", cfg.strategy_config("cpu"))
+        expected = strategy.aggregate(
+            strategy.initial_state(),
+            [
+                engine_update("a", 2, 30, 16.0, factors(2, 1, MODULES), MODULES),
+                engine_update("b", 4, 10, 16.0, factors(4, 2, MODULES), MODULES),
+            ],
+        )
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected.dense(m), atol=1e-5)
+        assert h.runtime.manifest is not None
+        shares = {u.client_id: u.weight_share for u in h.runtime.manifest.uploads}
+        assert shares == pytest.approx({"a": 0.75, "b": 0.25})
+        assert EventType.PUBLISHED in h.events
+
+    run(config(), scenario)
+
+
+def test_deadline_closes_a_round_with_min_clients() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.published(1, timeout=10)
+
+    run(config(min_clients=1, expected_clients=3, deadline_seconds=0.2), scenario)
+
+
+def test_late_duplicate_and_conflicting_pushes() -> None:
+    async def scenario(h: Harness) -> None:
+        for c in ("a", "b", "c"):
+            await h.runtime.join(c, 2, 10, 0.0)
+        a = upload(2, 1)
+        await h.push("a", a, rank=2)
+        again = await h.push("a", a, rank=2)  # an identical re-push: the ack was lost
+        assert again.duplicate and again.uploads_in_round == 1
+        with pytest.raises(AlreadyExistsError) as conflict:
+            await h.push("a", upload(2, 9), rank=2)
+        assert conflict.value.reason == ErrorReason.UPLOAD_CONFLICT
+        await h.push("b", upload(2, 2), rank=2)
+        await h.published(1)
+        # The push that closed the round is repeated after the round closed: still a duplicate.
+        late_again = await h.push("a", a, rank=2, round_=0)
+        assert late_again.duplicate and late_again.uploads_in_round == 2
+        with pytest.raises(FailedPreconditionError) as late:
+            await h.push("c", upload(2, 3), rank=2, round_=0)
+        assert late.value.reason == ErrorReason.ROUND_CLOSED
+        with pytest.raises(FailedPreconditionError) as early:
+            await h.push("c", upload(2, 3), rank=2, round_=5)
+        assert early.value.reason == ErrorReason.ROUND_NOT_OPEN
+
+    run(config(), scenario)
+
+
+def test_terms_are_fixed_at_join() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 100, 0.0)
+        data = upload(2, 1)
+        sha = hashlib.sha256(data).hexdigest()
+        with pytest.raises(InvalidArgumentError, match="exceeds the 100 examples") as big:
+            h.runtime.begin_push("a", 0, 2, 2**63 - 1, 0.0, len(data), sha)
+        assert big.value.field == "num_examples"
+        with pytest.raises(InvalidArgumentError) as alpha:
+            h.runtime.begin_push("a", 0, 2, 10, 1e300, len(data), sha)
+        assert alpha.value.field == "lora_alpha"
+        await h.push("a", data, rank=2, examples=100)
+        with pytest.raises(FailedPreconditionError) as locked:
+            await h.runtime.join("a", 4, 100, 0.0)  # with an upload in the open round
+        assert locked.value.reason == ErrorReason.JOIN_LOCKED
+        with pytest.raises(InvalidArgumentError, match="max_examples_per_client"):
+            await h.runtime.join("b", 2, 10**9, 0.0)
+
+    run(config(max_examples_per_client=1000), scenario)
+
+
+@pytest.mark.parametrize("alpha", [1e300, 5e-324, float("inf"), -1.0])
+def test_alphas_whose_scale_would_over_or_underflow_are_refused_at_join(alpha: float) -> None:
+    async def scenario(h: Harness) -> None:
+        with pytest.raises(InvalidArgumentError) as refused:
+            await h.runtime.join("a", 2, 10, alpha)
+        assert refused.value.field == "lora_alpha"
+        assert h.runtime.clients == {}
+
+    run(config(), scenario)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "field"),
+    [
+        (torch.float64, 1e300, "q.lora_A.weight"),  # finite in fp64, Inf in fp32
+        (torch.float32, 1e38, "q.lora_B.weight"),  # finite, Inf once scaled by s
+        (torch.float32, 1e7, "q"),  # finite everywhere, beyond the norm bound
+    ],
+)
+def test_uploads_that_would_poison_aggregation_are_refused_at_push(
+    dtype: torch.dtype, value: float, field: str
+) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 10, 64.0)  # scale 32
+        tensors = {k: v.to(dtype) for k, v in factors(2, 1, MODULES).items()}
+        target = "q.lora_A.weight" if field == "q.lora_A.weight" else "q.lora_B.weight"
+        tensors[target][0, 0] = value
+        with pytest.raises(Exception) as refused:
+            await h.push("a", save(tensors), rank=2)
+        assert getattr(refused.value, "field", None) == field
+        assert h.runtime.uploads == {}
+        await h.runtime.join("b", 2, 10, 0.0)
+        await h.push("b", upload(2, 2), rank=2)  # the others go on
+
+    run(config(min_clients=2), scenario)
+
+
+def test_payload_size_and_checksum_are_checked_before_anything_is_kept() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 10, 0.0)
+        data = upload(2, 1)
+        sha = hashlib.sha256(data).hexdigest()
+        ticket = h.runtime.begin_push("a", 0, 2, 10, 0.0, len(data), sha)
+        await ticket.write(data[:-1])
+        with pytest.raises(DataLossError) as short:
+            await h.runtime.finish_push(ticket)
+        assert short.value.reason == ErrorReason.SIZE_MISMATCH
+        ticket = h.runtime.begin_push("a", 0, 2, 10, 0.0, len(data), "0" * 64)
+        await ticket.write(data)
+        with pytest.raises(DataLossError) as bad:
+            await h.runtime.finish_push(ticket)
+        assert bad.value.reason == ErrorReason.CHECKSUM_MISMATCH
+        assert h.runtime.uploads == {} and h.store.uploads == {}
+
+    run(config(), scenario)
+
+
+def test_push_attempts_are_bounded_per_round() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 10, 0.0)
+        for _ in range(10):
+            with pytest.raises(InvalidArgumentError):
+                h.runtime.begin_push("a", 0, 2, 10, 0.0, 10, "nothex")
+        with pytest.raises(ResourceExhaustedError) as limit:
+            h.runtime.begin_push("a", 0, 2, 10, 0.0, 10, "0" * 64)
+        assert limit.value.reason == ErrorReason.PUSH_LIMIT
+
+    run(config(), scenario)
+
+
+def test_a_corrupt_stored_upload_is_quarantined_and_the_round_goes_on() -> None:
+    async def scenario(h: Harness) -> None:
+        for c in ("a", "b", "c"):
+            await h.runtime.join(c, 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.push("b", upload(2, 2), rank=2)
+        record, data = h.store.uploads[0]["b"]
+        flipped = bytearray(data)
+        flipped[-3] ^= 1
+        h.store.uploads[0]["b"] = (record, bytes(flipped))  # a bit flip at rest
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        assert h.runtime.manifest is not None
+        assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "c"]
+        assert h.runtime.manifest.quarantined == ("b",)
+        assert [r.client_id for r, _ in h.store.quarantined] == ["b"]
+        assert EventType.QUARANTINED in h.events
+
+    run(config(min_clients=3), scenario)
+
+
+def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any) -> None:
+    async def scenario(h: Harness) -> None:
+        calls = {"n": 0}
+        original = h.runtime.strategy.aggregate
+
+        def flaky(state: Any, updates: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(5, "I/O error")  # the round as a whole, not one upload
+            return original(state, updates)
+
+        monkeypatch.setattr(h.runtime.strategy, "aggregate", flaky)
+        monkeypatch.setattr("raflora.server.rounds.runtime._RETRY_INITIAL_SECONDS", 0.05)
+        h.runtime._retry_delay = 0.05
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.published(1, timeout=10)
+        assert EventType.FAILED in h.events and calls["n"] >= 2
+
+    run(config(min_clients=1), scenario)
+
+
+def test_resume_restores_round_clients_and_uploads() -> None:
+    store = MemoryFederationStore()
+    cfg = config(min_clients=2)
+
+    async def first() -> None:
+        h = Harness(cfg, store)
+        await h.start()
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.runtime.join("b", 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.push("b", upload(2, 2), rank=2)
+        await h.published(1)
+        await h.push("a", upload(2, 3), rank=2, round_=1)
+        await h.stop()
+
+    async def second() -> None:
+        h = Harness(cfg, store)
+        await h.start()
+        assert h.runtime.state.round == 1
+        assert sorted(h.runtime.clients) == ["a", "b"]
+        assert sorted(h.runtime.uploads) == ["a"]
+        assert h.runtime.energy is not None  # from the manifest, not recomputed
+        await h.push("b", upload(2, 4), rank=2, round_=1)
+        await h.published(2)
+        await h.stop()
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_a_corrupt_published_state_degrades_only_that_federation() -> None:
+    store = MemoryFederationStore()
+    cfg = config(min_clients=1)
+
+    async def first() -> None:
+        h = Harness(cfg, store)
+        await h.start()
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.published(1)
+        await h.stop()
+
+    async def second() -> None:
+        published = store.rounds[1]
+        damaged = bytearray(published.state_bytes)
+        damaged[-5] ^= 1
+        published.state_bytes = bytes(damaged)
+        h = Harness(cfg, store)
+        await h.start()  # resumes: the server would still start
+        assert "corrupt" in h.runtime.degraded
+        with pytest.raises(UnavailableError) as refused:
+            await h.runtime.view_for("a")
+        assert refused.value.reason == ErrorReason.FEDERATION_DEGRADED
+        await h.stop()
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_a_weight_share_cap_bounds_a_large_client() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("big", 2, 1_000_000, 0.0)
+        await h.runtime.join("s1", 2, 10, 0.0)
+        await h.runtime.join("s2", 2, 30, 0.0)
+        await h.push("big", upload(2, 1), rank=2, examples=1_000_000)
+        await h.push("s1", upload(2, 2), rank=2, examples=10)
+        await h.push("s2", upload(2, 3), rank=2, examples=30)
+        await h.published(1)
+        assert h.runtime.manifest is not None
+        shares = {u.client_id: u.weight_share for u in h.runtime.manifest.uploads}
+        # 0.5 to the capped client, the rest split 10:30 among the others.
+        assert shares == pytest.approx({"big": 0.5, "s1": 0.125, "s2": 0.375})
+
+    run(config(min_clients=3, max_weight_share=0.5), scenario)
