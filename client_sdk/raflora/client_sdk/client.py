@@ -15,10 +15,12 @@ about to expire, has expired or was revoked, as long as it still holds a valid s
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -28,13 +30,15 @@ from torch import Tensor
 
 from raflora.v1 import aggregation_pb2 as pb
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
-from raflora.v1.wire import DEFAULT_CHUNK_SIZE, MERGE_PREFIX, iter_chunks
+from raflora.v1.wire import DEFAULT_CHUNK_SIZE, MERGE_PREFIX, ErrorReason, iter_chunks
 
 from .errors import (
     RETRYABLE,
     DataLossError,
     DeadlineExceededError,
+    FailedPreconditionError,
     RafloraError,
+    UnavailableError,
     from_rpc_error,
 )
 
@@ -47,11 +51,13 @@ def bearer(credential: str | None) -> Metadata | None:
     return (("authorization", f"Bearer {credential}"),) if credential else None
 
 
+_REJOIN_REASONS = frozenset({ErrorReason.TOKEN_EXPIRED, ErrorReason.TOKEN_REVOKED})
+
+
 def _needs_rejoin(error: RafloraError) -> bool:
-    details = error.details.lower()
-    return error.code == grpc.StatusCode.UNAUTHENTICATED and (
-        "expired" in details or "revoked" in details
-    )
+    """A client token the server no longer takes, which joining again replaces (decided on the
+    error's reason, never on its message)."""
+    return error.code == grpc.StatusCode.UNAUTHENTICATED and error.reason in _REJOIN_REASONS
 
 
 T = TypeVar("T")
@@ -118,14 +124,19 @@ class RafloraClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         enrolment_secret: str | None = None,
+        credential_file: str | Path | None = None,
         token: str | None = None,
         timeout: float = 300.0,
         retry: RetryPolicy | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        """``enrolment_secret``: the federation's, needed by ``join`` when the server has
-        authentication on. ``token``: a client token already issued (then ``join`` is needed
-        only to refresh it, which needs the secret)."""
+        """``enrolment_secret``: what ``join`` presents when the server has authentication on:
+        this client's own credential (from the federation's admin), or, under open enrolment,
+        the federation's shared secret. A first join with the shared secret returns the
+        client's own credential; the client keeps it (and writes it to ``credential_file``,
+        mode 0600, when given: a restarted job reads it from there) and joins with it from then
+        on. ``token``: a client token already issued (then ``join`` is needed only to refresh
+        it, which needs the credential)."""
         self.target = target
         self.federation_id = federation_id
         self.client_id = client_id
@@ -141,6 +152,9 @@ class RafloraClient:
         self.stub = pb_grpc.AggregationServiceStub(self.channel)
         self.rank: int | None = None
         self.scale: float | None = None
+        self.credential_file = Path(credential_file) if credential_file is not None else None
+        if self.credential_file is not None and self.credential_file.exists():
+            enrolment_secret = self.credential_file.read_text().strip() or enrolment_secret
         self._enrolment_secret = enrolment_secret
         self.token = token
         self.token_expires_unix = 0.0  # unknown for a token passed in
@@ -195,20 +209,22 @@ class RafloraClient:
                 return fn()
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-                if not rejoined and _needs_rejoin(error) and self._can_rejoin():
-                    rejoined = True
-                    self._rejoin()
-                    continue
-                if error.code not in RETRYABLE:
+            except _StreamEndedError as ended:
+                error = ended
+            if not rejoined and _needs_rejoin(error) and self._can_rejoin():
+                rejoined = True
+                self._rejoin()
+                continue
+            if error.code not in RETRYABLE:
+                raise error from None
+            delay = next(delays, None)
+            if persistent:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise error from None
-                delay = next(delays, None)
-                if persistent:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise error from None
-                    delay = self.retry.max_backoff if delay is None else delay
-                elif delay is None:
-                    raise error from None
-                time.sleep(delay)
+                delay = self.retry.max_backoff if delay is None else delay
+            elif delay is None:
+                raise error from None
+            time.sleep(delay)
 
     def join(self, rank: int, num_examples: int, lora_alpha: float = 0.0) -> JoinInfo:
         """Join (or re-join) the federation at ``rank``; keeps the client token it returns."""
@@ -225,6 +241,8 @@ class RafloraClient:
         )
         self.rank, self.scale = rank, response.scale
         self._join_args = (rank, num_examples, lora_alpha)
+        if response.client_credential:  # first join under open enrolment: keep the id's own
+            self._keep_credential(response.client_credential)
         if response.client_token:
             self.token = response.client_token
             self.token_expires_unix = response.token_expires_unix
@@ -232,6 +250,19 @@ class RafloraClient:
             self._refresh_margin = min(REFRESH_MARGIN_SECONDS, max(lifetime, 0.0) / 4)
         self.chunk_size = min(self.chunk_size, response.chunk_size or self.chunk_size)
         return JoinInfo(response.status.round, response.scale, self.chunk_size, response.spec)
+
+    def _keep_credential(self, credential: str) -> None:
+        self._enrolment_secret = credential
+        if self.credential_file is not None:
+            self.credential_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.credential_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(credential + "\n")
+
+    @property
+    def client_credential(self) -> str | None:
+        """What this client joins with now (its own credential once one was issued)."""
+        return self._enrolment_secret
 
     def _call_plain(self, fn: Callable[[], T]) -> T:
         """``_call`` without token refresh (for join itself)."""
@@ -286,9 +317,17 @@ class RafloraClient:
                 if progress is not None and header is not None:
                     progress(received, header.total_bytes)
             if header is None or received != header.total_bytes:
-                raise DataLossError(f"data: pull ended after {received} bytes")
+                raise DataLossError(
+                    f"data: pull ended after {received} bytes",
+                    reason=ErrorReason.SIZE_MISMATCH,
+                    field="data",
+                )
             if digest.hexdigest() != header.sha256:
-                raise DataLossError("sha256: downloaded adapter does not match its checksum")
+                raise DataLossError(
+                    "sha256: downloaded adapter does not match its checksum",
+                    reason=ErrorReason.CHECKSUM_MISMATCH,
+                    field="sha256",
+                )
             payload = b"".join(parts)
             del parts
             tensors = load_safetensors(payload)
@@ -311,7 +350,11 @@ class RafloraClient:
     ) -> PushResult:
         """Upload this round's factors (PEFT names). Safe to retry: duplicates are detected."""
         if self.rank is None:
-            raise RafloraError("client_id: call join() before push()")
+            raise FailedPreconditionError(
+                "client_id: call join() before push()",
+                reason=ErrorReason.NOT_JOINED,
+                field="client_id",
+            )
         payload = save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
         header = pb.PushHeader(
             federation_id=self.federation_id,
@@ -359,28 +402,20 @@ class RafloraClient:
                 status: pb.RoundStatus = event.status
                 if status.round > after_round:
                     return status
-            raise grpc_unavailable()
+            raise _StreamEndedError("watch stream closed")
 
         try:
             return self._call(attempt, persistent=True, deadline=deadline)
-        except DeadlineExceededError:
+        except DeadlineExceededError as exc:
             raise DeadlineExceededError(
-                f"round: no round after {after_round} was published within {timeout}s"
+                f"round: no round after {after_round} was published within {timeout}s",
+                reason=exc.reason,
+                field="round",
             ) from None
 
 
-class _StreamEnded(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """A watch stream that closed without an error: treated as UNAVAILABLE and retried."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "watch stream closed"
-
-
-def grpc_unavailable() -> grpc.RpcError:
-    return _StreamEnded()
+class _StreamEndedError(UnavailableError):
+    """A watch stream that closed without an error (no RPC error): retried like UNAVAILABLE."""
 
 
 class AdminClient:
@@ -408,11 +443,20 @@ class AdminClient:
             raise from_rpc_error(exc) from None
 
     def create_federation(
-        self, spec: pb.FederationSpec, timeout: float = 30.0, enrolment_secret: str = ""
+        self,
+        spec: pb.FederationSpec,
+        timeout: float = 30.0,
+        enrolment_secret: str = "",
+        *,
+        open_enrolment: bool = False,
     ) -> pb.Federation:
-        """Create a federation. With auth on, the response's ``enrolment_secret`` is the secret
-        clients join with (``enrolment_secret`` chosen here, or generated): it is shown once."""
-        request = pb.CreateFederationRequest(spec=spec, enrolment_secret=enrolment_secret)
+        """Create a federation. With auth on, clients join with credentials from
+        :meth:`issue_client_credential`; with ``open_enrolment`` the response's
+        ``enrolment_secret`` (chosen here, or generated; shown once) enrols each client id once.
+        """
+        request = pb.CreateFederationRequest(
+            spec=spec, enrolment_secret=enrolment_secret, open_enrolment=open_enrolment
+        )
         federation: pb.Federation = self._call(
             lambda: self.stub.CreateFederation(request, timeout=timeout, metadata=self._metadata)
         )
@@ -446,6 +490,19 @@ class AdminClient:
             )
         )
         return response.enrolment_secret
+
+    def issue_client_credential(
+        self, federation_id: str, client_id: str, timeout: float = 30.0
+    ) -> str:
+        """A credential that enrols ``client_id`` only (it replaces, and revokes the tokens
+        of, any earlier one of that id); hand it to that client."""
+        request = pb.IssueClientCredentialRequest(federation_id=federation_id, client_id=client_id)
+        response: pb.IssueClientCredentialResponse = self._call(
+            lambda: self.stub.IssueClientCredential(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        )
+        return response.client_credential
 
     def close(self) -> None:
         self.channel.close()
