@@ -37,16 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the server-process helper and the test CA live in tests/
-    sys.path.insert(0, str(ROOT))
+import grpc
+import numpy as np
+import torch
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from raflora.client_sdk import AdminClient, RafloraClient, RetryPolicy  # noqa: E402
-from tests.service_harness import spec, start_server_process  # noqa: E402
+from raflora.client_sdk import AdminClient, RafloraClient, RetryPolicy
+from raflora.server.testing import federation_spec, make_pki, start_server_process
 
 ADMIN_TOKEN = "bench-load-admin-token-0123456789"
 MODULES = {f"layers.{i}.proj": (256, 256) for i in range(4)}
@@ -189,8 +185,6 @@ def main() -> int:
         ca: bytes | None = None
         credentials = None
         if not args.no_tls:
-            from tests.tls_helpers import make_pki
-
             pki = make_pki(tmp / "pki")
             ca = pki.ca_cert.read_bytes()
             credentials = pki.channel_credentials()
@@ -211,13 +205,14 @@ def main() -> int:
                 for f in range(args.federations):
                     fid = f"load-{f}"
                     secret = a.create_federation(
-                        spec(
+                        federation_spec(
                             fid,
                             MODULES,
                             max_rank=max(RANKS),
                             min_clients=per_federation,
                             expected_clients=per_federation,
-                        )
+                        ),
+                        open_enrolment=True,
                     ).enrolment_secret
                     for c in range(per_federation):
                         jobs.append((fid, secret, f"f{f}-c{c:03d}", RANKS[c % len(RANKS)]))
@@ -257,8 +252,7 @@ def main() -> int:
             traceback.print_exc()
             return 2
         finally:
-            if server.process.poll() is None:
-                server.terminate()
+            server.stop()
 
     expected_rounds = args.clients * args.rounds
     result = {

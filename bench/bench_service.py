@@ -62,13 +62,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the server-process helper lives in tests/
-    sys.path.insert(0, str(ROOT))
-
-from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb  # noqa: E402
-from raflora.v1 import aggregation_pb2_grpc as pb_grpc  # noqa: E402
-from tests.service_harness import ServerProcess, spec, start_server_process  # noqa: E402
+from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
+from raflora.server.testing import ServerProcess, federation_spec, scrape, start_server_process
+from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 MODULE_DIM = 4096
@@ -147,7 +143,7 @@ class Server:
 
     @property
     def pid(self) -> int:
-        return int(self.process.process.pid)
+        return self.process.pid
 
     @property
     def target(self) -> str:
@@ -158,8 +154,8 @@ def launch(workdir: Path, name: str) -> Server:
     data = workdir / name
     data.mkdir(parents=True)
     handle = start_server_process(data, workdir / f"{name}.log")
-    idle = proc_status_kib(handle.process.pid, "VmRSS") / 1024
-    log(f"server {name}: pid {handle.process.pid}, {handle.target}, idle RSS {idle:.0f} MiB")
+    idle = proc_status_kib(handle.pid, "VmRSS") / 1024
+    log(f"server {name}: pid {handle.pid}, {handle.target}, idle RSS {idle:.0f} MiB")
     return Server(handle, idle)
 
 
@@ -267,12 +263,9 @@ class SizeResult:
 
 
 def scrape_sum(url: str, metric: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text: str = response.read().decode()
+    """The sum of ``metric`` over all its label sets, from one scrape of ``url``."""
     total = 0.0
-    for line in text.splitlines():
+    for line in scrape(url).splitlines():
         if line.startswith(metric + "{") or line.startswith(metric + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -304,7 +297,7 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
     with RssSampler(server.pid) as sampler:
         with AdminClient(server.target) as admin:
             admin.create_federation(
-                spec(
+                federation_spec(
                     federation,
                     module_shapes(modules, MODULE_DIM),
                     max_rank=THROUGHPUT_RANK,
@@ -536,7 +529,7 @@ def bench_round(workdir: Path, n_clients: int, rounds: int) -> RoundResult:
     with RssSampler(server.pid) as sampler:
         with AdminClient(server.target) as admin:
             admin.create_federation(
-                spec(
+                federation_spec(
                     federation,
                     module_shapes(ROUND_MODULES, ROUND_DIM),
                     max_rank=max(ROUND_RANKS),

@@ -31,7 +31,8 @@ from raflora.client_sdk import AdminClient, RafloraClient, pb
 from raflora.client_sdk.peft_adapter import adapter_shapes, load_pulled_adapter
 from raflora.demo import data as datasets
 from raflora.demo.model import LoraClassifier, evaluate, tokenize
-from raflora.demo.orchestrator import ServerProcess, delta_norm, spawn_trainer, wait_for_round
+from raflora.demo.orchestrator import delta_norm, spawn_trainer, wait_for_round
+from raflora.server.testing import ServerProcess
 
 # label -> (strategy, options)
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -394,9 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(cells)} cells, {len(cells) - len(todo)} already done", file=sys.stderr)
         started = time.monotonic()
         durations: list[float] = []
-        server = ServerProcess(args.out / "server-data", args.out / "server.log")
+        server = ServerProcess(
+            args.out / "server-data", args.out / "server.log", host=None, device=None
+        )
         try:
-            server.wait_ready()
+            server.start()
             for n, cell in enumerate(todo, 1):
                 elapsed = (time.monotonic() - started) / 60
                 expected = float(np.mean(durations)) if durations else 0.0

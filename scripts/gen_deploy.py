@@ -21,7 +21,7 @@ RULES = ROOT / "deploy/prometheus/raflora-rules.yml"
 PROMETHEUS_RULE = ROOT / "deploy/kubernetes/components/monitoring/prometheusrule.yaml"
 DASHBOARD = ROOT / "deploy/grafana/raflora-dashboard.json"
 
-# Grafana template variables the queries use (tests/deploy_support.py substitutes them).
+# Grafana template variables the queries use (tests/helpers/deploy.py substitutes them).
 SEL = 'job=~"$job", federation=~"$federation"'
 RATE = "$__rate_interval"
 

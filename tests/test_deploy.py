@@ -23,12 +23,13 @@ import yaml
 
 from raflora.server.config import FederationConfig
 from raflora.server.settings import ServerSettings
+from raflora.server.testing import free_port, scrape, threaded_server
 
-from .deploy_support import (
+from .helpers import ROOT
+from .helpers.deploy import (
     DASHBOARD,
     DEPLOY,
     KUSTOMIZE,
-    ROOT,
     RULES,
     RULES_TEST,
     all_rules,
@@ -41,7 +42,6 @@ from .deploy_support import (
     run,
     tool,
 )
-from .service_harness import free_port, scrape, threaded_server
 
 DOCKERFILE = DEPLOY / "docker/Dockerfile"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}

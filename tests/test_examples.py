@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .service_harness import ROOT, threaded_server
+from raflora.server.testing import python_env, threaded_server
+
+from .helpers import ROOT
 
 
 @pytest.mark.parametrize("script", ["plain_pytorch.py", "peft_model.py"])
@@ -17,12 +18,6 @@ def test_example_runs(tmp_path: Path, script: str) -> None:
     if script == "peft_model.py":
         pytest.importorskip("peft")
     with threaded_server(tmp_path) as server:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                str(ROOT / d) for d in ("server", "client_sdk", "proto", "demo")
-            ),
-        }
         run = subprocess.run(
             [
                 sys.executable,
@@ -35,7 +30,7 @@ def test_example_runs(tmp_path: Path, script: str) -> None:
             capture_output=True,
             text=True,
             timeout=300,
-            env=env,
+            env=python_env(extra_dirs=("demo",)),
         )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("round")]

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,53 +31,29 @@ from raflora.client_sdk import (
     RafloraClient,
     ResourceExhaustedError,
     RetryPolicy,
-    lora_state_dict,
     pb,
 )
-from raflora.server.engine import (
-    AdapterSchema,
-    ClientUpdate,
-    FactorPair,
-    StrategyConfig,
-    lora_scaling,
-    make_strategy,
-)
-from raflora.server.storage import FederationStore
-from raflora.v1 import aggregation_pb2_grpc as pb_grpc
-from raflora.v1.wire import iter_chunks, sha256_hex
-
-from .conftest import rel_err
-from .service_harness import (
-    ROOT,
+from raflora.server.engine import AdapterSchema, StrategyConfig, make_strategy
+from raflora.server.storage import FileFederationStore
+from raflora.server.testing import (
     ServerProcess,
     ThreadedServer,
+    python_env,
     scrape,
-    spec,
     start_server_process,
     threaded_server,
 )
+from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+from raflora.v1.wire import iter_chunks
+
+from .conftest import rel_err
+from .helpers.adapters import engine_update, factors, push_header
+from .helpers.federations import every_client_spec
+from .helpers.metrics import metric_value
+from .helpers.waiting import wait_until
 
 ADMIN_TOKEN = "faults-admin-token-0123456789"
 NO_RETRY = RetryPolicy(attempts=1)
-
-
-def factors(rank: int, seed: int, modules: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return lora_state_dict(
-        {
-            m: (torch.randn(rank, i, generator=g) / i**0.5, torch.randn(o, rank, generator=g))
-            for m, (o, i) in modules.items()
-        }
-    )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def incoming(data_dir: Path) -> list[Path]:
@@ -94,7 +70,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     import torch
     from raflora.client_sdk import RafloraClient, RetryPolicy, lora_state_dict
 
-    target, fid, secret = sys.argv[1:4]
+    target, fid, secret, credential_file = sys.argv[1:5]
     g = torch.Generator().manual_seed(99)
     modules = {f"layers.{i}.proj": (256, 256) for i in range(4)}
     tensors = lora_state_dict(
@@ -102,7 +78,7 @@ CLIENT_SCRIPT = textwrap.dedent(
          for m, (o, i) in modules.items()}
     )
     client = RafloraClient(target, fid, "doomed", enrolment_secret=secret, chunk_size=1024,
-                           retry=RetryPolicy(attempts=1))
+                           credential_file=credential_file, retry=RetryPolicy(attempts=1))
     client.join(rank=16, num_examples=7)
     print("joined", flush=True)
 
@@ -127,7 +103,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]
 def new_federation(server: ThreadedServer, fid: str, clients: int) -> str:
     with AdminClient(server.target, admin_token=ADMIN_TOKEN) as admin:
         created = admin.create_federation(
-            spec(fid, MODULES, max_rank=16, min_clients=clients, expected_clients=clients)
+            every_client_spec(fid, MODULES, clients, max_rank=16), open_enrolment=True
         )
     return created.enrolment_secret
 
@@ -140,20 +116,19 @@ def test_client_killed_mid_upload(server: ThreadedServer, tmp_path: Path) -> Non
             RafloraClient(server.target, "killed", "survivor", enrolment_secret=secret)
         )
         survivor.join(rank=8, num_examples=3)
-        acked = factors(8, 1, MODULES)
+        acked = factors(8, 1, MODULES, fan_in_scaled=True)
         assert survivor.push(acked, round=0, num_examples=3).uploads_in_round == 1
 
         script = tmp_path / "client.py"
         script.write_text(CLIENT_SCRIPT)
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("client_sdk", "proto")),
-        }
+        # Open enrolment: the first join returns the id's own credential, which the job keeps
+        # in a file so that a restarted process can enrol as the same client.
+        credential = tmp_path / "doomed.credential"
         child = subprocess.Popen(
-            [sys.executable, str(script), server.target, "killed", secret],
+            [sys.executable, str(script), server.target, "killed", secret, str(credential)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=python_env(),
         )
         try:
             # Kill it once the server is writing its upload to disk.
@@ -173,21 +148,22 @@ def test_client_killed_mid_upload(server: ThreadedServer, tmp_path: Path) -> Non
         assert (status.round, status.uploads, status.joined_clients) == (0, 1, 2)
         assert survivor.pull().round == 0  # others are served meanwhile
         # The killed client comes back (a new process would do the same) and completes.
+        assert credential.read_text().startswith("rfc1.")
         back = stack.enter_context(
-            RafloraClient(server.target, "killed", "doomed", enrolment_secret=secret)
+            RafloraClient(
+                server.target,
+                "killed",
+                "doomed",
+                enrolment_secret=secret,
+                credential_file=credential,
+            )
         )
         back.join(rank=16, num_examples=7)
-        g = torch.Generator().manual_seed(99)
-        tensors = lora_state_dict(
-            {
-                m: (torch.randn(16, i, generator=g), torch.randn(o, 16, generator=g))
-                for m, (o, i) in MODULES.items()
-            }
-        )
+        tensors = factors(16, 99, MODULES)  # what CLIENT_SCRIPT sends
         assert back.push(tensors, round=0, num_examples=7).uploads_in_round == 2
         assert survivor.wait_for_round(0, timeout=30).round == 1
-    manifest = FederationStore(data_dir / "federations" / "killed").read_manifest(1)
-    by_client = {u["client_id"]: u["sha256"] for u in manifest["uploads"]}
+    manifest = FileFederationStore(data_dir / "federations" / "killed").read_manifest(1)
+    by_client = {u.client_id: u.sha256 for u in manifest.uploads}
     assert by_client == {
         "doomed": hashlib.sha256(save(tensors)).hexdigest(),
         "survivor": hashlib.sha256(save(acked)).hexdigest(),
@@ -202,22 +178,19 @@ def test_stalled_stream_is_cut_at_the_idle_timeout(server: ThreadedServer) -> No
             RafloraClient(server.target, "stalled", "good", enrolment_secret=secret)
         )
         good.join(rank=8, num_examples=3)
-        assert good.push(factors(8, 1, MODULES), round=0, num_examples=3).uploads_in_round == 1
+        assert (
+            good.push(
+                factors(8, 1, MODULES, fan_in_scaled=True), round=0, num_examples=3
+            ).uploads_in_round
+            == 1
+        )
         slow = stack.enter_context(
             RafloraClient(server.target, "stalled", "slow", enrolment_secret=secret)
         )
         slow.join(rank=16, num_examples=5)
         assert slow.token is not None
-        payload = save(factors(16, 2, MODULES))
-        header = pb.PushHeader(
-            federation_id="stalled",
-            client_id="slow",
-            round=0,
-            rank=16,
-            num_examples=5,
-            total_bytes=len(payload),
-            sha256=sha256_hex(payload),
-        )
+        payload = save(factors(16, 2, MODULES, fan_in_scaled=True))
+        header = push_header("stalled", "slow", payload, rank=16, num_examples=5)
         release = stack.enter_context(_Event())
 
         def stalls() -> Iterator[pb.PushRequest]:
@@ -246,7 +219,12 @@ def test_stalled_stream_is_cut_at_the_idle_timeout(server: ThreadedServer) -> No
             in metrics
         )
         # The slow client tries again at full speed and the round completes.
-        assert slow.push(factors(16, 2, MODULES), round=0, num_examples=5).uploads_in_round == 2
+        assert (
+            slow.push(
+                factors(16, 2, MODULES, fan_in_scaled=True), round=0, num_examples=5
+            ).uploads_in_round
+            == 2
+        )
         assert good.wait_for_round(0, timeout=30).round == 1
 
 
@@ -293,14 +271,20 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
         started.append(first)
         with AdminClient(first.target, admin_token=ADMIN_TOKEN) as admin:
             secret = admin.create_federation(
-                spec("agg", AGG_MODULES, max_rank=8, min_clients=3, expected_clients=3)
+                every_client_spec("agg", AGG_MODULES, 3, max_rank=8), open_enrolment=True
             ).enrolment_secret
         uploads: dict[str, dict[str, torch.Tensor]] = {}
         tokens = {}
         for i, (cid, rank, n) in enumerate(AGG_CLIENTS):
-            with RafloraClient(first.target, "agg", cid, enrolment_secret=secret) as client:
+            with RafloraClient(
+                first.target,
+                "agg",
+                cid,
+                enrolment_secret=secret,
+                credential_file=tmp_path / f"{cid}.credential",
+            ) as client:
                 client.join(rank=rank, num_examples=n)
-                uploads[cid] = factors(rank, i, AGG_MODULES)
+                uploads[cid] = factors(rank, i, AGG_MODULES, fan_in_scaled=True)
                 result = client.push(uploads[cid], round=0, num_examples=n)
                 assert result.uploads_in_round == i + 1  # acknowledged
                 tokens[cid] = client.token
@@ -308,7 +292,7 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
         # temporary directory, and (test hook) sleeps before renaming it into place.
         rounds = data / "federations" / "agg" / "rounds"
         assert wait_until(lambda: any(rounds.glob(".tmp-*/manifest.json")), timeout=30)
-        assert "debug_aggregation_delay_seconds" in first.log.read_text()
+        assert "debug_aggregation_delay_seconds" in first.log_text()
         first.kill()
         assert first.process.returncode == -signal.SIGKILL
         assert not (rounds / "00000001").exists()  # nothing half-published
@@ -320,11 +304,11 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
             status = client.wait_for_round(0, timeout=60)  # tokens survive the restart
             assert status.round == 1
         assert not list(rounds.glob(".tmp-*"))  # the orphan was cleaned up
-        store = FederationStore(data / "federations" / "agg")
+        store = FileFederationStore(data / "federations" / "agg")
         manifest = store.read_manifest(1)
-        assert sorted(u["client_id"] for u in manifest["uploads"]) == ["a", "b", "c"]
-        for u in manifest["uploads"]:
-            assert u["sha256"] == hashlib.sha256(save(uploads[u["client_id"]])).hexdigest()
+        assert sorted(u.client_id for u in manifest.uploads) == ["a", "b", "c"]
+        for u in manifest.uploads:
+            assert u.sha256 == hashlib.sha256(save(uploads[u.client_id])).hexdigest()
         strategy = make_strategy(
             "raflora",
             StrategyConfig(schema=AdapterSchema.from_shapes(AGG_MODULES), max_rank=8),
@@ -332,32 +316,22 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
         expected = strategy.aggregate(
             strategy.initial_state(),
             [
-                ClientUpdate(
-                    cid,
-                    rank,
-                    n,
-                    lora_scaling(16.0, rank),
-                    {
-                        m: FactorPair(
-                            B=uploads[cid][f"{m}.lora_B.weight"],
-                            A=uploads[cid][f"{m}.lora_A.weight"],
-                        )
-                        for m in AGG_MODULES
-                    },
-                )
+                engine_update(cid, rank, n, 16.0, uploads[cid], AGG_MODULES)
                 for cid, rank, n in AGG_CLIENTS
             ],
         )
-        published = store.load_state(1, list(AGG_MODULES))
+        published = store.load_published(1, AdapterSchema.from_shapes(AGG_MODULES))[0]
         for m in AGG_MODULES:
             assert rel_err(published.dense(m), expected.dense(m)) < 1e-5
-        with RafloraClient(second.target, "agg", "c", enrolment_secret=secret) as client:
+        with RafloraClient(
+            second.target, "agg", "c", credential_file=tmp_path / "c.credential"
+        ) as client:
             client.join(rank=8, num_examples=20)
             assert client.pull().round == 1  # and it serves on
         assert second.terminate() == 0
     finally:
         for handle in started:
-            if handle.process.poll() is None:
+            if handle.running:
                 handle.kill()
 
 
@@ -368,10 +342,7 @@ DISK_RANK = 32
 
 
 def aggregation_failures(server: ThreadedServer) -> float:
-    for line in scrape(server.metrics_url).splitlines():
-        if line.startswith('raflora_aggregation_failures_total{federation="disk"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_value(server.metrics_url, "raflora_aggregation_failures_total", federation="disk")
 
 
 @pytest.fixture
@@ -412,7 +383,7 @@ def test_disk_full_while_persisting(small_disk: Path) -> None:
     data_dir = small_disk / "data"
     with threaded_server(data_dir) as server, ExitStack() as stack:
         AdminClient(server.target).create_federation(
-            spec("disk", DISK_MODULES, max_rank=DISK_RANK, min_clients=3, expected_clients=3)
+            every_client_spec("disk", DISK_MODULES, 3, max_rank=DISK_RANK)
         )
         clients = {}
         for cid in "abcd":
@@ -422,7 +393,10 @@ def test_disk_full_while_persisting(small_disk: Path) -> None:
         for cid in "abc":
             clients[cid].join(rank=DISK_RANK, num_examples=4)
         assert clients["a"].pull().round == 0  # build the round-0 view while there is room
-        tensors = {cid: factors(DISK_RANK, i, DISK_MODULES) for i, cid in enumerate("abc")}
+        tensors = {
+            cid: factors(DISK_RANK, i, DISK_MODULES, fan_in_scaled=True)
+            for i, cid in enumerate("abc")
+        }
         upload_bytes = len(save(tensors["a"]))
         assert clients["a"].push(tensors["a"], round=0, num_examples=4).uploads_in_round == 1
         acked = data_dir / "federations" / "disk" / "uploads" / "00000000" / "a.safetensors"
@@ -456,9 +430,9 @@ def test_disk_full_while_persisting(small_disk: Path) -> None:
         # Space comes back: the server retries on its own and publishes; everyone carries on.
         ballast.unlink()
         assert clients["a"].wait_for_round(0, timeout=30).round == 1
-        manifest = FederationStore(data_dir / "federations" / "disk").read_manifest(1)
-        assert sorted(u["client_id"] for u in manifest["uploads"]) == ["a", "b", "c"]
-        assert next(u for u in manifest["uploads"] if u["client_id"] == "a")["sha256"] == acked_sha
+        manifest = FileFederationStore(data_dir / "federations" / "disk").read_manifest(1)
+        assert sorted(u.client_id for u in manifest.uploads) == ["a", "b", "c"]
+        assert next(u for u in manifest.uploads if u.client_id == "a").sha256 == acked_sha
         assert clients["b"].pull().round == 1
         clients["d"].join(rank=4, num_examples=1)
         assert clients["d"].status().joined_clients == 4
@@ -468,4 +442,7 @@ def test_disk_full_while_persisting(small_disk: Path) -> None:
             if line.startswith("raflora_upload_errors_total")
         ]
         assert any('code="RESOURCE_EXHAUSTED"' in line for line in failures), failures
-        assert json.loads((data_dir / "federations" / "disk" / "clients.json").read_text())
+        joined = data_dir / "federations" / "disk" / "clients"
+        assert sorted(json.loads(f.read_text())["client_id"] for f in joined.glob("*.json")) == [
+            *"abcd"
+        ]

@@ -23,14 +23,16 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from raflora.client_sdk import AdminClient, RafloraClient, RetryPolicy, lora_state_dict, pb
+from raflora.client_sdk import AdminClient, RafloraClient, RetryPolicy, pb
+from raflora.server.testing import ThreadedServer, scrape, threaded_server
 
-from .service_harness import ThreadedServer, scrape, spec, threaded_server
+from .helpers.adapters import factors
+from .helpers.federations import every_client_spec, spec
+from .helpers.waiting import wait_until
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
 MODULES = {"m0": (16, 12), "m1": (8, 20)}
@@ -75,17 +77,7 @@ SERVER_STREAMING = {
 PUSH = "/raflora.v1.AggregationService/Push"
 
 
-def factors(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return lora_state_dict(
-        {
-            m: (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
-            for m, (o, i) in MODULES.items()
-        }
-    )
-
-
-VALID_PAYLOAD: bytes = save(factors(RANK, 0))
+VALID_PAYLOAD: bytes = save(factors(RANK, 0, MODULES))
 HEADER_LEN = struct.unpack("<Q", VALID_PAYLOAD[:8])[0]
 
 
@@ -131,7 +123,7 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
     ):
         admin = stack.enter_context(AdminClient(server.target, admin_token=ADMIN_TOKEN))
         secret = admin.create_federation(
-            spec("fuzz", MODULES, max_rank=4, min_clients=50, expected_clients=50)
+            every_client_spec("fuzz", MODULES, 50, max_rank=4), open_enrolment=True
         ).enrolment_secret
         fuzzer = stack.enter_context(
             RafloraClient(server.target, "fuzz", "fuzzer", enrolment_secret=secret)
@@ -387,7 +379,7 @@ def victim(fuzz: Fuzz) -> Iterator[Victim]:
         ExitStack() as stack,
     ):
         secret = admin.create_federation(
-            spec("victim", MODULES, max_rank=4, min_clients=2, expected_clients=2)
+            every_client_spec("victim", MODULES, 2, max_rank=4), open_enrolment=True
         ).enrolment_secret
         retry = RetryPolicy(attempts=1)
         clients = [
@@ -421,14 +413,16 @@ def test_the_server_is_unharmed(fuzz: Fuzz, victim: Victim) -> None:
     """Runs last in this module: the fuzzing left no damage and no crash behind."""
     assert victim.failures == []
     assert len(victim.latencies) > 10 and max(victim.latencies) < 2.0
-    assert victim.client.push(factors(RANK, 1), round=0, num_examples=5).uploads_in_round == 1
-    assert victim.other.push(factors(RANK, 2), round=0, num_examples=5).uploads_in_round == 2
+    assert (
+        victim.client.push(factors(RANK, 1, MODULES), round=0, num_examples=5).uploads_in_round == 1
+    )
+    assert (
+        victim.other.push(factors(RANK, 2, MODULES), round=0, num_examples=5).uploads_in_round == 2
+    )
     assert victim.client.wait_for_round(0, timeout=30).round == 1
     assert victim.client.pull().round == 1
     data_dir = fuzz.server.server.settings.data_dir
-    deadline = time.monotonic() + 5
-    while list(data_dir.rglob(".incoming-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not list(data_dir.rglob(".incoming-*")), timeout=5, interval=0.05)
     assert not list(data_dir.rglob(".incoming-*"))
     metrics = scrape(fuzz.server.metrics_url)
     assert 'code="INTERNAL"' not in metrics and 'code="UNKNOWN"' not in metrics

@@ -99,7 +99,7 @@ def test_reduces_exactly(schema: AdapterSchema, options: dict[str, float], equiv
 def test_pass_through_scales_partitions_by_w_to_one_minus_gamma(
     schema: AdapterSchema, gamma: float
 ) -> None:
-    """Extends DESIGN.md's theory: a pass-through round multiplies partition k by W_k^(1-γ)."""
+    """Extends docs/design.md §2.5: a pass-through round multiplies partition k by W_k^(1-γ)."""
     from raflora.server.engine import ClientUpdate, LowRank, lora_scaling
 
     cfg = StrategyConfig(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT
 
 
 def test_every_source_package_is_declared() -> None:

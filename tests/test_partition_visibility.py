@@ -8,13 +8,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
+from raflora.client_sdk import AdminClient, RafloraClient, pb
 from raflora.server.engine import partition_holders
+from raflora.server.testing import threaded_server
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 
-from .service_harness import scrape, spec, threaded_server
+from .helpers.adapters import factors
+from .helpers.federations import every_client_spec, spec
+from .helpers.metrics import samples
 
 MODULES = {"m": (12, 10)}
 CLIENTS = [("a", 2, 30), ("b", 2, 10), ("c", 4, 20), ("d", 8, 40)]
@@ -30,14 +32,7 @@ def test_partition_holders_definition() -> None:
 def test_metrics_status_and_warning_event(tmp_path: Path) -> None:
     with threaded_server(tmp_path) as server:
         AdminClient(server.target).create_federation(
-            spec(
-                "vis",
-                MODULES,
-                max_rank=8,
-                min_clients=4,
-                expected_clients=4,
-                min_partition_holders=2,
-            )
+            every_client_spec("vis", MODULES, 4, max_rank=8, min_partition_holders=2)
         )
         events: list[pb.RoundEvent] = []
         with grpc.insecure_channel(server.target) as channel:
@@ -55,16 +50,7 @@ def test_metrics_status_and_warning_event(tmp_path: Path) -> None:
             for cid, rank, n in CLIENTS:
                 with RafloraClient(server.target, "vis", cid) as client:
                     client.join(rank=rank, num_examples=n)
-                    g = torch.Generator().manual_seed(rank + n)
-                    tensors = lora_state_dict(
-                        {
-                            "m": (
-                                torch.randn(rank, 10, generator=g),
-                                torch.randn(12, rank, generator=g),
-                            )
-                        }
-                    )
-                    client.push(tensors, round=0, num_examples=n)
+                    client.push(factors(rank, rank + n, MODULES), round=0, num_examples=n)
             watcher.join(60)
             stream.cancel()
         published = [e for e in events if e.type == pb.ROUND_EVENT_TYPE_PUBLISHED]
@@ -74,16 +60,15 @@ def test_metrics_status_and_warning_event(tmp_path: Path) -> None:
         energy = published[0].status.energy
         assert list(energy.partition_holders) == [4, 2, 1]
         assert list(energy.partition_holder_weight) == pytest.approx([1.0, 0.6, 0.4])
-        samples = {
-            (s.name, s.labels["upper_rank"]): s.value
-            for family in text_string_to_metric_families(scrape(server.metrics_url))
-            for s in family.samples
-            if s.name.startswith("raflora_rank_partition_holder")
-            and s.labels["federation"] == "vis"
+        holders = {
+            (name, dict(labels)["upper_rank"]): v
+            for (name, labels), v in samples(server.metrics_url).items()
+            if name.startswith("raflora_rank_partition_holder")
+            and dict(labels)["federation"] == "vis"
         }
-        assert samples[("raflora_rank_partition_holders", "8")] == 1
-        assert samples[("raflora_rank_partition_holders", "2")] == 4
-        assert samples[("raflora_rank_partition_holder_weight", "4")] == pytest.approx(0.6)
+        assert holders[("raflora_rank_partition_holders", "8")] == 1
+        assert holders[("raflora_rank_partition_holders", "2")] == 4
+        assert holders[("raflora_rank_partition_holder_weight", "4")] == pytest.approx(0.6)
 
 
 def test_older_rounds_can_be_pulled(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""DESIGN.md §2 theory: pass-through rounds (each client pushes back exactly what it pulled).
+"""docs/design.md §2.5 theory: pass-through rounds (each client pushes back exactly what it pulled).
 
 Ranks {2, 4, 8} with R = 8, unequal examples and unequal LoRA alphas.
 raFLoRA keeps ΔW a fixed point; FlexLoRA multiplies partition k's singular values by

@@ -27,13 +27,15 @@ from typing import Any
 import pytest
 import yaml
 
-from raflora.client_sdk import AdminClient, RafloraClient
 from raflora.client_sdk.errors import FailedPreconditionError
+from raflora.server.testing import free_port, threaded_server
 
-from .deploy_support import all_rules, dashboard_queries, debian_tool, load_rules
-from .deploy_support import rules_with_short_for as short_rules
-from .service_harness import free_port, spec, threaded_server
-from .test_service_metrics import CLIENTS, MODULES, random_factors
+from .helpers.adapters import factors
+from .helpers.deploy import all_rules, dashboard_queries, debian_tool, load_rules
+from .helpers.deploy import rules_with_short_for as short_rules
+from .helpers.federations import join_federations
+from .helpers.waiting import wait_for
+from .test_service_metrics import CLIENTS, MODULES
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +72,6 @@ class Prometheus:
             for a in self.get("/api/v1/alerts")["alerts"]
             if a["labels"]["alertname"] == name
         }
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -153,25 +147,9 @@ def test_rank_collapse_alert_fires_for_flexlora_only(
             lambda: prom.values('up{job="raflora"}') == {"": 1.0},
         )
         with ExitStack() as stack:
-            admin = stack.enter_context(AdminClient(server.target))
-            clients: dict[str, list[RafloraClient]] = {}
-            for fed, strategy in FEDERATIONS.items():
-                admin.create_federation(
-                    spec(
-                        fed,
-                        MODULES,
-                        strategy=strategy,
-                        max_rank=8,
-                        min_clients=len(CLIENTS),
-                        expected_clients=len(CLIENTS),
-                        init_seed=5,
-                    )
-                )
-                clients[fed] = []
-                for cid, rank, n, alpha in CLIENTS:
-                    client = stack.enter_context(RafloraClient(server.target, fed, cid))
-                    client.join(rank=rank, num_examples=n, lora_alpha=alpha)
-                    clients[fed].append(client)
+            clients = join_federations(
+                stack, server.target, FEDERATIONS, MODULES, CLIENTS, max_rank=8, init_seed=5
+            )
 
             e_min: dict[str, list[float]] = {fed: [] for fed in FEDERATIONS}
             for t in range(ROUNDS):
@@ -179,7 +157,7 @@ def test_rank_collapse_alert_fires_for_flexlora_only(
                     for i, (client, (_, rank, n, _)) in enumerate(
                         zip(clients[fed], CLIENTS, strict=True)
                     ):
-                        tensors = random_factors(rank, seed=i) if t == 0 else client.pull().tensors
+                        tensors = factors(rank, i, MODULES) if t == 0 else client.pull().tensors
                         client.push(tensors, round=t, num_examples=n)
                     assert clients[fed][0].wait_for_round(t, timeout=60).round == t + 1
                 # Prometheus scrapes every round and evaluates the rules on it before the
@@ -199,7 +177,7 @@ def test_rank_collapse_alert_fires_for_flexlora_only(
 
             # One refused upload (a stale round) so that the error panels have a series.
             with pytest.raises(FailedPreconditionError):
-                clients["ra"][0].push(random_factors(2, seed=0), round=0, num_examples=1)
+                clients["ra"][0].push(factors(2, 0, MODULES), round=0, num_examples=1)
 
         assert e_min["flex"][0] < 0.9 < e_min["flex"][1], e_min
         assert max(e_min["ra"]) < 0.9 and max(e_min["ra"]) - min(e_min["ra"]) < 1e-4, e_min

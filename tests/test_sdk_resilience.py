@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from raflora.client_sdk import (
     AdminClient,
@@ -17,36 +16,23 @@ from raflora.client_sdk import (
     NotFoundError,
     RafloraClient,
     RetryPolicy,
-    lora_state_dict,
 )
+from raflora.server.testing import ServerProcess
 
-from .service_harness import ServerProcess, free_port, spec, start_server_process
+from .helpers.adapters import factors
+from .helpers.federations import every_client_spec
 
 MODULES = {"m0": (64, 48), "m1": (32, 64)}
 PATIENT = RetryPolicy(attempts=40, initial_backoff=0.1, max_backoff=0.5)
 
 
-def factors(rank: int, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return lora_state_dict(
-        {
-            m: (torch.randn(rank, i, generator=g) * scale, torch.randn(o, rank, generator=g))
-            for m, (o, i) in MODULES.items()
-        }
-    )
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    handle = start_server_process(tmp_path / "data", tmp_path / "server-0.log", port=free_port())
-    AdminClient(handle.target).create_federation(
-        spec("fed", MODULES, max_rank=8, min_clients=2, expected_clients=2)
-    )
-    holder = [handle]
-    yield handle
-    for h in holder:
-        if h.process.poll() is None:
-            h.terminate()
+    with ServerProcess(tmp_path / "data", tmp_path / "server-0.log") as handle:
+        AdminClient(handle.target).create_federation(
+            every_client_spec("fed", MODULES, 2, max_rank=8)
+        )
+        yield handle
 
 
 def restart(handle: ServerProcess, tmp_path: Path, delay: float, name: str) -> threading.Thread:
@@ -55,8 +41,7 @@ def restart(handle: ServerProcess, tmp_path: Path, delay: float, name: str) -> t
 
     def later() -> None:
         time.sleep(delay)
-        fresh = start_server_process(tmp_path / "data", tmp_path / f"{name}.log", port=handle.port)
-        handle.process = fresh.process
+        handle.start(log=tmp_path / f"{name}.log")
 
     thread = threading.Thread(target=later, daemon=True)
     thread.start()
@@ -70,7 +55,7 @@ def test_client_reconnects_after_a_restart_and_carries_on(
     b = RafloraClient(server.target, "fed", "b", retry=PATIENT)
     a.join(rank=4, num_examples=10)
     b.join(rank=8, num_examples=30)
-    a.push(factors(4, 1), round=0, num_examples=10)
+    a.push(factors(4, 1, MODULES), round=0, num_examples=10)
     waiter: dict[str, int] = {}
     watch = threading.Thread(target=lambda: waiter.update(r=a.wait_for_round(0, 60).round))
     watch.start()
@@ -79,7 +64,7 @@ def test_client_reconnects_after_a_restart_and_carries_on(
     pulled = b.pull()  # issued while the server is down: retried until it is back
     assert pulled.round == 0
     restarted.join(30)
-    result = b.push(factors(8, 2), round=0, num_examples=30)
+    result = b.push(factors(8, 2, MODULES), round=0, num_examples=30)
     assert result.uploads_in_round == 2  # a's acknowledged upload survived
     watch.join(60)
     assert waiter == {"r": 1}  # the watcher reconnected and saw round 1 published
@@ -91,7 +76,7 @@ def test_client_reconnects_after_a_restart_and_carries_on(
 def test_interrupted_push_is_retried_and_counted_once(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    big = factors(8, 3)  # ~22 KiB in 1 KiB chunks: the kill lands mid-stream
+    big = factors(8, 3, MODULES)  # ~22 KiB in 1 KiB chunks: the kill lands mid-stream
     client = RafloraClient(server.target, "fed", "c", retry=PATIENT, chunk_size=1024)
     client.join(rank=8, num_examples=5)
     killed: list[threading.Thread] = []
@@ -121,9 +106,9 @@ def test_wrong_rank_or_federation_raise_typed_errors(server: ServerProcess) -> N
         client.join(rank=4, num_examples=1)
         client.rank = 8  # a client that lies about its rank at push time
         with pytest.raises(InvalidArgumentError) as wrong:
-            client.push(factors(8, 4), round=0, num_examples=1)
+            client.push(factors(8, 4, MODULES), round=0, num_examples=1)
         assert wrong.value.field == "rank"
         client.rank = 4
         with pytest.raises(FailedPreconditionError) as late:
-            client.push(factors(4, 4), round=7, num_examples=1)
+            client.push(factors(4, 4, MODULES), round=7, num_examples=1)
         assert late.value.field == "round"

@@ -21,7 +21,6 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from pydantic import SecretStr
 
 from raflora.client_sdk import (
@@ -31,14 +30,16 @@ from raflora.client_sdk import (
     RafloraError,
     RetryPolicy,
     UnauthenticatedError,
-    lora_state_dict,
     pb,
 )
 from raflora.server.settings import ServerSettings
+from raflora.server.testing import ThreadedServer, threaded_server
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
-from raflora.v1.wire import iter_chunks, sha256_hex
+from raflora.v1.wire import ErrorReason, iter_chunks
 
-from .service_harness import ThreadedServer, spec, threaded_server
+from .helpers.adapters import factors, push_header
+from .helpers.federations import spec
+from .helpers.rpc import refusal
 
 ADMIN_TOKEN = "admin-0123456789abcdef-test"
 MODULES = {"m0": (16, 12), "m1": (8, 20)}
@@ -46,29 +47,8 @@ NO_RETRY = RetryPolicy(attempts=1)
 UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
 
 
-def factors(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return lora_state_dict(
-        {
-            m: (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
-            for m, (o, i) in MODULES.items()
-        }
-    )
-
-
 def bearer(credential: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {credential}"),)
-
-
-def code_of(action: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    try:
-        action()
-    except RafloraError as exc:
-        return exc.code, exc.details
-    except grpc.RpcError as exc:
-        assert isinstance(exc, grpc.Call)
-        return exc.code(), exc.details() or ""
-    pytest.fail("the call was accepted")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +71,7 @@ def new_federation(admin: AdminClient, **policy: Any) -> tuple[str, str]:
     fid = f"fed-{next(_count)}"
     policy.setdefault("min_clients", 2)
     policy.setdefault("expected_clients", 2)
-    created = admin.create_federation(spec(fid, MODULES, max_rank=8, **policy))
+    created = admin.create_federation(spec(fid, MODULES, max_rank=8, **policy), open_enrolment=True)
     assert created.enrolment_secret
     return fid, created.enrolment_secret
 
@@ -110,16 +90,8 @@ def joined(
 def push_messages(fid: str, cid: str, rank: int, round_: int, seed: int) -> list[pb.PushRequest]:
     from safetensors.torch import save
 
-    data = save(factors(rank, seed))
-    header = pb.PushHeader(
-        federation_id=fid,
-        client_id=cid,
-        round=round_,
-        rank=rank,
-        num_examples=10,
-        total_bytes=len(data),
-        sha256=sha256_hex(data),
-    )
+    data = save(factors(rank, seed, MODULES))
+    header = push_header(fid, cid, data, rank=rank, num_examples=10, round=round_)
     return [pb.PushRequest(header=header)] + [
         pb.PushRequest(data=c) for c in iter_chunks(data, 4096)
     ]
@@ -144,7 +116,7 @@ def test_admin_rpcs_need_the_admin_token(server: ThreadedServer, admin: AdminCli
         ]:
             with AdminClient(server.target, admin_token=credential) as other:
                 for attempt in attempts:
-                    code, details = code_of(lambda a=attempt, o=other: a(o))  # type: ignore[misc]
+                    code, details, _ = refusal(lambda a=attempt, o=other: a(o))  # type: ignore[misc]
                     assert code == expected, details
                     assert details.startswith("authorization: ")
     assert [f.spec.federation_id for f in admin.list_federations()].count("intruder") == 0
@@ -169,12 +141,16 @@ def test_create_returns_the_secret_once_and_stores_only_a_hash(
             assert secret.encode() not in path.read_bytes(), path
     # An admin-chosen secret must be long enough; a refused one creates nothing.
     with pytest.raises(RafloraError) as short:
-        admin.create_federation(spec("short-secret", MODULES), enrolment_secret="too-short")
+        admin.create_federation(
+            spec("short-secret", MODULES), enrolment_secret="too-short", open_enrolment=True
+        )
     assert short.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert short.value.field == "enrolment_secret"
     assert not (data_dir / "federations" / "short-secret").exists()
     chosen = "x" * 40
-    made = admin.create_federation(spec("chosen-secret", MODULES), enrolment_secret=chosen)
+    made = admin.create_federation(
+        spec("chosen-secret", MODULES), enrolment_secret=chosen, open_enrolment=True
+    )
     assert made.enrolment_secret == chosen
 
 
@@ -256,13 +232,13 @@ def test_client_tokens_are_bound_to_federation_client_and_rank(
             ("admin as token", lambda: status(fid, ADMIN_TOKEN), UNAUTH, "authorization"),
         ]
         for name, action, expected, field in cases:
-            code, details = code_of(action)
+            code, details, _ = refusal(action)
             assert code == expected, (name, details)
             assert details.startswith(field), (name, details)
         # Nothing the refused calls sent was counted; the right tokens still work.
         assert a.status().uploads == 0 and c.status().uploads == 0
-        assert a.push(factors(2, 1), round=0, num_examples=10).uploads_in_round == 1
-        assert b.push(factors(4, 2), round=0, num_examples=10).uploads_in_round == 2
+        assert a.push(factors(2, 1, MODULES), round=0, num_examples=10).uploads_in_round == 1
+        assert b.push(factors(4, 2, MODULES), round=0, num_examples=10).uploads_in_round == 2
         assert a.wait_for_round(0, timeout=30).round == 1
         assert (a.pull().rank, b.pull().rank) == (2, 4)
         assert c.status().round == 0  # the other federation saw none of it
@@ -282,7 +258,7 @@ def test_expired_tokens_are_refused_and_the_sdk_joins_again(
             time.sleep(1.2)
             channel = stack.enter_context(grpc.insecure_channel(server.target))
             stub: Any = pb_grpc.AggregationServiceStub(channel)
-            code, details = code_of(
+            code, details, _ = refusal(
                 lambda: stub.GetRound(pb.GetRoundRequest(federation_id=fid), metadata=bearer(first))
             )
             assert code == UNAUTH and "expired" in details
@@ -328,21 +304,26 @@ def test_rotation_revokes_tokens_and_the_old_secret(
     fid, secret = new_federation(admin)
     with ExitStack() as stack:
         client = joined(stack, server, fid, "a", secret, rank=2)
+        old_token = client.token
+        assert client.client_credential and client.client_credential.startswith("rfc1.")
         new_secret = admin.rotate_enrolment_secret(fid)
         assert new_secret and new_secret != secret
-        # The old token is revoked; the SDK tries to join again, but its secret is stale too.
-        with pytest.raises(UnauthenticatedError) as info:
-            client.status()
-        assert "enrolment secret not accepted" in info.value.details
-        fresh = joined(stack, server, fid, "a", new_secret, rank=2)
-        assert fresh.status().round == 0
-        chosen = "y" * 48
-        assert admin.rotate_enrolment_secret(fid, chosen) == chosen
+        # Every token is revoked; "a" joins again by itself with its own credential (the shared
+        # secret enrolled it once), so it keeps working with a new token.
+        assert client.status().round == 0
+        assert client.token != old_token
         with pytest.raises(UnauthenticatedError, match="revoked"):
             stack.enter_context(
-                RafloraClient(server.target, fid, "a", token=fresh.token, retry=NO_RETRY)
+                RafloraClient(server.target, fid, "a", token=old_token, retry=NO_RETRY)
             ).status()
-        assert joined(stack, server, fid, "b", chosen, rank=4).status().joined_clients == 2
+        # The old secret admits nobody new; the new one does, once per client id.
+        with pytest.raises(UnauthenticatedError) as stale:
+            joined(stack, server, fid, "b", secret, rank=4)
+        assert stale.value.reason == ErrorReason.ENROLMENT_REJECTED
+        assert joined(stack, server, fid, "b", new_secret, rank=4).status().joined_clients == 2
+        with pytest.raises(PermissionDeniedError) as taken:
+            joined(stack, server, fid, "a", new_secret, rank=2)
+        assert taken.value.reason == ErrorReason.CLIENT_ID_TAKEN
     with pytest.raises(RafloraError) as missing:
         admin.rotate_enrolment_secret("no-such-federation")
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
@@ -372,7 +353,7 @@ def test_open_mode_warns_and_require_auth_refuses_to_start(
         threaded_server(tmp_path / "open") as server,
     ):
         with AdminClient(server.target) as admin:  # no credentials needed
-            created = admin.create_federation(spec("open", MODULES))
+            created = admin.create_federation(spec("open", MODULES), open_enrolment=True)
             assert created.enrolment_secret == ""
         with RafloraClient(server.target, "open", "c") as client:
             client.join(rank=2, num_examples=1)
@@ -411,13 +392,13 @@ def test_federations_file_sets_enrolment_secrets_from_files(
     feds.write_text(json.dumps(entries))
     data = tmp_path / "data"
     with (
-        caplog.at_level(logging.WARNING, logger="raflora.server"),
+        caplog.at_level(logging.INFO, logger="raflora.server"),
         threaded_server(data, admin_token=ADMIN_TOKEN, federations_file=feds) as server,
         RafloraClient(server.target, "from-file", "c", enrolment_secret="a" * 40) as c,
     ):
         c.join(rank=2, num_examples=1)
         old_token = c.token
-    assert "federation no-secret has no enrolment secret" in caplog.text
+    assert "federation no-secret enrols clients with per-client credentials only" in caplog.text
     # The operator replaces the secret file and restarts: the new secret is stored, tokens
     # issued under the old one are revoked, and the old secret no longer admits anyone.
     (config / "fed-a.secret").write_text("b" * 40)
@@ -429,12 +410,12 @@ def test_federations_file_sets_enrolment_secrets_from_files(
             c.status()
         with (
             RafloraClient(
-                server.target, "from-file", "c", enrolment_secret="a" * 40, retry=NO_RETRY
+                server.target, "from-file", "d", enrolment_secret="a" * 40, retry=NO_RETRY
             ) as c,
             pytest.raises(UnauthenticatedError),
         ):
             c.join(rank=2, num_examples=1)
-        with RafloraClient(server.target, "from-file", "c", enrolment_secret="b" * 40) as c:
+        with RafloraClient(server.target, "from-file", "d", enrolment_secret="b" * 40) as c:
             assert c.join(rank=2, num_examples=1).round == 0
     # An unchanged file keeps the stored secret (and so every token) as it is.
     stored = (data / "federations" / "from-file" / "enrolment.json").read_text()

@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from safetensors.torch import save
 
 from raflora.client_sdk import (
@@ -24,38 +23,20 @@ from raflora.client_sdk import (
     RafloraError,
     ResourceExhaustedError,
     RetryPolicy,
-    lora_state_dict,
     pb,
 )
 from raflora.server.settings import ServerSettings
+from raflora.server.testing import threaded_server
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
-from raflora.v1.wire import iter_chunks, sha256_hex
+from raflora.v1.wire import iter_chunks
 
-from .service_harness import spec, threaded_server
+from .helpers.adapters import factors, push_header
+from .helpers.federations import spec
+from .helpers.rpc import outcome
+from .helpers.waiting import wait_until
 
 MODULES = {"m0": (16, 12), "m1": (8, 20)}
 NO_RETRY = RetryPolicy(attempts=1)
-
-
-def factors(rank: int, seed: int, modules: dict[str, tuple[int, int]] = MODULES) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    return lora_state_dict(
-        {
-            m: (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
-            for m, (o, i) in modules.items()
-        }
-    )
-
-
-def status_of(action: Any) -> grpc.StatusCode:
-    try:
-        action()
-    except RafloraError as exc:
-        return exc.code
-    except grpc.RpcError as exc:
-        assert isinstance(exc, grpc.Call)
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def test_push_attempts_per_client_per_round(tmp_path: Path) -> None:
@@ -72,20 +53,22 @@ def test_push_attempts_per_client_per_round(tmp_path: Path) -> None:
         )
         a.join(rank=2, num_examples=5)
         b.join(rank=2, num_examples=5)
-        bad = factors(4, 0)  # wrong rank: refused, but it counts
+        bad = factors(4, 0, MODULES)  # wrong rank: refused, but it counts
         for _ in range(2):
             with pytest.raises(RafloraError) as refused:
                 a.push(bad, round=0, num_examples=5)
             assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert a.push(factors(2, 1), round=0, num_examples=5).uploads_in_round == 1  # 3rd
+        assert a.push(factors(2, 1, MODULES), round=0, num_examples=5).uploads_in_round == 1  # 3rd
         with pytest.raises(ResourceExhaustedError) as exhausted:  # 4th, even a duplicate
-            a.push(factors(2, 1), round=0, num_examples=5)
+            a.push(factors(2, 1, MODULES), round=0, num_examples=5)
         assert exhausted.value.field == "round" and "limit of 3" in exhausted.value.details
         assert a.status().uploads == 1  # the acknowledged upload stands
-        assert b.push(factors(2, 2), round=0, num_examples=5).uploads_in_round == 2  # b: own
+        assert (
+            b.push(factors(2, 2, MODULES), round=0, num_examples=5).uploads_in_round == 2
+        )  # b: own
         assert a.wait_for_round(0, timeout=30).round == 1
         # A new round, a fresh allowance.
-        assert a.push(factors(2, 3), round=1, num_examples=5).uploads_in_round == 1
+        assert a.push(factors(2, 3, MODULES), round=1, num_examples=5).uploads_in_round == 1
 
 
 def test_concurrent_rpcs_are_capped(tmp_path: Path) -> None:
@@ -98,17 +81,19 @@ def test_concurrent_rpcs_are_capped(tmp_path: Path) -> None:
         ]
         for watch in watches:
             next(watch)  # each stream is open and holds a slot
-        code = status_of(lambda: stub.GetRound(pb.GetRoundRequest(federation_id="f"), timeout=5))
+        code = outcome(lambda: stub.GetRound(pb.GetRoundRequest(federation_id="f"), timeout=5)).code
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         for watch in watches:
             watch.cancel()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # slots are released as the cancels land
-            code = status_of(lambda: stub.GetRound(pb.GetRoundRequest(federation_id="f")))
-            if code == grpc.StatusCode.OK:
-                break
-            time.sleep(0.05)
-        assert code == grpc.StatusCode.OK
+        # Slots are released as the cancels land.
+        assert wait_until(
+            lambda: (
+                outcome(lambda: stub.GetRound(pb.GetRoundRequest(federation_id="f"))).code
+                == grpc.StatusCode.OK
+            ),
+            timeout=5,
+            interval=0.05,
+        )
         channel.close()
 
 
@@ -123,23 +108,13 @@ def test_message_size_and_transfer_time_limits(tmp_path: Path) -> None:
         AdminClient(server.target).create_federation(spec("f", MODULES, max_rank=4, min_clients=2))
         with RafloraClient(server.target, "f", "a", retry=NO_RETRY) as client:
             client.join(rank=2, num_examples=5)
-        data = save(factors(2, 0))
-        header = pb.PushRequest(
-            header=pb.PushHeader(
-                federation_id="f",
-                client_id="a",
-                round=0,
-                rank=2,
-                num_examples=5,
-                total_bytes=len(data),
-                sha256=sha256_hex(data),
-            )
-        )
+        data = save(factors(2, 0, MODULES))
+        header = pb.PushRequest(header=push_header("f", "a", data, rank=2, num_examples=5))
         with grpc.insecure_channel(server.target) as channel:
             stub: Any = pb_grpc.AggregationServiceStub(channel)
             # One message above max_message_bytes: refused by gRPC itself.
             huge = pb.PushRequest(data=b"\0" * (100 << 10))
-            code = status_of(lambda: stub.Push(iter([header, huge]), timeout=10))
+            code = outcome(lambda: stub.Push(iter([header, huge]), timeout=10)).code
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
             # Chunks that each arrive within the idle timeout, but too slowly overall.
@@ -161,7 +136,9 @@ def test_message_size_and_transfer_time_limits(tmp_path: Path) -> None:
         with RafloraClient(server.target, "f", "a", retry=NO_RETRY) as client:
             assert client.status().uploads == 0
             client.join(rank=2, num_examples=5)
-            assert client.push(factors(2, 0), round=0, num_examples=5).uploads_in_round == 1
+            assert (
+                client.push(factors(2, 0, MODULES), round=0, num_examples=5).uploads_in_round == 1
+            )
         assert not list(tmp_path.rglob(".incoming-*"))
     with pytest.raises(ValueError, match="max_message_bytes"):
         ServerSettings(data_dir=tmp_path, chunk_size=4 << 20, max_message_bytes=4 << 20)
@@ -221,7 +198,7 @@ def test_upload_size_is_bounded_by_the_schema(tmp_path: Path) -> None:
         with grpc.insecure_channel(server.target) as channel:
             stub: Any = pb_grpc.AggregationServiceStub(channel)
             started = time.monotonic()
-            code = status_of(lambda: stub.Push(messages(), timeout=10))
+            code = outcome(lambda: stub.Push(messages(), timeout=10)).code
             sent.set()
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert time.monotonic() - started < 3
@@ -247,7 +224,7 @@ def test_watch_streams_end_after_the_request_limit_and_the_sdk_reconnects(
 
             def push_later() -> None:
                 time.sleep(2.5)  # the watcher's stream has ended (and been renewed) by then
-                pusher.push(factors(2, 0), round=0, num_examples=5)
+                pusher.push(factors(2, 0, MODULES), round=0, num_examples=5)
 
             thread = threading.Thread(target=push_later)
             thread.start()

@@ -1,4 +1,4 @@
-"""TLS and mutual TLS, with a throwaway CA made by ``cryptography`` (tests/tls_helpers.py).
+"""TLS and mutual TLS, with a throwaway CA made by ``cryptography`` (raflora.server.testing).
 
 Also the end-to-end check that no secret reaches the logs or /metrics: a ``raflora-server``
 process with TLS, auth and DEBUG logging runs a full round with refused attempts mixed in, and
@@ -13,7 +13,6 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raflora.client_sdk import (
@@ -22,27 +21,24 @@ from raflora.client_sdk import (
     RafloraError,
     RetryPolicy,
     UnauthenticatedError,
-    lora_state_dict,
 )
 from raflora.server.settings import ServerSettings
+from raflora.server.testing import (
+    Pki,
+    ThreadedServer,
+    make_pki,
+    scrape,
+    start_server_process,
+    threaded_server,
+)
 
-from .service_harness import ThreadedServer, scrape, spec, start_server_process, threaded_server
-from .tls_helpers import Pki, make_pki
+from .helpers.adapters import factors
+from .helpers.federations import every_client_spec, spec
 
 MODULES = {"m0": (16, 12)}
 ADMIN_TOKEN = "tls-admin-token-0123456789"
 NO_RETRY = RetryPolicy(attempts=1)
 REFUSED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-def factors(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return lora_state_dict(
-        {
-            m: (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
-            for m, (o, i) in MODULES.items()
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +64,14 @@ def health_code(target: str, credentials: grpc.ChannelCredentials | None) -> grp
 def round_trip(target: str, credentials: grpc.ChannelCredentials, fid: str) -> None:
     """Create a federation, join, push, and pull the published round, all over TLS."""
     with AdminClient(target, credentials=credentials, admin_token=ADMIN_TOKEN) as admin:
-        secret = admin.create_federation(spec(fid, MODULES, max_rank=4)).enrolment_secret
+        secret = admin.create_federation(
+            spec(fid, MODULES, max_rank=4), open_enrolment=True
+        ).enrolment_secret
     with RafloraClient(
         target, fid, "c", credentials=credentials, enrolment_secret=secret
     ) as client:
         client.join(rank=2, num_examples=3)
-        client.push(factors(2, 0), round=0, num_examples=3)
+        client.push(factors(2, 0, MODULES), round=0, num_examples=3)
         assert client.wait_for_round(0, timeout=30).round == 1
         assert client.pull().round == 1
 
@@ -161,7 +159,7 @@ def test_secrets_never_reach_logs_or_metrics(pki: Pki, tmp_path: Path) -> None:
         target = f"localhost:{server.port}"  # the certificate's DNS name works too
         with AdminClient(target, credentials=credentials, admin_token=ADMIN_TOKEN) as admin:
             secret = admin.create_federation(
-                spec("quiet", MODULES, max_rank=4, min_clients=2, expected_clients=2)
+                every_client_spec("quiet", MODULES, 2, max_rank=4), open_enrolment=True
             ).enrolment_secret
             seen.append(secret)
             clients = []
@@ -170,10 +168,11 @@ def test_secrets_never_reach_logs_or_metrics(pki: Pki, tmp_path: Path) -> None:
                     target, "quiet", cid, credentials=credentials, enrolment_secret=secret
                 )
                 client.join(rank=2, num_examples=3)
-                assert client.token is not None
+                assert client.token is not None and client.client_credential is not None
                 seen.append(client.token)
+                seen.append(client.client_credential)  # issued at this first join
                 clients.append(client)
-                client.push(factors(2, i), round=0, num_examples=3)
+                client.push(factors(2, i, MODULES), round=0, num_examples=3)
             # Refused attempts with wrong and stolen credentials, which a log might echo.
             wrong = "wrong-secret-" + "z" * 30
             seen.append(wrong)
@@ -194,10 +193,17 @@ def test_secrets_never_reach_logs_or_metrics(pki: Pki, tmp_path: Path) -> None:
                 thief.pull()
             assert clients[0].wait_for_round(0, timeout=30).round == 1
             assert clients[1].pull().round == 1
+            old_token = clients[0].token
             rotated = admin.rotate_enrolment_secret("quiet")
             seen.append(rotated)
-            with pytest.raises(UnauthenticatedError):
-                clients[0].status()  # revoked, and the SDK's secret is stale
+            with (
+                RafloraClient(
+                    target, "quiet", "a", credentials=credentials, token=old_token
+                ) as revoked,
+                pytest.raises(UnauthenticatedError),
+            ):
+                revoked.status()
+            assert clients[0].status().round == 1  # re-joins with its own credential
             for client in clients:
                 client.close()
         metrics = scrape(server.metrics_url)
@@ -205,7 +211,7 @@ def test_secrets_never_reach_logs_or_metrics(pki: Pki, tmp_path: Path) -> None:
         assert 'code="UNAUTHENTICATED"' in metrics and 'code="PERMISSION_DENIED"' in metrics
     finally:
         assert server.terminate() == 0
-    log = server.log.read_text()
+    log = server.log_text()
     assert "auth on, tls tls" in log and "DEBUG" in log
     fragments: list[str] = []
     for credential in seen:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,8 +31,10 @@ from raflora.client_sdk import (
     lora_state_dict,
     pb,
 )
+from raflora.server.testing import ServerProcess, start_server_process
 
-from .service_harness import ServerProcess, spec, start_server_process
+from .helpers.federations import every_client_spec, spec
+from .helpers.waiting import wait_until
 
 FEDERATION = "crash"
 MODULES = {"layers.0.q_proj": (32, 24), "layers.0.v_proj": (16, 40), "layers.1.o_proj": (24, 24)}
@@ -60,11 +61,7 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
 
     yield start
     for handle in started:
-        if handle.process.poll() is None:
-            try:
-                handle.terminate()
-            except Exception:
-                handle.kill()
+        handle.stop()
 
 
 def adapter(
@@ -96,9 +93,7 @@ def federation_dir(data_dir: Path, federation: str = FEDERATION) -> Path:
 def create_federation(target: str) -> None:
     with AdminClient(target) as admin:
         # min_clients = expected_clients = N: the round cannot close before every upload is in.
-        admin.create_federation(
-            spec(FEDERATION, MODULES, max_rank=8, min_clients=N, expected_clients=N)
-        )
+        admin.create_federation(every_client_spec(FEDERATION, MODULES, N, max_rank=8))
 
 
 def join_all(stack: ExitStack, target: str) -> dict[str, RafloraClient]:
@@ -257,13 +252,14 @@ def test_upload_cut_by_sigkill_is_not_counted(launch: Launcher, tmp_path: Path) 
         """Once the server is writing the upload to disk, SIGKILL it (once)."""
         if sent < KILL_AFTER or "killed_at" in seen:
             return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def stored() -> bool:
             sizes = [p.stat().st_size for p in incoming_files(data)]
             if sizes and sizes[0] > 0:
                 seen["stored"] = sizes[0]
-                break
-            time.sleep(0.01)
+            return "stored" in seen
+
+        wait_until(stored, timeout=10, interval=0.01)
         seen["killed_at"] = sent
         first.kill()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
@@ -46,20 +44,23 @@ from raflora.client_sdk import (
 )
 from raflora.server.engine import (
     AdapterSchema,
-    ClientUpdate,
-    FactorPair,
     GlobalState,
     Strategy,
     StrategyConfig,
     lora_scaling,
     make_strategy,
 )
-from raflora.server.storage import FederationStore
+from raflora.server.storage import FileFederationStore
+from raflora.server.testing import ThreadedServer, threaded_server
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 from raflora.v1.wire import LORA_A, LORA_B, iter_chunks, sha256_hex, tensor_name
 
 from .conftest import rel_err
-from .service_harness import ThreadedServer, scrape, spec, threaded_server
+from .helpers.adapters import engine_update, factors, push_header
+from .helpers.federations import every_client_spec, spec
+from .helpers.metrics import metric_value
+from .helpers.rpc import refusal
+from .helpers.waiting import wait_until
 
 MODULES = {"layers.0.q": (16, 12), "layers.0.v": (12, 20)}
 MAX_RANK = 8
@@ -82,16 +83,6 @@ SDK_ERRORS: dict[grpc.StatusCode, type[RafloraError]] = {
 _ids = itertools.count()
 
 
-def factors(rank: int, seed: int) -> dict[str, Tensor]:
-    """A well-formed upload of ``rank`` in PEFT names; distinct seeds give distinct updates."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for m, (d_out, d_in) in MODULES.items():
-        out[tensor_name(m, LORA_A)] = torch.randn(rank, d_in, generator=g)
-        out[tensor_name(m, LORA_B)] = torch.randn(d_out, rank, generator=g)
-    return out
-
-
 def payload(tensors: dict[str, Tensor]) -> bytes:
     data: bytes = save_safetensors(tensors)
     return data
@@ -101,27 +92,8 @@ def chunks(data: bytes, size: int = CHUNK) -> list[pb.PushRequest]:
     return [pb.PushRequest(data=c) for c in iter_chunks(data, size)]
 
 
-def metric_samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a /metrics scrape, keyed by sample name and label set."""
-    out = {}
-    for family in text_string_to_metric_families(scrape(url)):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
 def rpc_count(url: str, method: str, code: grpc.StatusCode) -> float:
-    key = ("raflora_rpcs_total", frozenset({("method", method), ("code", code.name)}))
-    return metric_samples(url).get(key, 0.0)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return metric_value(url, "raflora_rpcs_total", method=method, code=code.name)
 
 
 @dataclass
@@ -158,24 +130,17 @@ class Federation:
 
     def header(self, data: bytes, **overrides: Any) -> pb.PushRequest:
         """A PushHeader that is correct for ``data`` from the ``bad`` client, unless overridden."""
-        fields: dict[str, Any] = {
-            "federation_id": self.id,
-            "client_id": "bad",
-            "round": self.round,
-            "rank": BAD_RANK,
-            "num_examples": 10,
-            "total_bytes": len(data),
-            "sha256": sha256_hex(data),
-        }
-        fields.update(overrides)
-        return pb.PushRequest(header=pb.PushHeader(**fields))
+        header = push_header(self.id, "bad", data, rank=BAD_RANK, num_examples=10, round=self.round)
+        for name, value in overrides.items():
+            setattr(header, name, value)
+        return pb.PushRequest(header=header)
 
     def raw_push(self, messages: Iterable[pb.PushRequest]) -> Any:
         return self.stub.Push(iter(list(messages)), timeout=10)
 
     def push_good(self, client_id: str) -> None:
         rank, examples, _ = GOOD[client_id]
-        tensors = factors(rank, seed=1000 * self.round + list(GOOD).index(client_id))
+        tensors = factors(rank, 1000 * self.round + list(GOOD).index(client_id), MODULES)
         result = self.good[client_id].push(tensors, round=self.round, num_examples=examples)
         assert result.round == self.round and not result.duplicate
         self.pushed[client_id] = tensors
@@ -188,23 +153,13 @@ class Federation:
         status = self.good["good-a"].wait_for_round(self.round, timeout=30)
         assert status.round == self.round + 1
         updates = [
-            ClientUpdate(
-                cid,
-                GOOD[cid][0],
-                GOOD[cid][1],
-                lora_scaling(GOOD[cid][2], GOOD[cid][0]),
-                {
-                    m: FactorPair(B=t[tensor_name(m, LORA_B)], A=t[tensor_name(m, LORA_A)])
-                    for m in MODULES
-                },
-            )
-            for cid, t in sorted(self.pushed.items())
+            engine_update(cid, *GOOD[cid], t, MODULES) for cid, t in sorted(self.pushed.items())
         ]
         expected = self.strategy.aggregate(self.state, updates)
-        store = FederationStore(self.data_dir / "federations" / self.id)
+        store = FileFederationStore(self.data_dir / "federations" / self.id)
         manifest = store.read_manifest(expected.round)
-        assert sorted(u["client_id"] for u in manifest["uploads"]) == sorted(GOOD)
-        published = store.load_state(expected.round, list(MODULES))
+        assert sorted(u.client_id for u in manifest.uploads) == sorted(GOOD)
+        published = store.load_published(expected.round, AdapterSchema.from_shapes(MODULES))[0]
         for m in MODULES:
             assert rel_err(published.dense(m), expected.dense(m)) < 1e-5
         # What a client actually pulls carries the same update (scale * B @ A, best rank-r view).
@@ -232,14 +187,7 @@ def fed(server: ThreadedServer) -> Iterator[Federation]:
     with ExitStack() as stack:
         admin = stack.enter_context(AdminClient(server.target))
         admin.create_federation(
-            spec(
-                fid,
-                MODULES,
-                max_rank=MAX_RANK,
-                min_clients=2,
-                expected_clients=2,
-                init_seed=SEED,
-            )
+            every_client_spec(fid, MODULES, 2, max_rank=MAX_RANK, init_seed=SEED)
         )
 
         def joined(cid: str, rank: int, examples: int, alpha: float) -> RafloraClient:
@@ -267,18 +215,6 @@ def fed(server: ThreadedServer) -> Iterator[Federation]:
         yield f
 
 
-def failure(action: Callable[[], object]) -> tuple[grpc.StatusCode, str, BaseException]:
-    """Run ``action``, which must fail with a gRPC status; return (code, details, exception)."""
-    try:
-        action()
-    except RafloraError as exc:
-        return exc.code, exc.details, exc
-    except grpc.RpcError as exc:
-        assert isinstance(exc, grpc.Call)
-        return exc.code(), exc.details() or "", exc
-    pytest.fail("the server accepted bad input")
-
-
 def assert_refused(
     f: Federation,
     action: Callable[[], object],
@@ -289,7 +225,7 @@ def assert_refused(
     """The shared checks of every bad-input case (see the module docstring)."""
     before = f.status()
     calls = rpc_count(f.server.metrics_url, method, code)
-    got, details, exc = failure(action)
+    got, details, exc = refusal(action, "the server accepted bad input")
     assert got == code, details
     assert details.startswith(f"{field_name}: "), details
     if isinstance(exc, RafloraError):
@@ -303,14 +239,16 @@ def assert_refused(
     )
     assert f.incoming() == []
     # The counter is bumped as the handler unwinds, which may trail the status by a moment.
-    assert wait_until(lambda: rpc_count(f.server.metrics_url, method, code) == calls + 1)
+    assert wait_until(
+        lambda: rpc_count(f.server.metrics_url, method, code) == calls + 1, timeout=5.0
+    )
 
 
 # -- one bad push, join, pull or status request each -------------------------------------------
 
 
 def _tensors_with(change: Callable[[dict[str, Tensor]], None]) -> dict[str, Tensor]:
-    tensors = factors(BAD_RANK, seed=999)
+    tensors = factors(BAD_RANK, 999, MODULES)
     change(tensors)
     return tensors
 
@@ -340,8 +278,8 @@ def _sdk_push(change: Callable[[dict[str, Tensor]], None]) -> Callable[[Federati
     return lambda f: f.bad.push(_tensors_with(change), round=f.round, num_examples=10)
 
 
-GOOD_BYTES = payload(factors(BAD_RANK, seed=999))
-RANK4_BYTES = payload(factors(4, seed=998))
+GOOD_BYTES = payload(factors(BAD_RANK, 999, MODULES))
+RANK4_BYTES = payload(factors(4, 998, MODULES))
 JUNK = bytes(range(256)) * 3  # 768 bytes whose first 8 announce an absurd header length
 
 Case = tuple[str, Callable[[Federation], object], str, grpc.StatusCode, str]
@@ -393,7 +331,7 @@ CASES: list[Case] = [
     ("wrong-shape", _sdk_push(_set(VB, torch.randn(12, 3))), "Push", INVALID, VB),
     (
         "factors-of-another-rank",
-        lambda f: f.bad.push(factors(4, seed=5), round=f.round, num_examples=10),
+        lambda f: f.bad.push(factors(4, 5, MODULES), round=f.round, num_examples=10),
         "Push",
         INVALID,
         QA,
@@ -562,7 +500,7 @@ def test_push_for_a_closed_round(fed: Federation) -> None:
     """Round 0 is published; an upload still trained from it is refused, naming the round."""
     fed.finish_round()
     fed.push_good("good-a")
-    stale = factors(BAD_RANK, seed=7)
+    stale = factors(BAD_RANK, 7, MODULES)
     assert_refused(
         fed,
         lambda: fed.bad.push(stale, round=0, num_examples=10),
@@ -580,7 +518,7 @@ def test_conflicting_upload_is_refused_and_an_identical_one_is_a_duplicate(
     first = fed.pushed["good-a"]
     again = fed.good["good-a"].push(first, round=0, num_examples=GOOD["good-a"][1])
     assert again.duplicate and again.uploads_in_round == 1
-    other = factors(GOOD["good-a"][0], seed=4242)
+    other = factors(GOOD["good-a"][0], 4242, MODULES)
     assert_refused(
         fed,
         lambda: fed.good["good-a"].push(other, round=0, num_examples=GOOD["good-a"][1]),
@@ -610,7 +548,7 @@ def test_cancelled_upload_leaves_nothing_behind(fed: Federation) -> None:
 
     call = fed.stub.Push.future(stalled(), timeout=30)
     try:
-        assert wait_until(lambda: len(fed.incoming()) == 1), "the upload never started"
+        assert wait_until(lambda: len(fed.incoming()) == 1, timeout=5.0), "the upload never started"
         # While it hangs half-sent, the server keeps serving everyone else.
         assert fed.good["good-b"].pull().round == 0
         assert fed.status().uploads == 1
@@ -618,7 +556,7 @@ def test_cancelled_upload_leaves_nothing_behind(fed: Federation) -> None:
         call.cancel()
         release.set()
     assert call.cancelled()
-    assert wait_until(lambda: fed.incoming() == []), fed.incoming()
+    assert wait_until(lambda: fed.incoming() == [], timeout=5.0), fed.incoming()
     status = fed.status()
     assert (status.round, status.uploads) == (0, 1)
     assert not (

@@ -3,7 +3,7 @@
 One server runs a FlexLoRA and a raFLoRA federation side by side with the same clients: ranks
 {2, 4, 8} (R = 8), unequal examples and unequal LoRA alphas. Round 0 pushes random factors so
 that ΔW ≠ 0; then every round is a pass-through (each client pushes back exactly what it
-pulled). The theory (DESIGN.md §2, tests/test_passthrough.py) says FlexLoRA shrinks partition
+pulled). The theory (docs/design.md §2.5, tests/test_passthrough.py) says FlexLoRA shrinks partition
 k by c_k < 1 every round, so E_min rises, while raFLoRA keeps ΔW a fixed point. Here that is
 read the way an operator would, from the Prometheus text over HTTP, along with the counters,
 histograms and gauges a dashboard would use.
@@ -19,47 +19,21 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
-from torch import Tensor
 
-from raflora.client_sdk import AdminClient, RafloraClient
-from raflora.server.engine import adapter_energy
-from raflora.server.storage import FederationStore
-from raflora.v1.wire import LORA_A, LORA_B, tensor_name
+from raflora.client_sdk import RafloraClient
+from raflora.server.engine import AdapterSchema, adapter_energy
+from raflora.server.storage import FileFederationStore
+from raflora.server.testing import ThreadedServer, threaded_server
 
-from .service_harness import ThreadedServer, scrape, spec, threaded_server
+from .helpers.adapters import factors
+from .helpers.federations import join_federations
+from .helpers.metrics import Samples, samples
+from .helpers.metrics import sample_value as value
 
 MODULES = {"layers.0.q": (24, 16), "layers.0.v": (16, 20)}
 CLIENTS = [("c2", 2, 40, 4.0), ("c4", 4, 25, 16.0), ("c8", 8, 10, 32.0)]  # id, rank, n, alpha
 FEDERATIONS = {"fl": "flexlora", "ra": "raflora"}
 PASS_THROUGH_ROUNDS = 3
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(url: str) -> Samples:
-    """Every sample of one /metrics scrape, keyed by sample name and label set."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(scrape(url)):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(scraped: Samples, name: str, **labels: str) -> float:
-    key = (name, frozenset(labels.items()))
-    assert key in scraped, f"{name}{labels} missing from /metrics"
-    return scraped[key]
-
-
-def random_factors(rank: int, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for m, (d_out, d_in) in MODULES.items():
-        out[tensor_name(m, LORA_A)] = torch.randn(rank, d_in, generator=g)
-        out[tensor_name(m, LORA_B)] = torch.randn(d_out, rank, generator=g)
-    return out
 
 
 @pytest.fixture
@@ -76,26 +50,9 @@ def test_metrics_show_collapse_under_flexlora_only(server: ThreadedServer) -> No
     eff_rank: dict[str, list[float]] = {fed: [] for fed in FEDERATIONS}
 
     with ExitStack() as stack:
-        admin = stack.enter_context(AdminClient(server.target))
-        clients: dict[str, list[RafloraClient]] = {}
-        for fed, strategy in FEDERATIONS.items():
-            admin.create_federation(
-                spec(
-                    fed,
-                    MODULES,
-                    strategy=strategy,
-                    max_rank=8,
-                    min_clients=len(CLIENTS),
-                    expected_clients=len(CLIENTS),
-                    lora_alpha=16.0,
-                    init_seed=5,
-                )
-            )
-            clients[fed] = []
-            for cid, rank, n, alpha in CLIENTS:
-                client = stack.enter_context(RafloraClient(server.target, fed, cid))
-                client.join(rank=rank, num_examples=n, lora_alpha=alpha)
-                clients[fed].append(client)
+        clients: dict[str, list[RafloraClient]] = join_federations(
+            stack, server.target, FEDERATIONS, MODULES, CLIENTS, max_rank=8, init_seed=5
+        )
 
         for t in range(PASS_THROUGH_ROUNDS + 1):
             for fed in FEDERATIONS:
@@ -103,7 +60,7 @@ def test_metrics_show_collapse_under_flexlora_only(server: ThreadedServer) -> No
                     zip(clients[fed], CLIENTS, strict=True)
                 ):
                     if t == 0:
-                        tensors = random_factors(rank, seed=i)
+                        tensors = factors(rank, i, MODULES)
                     else:  # pass-through: push back exactly what was pulled
                         pulled = client.pull()
                         assert (pulled.round, pulled.rank) == (t, rank)
@@ -123,9 +80,9 @@ def test_metrics_show_collapse_under_flexlora_only(server: ThreadedServer) -> No
                 e = value(scraped, "raflora_rank_energy_min_fraction", federation=fed)
                 # The gauge is the published state's E_min: same as GetRound and the engine.
                 assert e == pytest.approx(status.energy.e_min, abs=1e-12)
-                state = FederationStore(data_dir / "federations" / fed).load_state(
-                    published, list(MODULES)
-                )
+                state = FileFederationStore(data_dir / "federations" / fed).load_published(
+                    published, AdapterSchema.from_shapes(MODULES)
+                )[0]
                 assert e == pytest.approx(adapter_energy(state).overall.e_min, abs=1e-6)
                 e_min[fed].append(e)
                 eff_rank[fed].append(value(scraped, "raflora_rank_effective_rank", federation=fed))

@@ -10,10 +10,11 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from raflora.client_sdk import AdminClient, InvalidArgumentError, RafloraClient, pb
-from raflora.server.config import FederationConfig
+from raflora.server.api.serde import config_from_proto, config_to_proto
 from raflora.server.settings import load_settings
+from raflora.server.testing import scrape, start_server_process, threaded_server, wait_serving
 
-from .service_harness import scrape, spec, start_server_process, wait_serving
+from .helpers.federations import spec
 
 
 def test_server_process_serves_reflects_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -34,7 +35,7 @@ def test_server_process_serves_reflects_and_stops_on_sigterm(tmp_path: Path) -> 
     finally:
         code = server.terminate()
     assert code == 0
-    assert "shutdown requested" in server.log.read_text()
+    assert "shutdown requested" in server.log_text()
 
 
 def test_federations_survive_a_restart(tmp_path: Path) -> None:
@@ -76,18 +77,16 @@ def test_federation_spec_round_trips_and_validates() -> None:
         strategy_options={"norm_weighted": "true"},
         allowed_ranks=[2, 4],
     )
-    config = FederationConfig.from_proto(wire)
+    config = config_from_proto(wire)
     assert config.strategy_options == {"norm_weighted": True}
-    assert FederationConfig.from_proto(config.to_proto()) == config
+    assert config_from_proto(config_to_proto(config)) == config
     with pytest.raises(ValueError, match="allowed_ranks"):
-        FederationConfig.from_proto(spec("x", {"a": (4, 6)}, max_rank=4, allowed_ranks=[8]))
+        config_from_proto(spec("x", {"a": (4, 6)}, max_rank=4, allowed_ranks=[8]))
     with pytest.raises(ValueError, match="federation_id"):
-        FederationConfig.from_proto(spec("../etc", {"a": (4, 6)}))
+        config_from_proto(spec("../etc", {"a": (4, 6)}))
 
 
 def test_federations_file_bootstraps_an_embedded_default(tmp_path: Path) -> None:
-    from .service_harness import threaded_server
-
     fed_file = tmp_path / "feds.json"
     fed_file.write_text(
         json.dumps(

@@ -15,18 +15,13 @@ import pytest
 import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient
-from raflora.server.engine import (
-    AdapterSchema,
-    ClientUpdate,
-    FactorPair,
-    StrategyConfig,
-    lora_scaling,
-    make_strategy,
-)
-from raflora.server.storage import FederationStore
+from raflora.server.engine import AdapterSchema, StrategyConfig, lora_scaling, make_strategy
+from raflora.server.storage import FileFederationStore
+from raflora.server.testing import threaded_server
 
 from .conftest import rel_err
-from .service_harness import spec, threaded_server
+from .helpers.adapters import engine_update
+from .helpers.federations import every_client_spec
 
 MODULES = {"layers.0.q": (24, 16), "layers.0.v": (12, 20), "layers.1.q": (24, 16)}
 CLIENTS = [  # id, rank, examples, alpha
@@ -89,14 +84,8 @@ def test_concurrent_clients_match_the_engine(tmp_path: Path, strategy: str) -> N
     lock = threading.Lock()
     with threaded_server(tmp_path) as server:
         AdminClient(server.target).create_federation(
-            spec(
-                fed,
-                MODULES,
-                strategy=strategy,
-                max_rank=8,
-                min_clients=len(CLIENTS),
-                expected_clients=len(CLIENTS),
-                init_seed=7,
+            every_client_spec(
+                fed, MODULES, len(CLIENTS), strategy=strategy, max_rank=8, init_seed=7
             )
         )
         with ThreadPoolExecutor(len(CLIENTS)) as pool:
@@ -107,7 +96,7 @@ def test_concurrent_clients_match_the_engine(tmp_path: Path, strategy: str) -> N
             seen = [f.result(timeout=300) for f in futures]
     assert all(s == list(range(1, ROUNDS + 1)) for s in seen)
 
-    store = FederationStore(tmp_path / "federations" / fed)
+    store = FileFederationStore(tmp_path / "federations" / fed)
     strategy_ = make_strategy(
         strategy,
         StrategyConfig(schema=AdapterSchema.from_shapes(MODULES), max_rank=8, seed=7),
@@ -115,25 +104,13 @@ def test_concurrent_clients_match_the_engine(tmp_path: Path, strategy: str) -> N
     state = strategy_.initial_state()
     for t in range(ROUNDS):
         updates = [
-            ClientUpdate(
-                cid,
-                rank,
-                n,
-                lora_scaling(alpha, rank),
-                {
-                    m: FactorPair(
-                        B=uploads[(t, cid)][f"{m}.lora_B.weight"],
-                        A=uploads[(t, cid)][f"{m}.lora_A.weight"],
-                    )
-                    for m in MODULES
-                },
-            )
+            engine_update(cid, rank, n, alpha, uploads[(t, cid)], MODULES)
             for cid, rank, n, alpha in sorted(CLIENTS)
         ]
         expected = strategy_.aggregate(state, updates)
-        published = store.load_state(t + 1, list(MODULES))
+        published = store.load_published(t + 1, AdapterSchema.from_shapes(MODULES))[0]
         for m in MODULES:
             assert rel_err(published.dense(m), expected.dense(m)) < 1e-5
         manifest = store.read_manifest(t + 1)
-        assert sorted(u["client_id"] for u in manifest["uploads"]) == sorted(c[0] for c in CLIENTS)
+        assert sorted(u.client_id for u in manifest.uploads) == sorted(c[0] for c in CLIENTS)
         state = published

@@ -32,8 +32,9 @@ from safetensors.torch import load_file
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict
 from raflora.server.engine.initialization import shared_init_rows
+from raflora.server.testing import ServerProcess
 
-from .service_harness import ServerProcess, spec, start_server_process
+from .helpers.federations import spec
 
 pytestmark = pytest.mark.slow
 
@@ -97,12 +98,8 @@ class RssSampler:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    handle = start_server_process(tmp_path / "data", tmp_path / "server.log")
-    try:
+    with ServerProcess(tmp_path / "data", tmp_path / "server.log") as handle:
         yield handle
-    finally:
-        if handle.process.poll() is None:
-            handle.terminate()
 
 
 def steps(progress: list[int]) -> list[int]:

@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient, pb
 from raflora.client_sdk.peft_adapter import adapter_shapes, load_pulled_adapter
+from raflora.server.testing import ServerProcess, python_env
 
 from . import data as datasets
 from .model import LoraClassifier, evaluate, tokenize
@@ -86,69 +85,6 @@ def parse_args(argv: Sequence[str] | None) -> DemoConfig:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def python_env() -> dict[str, str]:
-    """Child processes run from the source tree too (an editable install needs nothing)."""
-    root = Path(__file__).resolve().parents[3]
-    paths = [str(root / d) for d in ("server", "client_sdk", "proto", "demo")]
-    existing = os.environ.get("PYTHONPATH")
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([*paths, *([existing] if existing else [])]),
-    }
-
-
-class ServerProcess:
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = log
-        cmd = [
-            sys.executable,
-            "-m",
-            "raflora.server.app",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--data-dir",
-            str(data_dir),
-        ]
-        self.process = subprocess.Popen(
-            cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=python_env()
-        )
-        self.target = f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited; see {self.log}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                except grpc.RpcError:
-                    time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
 def spawn_trainer(
     target: str,
     federations: Sequence[str],
@@ -197,8 +133,9 @@ def spawn_trainer(
     ]
     for federation in federations:
         cmd += ["--federation", federation]
+    env = python_env(extra_dirs=("demo",))  # the trainer imports raflora.demo too
     with log_path.open("wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env())
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def delta_norm(model: LoraClassifier) -> float:
@@ -347,17 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{cfg.dirichlet}) shards of sizes {[len(s) for s in shards]}",
         flush=True,
     )
-    server = ServerProcess(cfg.out / "server-data", cfg.out / "logs" / "server.log")
-    try:
-        server.wait_ready()
-        print(
-            f"raflora-server on {server.target}, metrics on "
-            f"http://127.0.0.1:{server.metrics_port}/metrics",
-            flush=True,
-        )
+    # The server's own defaults (host, device: CUDA when there is one), its log in logs/; it
+    # is stopped (SIGTERM, SIGKILL after 30 s) however the run ends.
+    with ServerProcess(
+        cfg.out / "server-data", cfg.out / "logs" / "server.log", host=None, device=None
+    ) as server:
+        print(f"raflora-server on {server.target}, metrics on {server.metrics_url}", flush=True)
         results = {s: run_strategy(cfg, s, server, ds, shards, test_idx) for s in cfg.strategies}
-    finally:
-        server.stop()
     print()
     print(table(results))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}

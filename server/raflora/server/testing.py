@@ -94,6 +94,8 @@ def source_root() -> Path | None:
     points at the same file); in a wheel it lies in site-packages, with no ``<root>/server``.
     """
     here = Path(__file__).resolve()
+    if len(here.parents) < 4:
+        return None
     root = here.parents[3]
     if here != root / "server" / "raflora" / "server" / "testing.py":
         return None

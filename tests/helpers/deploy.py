@@ -15,7 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+from . import ROOT
+
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus/raflora-rules.yml"
 RULES_TEST = DEPLOY / "prometheus/raflora-rules.test.yml"
