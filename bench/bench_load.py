@@ -9,6 +9,13 @@ federation's enrolment secret, then every round pulls, perturbs what it pulled (
 training), pushes and waits on the watch stream for the next round; each federation's round
 closes when all of its clients have pushed.
 
+With ``--hostile N``, N more members (spread over the federations, in a process of their own)
+attack all along: each joins as itself (open enrolment), then loops over poisoned uploads (fp64
+1e300, a norm far past the bound), a weight it did not declare (``num_examples`` 2**63-1),
+pushes and joins in an honest member's name, and Push streams that never send a header. Every
+attack must be refused with its documented status; one that is accepted is reported as a
+breach. The honest clients' figures are the ones below, and their error count must stay 0.
+
 Reported: p50/p99/max latency of join, pull, push and of the wait from a client's push to the
 round's publication; the error count (goal: 0; any exception a client sees counts); the
 server's peak RSS (VmHWM) and its CPU time (utime + stime from /proc/<pid>/stat), and the
@@ -32,7 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +167,135 @@ def run_process(
     out.put(asdict(merged))
 
 
+# -- hostile members ----------------------------------------------------------------------------
+EXPECTED_REFUSALS = {
+    "poison_fp64": {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+    "poison_norm": {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+    "undeclared_weight": {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+    "push_as_victim": {"PERMISSION_DENIED"},
+    "join_as_victim": {"PERMISSION_DENIED"},
+    "headerless_stream": {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED"},
+}
+
+
+def silence(seconds: float) -> Iterator[Any]:
+    """A request stream that sends nothing for ``seconds``, then ends."""
+    time.sleep(seconds)
+    yield from ()
+
+
+def run_hostile(
+    target: str,
+    ca: bytes | None,
+    jobs: list[tuple[str, str, str, str]],
+    stop: Any,
+    deadline: float,
+    out: Any,
+) -> None:
+    """Hostile members (federation, secret, own id, victim id) attacking until ``stop`` is set."""
+    from raflora.client_sdk import lora_state_dict, pb
+    from raflora.client_sdk.errors import RafloraError
+    from raflora.v1 import aggregation_pb2_grpc as grpc_stubs
+
+    torch.set_num_threads(1)
+    outcomes: dict[str, dict[str, int]] = {k: {} for k in EXPECTED_REFUSALS}
+    lock = threading.Lock()
+
+    def record(kind: str, code: str) -> None:
+        with lock:
+            outcomes[kind][code] = outcomes[kind].get(code, 0) + 1
+
+    def attacker(job: tuple[str, str, str, str]) -> None:
+        federation, secret, own_id, victim = job
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca) if ca else None
+        rank = 4
+        good = lora_state_dict(
+            {
+                m: (torch.randn(rank, i) / i**0.5, torch.randn(o, rank) * 0.01)
+                for m, (o, i) in MODULES.items()
+            }
+        )
+        fp64 = {k: v.double() for k, v in good.items()}
+        first = next(iter(fp64))
+        fp64[first][0, 0] = 1e300
+        loud = {k: v * 1e5 for k, v in good.items()}
+        with RafloraClient(
+            target,
+            federation,
+            own_id,
+            credentials=credentials,
+            enrolment_secret=secret,
+            retry=RetryPolicy(attempts=1),
+            timeout=30,
+        ) as me:
+            me.join(rank=rank, num_examples=5)
+            stub = grpc_stubs.AggregationServiceStub(me.channel)
+            while not stop.is_set() and time.time() < deadline:
+                current = me.status().round
+                attempts: list[tuple[str, dict[str, torch.Tensor], int]] = [
+                    ("poison_fp64", fp64, 5),
+                    ("poison_norm", loud, 5),
+                    ("undeclared_weight", good, 2**63 - 1),
+                ]
+                for kind, tensors, examples in attempts:
+                    try:
+                        me.push(tensors, round=current, num_examples=examples)
+                        record(kind, "OK")
+                    except RafloraError as exc:
+                        record(kind, exc.code.name)
+                header = pb.PushHeader(
+                    federation_id=federation,
+                    client_id=victim,
+                    round=current,
+                    rank=rank,
+                    num_examples=5,
+                    total_bytes=10,
+                    sha256="0" * 64,
+                )
+                try:
+                    stub.Push(
+                        iter([pb.PushRequest(header=header)]),
+                        metadata=me._token_metadata(),
+                        timeout=10,
+                    )
+                    record("push_as_victim", "OK")
+                except grpc.RpcError as exc:
+                    record("push_as_victim", exc.code().name)
+                with RafloraClient(
+                    target,
+                    federation,
+                    victim,
+                    credentials=credentials,
+                    enrolment_secret=secret,
+                    retry=RetryPolicy(attempts=1),
+                    timeout=30,
+                ) as thief:
+                    try:
+                        thief.join(rank=16, num_examples=10**6)
+                        record("join_as_victim", "OK")
+                    except RafloraError as exc:
+                        record("join_as_victim", exc.code.name)
+                # Streams that never send a header, cut off by the server.
+                calls = [
+                    stub.Push.future(silence(30), metadata=me._token_metadata(), timeout=40)
+                    for _ in range(8)
+                ]
+                for call in calls:
+                    try:
+                        call.result()
+                        record("headerless_stream", "OK")
+                    except grpc.RpcError as exc:
+                        record("headerless_stream", exc.code().name)
+                time.sleep(0.5)
+
+    threads = [threading.Thread(target=attacker, args=(job,), daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(1.0, deadline - time.time() + 60))
+    out.put(outcomes)
+
+
 # -- the run ------------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -170,6 +306,7 @@ def main() -> int:
     p.add_argument("--no-tls", action="store_true", help="plaintext gRPC (auth stays on)")
     p.add_argument("--timeout", type=float, default=900.0, help="bound on the whole run (s)")
     p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--hostile", type=int, default=0, help="hostile members attacking meanwhile")
     args = p.parse_args()
     if args.clients % args.federations:
         p.error("--clients must be a multiple of --federations")
@@ -201,6 +338,7 @@ def main() -> int:
         try:
             cpu_before = cpu_seconds(pid)
             jobs: list[tuple[str, str, str, int]] = []
+            hostile_jobs: list[tuple[str, str, str, str]] = []
             with AdminClient(server.target, credentials=credentials, admin_token=ADMIN_TOKEN) as a:
                 for f in range(args.federations):
                     fid = f"load-{f}"
@@ -216,6 +354,8 @@ def main() -> int:
                     ).enrolment_secret
                     for c in range(per_federation):
                         jobs.append((fid, secret, f"f{f}-c{c:03d}", RANKS[c % len(RANKS)]))
+                    for h in range(f, args.hostile, args.federations):
+                        hostile_jobs.append((fid, secret, f"f{f}-hostile{h:02d}", f"f{f}-c000"))
             print(
                 f"server pid {pid} on {server.target} ({'TLS' if ca else 'plaintext'}, auth on); "
                 f"{args.clients} clients, {args.federations} federations, {args.rounds} rounds, "
@@ -236,6 +376,16 @@ def main() -> int:
             ]
             for w in workers:
                 w.start()
+            hostile_queue = ctx.Queue()
+            stop_attack = ctx.Event()
+            hostile = None
+            if hostile_jobs:
+                time.sleep(2)  # let the honest members enrol first: their ids are the victims
+                hostile = ctx.Process(
+                    target=run_hostile,
+                    args=(server.target, ca, hostile_jobs, stop_attack, deadline, hostile_queue),
+                )
+                hostile.start()
             merged = ClientReport()
             for _ in workers:
                 part = queue.get(timeout=max(1.0, deadline - time.time() + 60))
@@ -246,6 +396,11 @@ def main() -> int:
             for w in workers:
                 w.join(10)
             wall = time.perf_counter() - started
+            attacks: dict[str, dict[str, int]] = {}
+            if hostile is not None:
+                stop_attack.set()  # the honest run is over; collect what the attacks met
+                attacks = hostile_queue.get(timeout=120)
+                hostile.join(10)
             cpu = cpu_seconds(pid) - cpu_before
             peak_rss_mib = status_kib(pid, "VmHWM") / 1024
         except Exception:
@@ -286,7 +441,18 @@ def main() -> int:
         "server_cpu_utilisation": cpu / wall,
         "server_peak_rss_mib": peak_rss_mib,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "hostile_members": args.hostile,
+        "attacks": attacks,
     }
+    breaches = 0
+    if attacks:
+        print("\n| attack | outcomes (status: count) | breaches |\n|---|---|---:|")
+        for kind, codes in attacks.items():
+            bad = sum(n for code, n in codes.items() if code not in EXPECTED_REFUSALS[kind])
+            breaches += bad
+            shown = ", ".join(f"{code}: {n}" for code, n in sorted(codes.items()))
+            print(f"| {kind} | {shown} | {bad} |")
+    result["breaches"] = breaches
     print("\n| operation | n | p50 (ms) | p99 (ms) | max (ms) |\n|---|---:|---:|---:|---:|")
     for op, s in result["latency_s"].items():
         print(
@@ -303,7 +469,8 @@ def main() -> int:
         print(f"  error: {sample}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
-    return 0 if not merged.errors and merged.rounds_done == expected_rounds else 1
+    ok = not merged.errors and merged.rounds_done == expected_rounds and not breaches
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

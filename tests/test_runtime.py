@@ -62,6 +62,7 @@ class Harness:
             cfg, self.store, ServerMetrics(), self.executor, "cpu", RuntimeLimits()
         )
         self.events: list[EventType] = []
+        self.published_rounds: list[int] = []
 
     async def start(self) -> None:
         self.runtime.resume()
@@ -73,6 +74,8 @@ class Harness:
                 event = await subscription.next()
                 if event is not None:
                     self.events.append(event.type)
+                    if event.type is EventType.PUBLISHED:
+                        self.published_rounds.append(event.snapshot.round)
 
         self._recorder = asyncio.get_running_loop().create_task(record())
 
@@ -92,8 +95,8 @@ class Harness:
         return await self.runtime.finish_push(ticket)
 
     async def published(self, round_: int, timeout: float = 30) -> None:
-        async def wait() -> None:
-            while self.runtime.state.round < round_:
+        async def wait() -> None:  # until the publication's event went out
+            while max(self.published_rounds, default=0) < round_:
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(wait(), timeout)

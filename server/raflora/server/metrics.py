@@ -180,6 +180,14 @@ class ServerMetrics:
             self.partition_holders.labels(federation, str(k), str(upper)).set(count)
             self.partition_holder_weight.labels(federation, str(k), str(upper)).set(share)
 
+    def record_published(self, federation: str, manifest: RoundManifest, seconds: float) -> None:
+        """A round just published in ``seconds`` of aggregation."""
+        self.aggregation_seconds.labels(federation, manifest.strategy).observe(seconds)
+        self.rounds.labels(federation).inc()
+        self.current_round.labels(federation).set(manifest.round)
+        self.round_uploads.labels(federation).set(0)
+        self.record_round(federation, manifest)
+
     def record_round(self, federation: str, manifest: RoundManifest) -> None:
         """The gauges of a published round, from its manifest."""
         self.last_published.labels(federation).set(manifest.published_unix)

@@ -13,7 +13,8 @@ from .events import (
     WatcherLaggedError,
 )
 from .hub import FederationHub
-from .runtime import FederationRuntime, PushOutcome, PushTicket, RuntimeLimits
+from .runtime import FederationRuntime, RuntimeLimits
+from .tickets import PushOutcome, PushTicket
 from .views import View
 
 __all__ = [

@@ -188,6 +188,16 @@ class RoundPublisher:
         return PublishOutcome(new_state, manifest, tuple(quarantined))
 
 
+def holder_warnings(manifest: RoundManifest, min_holders: int) -> tuple[str, ...]:
+    """One warning per rank partition held by fewer than ``min_holders`` clients."""
+    return tuple(
+        f"rank partition {k} (indices up to {rho}) is held by {count} client(s) "
+        f"with {share:.0%} of the round's weight; fewer than min_partition_holders={min_holders}"
+        for k, (rho, count, share) in enumerate(manifest.holders, start=1)
+        if count < min_holders
+    )
+
+
 def _record_of(update: ClientUpdate) -> UploadRecord:
     # Only the client id is read from it (the caller maps it back to the real record).
     return UploadRecord(update.client_id, 0, update.rank, 0, 0.0, update.scale, "", 0)

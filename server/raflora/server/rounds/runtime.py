@@ -12,34 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import re
 import time
 from collections.abc import Coroutine
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from raflora.server.engine import (
-    FactorPair,
     GlobalState,
-    LowRank,
     RankEnergy,
     Strategy,
-    Weighting,
-    lora_scaling,
     make_strategy,
 )
-from raflora.server.engine.validation import validate_rank
 from raflora.v1.wire import ErrorReason
 
-from ..config import FederationConfig, check_id, echo_id
+from ..config import FederationConfig, echo_id
 from ..errors import (
     AlreadyExistsError,
     DataLossError,
     FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
     ResourceExhaustedError,
     ServiceError,
     UnavailableError,
@@ -53,23 +44,20 @@ from ..storage import (
     ResumeReport,
     RoundManifest,
     UploadRecord,
-    UploadSink,
 )
 from ..storage.manifest import Holders
-from ..storage.tensorio import UpdateBounds, max_upload_bytes, validate_upload
+from ..storage.tensorio import UpdateBounds, validate_upload
 from .events import EventBus, EventType, Phase, RoundEvent, Snapshot, Subscription
-from .publish import NothingToAggregateError, PublishOutcome, RoundPublisher
+from .publish import NothingToAggregateError, PublishOutcome, RoundPublisher, holder_warnings
+from .published import PublishedRounds
+from .terms import check_push_terms, check_sha256, join_terms
+from .tickets import PushOutcome, PushTicket
 from .views import RoundContent, View, ViewCache
 
 log = logging.getLogger("raflora.server")
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 # A round whose publication failed on I/O (disk full) is retried with this backoff.
 _RETRY_INITIAL_SECONDS = 1.0
 _RETRY_MAX_SECONDS = 60.0
-# The LoRA scale s = alpha/r (or alpha/√r) a client may bring: far beyond any real setting, and
-# far from where s·B·A over- or underflows.
-MIN_SCALE = 1e-6
-MAX_SCALE = 1e6
 
 
 @dataclass(frozen=True)
@@ -79,41 +67,6 @@ class RuntimeLimits:
     aggregation_delay_seconds: float = 0.0  # test hook: sleep before committing a round
     max_views_per_round: int = 64
     watcher_capacity: int = 1024
-
-
-@dataclass
-class PushTicket:
-    """A push whose header passed every check; its payload flows into ``sink``."""
-
-    client_id: str
-    round: int
-    rank: int
-    num_examples: int
-    lora_alpha: float
-    scale: float
-    total_bytes: int
-    sha256: str
-    sink: UploadSink
-    duplicate_of: UploadRecord | None = None  # an identical push that was already counted
-    _closed: bool = field(default=False, repr=False)
-
-    async def write(self, chunk: bytes) -> None:
-        """Append one chunk (in a thread: hashing and disk writes stay off the event loop)."""
-        if self.sink.received + len(chunk) > self.total_bytes:
-            raise DataLossError(
-                "total_bytes",
-                f"stream carries more than the declared {self.total_bytes} bytes",
-                ErrorReason.SIZE_MISMATCH,
-            )
-        await asyncio.to_thread(self.sink.write, chunk)
-
-
-@dataclass(frozen=True)
-class PushOutcome:
-    round: int
-    duplicate: bool
-    size: int
-    uploads_in_round: int
 
 
 class FederationRuntime:
@@ -137,6 +90,7 @@ class FederationRuntime:
         self.bounds = UpdateBounds(self.strategy.dtype, config.max_update_norm)
         self.publisher = RoundPublisher(config, self.strategy, store)
         self.views = ViewCache(self.strategy, store, self.limits.max_views_per_round)
+        self.published = PublishedRounds(self.id, self.strategy, store, metrics)
         self.events = EventBus(self.limits.watcher_capacity)
         self.lock = asyncio.Lock()
         self.state: GlobalState = self.strategy.initial_state()
@@ -167,7 +121,7 @@ class FederationRuntime:
         latest = self.store.latest_round(report)
         if latest > 0:
             try:
-                self.state, self.manifest = self._load_published(latest)
+                self.state, self.manifest = self.published.load(latest)
             except CorruptDataError as exc:
                 self._degrade(f"published round {latest} is corrupt: {exc.problem}")
         self.clients = self.store.load_clients()
@@ -251,18 +205,6 @@ class FederationRuntime:
         self.events.emit(RoundEvent(type_, self.snapshot(), message, warnings))
 
     # -- join ------------------------------------------------------------------------------
-    def _scale(self, field_name: str, alpha: float, rank: int) -> float:
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise InvalidArgumentError(field_name, f"must be a positive number, got {alpha}")
-        scale = lora_scaling(alpha, rank, self.config.scaling_rule)
-        if not MIN_SCALE <= scale <= MAX_SCALE:
-            raise InvalidArgumentError(
-                field_name,
-                f"alpha {alpha:g} at rank {rank} gives the LoRA scale {scale:g}, outside "
-                f"{MIN_SCALE:g}..{MAX_SCALE:g}",
-            )
-        return scale
-
     async def join(
         self, client_id: str, rank: int, num_examples: int, lora_alpha: float
     ) -> ClientRecord:
@@ -272,21 +214,7 @@ class FederationRuntime:
         round. Who may call this for ``client_id`` is the api layer's (credential's) business.
         """
         self.check_serving()
-        check_id("client_id", client_id)
-        validate_rank(rank, self.config.max_rank, self.config.allowed_ranks or None)
-        if not 0 <= num_examples <= self.config.max_examples_per_client:
-            raise InvalidArgumentError(
-                "num_examples",
-                f"{num_examples} is outside 0..{self.config.max_examples_per_client} "
-                "(the federation's max_examples_per_client)",
-            )
-        if self.config.weighting is Weighting.EXAMPLES and num_examples < 1:
-            raise InvalidArgumentError(
-                "num_examples", "must be >= 1: this federation weighs clients by examples"
-            )
-        alpha = lora_alpha or self.config.lora_alpha
-        scale = self._scale("lora_alpha", alpha, rank)
-        record = ClientRecord(client_id, rank, num_examples, alpha, scale)
+        record = join_terms(self.config, client_id, rank, num_examples, lora_alpha)
         async with self.lock:
             previous = self.clients.get(client_id)
             if previous == record:
@@ -343,35 +271,13 @@ class FederationRuntime:
         self.check_serving()
         joined = self.client(client_id)
         self._count_push_attempt(client_id)
-        if rank != joined.rank:
-            raise InvalidArgumentError(
-                "rank", f"upload rank {rank} != rank {joined.rank} given at join"
-            )
-        if not _SHA_RE.fullmatch(sha256):
-            raise InvalidArgumentError("sha256", "must be 64 lowercase hex digits")
+        check_sha256(sha256)
         duplicate = self._counted_upload(client_id, round_, sha256)
         if duplicate is None:
             self._check_round_open(round_)
-        if self.config.weighting is Weighting.EXAMPLES and num_examples < 1:
-            raise InvalidArgumentError(
-                "num_examples", "must be >= 1: this federation weighs clients by examples"
-            )
-        if num_examples > joined.num_examples:
-            raise InvalidArgumentError(
-                "num_examples",
-                f"{num_examples} exceeds the {joined.num_examples} examples declared at join",
-            )
-        if lora_alpha and lora_alpha != joined.lora_alpha:
-            raise InvalidArgumentError(
-                "lora_alpha",
-                f"{lora_alpha:g} differs from the alpha {joined.lora_alpha:g} given at join; "
-                "join again (between rounds) to change it",
-            )
-        limit = max_upload_bytes(self.schema, rank)
-        if not 0 < total_bytes <= limit:
-            raise InvalidArgumentError(
-                "total_bytes", f"{total_bytes} is outside 1..{limit} for rank {rank}"
-            )
+        check_push_terms(
+            self.config, self.schema, joined, rank, num_examples, lora_alpha, total_bytes
+        )
         return PushTicket(
             client_id,
             round_,
@@ -621,12 +527,7 @@ class FederationRuntime:
             self.views.keep_from(new_state.round - 1)
             self._open_round()
         await asyncio.to_thread(self.store.prune, new_state.round)
-        m = self.metrics
-        m.aggregation_seconds.labels(self.id, self.config.strategy).observe(elapsed)
-        m.rounds.labels(self.id).inc()
-        m.current_round.labels(self.id).set(new_state.round)
-        m.round_uploads.labels(self.id).set(0)
-        m.record_round(self.id, manifest)
+        self.metrics.record_published(self.id, manifest, elapsed)
         log.info(
             "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
             self.id,
@@ -635,13 +536,7 @@ class FederationRuntime:
             elapsed,
             manifest.energy.e_min,
         )
-        warnings = tuple(
-            f"rank partition {k} (indices up to {rho}) is held by {count} client(s) "
-            f"with {share:.0%} of the round's weight; fewer than min_partition_holders="
-            f"{self.config.min_partition_holders}"
-            for k, (rho, count, share) in enumerate(manifest.holders, start=1)
-            if count < self.config.min_partition_holders
-        )
+        warnings = holder_warnings(manifest, self.config.min_partition_holders)
         for warning in warnings:
             log.warning("federation %s round %d: %s", self.id, new_state.round, warning)
         self._emit(EventType.PUBLISHED, f"round {new_state.round} published", warnings)
@@ -684,7 +579,7 @@ class FederationRuntime:
         elif round_ == 0:
             content = RoundContent(self.strategy.initial_state(), None, ())
         else:
-            content = await asyncio.to_thread(self._load_content, round_)
+            content = await asyncio.to_thread(self.published.content, round_)
         return await self.views.get(content, joined.rank, joined.scale)
 
     async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, BinaryIO]:
@@ -696,39 +591,3 @@ class FederationRuntime:
             self.views.forget(view)
         view = await self.view_for(client_id, round_)
         return view, await asyncio.to_thread(self.store.open_view, view.stored)
-
-    def _load_content(self, round_: int) -> RoundContent:
-        try:
-            state, manifest = self._load_published(round_)
-        except FileNotFoundError:
-            raise NotFoundError(
-                "round", f"round {round_} is not on disk", ErrorReason.ROUND_NOT_FOUND
-            ) from None
-        except CorruptDataError as exc:
-            log.error("federation %s: %s", self.id, exc)
-            self.metrics.storage_problems.labels(self.id).inc()
-            raise UnavailableError(
-                "round",
-                f"round {round_} is damaged on the server's storage",
-                ErrorReason.FEDERATION_DEGRADED,
-            ) from None
-        return RoundContent(state, manifest.energy, manifest.holders)
-
-    def _load_published(self, round_: int) -> tuple[GlobalState, RoundManifest]:
-        """A published round from the store, verified, on the compute device."""
-        loaded, manifest = self.store.load_published(round_, self.schema)
-        state = GlobalState(
-            round=loaded.round,
-            modules={n: _to_device(m, self.strategy) for n, m in loaded.modules.items()},
-            participant_ranks=loaded.participant_ranks,
-        )
-        return state, manifest
-
-
-def _to_device(module: LowRank | FactorPair, strategy: Strategy) -> LowRank | FactorPair:
-    def move(t: Any) -> Any:
-        return t.to(device=strategy.device, dtype=strategy.dtype)
-
-    if isinstance(module, LowRank):
-        return LowRank(move(module.U), move(module.S), move(module.V))
-    return FactorPair(move(module.B), move(module.A))

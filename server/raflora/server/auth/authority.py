@@ -24,244 +24,35 @@ logged or exported as a metric: messages name what is wrong, never the value.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import logging
-import os
-import re
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 from raflora.v1.wire import ErrorReason
 
-from .config import check_id
-from .errors import (
+from ..config import check_id
+from ..errors import (
     FailedPreconditionError,
-    InvalidArgumentError,
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from .storage import Storage
+from ..storage import Storage
+from .credentials import (
+    EnrolmentRecord,
+    bearer,
+    check_secret_format,
+    credential_subject,
+    new_client_credential,
+)
+from .tokens import KEY_BYTES, TOKEN_PREFIX, ClientClaims, TokenSigner
 
 log = logging.getLogger("raflora.server")
-
-AUTHORIZATION = "authorization"
-TOKEN_PREFIX = "rft1"
-KEY_BYTES = 32
-_SECRET_RE = re.compile(r"^[\x21-\x7e]{32,256}$")  # printable ASCII: a valid metadata value
-_MAX_TOKEN_CHARS = 2048
-
-
-CREDENTIAL_PREFIX = "rfc1"
-
-
-@dataclass(frozen=True)
-class ClientClaims:
-    """What a client token binds: one client of one federation, at one rank, until expiry."""
-
-    federation_id: str
-    client_id: str
-    rank: int
-    generation: int  # of the federation's enrolment (rotating the shared secret bumps it)
-    expires_unix: float
-    client_generation: int = 0  # of the client's credential (re-issuing it bumps it)
-
-
-@dataclass(frozen=True)
-class EnrolmentRecord:
-    """The stored form of a credential: a salted hash, never the secret itself.
-
-    For a federation: ``open`` says whether a shared secret may enrol new client ids (open
-    enrolment); otherwise only per-client credentials join. For a client: its credential.
-    """
-
-    salt: str
-    sha256: str
-    generation: int
-    created_unix: float
-    open: bool = True  # records written before per-client credentials were shared secrets
-
-    @classmethod
-    def new(cls, secret: str | None, generation: int, *, open: bool = True) -> EnrolmentRecord:
-        salt = secrets.token_hex(16)
-        digest = _salted(salt, secret) if secret is not None else ""
-        return cls(salt, digest, generation, time.time(), open)
-
-    @classmethod
-    def from_json(cls, raw: Any) -> EnrolmentRecord:
-        if not isinstance(raw, dict):
-            raise ValueError("enrolment record is not an object")
-        return cls(
-            salt=_typed(raw["salt"], str),
-            sha256=_typed(raw["sha256"], str),
-            generation=_typed(raw["generation"], int),
-            created_unix=float(_typed(raw["created_unix"], (int, float))),
-            open=bool(raw.get("open", True)),
-        )
-
-    def matches(self, secret: str) -> bool:
-        if not self.sha256:
-            return False
-        return hmac.compare_digest(_salted(self.salt, secret), self.sha256)
-
-
-def new_client_credential(federation_id: str, client_id: str) -> str:
-    """``rfc1.<base64url {f, c}>.<256 random bits>``: it names whom it enrols, so a credential
-    presented for another client id is told apart from a wrong one."""
-    body = _b64(json.dumps({"f": federation_id, "c": client_id}, separators=(",", ":")).encode())
-    return f"{CREDENTIAL_PREFIX}.{body}.{secrets.token_urlsafe(KEY_BYTES)}"
-
-
-def credential_subject(credential: str) -> tuple[str, str] | None:
-    """(federation, client id) a client credential names; None for anything else."""
-    parts = credential.split(".")
-    if len(parts) != 3 or parts[0] != CREDENTIAL_PREFIX or len(credential) > _MAX_TOKEN_CHARS:
-        return None
-    try:
-        body = json.loads(_unb64(parts[1]))
-        return _typed(body["f"], str), _typed(body["c"], str)
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        return None
-
-
-def _salted(salt: str, secret: str) -> str:
-    return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class TokenSigner:
-    def __init__(self, key: bytes) -> None:
-        if len(key) < KEY_BYTES:
-            raise ValueError(f"the token key needs at least {KEY_BYTES} bytes")
-        self._key = key
-
-    def _mac(self, payload: str) -> str:
-        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
-
-    def issue(self, claims: ClientClaims) -> str:
-        body = {
-            "f": claims.federation_id,
-            "c": claims.client_id,
-            "r": claims.rank,
-            "g": claims.generation,
-            "x": round(claims.expires_unix, 3),
-            "k": claims.client_generation,
-        }
-        payload = _b64(json.dumps(body, separators=(",", ":"), sort_keys=True).encode())
-        return f"{TOKEN_PREFIX}.{payload}.{self._mac(payload)}"
-
-    def verify(self, token: str, now: float | None = None) -> ClientClaims:
-        """The token's claims; UnauthenticatedError if it is malformed, forged or expired."""
-        parts = token.split(".")
-        if len(token) > _MAX_TOKEN_CHARS or len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-            raise UnauthenticatedError(
-                "authorization", "not a client token", ErrorReason.TOKEN_INVALID
-            )
-        _, payload, mac = parts
-        if not hmac.compare_digest(self._mac(payload).encode(), mac.encode()):
-            raise UnauthenticatedError(
-                "authorization", "client token signature is invalid", ErrorReason.TOKEN_INVALID
-            )
-        try:
-            body = json.loads(_unb64(payload))
-            claims = ClientClaims(
-                federation_id=_typed(body["f"], str),
-                client_id=_typed(body["c"], str),
-                rank=_typed(body["r"], int),
-                generation=_typed(body["g"], int),
-                expires_unix=float(_typed(body["x"], (int, float))),
-                client_generation=_typed(body.get("k", 0), int),
-            )
-        except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-            raise UnauthenticatedError(
-                "authorization", "client token is malformed", ErrorReason.TOKEN_INVALID
-            ) from None
-        if claims.expires_unix <= (time.time() if now is None else now):
-            raise UnauthenticatedError(
-                "authorization", "client token expired; join again", ErrorReason.TOKEN_EXPIRED
-            )
-        return claims
-
-
-def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError("unexpected type in token")
-    return value
-
-
-def load_or_create_key(path: Path) -> bytes:
-    """The token-signing key at ``path``: 64 hex digits (or >= 32 raw bytes); created if absent.
-
-    A new key is written with mode 0600 and fsynced; an existing one readable by group or others
-    is used with a warning (a Kubernetes Secret should be mounted with defaultMode 0400).
-    """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first: use theirs
-            return load_or_create_key(path)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(KEY_BYTES) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log.info("generated a new token-signing key at %s", path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("token key %s is readable by others (mode %o); use 0600", path, mode)
-    raw = path.read_bytes().strip()
-    try:
-        key = bytes.fromhex(raw.decode())
-    except (ValueError, UnicodeDecodeError):
-        key = raw
-    if len(key) < KEY_BYTES:
-        raise ValueError(f"token key {path} holds fewer than {KEY_BYTES} bytes")
-    return key
-
-
-def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """The credential of ``authorization: Bearer <credential>``; None when absent."""
-    values = [v for k, v in metadata or () if k.lower() == AUTHORIZATION]
-    if not values:
-        return None
-    if len(values) > 1:
-        raise UnauthenticatedError(
-            "authorization", "more than one authorization header", ErrorReason.CREDENTIAL_MISSING
-        )
-    value = values[0]
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    scheme, _, credential = str(value).partition(" ")
-    credential = credential.strip()
-    if scheme.lower() != "bearer" or not credential:
-        raise UnauthenticatedError(
-            "authorization", "expected 'Bearer <credential>'", ErrorReason.CREDENTIAL_MISSING
-        )
-    return credential
-
-
-def check_secret_format(secret: str) -> str:
-    if not _SECRET_RE.match(secret):
-        raise InvalidArgumentError(
-            "enrolment_secret", "must be 32 to 256 printable ASCII characters without spaces"
-        )
-    return secret
 
 
 class Authority:
