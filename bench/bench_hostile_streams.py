@@ -136,6 +136,9 @@ def main() -> int:
     p.add_argument("--hostile", type=int, default=20, help="hostile members, one token each")
     p.add_argument("--streams", type=int, default=1000, help="header-less streams held in all")
     p.add_argument("--cycles", type=int, default=40, help="honest rounds per phase")
+    p.add_argument(
+        "--min-seconds", type=float, default=15.0, help="least time the attacked phase lasts"
+    )
     args = p.parse_args()
     per_token = args.streams // args.hostile
     load_before = os.getloadavg()[0]
@@ -185,12 +188,18 @@ def main() -> int:
                 proc.start()
                 time.sleep(8)  # let the attackers open their streams
                 attacked = cycles(honest, server.target, ca, args.cycles)
+                # Keep going past the header timeout, so streams are cut off and reopened.
+                until = time.monotonic() + args.min_seconds
+                while time.monotonic() < until:
+                    for op, xs in cycles(honest, server.target, ca, 5).items():
+                        attacked[op] += xs
                 stop.set()
                 report = out.get(timeout=180)
                 proc.join(30)
         finally:
             server.stop()
     print(
+        f"{len(alone['push'])} honest rounds alone, {len(attacked['push'])} attacked; "
         f"{args.hostile} hostile members held {report['held_median']:.0f} header-less Push "
         f"streams (median; peak {report['held_peak']}), answered {report['outcomes']}; "
         f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
