@@ -100,3 +100,25 @@ def energy(sigma: Array, bounds: Sequence[int]) -> tuple[list[float], float]:
         prev = b
     q = e[e > 0] / total
     return parts, float(np.exp(-(q * np.log(q)).sum()))
+
+
+def raflora_carry_over(
+    clients: Sequence[Client], m: str, R: int, previous: tuple[Array, Array, Array]
+) -> Array:
+    """Per-index form with carry-over: index j of client i weighs p_i / Σ_{l: r_l ≥ j} p_l; an
+    index j > max_i r_i that no participant holds is held by the previous state (U, σ, Vᵀ)
+    with weight 1, i.e. contributes σ_j u_j v_jᵀ."""
+    p = weights(clients)
+    U, S, Vt = previous
+    d_out, d_in = U.shape[0], Vt.shape[1]
+    D = np.zeros((d_out, d_in))
+    r_max = max(c["rank"] for c in clients)
+    for j in range(r_max):
+        holders = [i for i, c in enumerate(clients) if c["rank"] > j]
+        total = sum(p[i] for i in holders)
+        for i in holders:
+            B, A = clients[i][m]
+            D += (p[i] / total) * clients[i]["s"] * np.outer(B[:, j], A[j, :])
+    for j in range(r_max, len(S)):
+        D += S[j] * np.outer(U[:, j], Vt[j, :])
+    return truncate(D, R)

@@ -7,6 +7,7 @@ differ only in the per-index weights w_ij (docs/design.md §2.3).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -23,7 +24,24 @@ from .base import PreparedRound, Strategy, StrategyConfig
 
 
 class SpectralStrategy(Strategy):
-    """Shared machinery; subclasses choose the per-index weights."""
+    """Shared machinery; subclasses choose the per-index weights.
+
+    Option ``carry_over`` (docs/design.md §2.7): the rank indices no participant of the round
+    holds, ``j > r_max = max_i r_i``, keep the previous global state's components: the previous
+    adapter is their holder, with weight 1, so
+    ``ΔW' = top-R SVD(Σ_i Σ_{j ≤ r_i} w_ij s_i B_i[:, j] A_i[j, :] + Σ_{j > r_max} σ_j u_j v_jᵀ)``.
+    Under partial participation this is what keeps raFLoRA's pass-through fixed point.
+    """
+
+    known_options: ClassVar[frozenset[str]] = frozenset({"carry_over"})
+    carry_over_default: ClassVar[bool] = False
+
+    def __init__(self, config: StrategyConfig) -> None:
+        super().__init__(config)
+        value = config.options.get("carry_over", self.carry_over_default)
+        if not isinstance(value, bool):
+            raise ConfigError("options.carry_over", f"must be true or false, got {value!r}")
+        self.carry_over = value
 
     def index_weights(self, ranks: Sequence[int], p: Tensor) -> list[Tensor]:
         raise NotImplementedError
@@ -53,7 +71,25 @@ class SpectralStrategy(Strategy):
             f = u.factors[name]
             col = w.to(dtype=self.dtype, device=self.device) * u.scale
             terms.append(FactorPair(B=f.B * col, A=f.A))
+        if self.carry_over:
+            carried = carried_components(state.modules[name], max(round_.ranks))
+            if carried is not None:
+                terms.append(
+                    FactorPair(
+                        B=carried.B.to(dtype=self.dtype, device=self.device),
+                        A=carried.A.to(dtype=self.dtype, device=self.device),
+                    )
+                )
         return truncated_svd_of_sum(terms, self.config.max_rank, self.config.svd_method)
+
+
+def carried_components(previous: object, r_max: int) -> FactorPair | None:
+    """The previous state's components beyond ``r_max`` as one factor term (None: none)."""
+    assert isinstance(previous, LowRank)
+    k = previous.rank
+    if k <= r_max:
+        return None
+    return FactorPair(B=previous.U[:, r_max:k] * previous.S[r_max:k], A=previous.V[:, r_max:k].T)
 
 
 class FlexLoRA(SpectralStrategy):
@@ -87,7 +123,8 @@ class HolderAwareRaFLoRA(SpectralStrategy):
     """
 
     name = "raflora_ha"
-    known_options = frozenset({"gamma", "shrinkage", "max_boost"})
+    known_options = frozenset({"gamma", "shrinkage", "max_boost", "carry_over"})
+    carry_over_default = True
 
     def __init__(self, config: StrategyConfig) -> None:
         super().__init__(config)
