@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from raflora.server.config import ParticipationConfig
 from raflora.server.engine import (
     AdapterSchema,
     ClientUpdate,
@@ -23,6 +24,8 @@ from raflora.server.engine import (
     make_strategy,
     module_spectrum,
 )
+from raflora.server.rounds.selection import select
+from raflora.server.storage import ClientRecord
 
 from . import reference as ref
 from .conftest import random_updates, rel_err
@@ -118,3 +121,42 @@ def test_carry_over_is_off_by_default_for_the_published_baselines() -> None:
     assert not strategy("raflora", torch.float64).carry_over  # type: ignore[attr-defined]
     assert not strategy("flexlora", torch.float64).carry_over  # type: ignore[attr-defined]
     assert strategy("raflora_ha", torch.float64).carry_over  # type: ignore[attr-defined]
+
+
+# -- server-side sampling ----------------------------------------------------------------------
+def records(layout: dict[int, int]) -> list[ClientRecord]:
+    out = []
+    for rank, n in layout.items():
+        out += [ClientRecord(f"r{rank}-{i}", rank, 10, 16.0, 16.0 / rank) for i in range(n)]
+    return out
+
+
+def test_selection_is_seeded_reproducible_and_varies_by_round() -> None:
+    policy = ParticipationConfig(clients_per_round=3, seed=7)
+    pool = records({2: 4, 4: 4, 16: 2})
+    first = select(policy, 5, pool)
+    assert first == select(policy, 5, list(reversed(pool)))  # order of candidates is irrelevant
+    assert (first.quota, first.seats, len(first.selected)) == (3, 3, 3)
+    assert len({select(policy, t, pool).selected for t in range(10)}) > 1
+
+
+def test_stratified_selection_keeps_a_holder_of_every_rank() -> None:
+    policy = ParticipationConfig(clients_per_round=3, stratify_by_rank=True)
+    pool = records({2: 12, 4: 6, 16: 2})
+    for t in range(20):
+        chosen = select(policy, t, pool).selected
+        assert {int(c.split("-")[0][1:]) for c in chosen} == {2, 4, 16}
+    # More seats than ranks: the rest follows each rank's share of the candidates.
+    wide = select(ParticipationConfig(clients_per_round=10, stratify_by_rank=True), 0, pool)
+    by_rank = {r: sum(c.startswith(f"r{r}-") for c in wide.selected) for r in (2, 4, 16)}
+    assert sum(by_rank.values()) == 10 and by_rank[2] > by_rank[4] >= by_rank[16] >= 1
+
+
+def test_over_selection_and_fraction() -> None:
+    pool = records({2: 10})
+    over = select(ParticipationConfig(clients_per_round=4, over_selection=0.5), 0, pool)
+    assert (over.quota, over.seats, len(over.selected)) == (4, 6, 6)
+    half = select(ParticipationConfig(fraction=0.5), 0, pool)
+    assert (half.quota, len(half.selected)) == (5, 5)
+    few = select(ParticipationConfig(clients_per_round=4), 0, pool[:2])
+    assert len(few.selected) == 2 and few.with_client("late").selected == few.selected | {"late"}

@@ -10,6 +10,7 @@ from .client import (
     PushResult,
     RafloraClient,
     RetryPolicy,
+    is_selected,
     lora_state_dict,
 )
 from .errors import (
@@ -49,6 +50,7 @@ __all__ = [
     "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
+    "is_selected",
     "lora_state_dict",
     "pb",
 ]

@@ -278,7 +278,8 @@ class RafloraClient:
                 time.sleep(delay)
 
     def status(self) -> pb.RoundStatus:
-        request = pb.GetRoundRequest(federation_id=self.federation_id)
+        """Where the federation stands, and (``selection``) whether this client may push."""
+        request = pb.GetRoundRequest(federation_id=self.federation_id, client_id=self.client_id)
         status: pb.RoundStatus = self._call(
             lambda: self.stub.GetRound(
                 request, timeout=self.timeout, metadata=self._token_metadata()
@@ -388,10 +389,14 @@ class RafloraClient:
     def wait_for_round(self, after_round: int, timeout: float | None = None) -> pb.RoundStatus:
         """Block until a round newer than ``after_round`` is published (watch stream, no polling).
 
-        Reconnects when the server restarts; raises DeadlineExceededError after ``timeout``.
+        The status says whether this client is selected for the round that now opens
+        (:func:`is_selected`). Reconnects when the server restarts; raises
+        DeadlineExceededError after ``timeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = pb.WatchRoundsRequest(federation_id=self.federation_id, after_round=after_round)
+        request = pb.WatchRoundsRequest(
+            federation_id=self.federation_id, after_round=after_round, client_id=self.client_id
+        )
 
         def attempt() -> pb.RoundStatus:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -412,6 +417,12 @@ class RafloraClient:
                 reason=exc.reason,
                 field="round",
             ) from None
+
+
+def is_selected(status: pb.RoundStatus) -> bool:
+    """May this client push in the open round? False only when the federation's participation
+    policy left it out (then a push is refused with NOT_SELECTED: wait for the next round)."""
+    return status.selection != pb.SELECTION_NOT_SELECTED
 
 
 class _StreamEndedError(UnavailableError):

@@ -133,6 +133,31 @@ ROUND_PHASE_COLLECTING: RoundPhase.ValueType  # 1
 ROUND_PHASE_AGGREGATING: RoundPhase.ValueType  # 2
 Global___RoundPhase: _TypeAlias = RoundPhase  # noqa: Y015
 
+class _Selection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Selection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SELECTION_UNSPECIFIED: _Selection.ValueType  # 0
+    """no client named in the request"""
+    SELECTION_EVERYONE: _Selection.ValueType  # 1
+    """no participation policy: every joined client may push"""
+    SELECTION_SELECTED: _Selection.ValueType  # 2
+    SELECTION_NOT_SELECTED: _Selection.ValueType  # 3
+    """a push gets FAILED_PRECONDITION (NOT_SELECTED): wait"""
+
+class Selection(_Selection, metaclass=_SelectionEnumTypeWrapper): ...
+
+SELECTION_UNSPECIFIED: Selection.ValueType  # 0
+"""no client named in the request"""
+SELECTION_EVERYONE: Selection.ValueType  # 1
+"""no participation policy: every joined client may push"""
+SELECTION_SELECTED: Selection.ValueType  # 2
+SELECTION_NOT_SELECTED: Selection.ValueType  # 3
+"""a push gets FAILED_PRECONDITION (NOT_SELECTED): wait"""
+Global___Selection: _TypeAlias = Selection  # noqa: Y015
+
 class _RoundEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -265,6 +290,7 @@ class FederationSpec(_message.Message):
     INIT_SEED_FIELD_NUMBER: _builtins.int
     MIN_PARTITION_HOLDERS_FIELD_NUMBER: _builtins.int
     TRUST_FIELD_NUMBER: _builtins.int
+    PARTICIPATION_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     strategy: _builtins.str
     """raflora_ha (default), raflora, flexlora, hetlora, rbla, flora, fedit"""
@@ -289,6 +315,8 @@ class FederationSpec(_message.Message):
     def round_policy(self) -> Global___RoundPolicy: ...
     @_builtins.property
     def trust(self) -> Global___TrustPolicy: ...
+    @_builtins.property
+    def participation(self) -> Global___ParticipationPolicy: ...
     def __init__(
         self,
         *,
@@ -306,14 +334,53 @@ class FederationSpec(_message.Message):
         init_seed: _builtins.int = ...,
         min_partition_holders: _builtins.int = ...,
         trust: Global___TrustPolicy | None = ...,
+        participation: Global___ParticipationPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participation", b"participation", "round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FederationSpec: _TypeAlias = FederationSpec  # noqa: Y015
+
+@_typing.final
+class ParticipationPolicy(_message.Message):
+    """Server-side client sampling (docs/design.md §4). All zero: everyone who pushes takes part."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENTS_PER_ROUND_FIELD_NUMBER: _builtins.int
+    FRACTION_FIELD_NUMBER: _builtins.int
+    STRATIFY_BY_RANK_FIELD_NUMBER: _builtins.int
+    OVER_SELECTION_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    clients_per_round: _builtins.int
+    """k clients selected of those joined when the round opens"""
+    fraction: _builtins.float
+    """or this fraction of them (at least 1)"""
+    stratify_by_rank: _builtins.bool
+    """every rank present keeps a selected holder when k allows"""
+    over_selection: _builtins.float
+    """select ceil(k (1 + this)); the round closes at k uploads"""
+    seed: _builtins.int
+    """selections are reproducible from (seed, round)"""
+    def __init__(
+        self,
+        *,
+        clients_per_round: _builtins.int = ...,
+        fraction: _builtins.float = ...,
+        stratify_by_rank: _builtins.bool = ...,
+        over_selection: _builtins.float = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients_per_round", b"clients_per_round", "fraction", b"fraction", "over_selection", b"over_selection", "seed", b"seed", "stratify_by_rank", b"stratify_by_rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParticipationPolicy: _TypeAlias = ParticipationPolicy  # noqa: Y015
 
 @_typing.final
 class TrustPolicy(_message.Message):
@@ -413,6 +480,8 @@ class RoundStatus(_message.Message):
     ENERGY_FIELD_NUMBER: _builtins.int
     JOINED_CLIENTS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    SELECTED_CLIENTS_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     round: _builtins.int
     """the open round: uploads computed from global state `round`"""
@@ -428,6 +497,12 @@ class RoundStatus(_message.Message):
     joined_clients: _builtins.int
     degraded: _builtins.str
     """Non-empty while the federation refuses its RPCs because its stored state is damaged."""
+    selection: Global___Selection.ValueType
+    """For the client named in GetRoundRequest/WatchRoundsRequest.client_id: is it selected for
+    the open round? EVERYONE when the federation has no participation policy.
+    """
+    selected_clients: _builtins.int
+    """how many are selected (0 without a policy)"""
     @_builtins.property
     def energy(self) -> Global___RankEnergy:
         """of the published state"""
@@ -446,10 +521,12 @@ class RoundStatus(_message.Message):
         energy: Global___RankEnergy | None = ...,
         joined_clients: _builtins.int = ...,
         degraded: _builtins.str = ...,
+        selection: Global___Selection.ValueType = ...,
+        selected_clients: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "degraded", b"degraded", "energy", b"energy", "expected_clients", b"expected_clients", "federation_id", b"federation_id", "joined_clients", b"joined_clients", "min_clients", b"min_clients", "phase", b"phase", "published_round", b"published_round", "round", b"round", "uploads", b"uploads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "degraded", b"degraded", "energy", b"energy", "expected_clients", b"expected_clients", "federation_id", b"federation_id", "joined_clients", b"joined_clients", "min_clients", b"min_clients", "phase", b"phase", "published_round", b"published_round", "round", b"round", "selected_clients", b"selected_clients", "selection", b"selection", "uploads", b"uploads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -961,15 +1038,19 @@ class GetRoundRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
+    client_id: _builtins.str
+    """optional: fills RoundStatus.selection for this client"""
     def __init__(
         self,
         *,
         federation_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "federation_id", b"federation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -981,20 +1062,24 @@ class WatchRoundsRequest(_message.Message):
 
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     AFTER_ROUND_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     after_round: _builtins.int
     """0: every event. N > 0: after the first STATUS event, only events whose status.round
     (the newest published round) is above N, i.e. nothing until round N + 1 is published.
     """
+    client_id: _builtins.str
+    """optional: fills each status's selection for this client"""
     def __init__(
         self,
         *,
         federation_id: _builtins.str = ...,
         after_round: _builtins.int = ...,
+        client_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_round", b"after_round", "federation_id", b"federation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_round", b"after_round", "client_id", b"client_id", "federation_id", b"federation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

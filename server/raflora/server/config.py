@@ -49,6 +49,34 @@ class ModuleConfig(BaseModel):
     d_in: int = Field(gt=0, le=MAX_DIMENSION)
 
 
+class ParticipationConfig(BaseModel):
+    """Which joined clients take part in a round; the default is everyone who pushes.
+
+    ``clients_per_round`` (k) or ``fraction`` of the clients joined when the round opens are
+    selected, seeded by (``seed``, round) and so reproducible; ``stratify_by_rank`` gives every
+    rank present at least one selected holder when k allows; ``over_selection`` selects
+    ``ceil(k · (1 + over_selection))`` so that the round closes at k uploads without waiting for
+    stragglers (the deadline closes it with ``min_clients``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    clients_per_round: int = Field(default=0, ge=0, le=1_000_000)
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    stratify_by_rank: bool = False
+    over_selection: float = Field(default=0.0, ge=0.0, le=10.0)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ParticipationConfig:
+        if self.clients_per_round and self.fraction:
+            raise ConfigError("participation", "give clients_per_round or fraction, not both")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.clients_per_round or self.fraction)
+
+
 class FederationConfig(BaseModel):
     """Everything a federation declares; defaults run out of the box."""
 
@@ -84,6 +112,7 @@ class FederationConfig(BaseModel):
         description="Cap on one client's share of a round's weight (applied before normalising)",
     )
     max_clients: int = Field(default=10_000, ge=1, description="Clients that may join")
+    participation: ParticipationConfig = Field(default_factory=ParticipationConfig)
 
     @field_validator("strategy")
     @classmethod

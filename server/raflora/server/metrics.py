@@ -161,6 +161,26 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
+        self.selected = Gauge(
+            "raflora_round_selected_clients",
+            "Clients selected for the open round, by rank (participation policy)",
+            ["federation", "rank"],
+            registry=r,
+        )
+        self.participants = Gauge(
+            "raflora_round_participants",
+            "Clients aggregated in the last published round, by rank",
+            ["federation", "rank"],
+            registry=r,
+        )
+        self.carried_energy = Gauge(
+            "raflora_round_carried_energy_fraction",
+            "Energy share of the published state beyond the round's largest participant rank "
+            "(carried over from the previous state when carry_over is on)",
+            ["federation"],
+            registry=r,
+        )
+        self._ranks_seen: dict[tuple[int, str], set[int]] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -188,8 +208,24 @@ class ServerMetrics:
         self.round_uploads.labels(federation).set(0)
         self.record_round(federation, manifest)
 
+    def _set_counts(self, gauge: Gauge, federation: str, ranks: Sequence[int]) -> None:
+        """Per-rank counts; ranks counted before and absent now read 0, not a stale value."""
+        counts = _count(ranks)
+        key = (id(gauge), federation)
+        for rank in self._ranks_seen.get(key, set()) - set(counts):
+            gauge.labels(federation, str(rank)).set(0)
+        for rank, count in counts.items():
+            gauge.labels(federation, str(rank)).set(count)
+        self._ranks_seen[key] = self._ranks_seen.get(key, set()) | set(counts)
+
+    def record_selection(self, federation: str, ranks: Sequence[int]) -> None:
+        self._set_counts(self.selected, federation, ranks)
+
     def record_round(self, federation: str, manifest: RoundManifest) -> None:
         """The gauges of a published round, from its manifest."""
+        self._set_counts(self.participants, federation, [u.rank for u in manifest.uploads])
+        if not math.isnan(manifest.energy.tail_energy):
+            self.carried_energy.labels(federation).set(manifest.energy.tail_energy)
         self.last_published.labels(federation).set(manifest.published_unix)
         self.record_energy(federation, manifest.energy)
         self.record_holders(federation, manifest.holders)
@@ -206,3 +242,10 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def _count(ranks: Sequence[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for r in ranks:
+        out[r] = out.get(r, 0) + 1
+    return out

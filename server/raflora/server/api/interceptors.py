@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_status import rpc_status
 
-from raflora.server.engine import AggregationError
+from raflora.server.engine import AggregationError, ConfigError
 from raflora.v1.wire import ERROR_DOMAIN, FIELD_METADATA_KEY, ErrorReason
 
 from ..errors import ServiceError, is_disk_full
@@ -36,7 +36,10 @@ else:  # the stubs' generics are not subscriptable at run time
     Handler = grpc.RpcMethodHandler
     _Interceptor = aio.ServerInterceptor
 _AUDITED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-_MAX_MESSAGE_CHARS = 2000  # a status message never grows with what a client sent
+# A status message never grows with what a client sent: it travels three times (grpc-message,
+# Status.message, FieldViolation.description) within gRPC's 8 KiB metadata budget.
+_MAX_MESSAGE_BYTES = 1024
+_MAX_FIELD_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ def refusal_of(exc: BaseException) -> Refusal:
     """The status an exception maps to; engine errors are bad input."""
     if isinstance(exc, ServiceError):
         return Refusal(grpc.StatusCode[exc.kind.value], str(exc), exc.reason, exc.field)
+    if isinstance(exc, ConfigError):  # a declared setting or id, not an upload
+        return Refusal(
+            grpc.StatusCode.INVALID_ARGUMENT, str(exc), ErrorReason.INVALID_FIELD, exc.field
+        )
     if isinstance(exc, AggregationError):
         return Refusal(
             grpc.StatusCode.INVALID_ARGUMENT, str(exc), ErrorReason.INVALID_UPDATE, exc.field
@@ -71,10 +78,8 @@ def refusal_of(exc: BaseException) -> Refusal:
 
 
 def rich_status(refusal: Refusal) -> grpc.Status:
-    message = refusal.message
-    if len(message) > _MAX_MESSAGE_CHARS:
-        message = message[:_MAX_MESSAGE_CHARS] + "…"
-    field = refusal.field[:200]
+    message = _clip(refusal.message, _MAX_MESSAGE_BYTES)
+    field = _clip(refusal.field, _MAX_FIELD_BYTES)
     info = error_details_pb2.ErrorInfo(
         reason=refusal.reason, domain=ERROR_DOMAIN, metadata={FIELD_METADATA_KEY: field}
     )
@@ -84,6 +89,14 @@ def rich_status(refusal: Refusal) -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(code=refusal.code.value[0], message=message, details=details)
     return rpc_status.to_status(status)
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, on a character boundary."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode(errors="ignore") + "…"
 
 
 def _pack(message: Any) -> any_pb2.Any:

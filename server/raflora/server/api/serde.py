@@ -62,6 +62,8 @@ def config_from_proto(spec: pb.FederationSpec) -> FederationConfig:
         value = getattr(spec.trust, name)
         if value:
             data[name] = value
+    policy_fields = ("clients_per_round", "fraction", "stratify_by_rank", "over_selection", "seed")
+    data["participation"] = {f: getattr(spec.participation, f) for f in policy_fields}
     for key, table, value in (
         ("scaling_rule", _SCALING, spec.scaling_rule),
         ("weighting", _WEIGHTING, spec.weighting),
@@ -95,6 +97,13 @@ def config_to_proto(c: FederationConfig) -> pb.FederationSpec:
         init_seed=c.init_seed,
         min_partition_holders=c.min_partition_holders,
         trust=pb.TrustPolicy(**{name: getattr(c, name) for name in _TRUST_FIELDS}),
+        participation=pb.ParticipationPolicy(
+            clients_per_round=c.participation.clients_per_round,
+            fraction=c.participation.fraction,
+            stratify_by_rank=c.participation.stratify_by_rank,
+            over_selection=c.participation.over_selection,
+            seed=c.participation.seed,
+        ),
     )
 
 
@@ -129,7 +138,15 @@ def energy_proto(energy: RankEnergy | None, holders: tuple[Holders, ...] = ()) -
     )
 
 
-def status_proto(s: Snapshot) -> pb.RoundStatus:
+def selection_of(s: Snapshot, client_id: str) -> pb.Selection.ValueType:
+    if not client_id:
+        return pb.SELECTION_UNSPECIFIED
+    if s.selected is None:
+        return pb.SELECTION_EVERYONE
+    return pb.SELECTION_SELECTED if client_id in s.selected else pb.SELECTION_NOT_SELECTED
+
+
+def status_proto(s: Snapshot, client_id: str = "") -> pb.RoundStatus:
     return pb.RoundStatus(
         federation_id=s.federation_id,
         round=s.round,
@@ -142,13 +159,15 @@ def status_proto(s: Snapshot) -> pb.RoundStatus:
         energy=energy_proto(s.energy, s.holders),
         joined_clients=s.joined_clients,
         degraded=s.degraded,
+        selection=selection_of(s, client_id),
+        selected_clients=len(s.selected) if s.selected is not None else 0,
     )
 
 
-def event_proto(e: RoundEvent) -> pb.RoundEvent:
+def event_proto(e: RoundEvent, client_id: str = "") -> pb.RoundEvent:
     return pb.RoundEvent(
         type=_EVENTS[e.type],
-        status=status_proto(e.snapshot),
+        status=status_proto(e.snapshot, client_id),
         message=e.message,
         warnings=list(e.warnings),
     )

@@ -6,6 +6,7 @@ Errors are raised as domain errors and translated in one place (``interceptors.p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -172,8 +173,9 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         )
 
     async def GetRound(self, request: pb.GetRoundRequest, context: Any) -> pb.RoundStatus:
-        self.authority.client(_metadata(context), request.federation_id)
-        return status_proto(self.hub.get(request.federation_id).snapshot())
+        self.authority.client(_metadata(context), request.federation_id, request.client_id or None)
+        runtime = self.hub.get(request.federation_id)
+        return status_proto(runtime.snapshot(), request.client_id)
 
     async def Pull(  # type: ignore[override]  # writes with context.write instead of yielding
         self, request: pb.PullRequest, context: Any
@@ -189,25 +191,29 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         )
         requested = request.round if request.HasField("round") else None
         view, reader = await runtime.open_view(request.client_id, requested)
+        digest = hashlib.sha256()
         with reader:
             await clock.write(context, pb.PullChunk(header=pull_header(view)))
             while chunk := reader.read(self.chunk_size):
+                digest.update(chunk)
                 await clock.write(context, pb.PullChunk(data=chunk))
+        if digest.hexdigest() != view.sha256:  # damaged at rest: the client sees DATA_LOSS
+            await runtime.discard_view(view)
         self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
         self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)
 
     async def WatchRounds(
         self, request: pb.WatchRoundsRequest, context: Any
     ) -> AsyncIterator[pb.RoundEvent]:
-        self.authority.client(_metadata(context), request.federation_id)
+        self.authority.client(_metadata(context), request.federation_id, request.client_id or None)
         runtime = self.hub.get(request.federation_id)
-        after = request.after_round
+        after, who = request.after_round, request.client_id
         # A watch ends cleanly after max_request_seconds (the SDK reconnects at once): no RPC
         # holds its slot forever, and a watcher's token is checked again at least that often.
         deadline = time.monotonic() + self.limits.max_request_seconds
         subscription = runtime.subscribe()
         try:
-            yield event_proto(RoundEvent(EventType.STATUS, runtime.snapshot()))
+            yield event_proto(RoundEvent(EventType.STATUS, runtime.snapshot()), who)
             while (remaining := deadline - time.monotonic()) > 0:
                 try:
                     event = await subscription.next(remaining)
@@ -218,7 +224,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                     return
                 if after and event.snapshot.round <= after:
                     continue
-                yield event_proto(event)
+                yield event_proto(event, who)
         finally:
             subscription.close()
 

@@ -94,7 +94,7 @@ class StreamClock:
             raise self._expired()
         return min(self.idle_seconds, remaining)
 
-    def _expired(self) -> DeadlineExceededError:
+    def _expired(self, idle_seconds: float | None = None) -> DeadlineExceededError:
         if time.monotonic() >= self.deadline:
             return DeadlineExceededError(
                 "stream",
@@ -103,7 +103,7 @@ class StreamClock:
             )
         return DeadlineExceededError(
             "stream",
-            f"no message for {self.idle_seconds:g}s: the stream was idle",
+            f"no message for {idle_seconds or self.idle_seconds:g}s: the stream was idle",
             ErrorReason.STREAM_IDLE,
         )
 
@@ -114,7 +114,7 @@ class StreamClock:
         try:
             return await asyncio.wait_for(awaitable, timeout)
         except TimeoutError:
-            raise self._expired() from None
+            raise self._expired(idle_seconds) from None
 
     async def next(self, requests: AsyncIterator[T], idle_seconds: float | None = None) -> T | None:
         """The next request message (None at the end), within the idle and total limits."""

@@ -261,14 +261,15 @@ class Authority:
         """A client token for a successful join: (token, expiry); ("", 0) when auth is off."""
         if not self.enabled or self._signer is None:
             return "", 0.0
-        record = self._records[federation_id]
+        # A federation created while auth was off has no enrolment record: generation 0.
+        record = self._records.get(federation_id)
         credential = self._credentials.get(federation_id, {}).get(client_id)
         expires = time.time() + self.ttl_seconds
         claims = ClientClaims(
             federation_id,
             client_id,
             rank,
-            record.generation,
+            record.generation if record is not None else 0,
             expires,
             credential.generation if credential is not None else 0,
         )
@@ -281,10 +282,11 @@ class Authority:
         claims = self._signer.verify(self._credential(metadata))
         record = self._records.get(claims.federation_id)
         credential = self._credentials.get(claims.federation_id, {}).get(claims.client_id)
+        generation = record.generation if record is not None else 0
         client_generation = credential.generation if credential is not None else 0
         if (
-            record is None
-            or record.generation != claims.generation
+            (record is None and credential is None)
+            or generation != claims.generation
             or client_generation != claims.client_generation
         ):
             raise UnauthenticatedError(

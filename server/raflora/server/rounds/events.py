@@ -43,6 +43,7 @@ class Snapshot:
     joined_clients: int
     holders: tuple[Holders, ...] = ()
     degraded: str = ""  # why the federation cannot serve, or "" when healthy
+    selected: frozenset[str] | None = None  # the round's selection; None: everyone
 
 
 @dataclass(frozen=True)

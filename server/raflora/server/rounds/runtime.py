@@ -50,6 +50,7 @@ from ..storage.tensorio import UpdateBounds, validate_upload
 from .events import EventBus, EventType, Phase, RoundEvent, Snapshot, Subscription
 from .publish import NothingToAggregateError, PublishOutcome, RoundPublisher, holder_warnings
 from .published import PublishedRounds
+from .selection import Selection, select
 from .terms import check_push_terms, check_sha256, join_terms
 from .tickets import PushOutcome, PushTicket
 from .views import RoundContent, View, ViewCache
@@ -58,6 +59,7 @@ log = logging.getLogger("raflora.server")
 # A round whose publication failed on I/O (disk full) is retried with this backoff.
 _RETRY_INITIAL_SECONDS = 1.0
 _RETRY_MAX_SECONDS = 60.0
+_VIEW_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class FederationRuntime:
         self.uploads: dict[str, UploadRecord] = {}
         self.clients: dict[str, ClientRecord] = {}
         self.degraded = ""
+        self.selection: Selection | None = None  # None: everyone who pushes takes part
         self.deadline_unix = 0.0
         self._deadline_passed = False
         self._deadline_handle: asyncio.TimerHandle | None = None
@@ -190,12 +193,13 @@ class FederationRuntime:
             phase=self.phase,
             uploads=len(self.uploads),
             min_clients=self.config.min_clients,
-            expected_clients=self.config.target_clients,
+            expected_clients=self._quota(),
             deadline_unix=self.deadline_unix,
             energy=self.energy,
             holders=self.holders,
             joined_clients=len(self.clients),
             degraded=self.degraded,
+            selected=self.selection.selected if self.selection is not None else None,
         )
 
     def subscribe(self) -> Subscription:
@@ -243,6 +247,8 @@ class FederationRuntime:
             self._join_attempts[client_id] = attempts
             await asyncio.to_thread(self.store.save_client, record)
             self.clients[client_id] = record
+            if self.selection is not None and self.phase is Phase.COLLECTING:
+                self.selection = self.selection.with_client(client_id)
         self.metrics.active_clients.labels(self.id).set(len(self.clients))
         return record
 
@@ -275,6 +281,7 @@ class FederationRuntime:
         duplicate = self._counted_upload(client_id, round_, sha256)
         if duplicate is None:
             self._check_round_open(round_)
+            self._check_selected(client_id)
         check_push_terms(
             self.config, self.schema, joined, rank, num_examples, lora_alpha, total_bytes
         )
@@ -345,6 +352,16 @@ class FederationRuntime:
                 ErrorReason.ROUND_AGGREGATING,
             )
 
+    def _check_selected(self, client_id: str) -> None:
+        if self.selection is not None and client_id not in self.selection.selected:
+            raise FailedPreconditionError(
+                "client_id",
+                f"client {echo_id(client_id)} is not selected for round {self.state.round} "
+                f"({len(self.selection.selected)} of {len(self.clients)} clients are); wait for "
+                f"round {self.state.round + 1}",
+                ErrorReason.NOT_SELECTED,
+            )
+
     def abort_push(self, ticket: PushTicket) -> None:
         ticket.sink.abort()
 
@@ -411,12 +428,14 @@ class FederationRuntime:
             await asyncio.to_thread(self.store.commit_upload, sink, record)
             self.uploads[ticket.client_id] = record
             count = len(self.uploads)
+            claimed = self._claim_close()  # the push that completes the quota closes it
         rank = str(ticket.rank)
         self.metrics.uploads.labels(self.id, rank).inc()
         self.metrics.upload_bytes.labels(self.id, rank).inc(ticket.total_bytes)
         self.metrics.round_uploads.labels(self.id).set(count)
         self._emit(EventType.UPLOAD, f"{ticket.client_id} uploaded rank {ticket.rank}")
-        self._spawn(self._maybe_close())
+        if claimed is not None:
+            self._spawn(self._aggregate(*claimed))
         return PushOutcome(ticket.round, False, ticket.total_bytes, count)
 
     def _validate(self, ticket: PushTicket) -> None:
@@ -437,6 +456,19 @@ class FederationRuntime:
             self._deadline_handle = asyncio.get_running_loop().call_later(
                 self.config.deadline_seconds, self._on_deadline
             )
+        self._select()
+
+    def _select(self) -> None:
+        policy = self.config.participation
+        if not policy.active:
+            return
+        self.selection = select(policy, self.state.round, list(self.clients.values()))
+        self.metrics.record_selection(
+            self.id, [self.clients[c].rank for c in self.selection.selected]
+        )
+
+    def _quota(self) -> int:
+        return self.selection.quota if self.selection is not None else self.config.target_clients
 
     def _on_deadline(self) -> None:
         self._deadline_passed = True
@@ -444,22 +476,26 @@ class FederationRuntime:
 
     def _ready(self) -> bool:
         n = len(self.uploads)
-        if n >= self.config.target_clients:
+        if n >= self._quota():
             return True
         return self._deadline_passed and n >= self.config.min_clients
 
+    def _claim_close(self) -> tuple[GlobalState, list[UploadRecord]] | None:
+        """Under the lock: if the round is ready, close it now (no later push gets in)."""
+        if self._closed or self.degraded or self.phase is not Phase.COLLECTING:
+            return None
+        if not self._ready():
+            return None
+        self.phase = Phase.AGGREGATING
+        return self.state, sorted(self.uploads.values(), key=lambda u: u.client_id)
+
     async def _maybe_close(self) -> None:
         async with self.lock:
-            if (
-                self._closed
-                or self.degraded
-                or self.phase is not Phase.COLLECTING
-                or not self._ready()
-            ):
-                return
-            self.phase = Phase.AGGREGATING
-            uploads = sorted(self.uploads.values(), key=lambda u: u.client_id)
-            state = self.state
+            claimed = self._claim_close()
+        if claimed is not None:
+            await self._aggregate(*claimed)
+
+    async def _aggregate(self, state: GlobalState, uploads: list[UploadRecord]) -> None:
         self._emit(EventType.AGGREGATING, f"aggregating {len(uploads)} uploads")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -582,12 +618,30 @@ class FederationRuntime:
             content = await asyncio.to_thread(self.published.content, round_)
         return await self.views.get(content, joined.rank, joined.scale)
 
+    async def discard_view(self, view: View) -> None:
+        """A view whose bytes no longer match its digest: drop it, the next pull rebuilds it."""
+        log.error(
+            "federation %s: pull view %s of round %d is damaged on storage; rebuilding",
+            self.id,
+            view.stored.key,
+            view.round,
+        )
+        self.metrics.storage_problems.labels(self.id).inc()
+        self.views.forget(view)
+        await asyncio.to_thread(self.store.delete_view, view.stored)
+
     async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, BinaryIO]:
-        """The client's view and its bytes, opened; a view pruned meanwhile is rebuilt once."""
-        view = await self.view_for(client_id, round_)
-        try:
-            return view, await asyncio.to_thread(self.store.open_view, view.stored)
-        except FileNotFoundError:
-            self.views.forget(view)
+        """The client's view and its bytes, opened. A publication may prune an older round's
+        view while it is built or before it is opened: then it is built again."""
+        for _ in range(_VIEW_ATTEMPTS - 1):
+            view = None
+            try:
+                view = await self.view_for(client_id, round_)
+                return view, await asyncio.to_thread(self.store.open_view, view.stored)
+            except FileNotFoundError:
+                if view is not None:
+                    self.views.forget(view)
+                else:
+                    self.views.forget_round(round_ if round_ is not None else self.state.round)
         view = await self.view_for(client_id, round_)
         return view, await asyncio.to_thread(self.store.open_view, view.stored)

@@ -1,8 +1,9 @@
 """Pull views: the global adapter of one round at one rank and scale, built once and cached.
 
 A view is keyed by (round, rank, scale). The scale comes from the client's alpha, which is
-fixed at join and may change only between rounds, so one client cannot multiply the views of
-a round beyond ``max_views_per_round`` (distinct keys past it are built but not cached).
+fixed at join and may change only between rounds. However many distinct keys clients ask
+for, a round keeps at most ``max_views_per_round`` view files: the least recently built one is
+deleted to make room (a reader that has it open keeps reading it).
 Every tensor is checked finite before it is written: a view never serves NaN or Inf.
 """
 
@@ -70,14 +71,28 @@ class ViewCache:
             task = asyncio.get_running_loop().create_task(
                 asyncio.to_thread(self.build, content, rank, scale)
             )
-            in_round = sum(1 for k in self._tasks if k[0] == key[0])
-            if in_round < self.max_views_per_round or key in self._tasks:
-                self._tasks[key] = task
+            self._tasks.pop(key, None)
+            self._tasks[key] = task  # insertion order: the newest last
+            await self._evict(key[0])
         return await asyncio.shield(task)
+
+    async def _evict(self, round_: int) -> None:
+        in_round = [k for k in self._tasks if k[0] == round_]
+        for key in in_round[: max(0, len(in_round) - self.max_views_per_round)]:
+            old = self._tasks.pop(key)
+            if old.done() and not old.cancelled() and old.exception() is None:
+                await asyncio.to_thread(self.store.delete_view, old.result().stored)
 
     def forget(self, view: View) -> None:
         """Drop a cached view whose bytes went away (pruned): the next get rebuilds it."""
         self._tasks.pop((view.round, view.rank, view.scale), None)
+
+    def forget_round(self, round_: int) -> None:
+        """Drop every failed build of ``round_`` (its folder was pruned under it)."""
+        for key in [k for k, t in self._tasks.items() if k[0] == round_ and t.done()]:
+            task = self._tasks[key]
+            if task.cancelled() or task.exception() is not None:
+                del self._tasks[key]
 
     def keep_from(self, round_: int) -> None:
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] >= round_}

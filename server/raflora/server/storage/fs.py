@@ -67,4 +67,7 @@ def read_json(path: Path, max_bytes: int = 16 << 20) -> Any:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"{path.name} is larger than {max_bytes} bytes")
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:  # "[[[[…" nested past the parser's stack: junk like any other
+        raise ValueError(f"{path.name} nests too deeply to be a record") from None

@@ -187,6 +187,9 @@ class MemoryFederationStore:
             raise FileNotFoundError(f"view {view.key} of round {view.round} was pruned")
         return io.BytesIO(data)
 
+    def delete_view(self, view: StoredView) -> None:
+        self.views.pop((view.round, view.key), None)
+
     def prune(self, keep_round: int) -> None:
         for t in [t for t in self.uploads if t < keep_round]:
             del self.uploads[t]

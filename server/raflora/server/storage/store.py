@@ -166,6 +166,8 @@ class FederationStore(Protocol):
         """The view's bytes; FileNotFoundError if it was pruned meanwhile."""
         ...
 
+    def delete_view(self, view: StoredView) -> None: ...
+
     def prune(self, keep_round: int) -> None:
         """Drop uploads of rounds before ``keep_round`` and views older than the one before."""
         ...
@@ -518,7 +520,13 @@ class FileFederationStore:
         return StoredView(round_, key, size, digest)
 
     def open_view(self, view: StoredView) -> BinaryIO:
-        return (self.views / _round_name(view.round) / f"{view.key}.safetensors").open("rb")
+        return self._view_path(view).open("rb")
+
+    def delete_view(self, view: StoredView) -> None:
+        self._view_path(view).unlink(missing_ok=True)
+
+    def _view_path(self, view: StoredView) -> Path:
+        return self.views / _round_name(view.round) / f"{view.key}.safetensors"
 
     def prune(self, keep_round: int) -> None:
         for parent, keep in ((self.uploads, keep_round), (self.views, keep_round - 1)):
