@@ -50,7 +50,8 @@ def adapter(mib: int, rank: int, dim: int) -> tuple[dict[str, torch.Tensor], Ada
 
 
 def structural_only(path: Path, schema: AdapterSchema, rank: int) -> None:
-    """The checks an upload had before the trust boundary: the engine's, module by module."""
+    """The checks an upload had before the trust boundary: the engine's (names, dtypes, shapes,
+    finite in its own dtype), module by module."""
     with open_file(path) as reader:
         for module, shape in schema.modules.items():
             pair = FactorPair(

@@ -31,8 +31,14 @@ def validate_update(
     schema: AdapterSchema,
     max_rank: int,
     allowed_ranks: Collection[int] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> None:
-    """Raise a typed :class:`AggregationError` naming the first problem found."""
+    """Raise a typed :class:`AggregationError` naming the first problem found.
+
+    ``check_finite=False`` leaves NaN/Inf to the caller (the service's
+    :func:`validate_effective_update` finds them in the same pass as the magnitudes).
+    """
     if not update.client_id:
         raise InvalidUpdateError("client_id", "must be non-empty")
     validate_rank(update.rank, max_rank, allowed_ranks)
@@ -60,7 +66,7 @@ def validate_update(
                 raise ShapeMismatchError(
                     field, f"shape {tuple(tensor.shape)} != expected {expected} for rank {r}"
                 )
-            if not bool(torch.isfinite(tensor).all()):
+            if check_finite and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteError(field, "holds NaN or Inf values")
 
 
@@ -79,12 +85,19 @@ MAX_FACTOR_ELEMENT = 1e15
 
 
 def effective_update_norm(pair: FactorPair, scale: float) -> float:
-    """‖s·B·A‖_F from the r×r Gram products, in float64, without the dense d_out×d_in matrix."""
-    B = pair.B.to(torch.float64)
-    A = pair.A.to(torch.float64)
-    gram = (B.T @ B) * (A @ A.T)  # elementwise: tr((BᵀB)(AAᵀ)) = Σ_jk (BᵀB)_jk (AAᵀ)_kj
-    value = float(gram.sum().clamp_min(0.0).sqrt()) * abs(scale)
-    return value
+    """‖s·B·A‖_F from the r×r Gram products, without the dense d_out×d_in matrix.
+
+    ``tr((BᵀB)(AAᵀ)) = Σ_jk (BᵀB)_jk (AAᵀ)_jk``. The Grams are formed at (at least) fp32 in one
+    pass over each factor; only if one overflows is it formed again in float64.
+    """
+    work = torch.promote_types(torch.promote_types(pair.B.dtype, pair.A.dtype), torch.float32)
+    B, A = pair.B.to(work), pair.A.to(work)
+    gB, gA = B.T @ B, A @ A.T
+    if not (bool(torch.isfinite(gB).all()) and bool(torch.isfinite(gA).all())):
+        B, A = B.double(), A.double()
+        gB, gA = B.T @ B, A @ A.T
+    total = float((gB.double() * gA.double()).sum().clamp_min(0.0))
+    return math.sqrt(total) * abs(scale)
 
 
 def validate_effective_update(
@@ -96,25 +109,30 @@ def validate_effective_update(
 ) -> float:
     """Check one module of an upload exactly as aggregation will use it; returns ‖s·B·A‖_F.
 
-    Finite in its own dtype is not enough: fp64 1e300 overflows once cast to the compute dtype,
-    and a finite B overflows once multiplied by a huge scale. An upload that passes here cannot
-    make the round's aggregation fail on its numbers.
+    NaN and Inf are found here (the max-abs pass sees them). Finite in its own dtype is not
+    enough, though: fp64 1e300 overflows once cast to
+    the compute dtype, and a finite B overflows once multiplied by a huge scale. Every element
+    of s·B and A must be at most MAX_FACTOR_ELEMENT, far inside the range of the compute dtypes
+    (fp32 or fp64), so the cast cannot overflow; the norm bound is the operator's. An upload
+    that passes here cannot make the round's aggregation fail on its numbers.
     """
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise InvalidUpdateError(
+            "compute_dtype", f"aggregation runs in fp32 or fp64, not {compute_dtype}"
+        )
     for label, tensor, factor in (("lora_B", pair.B, scale), ("lora_A", pair.A, 1.0)):
         name = f"{field}.{label}.weight"
-        cast = tensor.to(compute_dtype)
-        if not bool(torch.isfinite(cast).all()):
-            raise NonFiniteError(name, f"overflows to Inf once cast to {compute_dtype}")
-        peak = float(cast.abs().max()) * factor if cast.numel() else 0.0
+        largest = float(torch.linalg.vector_norm(tensor, ord=math.inf)) if tensor.numel() else 0.0
+        if not math.isfinite(largest):  # max |x| is NaN or Inf exactly when some x is
+            raise NonFiniteError(name, "holds NaN or Inf values")
+        peak = largest * abs(factor)
         if not math.isfinite(peak) or peak > MAX_FACTOR_ELEMENT:
             raise InvalidUpdateError(
                 name,
                 f"an element of magnitude {peak:.3g} (after scaling) exceeds "
-                f"{MAX_FACTOR_ELEMENT:g}",
+                f"{MAX_FACTOR_ELEMENT:g}, which would overflow aggregation at {compute_dtype}",
             )
-    norm = effective_update_norm(
-        FactorPair(B=pair.B.to(compute_dtype), A=pair.A.to(compute_dtype)), scale
-    )
+    norm = effective_update_norm(pair, scale)
     if not math.isfinite(norm) or norm > max_norm:
         raise InvalidUpdateError(
             field,

@@ -514,6 +514,9 @@ class FileFederationStore:
                 folder.mkdir(parents=True, exist_ok=True)
                 size, digest = write_safetensors(tmp, specs, tensors, metadata)
                 tmp.replace(path)
+        except FileExistsError:  # mkdir raced a prune removing the folder: pruned meanwhile
+            tmp.unlink(missing_ok=True)
+            raise FileNotFoundError(f"views of round {round_} were pruned meanwhile") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -162,7 +162,8 @@ def validate_upload(
         )
         # One module at a time through the engine's own checks, then as aggregation sees it.
         single = AdapterSchema({module: ModuleShape(shape.d_out, shape.d_in)})
-        validate_update(ClientUpdate(client_id, rank, 1, scale, {module: pair}), single, rank)
+        update = ClientUpdate(client_id, rank, 1, scale, {module: pair})
+        validate_update(update, single, rank, check_finite=False)  # finiteness just below
         validate_effective_update(module, pair, scale, bounds.compute_dtype, bounds.max_update_norm)
 
 
