@@ -7,6 +7,7 @@ BadRequest.FieldViolation for bad input. Clients branch on the reason, never on 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -173,27 +174,39 @@ class ServiceInterceptor(_Interceptor):
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         self.metrics.rpcs.labels(method, code.name).inc()
 
+    @contextlib.asynccontextmanager
+    async def _guarded(
+        self,
+        method: str,
+        context: aio.ServicerContext[Any, Any],
+        request: Any,
+        check: bool,
+    ) -> AsyncIterator[None]:
+        """Admission, malformed requests, error translation and the RPC count of one call."""
+        code = grpc.StatusCode.OK
+        ticket = None
+        try:
+            ticket = self._admit(method, context)
+            if check:
+                refuse_malformed(request)
+            yield
+        except aio.AbortError:
+            code = _code(context)
+            raise
+        except Exception as exc:
+            code = refusal_of(exc).code
+            await abort(context, method, exc)
+        finally:
+            if ticket is not None:
+                ticket.release()
+            self._count(method, code)
+
     def _unary(
         self, behaviour: Callable[..., Awaitable[Any]], method: str, *, check: bool
     ) -> Callable[..., Awaitable[Any]]:
         async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            code = grpc.StatusCode.OK
-            ticket = None
-            try:
-                ticket = self._admit(method, context)
-                if check:
-                    refuse_malformed(request)
+            async with self._guarded(method, context, request, check):
                 return await behaviour(request, context)
-            except aio.AbortError:
-                code = _code(context)
-                raise
-            except Exception as exc:
-                code = refusal_of(exc).code
-                await abort(context, method, exc)
-            finally:
-                if ticket is not None:
-                    ticket.release()
-                self._count(method, code)
 
         return handler
 
@@ -203,23 +216,9 @@ class ServiceInterceptor(_Interceptor):
         async def handler(
             request: Any, context: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            code = grpc.StatusCode.OK
-            ticket = None
-            try:
-                ticket = self._admit(method, context)
-                refuse_malformed(request)
+            async with self._guarded(method, context, request, True):
                 async for item in behaviour(request, context):
                     yield item
-            except aio.AbortError:
-                code = _code(context)
-                raise
-            except Exception as exc:
-                code = refusal_of(exc).code
-                await abort(context, method, exc)
-            finally:
-                if ticket is not None:
-                    ticket.release()
-                self._count(method, code)
 
         return handler
 

@@ -108,22 +108,29 @@ class Authority:
         Blocking file I/O: call it in a thread.
         """
         if not open_enrolment:
-            storage = self._require_storage("open_enrolment")
-            with self._write_lock:
-                previous = self._records.get(federation_id)
-                generation = 1 if previous is None else previous.generation + 1
-                record = EnrolmentRecord.new(None, generation, open=False)
-                storage.federation(federation_id).save_enrolment(asdict(record))
-                self._records[federation_id] = record
+            self._store_enrolment(federation_id, None, open=False, field="open_enrolment")
             return ""
         return self.set_secret(federation_id, secret)
+
+    def _store_enrolment(
+        self, federation_id: str, secret: str | None, *, open: bool, field: str
+    ) -> None:
+        """Write the federation's enrolment record with the next generation (revoking every
+        token issued under the previous one)."""
+        storage = self._require_storage(field)
+        with self._write_lock:
+            previous = self._records.get(federation_id)
+            generation = 1 if previous is None else previous.generation + 1
+            record = EnrolmentRecord.new(secret, generation, open=open)
+            storage.federation(federation_id).save_enrolment(asdict(record))
+            self._records[federation_id] = record
 
     def set_secret(self, federation_id: str, secret: str | None) -> str:
         """Store (the hash of) a new shared secret: open enrolment. Returns the secret.
 
         Blocking file I/O: call it in a thread. Bumps the generation, revoking older tokens.
         """
-        storage = self._require_storage("enrolment_secret")
+        self._require_storage("enrolment_secret")
         previous = self._records.get(federation_id)
         if previous is not None and not previous.open:
             raise FailedPreconditionError(
@@ -133,12 +140,7 @@ class Authority:
                 ErrorReason.OPEN_ENROLMENT_OFF,
             )
         secret = check_secret_format(secret) if secret else secrets.token_urlsafe(KEY_BYTES)
-        with self._write_lock:
-            previous = self._records.get(federation_id)
-            generation = 1 if previous is None else previous.generation + 1
-            record = EnrolmentRecord.new(secret, generation, open=True)
-            storage.federation(federation_id).save_enrolment(asdict(record))
-            self._records[federation_id] = record
+        self._store_enrolment(federation_id, secret, open=True, field="enrolment_secret")
         return secret
 
     def issue_client_credential(self, federation_id: str, client_id: str) -> str:

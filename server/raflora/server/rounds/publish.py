@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,13 +109,15 @@ class RoundPublisher:
             )
         return good, bad
 
-    def weighted(self, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    def shares(self, examples: Sequence[int]) -> list[float]:
+        return capped_shares(examples, self.config.weighting, self.config.max_weight_share)
+
+    def weighted(
+        self, updates: Sequence[ClientUpdate], shares: Sequence[float]
+    ) -> list[ClientUpdate]:
         """The updates with the influence cap applied to the clients actually aggregated."""
         if self.config.max_weight_share >= 1.0:  # the engine weighs the examples exactly
             return list(updates)
-        shares = capped_shares(
-            [u.num_examples for u in updates], self.config.weighting, self.config.max_weight_share
-        )
         return [
             ClientUpdate(
                 u.client_id, u.rank, max(1, round(p * _SHARE_RESOLUTION)), u.scale, u.factors
@@ -124,13 +126,21 @@ class RoundPublisher:
         ]
 
     def aggregate(
-        self, state: GlobalState, updates: list[ClientUpdate]
-    ) -> tuple[GlobalState | None, list[ClientUpdate], list[Quarantined]]:
-        """Aggregate; if that fails, set aside the uploads that fail alone and retry."""
+        self,
+        state: GlobalState,
+        updates: list[ClientUpdate],
+        records: Mapping[str, UploadRecord],
+    ) -> tuple[GlobalState | None, list[ClientUpdate], list[float], list[Quarantined]]:
+        """Aggregate; if that fails, set aside the uploads that fail alone and retry.
+
+        Returns the new state, the updates in it with their shares, and the culprits.
+        """
         culprits: list[Quarantined] = []
         while updates:
+            shares = self.shares([u.num_examples for u in updates])
             try:
-                return self.strategy.aggregate(state, self.weighted(updates)), updates, culprits
+                new_state = self.strategy.aggregate(state, self.weighted(updates, shares))
+                return new_state, updates, shares, culprits
             except Exception as exc:
                 first_error = exc
             found = []
@@ -138,13 +148,14 @@ class RoundPublisher:
                 try:
                     self.strategy.aggregate(state, [u])
                 except Exception as exc:
-                    found.append(Quarantined(_record_of(u), f"aggregation failed on it: {exc}"))
+                    reason = f"aggregation failed on it: {exc}"
+                    found.append(Quarantined(records[u.client_id], reason))
             if not found:  # the round as a whole fails: not any single upload's doing
                 raise first_error
             culprits += found
             names = {q.record.client_id for q in found}
             updates = [u for u in updates if u.client_id not in names]
-        return None, [], culprits
+        return None, [], [], culprits
 
     def run(
         self,
@@ -154,18 +165,14 @@ class RoundPublisher:
     ) -> PublishOutcome:
         by_client = {r.client_id: r for r in records}
         updates, quarantined = self.load(records)
-        new_state, used, culprits = self.aggregate(state, updates)
-        quarantined += [Quarantined(by_client[q.record.client_id], q.reason) for q in culprits]
+        new_state, used, shares, culprits = self.aggregate(state, updates, by_client)
+        quarantined += culprits
         if new_state is None:
             raise NothingToAggregateError(quarantined)
         used_records = [by_client[u.client_id] for u in used]
-        shares = capped_shares(
-            [r.num_examples for r in used_records],
-            self.config.weighting,
-            self.config.max_weight_share,
-        )
         energy = adapter_energy(new_state).overall
-        holders = tuple(partition_holders([r.rank for r in used_records], _tensor(shares)))
+        p = torch.tensor(shares, dtype=torch.float64)
+        holders = tuple(partition_holders([r.rank for r in used_records], p))
         manifest = RoundManifest(
             federation_id=self.config.federation_id,
             round=new_state.round,
@@ -196,12 +203,3 @@ def holder_warnings(manifest: RoundManifest, min_holders: int) -> tuple[str, ...
         for k, (rho, count, share) in enumerate(manifest.holders, start=1)
         if count < min_holders
     )
-
-
-def _record_of(update: ClientUpdate) -> UploadRecord:
-    # Only the client id is read from it (the caller maps it back to the real record).
-    return UploadRecord(update.client_id, 0, update.rank, 0, 0.0, update.scale, "", 0)
-
-
-def _tensor(values: Sequence[float]) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.float64)

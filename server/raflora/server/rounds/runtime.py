@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -48,7 +48,13 @@ from ..storage import (
 from ..storage.manifest import Holders
 from ..storage.tensorio import UpdateBounds, validate_upload
 from .events import EventBus, EventType, Phase, RoundEvent, Snapshot, Subscription
-from .publish import NothingToAggregateError, PublishOutcome, RoundPublisher, holder_warnings
+from .publish import (
+    NothingToAggregateError,
+    PublishOutcome,
+    Quarantined,
+    RoundPublisher,
+    holder_warnings,
+)
 from .published import PublishedRounds
 from .selection import Selection, select
 from .terms import check_push_terms, check_sha256, join_terms
@@ -278,8 +284,8 @@ class FederationRuntime:
         joined = self.client(client_id)
         self._count_push_attempt(client_id)
         check_sha256(sha256)
-        duplicate = self._counted_upload(client_id, round_, sha256)
-        if duplicate is None:
+        duplicate = self._already_counted(client_id, round_, sha256)
+        if not duplicate:
             self._check_round_open(round_)
             self._check_selected(client_id)
         check_push_terms(
@@ -298,19 +304,17 @@ class FederationRuntime:
             duplicate,
         )
 
-    def _counted_upload(self, client_id: str, round_: int, sha256: str) -> UploadRecord | None:
-        """The acknowledged upload an identical re-push repeats (its ack may have been lost)."""
+    def _already_counted(self, client_id: str, round_: int, sha256: str) -> bool:
+        """Is this an identical re-push of an acknowledged upload (whose ack may be lost)?"""
         existing = self.uploads.get(client_id)
-        if round_ == self.state.round and existing is not None and existing.sha256 == sha256:
-            return existing
+        if round_ == self.state.round and existing is not None:
+            return existing.sha256 == sha256
         m = self.manifest
-        if m is not None and round_ == m.round - 1:  # the round that just closed
-            for u in m.uploads:
-                if u.client_id == client_id and u.sha256 == sha256:
-                    return UploadRecord(
-                        client_id, round_, u.rank, u.num_examples, 0.0, u.scale, u.sha256, 0
-                    )
-        return None
+        return (
+            m is not None
+            and round_ == m.round - 1  # the round that just closed
+            and any(u.client_id == client_id and u.sha256 == sha256 for u in m.uploads)
+        )
 
     def _uploads_in(self, round_: int) -> int:
         if round_ == self.state.round:
@@ -387,7 +391,7 @@ class FederationRuntime:
                 f"checksum mismatch: payload hashes to {digest}",
                 ErrorReason.CHECKSUM_MISMATCH,
             )
-        if ticket.duplicate_of is not None:  # identical bytes of an upload already counted
+        if ticket.duplicate:  # identical bytes of an upload already counted
             return PushOutcome(
                 ticket.round, True, ticket.total_bytes, self._uploads_in(ticket.round)
             )
@@ -395,8 +399,7 @@ class FederationRuntime:
         self._check_round_open(ticket.round)
         await asyncio.to_thread(self._validate, ticket)
         async with self.lock:
-            duplicate = self._counted_upload(ticket.client_id, ticket.round, ticket.sha256)
-            if duplicate is not None:
+            if self._already_counted(ticket.client_id, ticket.round, ticket.sha256):
                 return PushOutcome(
                     ticket.round, True, ticket.total_bytes, self._uploads_in(ticket.round)
                 )
@@ -514,7 +517,7 @@ class FederationRuntime:
             return
         await self._published(outcome, len(uploads), time.perf_counter() - started)
 
-    async def _after_quarantine(self, quarantined: Any) -> None:
+    async def _after_quarantine(self, quarantined: Sequence[Quarantined]) -> None:
         async with self.lock:
             for q in quarantined:
                 self.uploads.pop(q.record.client_id, None)
@@ -611,12 +614,19 @@ class FederationRuntime:
                 ErrorReason.ROUND_NOT_PUBLISHED,
             )
         if round_ is None or round_ == current:
-            content = RoundContent(self.state, self.energy, self.holders)
-        elif round_ == 0:
-            content = RoundContent(self.strategy.initial_state(), None, ())
-        else:
-            content = await asyncio.to_thread(self.published.content, round_)
-        return await self.views.get(content, joined.rank, joined.scale)
+            newest = RoundContent(self.state, self.energy, self.holders)
+            return await self.views.get(current, joined.rank, joined.scale, lambda: newest)
+        if round_ == 0:
+            return await self.views.get(
+                0,
+                joined.rank,
+                joined.scale,
+                lambda: RoundContent(self.strategy.initial_state(), None, ()),
+            )
+        older = round_
+        return await self.views.get(
+            older, joined.rank, joined.scale, lambda: self.published.content(older)
+        )
 
     async def discard_view(self, view: View) -> None:
         """A view whose bytes no longer match its digest: drop it, the next pull rebuilds it."""
@@ -634,14 +644,13 @@ class FederationRuntime:
         """The client's view and its bytes, opened. A publication may prune an older round's
         view while it is built or before it is opened: then it is built again."""
         for _ in range(_VIEW_ATTEMPTS - 1):
-            view = None
-            try:
+            try:  # a build that failed is built again by the next view_for
                 view = await self.view_for(client_id, round_)
+            except FileNotFoundError:
+                continue
+            try:
                 return view, await asyncio.to_thread(self.store.open_view, view.stored)
             except FileNotFoundError:
-                if view is not None:
-                    self.views.forget(view)
-                else:
-                    self.views.forget_round(round_ if round_ is not None else self.state.round)
+                self.views.forget(view)
         view = await self.view_for(client_id, round_)
         return view, await asyncio.to_thread(self.store.open_view, view.stored)

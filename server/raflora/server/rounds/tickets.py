@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from raflora.v1.wire import ErrorReason
 
 from ..errors import DataLossError
-from ..storage import UploadRecord, UploadSink
+from ..storage import UploadSink
 
 
 @dataclass
@@ -24,8 +24,7 @@ class PushTicket:
     total_bytes: int
     sha256: str
     sink: UploadSink
-    duplicate_of: UploadRecord | None = None  # an identical push that was already counted
-    _closed: bool = field(default=False, repr=False)
+    duplicate: bool = False  # identical to an upload that was already counted
 
     async def write(self, chunk: bytes) -> None:
         """Append one chunk (in a thread: hashing and disk writes stay off the event loop)."""

@@ -10,7 +10,7 @@ Every tensor is checked finite before it is written: a view never serves NaN or 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +64,16 @@ class ViewCache:
         self.max_views_per_round = max_views_per_round
         self._tasks: dict[ViewKey, asyncio.Task[View]] = {}
 
-    async def get(self, content: RoundContent, rank: int, scale: float) -> View:
-        key = (content.state.round, rank, scale)
+    async def get(
+        self, round_: int, rank: int, scale: float, content: Callable[[], RoundContent]
+    ) -> View:
+        """The view, built on a miss from ``content()`` (called in the build's thread, so an
+        older round is read from storage only when its view is not cached)."""
+        key = (round_, rank, scale)
         task = self._tasks.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self.build, content, rank, scale)
+                asyncio.to_thread(lambda: self.build(content(), rank, scale))
             )
             self._tasks.pop(key, None)
             self._tasks[key] = task  # insertion order: the newest last
@@ -86,13 +90,6 @@ class ViewCache:
     def forget(self, view: View) -> None:
         """Drop a cached view whose bytes went away (pruned): the next get rebuilds it."""
         self._tasks.pop((view.round, view.rank, view.scale), None)
-
-    def forget_round(self, round_: int) -> None:
-        """Drop every failed build of ``round_`` (its folder was pruned under it)."""
-        for key in [k for k, t in self._tasks.items() if k[0] == round_ and t.done()]:
-            task = self._tasks[key]
-            if task.cancelled() or task.exception() is not None:
-                del self._tasks[key]
 
     def keep_from(self, round_: int) -> None:
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] >= round_}

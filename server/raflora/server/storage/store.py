@@ -230,6 +230,13 @@ class FileUploadSink:
             self._file.close()
             self._file = None
 
+    def move_to(self, final: Path) -> None:
+        """Make the bytes durable under ``final`` (fsync, rename, fsync the folder)."""
+        self.finish()
+        os.replace(self.path, final)
+        self._committed = True
+        fsync_dir(final.parent)
+
     @contextmanager
     def tensors(self) -> Iterator[TensorReader]:
         self.finish()
@@ -339,11 +346,7 @@ class FileFederationStore:
             raise TypeError("a FileFederationStore commits only its own sinks")
         final = self._upload_path(record.round, record.client_id)
         with disk_full_guard("storing an upload"):
-            sink.finish()
-            fsync_file(sink.path)
-            os.replace(sink.path, final)
-            sink._committed = True
-            fsync_dir(final.parent)
+            sink.move_to(final)
         try:
             atomic_write_json(final.with_suffix(".json"), record.to_json())
         except BaseException:  # not committed: the .json is the commit point
@@ -410,21 +413,23 @@ class FileFederationStore:
         return self.rounds / _round_name(round_)
 
     def latest_round(self, report: ResumeReport) -> int:
+        """Newest first, stopping at the first complete round: start-up reads one manifest,
+        not all of them (an older damaged round is found when it is read, like any other)."""
         self.rounds.mkdir(parents=True, exist_ok=True)
-        complete = []
-        for d in self.rounds.iterdir():
-            if not d.name.isdigit():
-                continue
+        for t in sorted(
+            (int(d.name) for d in self.rounds.iterdir() if d.name.isdigit()), reverse=True
+        ):
             try:
-                self.read_manifest(int(d.name))
+                self.read_manifest(t)
             except (OSError, ManifestError, ValueError) as exc:
                 # Renamed into place only once complete, so an incomplete one was damaged on
                 # disk; set it aside so that publishing that round again writes it afresh.
-                report.problems.append(f"round {int(d.name)} is incomplete ({exc}); set aside")
+                report.problems.append(f"round {t} is incomplete ({exc}); set aside")
+                d = self._round_dir(t)
                 shutil.move(str(d), str(self.rounds / f".damaged-{d.name}-{uuid.uuid4().hex}"))
                 continue
-            complete.append(int(d.name))
-        return max(complete, default=0)
+            return t
+        return 0
 
     def publish(
         self,
