@@ -44,6 +44,29 @@ ADMIN_TOKEN = "bench-hostile-admin-token-0123456789"
 MODULES = {f"layers.{i}.proj": (256, 256) for i in range(4)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid``, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
+class Busy:
+    """Cores kept busy by this process and the server during a phase (CPU time / wall)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+
+    def __enter__(self) -> Busy:
+        self.t0, self.me0 = time.perf_counter(), time.process_time()
+        self.srv0 = cpu_seconds(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        self.client = (time.process_time() - self.me0) / wall
+        self.server = (cpu_seconds(self.pid) - self.srv0) / wall
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -179,7 +202,8 @@ def main() -> int:
             ) as honest:  # fmt: skip
                 honest.join(rank=8, num_examples=10)
                 cycles(honest, server.target, ca, 3)  # warm up
-                alone = cycles(honest, server.target, ca, args.cycles)
+                with Busy(server.pid) as busy_alone:
+                    alone = cycles(honest, server.target, ca, args.cycles)
                 ctx = mp.get_context("spawn")
                 stop, out = ctx.Event(), ctx.Queue()
                 proc = ctx.Process(
@@ -187,12 +211,13 @@ def main() -> int:
                 )
                 proc.start()
                 time.sleep(8)  # let the attackers open their streams
-                attacked = cycles(honest, server.target, ca, args.cycles)
-                # Keep going past the header timeout, so streams are cut off and reopened.
-                until = time.monotonic() + args.min_seconds
-                while time.monotonic() < until:
-                    for op, xs in cycles(honest, server.target, ca, 5).items():
-                        attacked[op] += xs
+                with Busy(server.pid) as busy_attacked:
+                    attacked = cycles(honest, server.target, ca, args.cycles)
+                    # Keep going past the header timeout, so streams are cut off and reopened.
+                    until = time.monotonic() + args.min_seconds
+                    while time.monotonic() < until:
+                        for op, xs in cycles(honest, server.target, ca, 5).items():
+                            attacked[op] += xs
                 stop.set()
                 report = out.get(timeout=180)
                 proc.join(30)
@@ -202,7 +227,10 @@ def main() -> int:
         f"{len(alone['push'])} honest rounds alone, {len(attacked['push'])} attacked; "
         f"{args.hostile} hostile members held {report['held_median']:.0f} header-less Push "
         f"streams (median; peak {report['held_peak']}), answered {report['outcomes']}; "
-        f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
+        f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; cores busy "
+        f"alone: server {busy_alone.server:.2f}, honest client {busy_alone.client:.2f}; "
+        f"attacked: server {busy_attacked.server:.2f}, honest client {busy_attacked.client:.2f} "
+        f"(the attackers' process is not counted)",
         file=sys.stderr,
     )
     print("| operation | p50 alone (ms) | p50 attacked (ms) | ratio | p99 alone | p99 attacked |")

@@ -465,7 +465,7 @@ def main() -> int:
     print(
         f"\nerrors: {result['errors']} (goal 0); client-rounds {merged.rounds_done}/"
         f"{expected_rounds}; wall {wall:.1f} s; server CPU {cpu:.1f} s "
-        f"({cpu / wall:.0%} of one core); server peak RSS {peak_rss_mib:.0f} MiB; "
+        f"({cpu / wall:.2f} cores busy); server peak RSS {peak_rss_mib:.0f} MiB; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     for sample in merged.errors[:10]:
