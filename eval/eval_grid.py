@@ -1,9 +1,12 @@
-"""Evaluation harness: strategies × seeds × label skew × rank layouts on the real federation.
+"""Evaluation harness: strategies × seeds × label skew × rank layouts × participation.
 
 Every cell (dataset, skew, layout, seed) runs the real thing: one ``raflora-server``, six
 separate client processes speaking gRPC through the SDK (each takes part in one federation per
 strategy, in lockstep, with identical data, mini-batches and round-0 init, so strategies are
-compared pairwise), and an evaluator that pulls every strategy's global adapter each round.
+compared pairwise), and an evaluator (an observer client) that pulls every strategy's global
+adapter each round. Under partial participation the server selects the clients of each round
+(the same seeded draw in every strategy's federation, so the pairing holds) and only those
+train.
 Per run it records accuracy and loss per round, E_min, partition energies, effective rank and
 ‖ΔW‖. Cells are written as they finish, so an interrupted grid resumes where it stopped; a CPU
 budget stops scheduling new cells in time. ``--report-only`` rebuilds the summary.
@@ -31,7 +34,13 @@ from raflora.client_sdk import AdminClient, RafloraClient, pb
 from raflora.client_sdk.peft_adapter import adapter_shapes, load_pulled_adapter
 from raflora.demo import data as datasets
 from raflora.demo.model import LoraClassifier, evaluate, tokenize
-from raflora.demo.orchestrator import delta_norm, spawn_trainer, wait_for_round
+from raflora.demo.orchestrator import (
+    delta_norm,
+    participation_policy,
+    round_policy,
+    spawn_trainer,
+    wait_for_round,
+)
 from raflora.server.testing import ServerProcess
 
 # label -> (strategy, options)
@@ -41,6 +50,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "ha-gamma0.5": ("raflora_ha", {"gamma": "0.5", "shrinkage": "0"}),
     "ha-shrink2": ("raflora_ha", {"shrinkage": "2"}),  # the project's default strategy
     "ha-cap2": ("raflora_ha", {"max_boost": "2", "shrinkage": "0"}),
+    # Partial participation: the spectral strategies with and without carry-over (on by
+    # default only for raflora_ha, so "ha-shrink2" above carries over).
+    "flexlora-co": ("flexlora", {"carry_over": "true"}),
+    "raflora-co": ("raflora", {"carry_over": "true"}),
+    "ha-shrink2-noco": ("raflora_ha", {"shrinkage": "2", "carry_over": "false"}),
 }
 BASE_RANKS = [2, 2, 4, 4, 16, 16]
 LONE_RANKS = [2, 2, 2, 4, 4, 16]
@@ -52,11 +66,21 @@ class Cell:
     skew: float
     layout: str
     seed: int
+    participation: str = "1"  # fraction of clients per round; suffix "s": stratified by rank
 
     @property
     def id(self) -> str:
         skew = "iid" if math.isinf(self.skew) else f"{self.skew:g}"
-        return f"{self.dataset}-a{skew}-{self.layout}-s{self.seed}"
+        part = "" if self.participation == "1" else f"-p{self.participation}"
+        return f"{self.dataset}-a{skew}-{self.layout}{part}-s{self.seed}"
+
+    @property
+    def fraction(self) -> float:
+        return float(self.participation.rstrip("s"))
+
+    @property
+    def stratified(self) -> bool:
+        return self.participation.endswith("s")
 
     @property
     def setting(self) -> str:
@@ -110,7 +134,8 @@ def run_cell(
                 max_rank=R,
                 lora_alpha=2 * R,
                 init_seed=cell.seed,
-                round_policy=pb.RoundPolicy(min_clients=len(ranks), expected_clients=len(ranks)),
+                round_policy=round_policy(len(ranks)),
+                participation=participation_policy(cell.fraction, cell.stratified, cell.seed),
             )
         )
     procs = []
@@ -141,7 +166,7 @@ def run_cell(
     }
     try:
         for obs in observers.values():
-            obs.join(rank=R, num_examples=len(test_idx), lora_alpha=2 * R)
+            obs.join(rank=R, num_examples=0, lora_alpha=2 * R, observer=True)
         for t in range(args.rounds + 1):
             for label, obs in observers.items():
                 if t > 0:
@@ -359,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skews", default="0.1,0.5,1,inf", help="Dirichlet alphas; inf = IID")
     p.add_argument("--layouts", default="tied,independent,lone")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--participations",
+        default="1",
+        help="fractions of clients selected per round; suffix s = stratified by rank (0.5s)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--local-steps", type=int, default=4)
@@ -383,12 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         torch.set_num_threads(1)
         cells = [
-            Cell(d, float(a), layout, int(s))
-            for s, d, a, layout in itertools.product(
+            Cell(d, float(a), layout, int(s), part)
+            for s, d, a, layout, part in itertools.product(
                 args.seeds.split(","),
                 args.datasets.split(","),
                 args.skews.split(","),
                 args.layouts.split(","),
+                args.participations.split(","),
             )
         ]
         todo = [c for c in cells if not (args.out / "cells" / f"{c.id}.json").exists()]

@@ -101,3 +101,52 @@ def test_a_policy_round_trips_through_the_spec(tmp_path: Path, field: str) -> No
         created = admin.create_federation(spec)
         assert getattr(created.spec.participation, field) == pytest.approx(value)
         assert created.spec.participation.stratify_by_rank
+
+
+def test_round_zero_selects_over_everyone_and_observers_only_watch(tmp_path: Path) -> None:
+    """The SDK's waits return once the draw is made; every client sees the same selection."""
+    spec = federation_spec("z", MODULES, max_rank=8, min_clients=1, expected_clients=6)
+    spec.participation.CopyFrom(pb.ParticipationPolicy(fraction=0.5, seed=7))
+    with threaded_server(tmp_path) as server:
+        with AdminClient(server.target) as admin:
+            admin.create_federation(spec)
+        observer = RafloraClient(server.target, "z", "evaluator")
+        observer.join(rank=8, num_examples=0, observer=True)
+        assert observer.status().selection == pb.SELECTION_PENDING
+        clients = {cid: RafloraClient(server.target, "z", cid) for cid, _ in CLIENTS}
+        seen: dict[str, pb.RoundStatus] = {}
+        errors: list[BaseException] = []
+
+        def wait(cid: str) -> None:
+            try:
+                seen[cid] = clients[cid].wait_for_selection(0, timeout=30)
+            except BaseException as exc:
+                errors.append(exc)
+
+        for cid, rank in CLIENTS[:5]:
+            clients[cid].join(rank=rank, num_examples=10)
+        threads = [threading.Thread(target=wait, args=(cid,)) for cid, _ in CLIENTS[:5]]
+        for th in threads:
+            th.start()
+        with pytest.raises(FailedPreconditionError) as pending:
+            clients["a"].push(factors(2, 1, MODULES), round=0, num_examples=10)
+        assert pending.value.reason == ErrorReason.SELECTION_PENDING
+        clients["f"].join(rank=8, num_examples=10)  # the sixth: the draw is made now
+        seen["f"] = clients["f"].wait_for_selection(0, timeout=30)
+        for th in threads:
+            th.join(30)
+        assert not errors, errors
+        selected = {cid for cid, status in seen.items() if is_selected(status)}
+        assert len(selected) == 3 and all(s.selected_clients == 3 for s in seen.values())
+        assert not is_selected(observer.wait_for_selection(0, timeout=10))
+        with pytest.raises(FailedPreconditionError) as watching:
+            observer.push(factors(8, 1, MODULES), round=0, num_examples=1)
+        assert watching.value.reason == ErrorReason.OBSERVER
+        for cid in selected:
+            rank = dict(CLIENTS)[cid]
+            clients[cid].push(factors(rank, 2, MODULES), round=0, num_examples=10)
+        published = observer.wait_for_round(0, timeout=30)
+        assert published.round == 1
+        assert observer.pull().round == 1  # an observer reads every round
+        for c in [observer, *clients.values()]:
+            c.close()

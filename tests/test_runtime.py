@@ -388,3 +388,86 @@ def test_a_weight_share_cap_bounds_a_large_client() -> None:
         assert shares == pytest.approx({"big": 0.5, "s1": 0.125, "s2": 0.375})
 
     run(config(min_clients=3, max_weight_share=0.5), scenario)
+
+
+def test_a_policy_draws_its_selection_once_expected_clients_joined() -> None:
+    """Round 0 selects over the whole federation, not among the first clients to connect."""
+
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.runtime.join("b", 2, 10, 0.0)
+        assert h.runtime.snapshot().selection_pending
+        with pytest.raises(FailedPreconditionError) as pending:
+            await h.push("a", upload(2, 1), rank=2)
+        assert pending.value.reason == ErrorReason.SELECTION_PENDING
+        await h.runtime.join("c", 4, 10, 0.0)
+        await h.runtime.join("d", 4, 10, 0.0)
+        snapshot = h.runtime.snapshot()
+        assert not snapshot.selection_pending
+        assert snapshot.selected is not None and len(snapshot.selected) == 2
+        assert EventType.SELECTED in h.events or await _eventually(h, EventType.SELECTED)
+        # The draw is the pure, seeded function of the policy, the round and all four clients.
+        from raflora.server.rounds.selection import select
+
+        expected = select(h.config.participation, 0, list(h.runtime.clients.values()))
+        assert snapshot.selected == expected.selected
+        left_out = sorted({"a", "b", "c", "d"} - snapshot.selected)
+        with pytest.raises(FailedPreconditionError) as refused:
+            rank = h.runtime.clients[left_out[0]].rank
+            await h.push(left_out[0], upload(rank, 2), rank=rank)
+        assert refused.value.reason == ErrorReason.NOT_SELECTED
+
+    run(
+        config(min_clients=1, expected_clients=4, participation={"fraction": 0.5, "seed": 3}),
+        scenario,
+    )
+
+
+def test_observers_are_never_selected_never_counted_and_cannot_push() -> None:
+    async def scenario(h: Harness) -> None:
+        observer = await h.runtime.join("eval", 4, 0, 0.0, observer=True)
+        assert observer.observer  # examples may be 0 although weighting is by examples
+        await h.runtime.join("a", 2, 10, 0.0)
+        assert h.runtime.snapshot().selection_pending  # the observer does not count
+        await h.runtime.join("b", 4, 10, 0.0)
+        selected = h.runtime.snapshot().selected
+        assert selected is not None and "eval" not in selected and len(selected) == 2
+        with pytest.raises(FailedPreconditionError) as refused:
+            await h.push("eval", upload(4, 1), rank=4)
+        assert refused.value.reason == ErrorReason.OBSERVER
+        with pytest.raises(InvalidArgumentError):  # a trainer still declares its examples
+            await h.runtime.join("c", 2, 0, 0.0)
+
+    run(
+        config(min_clients=1, expected_clients=2, participation={"fraction": 1.0, "seed": 1}),
+        scenario,
+    )
+
+
+def test_the_deadline_draws_a_pending_selection_among_those_joined() -> None:
+    async def scenario(h: Harness) -> None:
+        await h.runtime.join("a", 2, 10, 0.0)
+        assert h.runtime.snapshot().selection_pending
+        await _eventually(h, EventType.SELECTED, timeout=10)
+        assert h.runtime.snapshot().selected == frozenset({"a"})
+        await h.push("a", upload(2, 1), rank=2)
+        await h.published(1, timeout=10)
+
+    run(
+        config(
+            min_clients=1,
+            expected_clients=5,
+            deadline_seconds=0.2,
+            participation={"clients_per_round": 1, "seed": 0},
+        ),
+        scenario,
+    )
+
+
+async def _eventually(h: Harness, event: EventType, timeout: float = 5) -> bool:
+    async def wait() -> None:
+        while event not in h.events:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(wait(), timeout)
+    return True

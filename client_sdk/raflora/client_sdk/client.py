@@ -159,7 +159,7 @@ class RafloraClient:
         self.token = token
         self.token_expires_unix = 0.0  # unknown for a token passed in
         self._refresh_margin = REFRESH_MARGIN_SECONDS
-        self._join_args: tuple[int, int, float] | None = None
+        self._join_args: tuple[int, int, float, bool] | None = None
 
     def close(self) -> None:
         self.channel.close()
@@ -189,8 +189,8 @@ class RafloraClient:
 
     def _rejoin(self) -> None:
         assert self._join_args is not None
-        rank, num_examples, lora_alpha = self._join_args
-        self.join(rank, num_examples, lora_alpha)
+        rank, num_examples, lora_alpha, observer = self._join_args
+        self.join(rank, num_examples, lora_alpha, observer)
 
     def _call(
         self, fn: Callable[[], T], *, persistent: bool = False, deadline: float | None = None
@@ -226,21 +226,28 @@ class RafloraClient:
                 raise error from None
             time.sleep(delay)
 
-    def join(self, rank: int, num_examples: int, lora_alpha: float = 0.0) -> JoinInfo:
-        """Join (or re-join) the federation at ``rank``; keeps the client token it returns."""
+    def join(
+        self, rank: int, num_examples: int, lora_alpha: float = 0.0, observer: bool = False
+    ) -> JoinInfo:
+        """Join (or re-join) the federation at ``rank``; keeps the client token it returns.
+
+        ``observer=True`` (an evaluator or auditor) pulls every round but never pushes: it is
+        never selected and does not count towards the round's expected clients.
+        """
         request = pb.JoinRequest(
             federation_id=self.federation_id,
             client_id=self.client_id,
             rank=rank,
             num_examples=num_examples,
             lora_alpha=lora_alpha,
+            observer=observer,
         )
         secret = bearer(self._enrolment_secret)
         response = self._call_plain(
             lambda: self.stub.Join(request, timeout=self.timeout, metadata=secret)
         )
         self.rank, self.scale = rank, response.scale
-        self._join_args = (rank, num_examples, lora_alpha)
+        self._join_args = (rank, num_examples, lora_alpha, observer)
         if response.client_credential:  # first join under open enrolment: keep the id's own
             self._keep_credential(response.client_credential)
         if response.client_token:
@@ -389,10 +396,37 @@ class RafloraClient:
     def wait_for_round(self, after_round: int, timeout: float | None = None) -> pb.RoundStatus:
         """Block until a round newer than ``after_round`` is published (watch stream, no polling).
 
-        The status says whether this client is selected for the round that now opens
-        (:func:`is_selected`). Reconnects when the server restarts; raises
-        DeadlineExceededError after ``timeout``.
+        Under a participation policy it returns once the new round's selection is drawn, so
+        the status says whether this client is selected (:func:`is_selected`). Reconnects when
+        the server restarts; raises DeadlineExceededError after ``timeout``.
         """
+        return self._watch_until(
+            after_round,
+            lambda s: s.round > after_round and s.selection != pb.SELECTION_PENDING,
+            timeout,
+            f"no round after {after_round} was published",
+        )
+
+    def wait_for_selection(self, round: int, timeout: float | None = None) -> pb.RoundStatus:
+        """Block until round ``round``'s selection is drawn (or a later round opened).
+
+        A policy draws a round's selection once the federation's expected clients have joined
+        (or at its deadline); until then :meth:`status` says ``SELECTION_PENDING``.
+        """
+        return self._watch_until(
+            max(round, 1) - 1,
+            lambda s: s.round > round or (s.round == round and s.selection != pb.SELECTION_PENDING),
+            timeout,
+            f"round {round}'s selection was not drawn",
+        )
+
+    def _watch_until(
+        self,
+        after_round: int,
+        done: Callable[[pb.RoundStatus], bool],
+        timeout: float | None,
+        what: str,
+    ) -> pb.RoundStatus:
         deadline = None if timeout is None else time.monotonic() + timeout
         request = pb.WatchRoundsRequest(
             federation_id=self.federation_id, after_round=after_round, client_id=self.client_id
@@ -405,7 +439,7 @@ class RafloraClient:
             )
             for event in watch:
                 status: pb.RoundStatus = event.status
-                if status.round > after_round:
+                if done(status):
                     return status
             raise _StreamEndedError("watch stream closed")
 
@@ -413,16 +447,17 @@ class RafloraClient:
             return self._call(attempt, persistent=True, deadline=deadline)
         except DeadlineExceededError as exc:
             raise DeadlineExceededError(
-                f"round: no round after {after_round} was published within {timeout}s",
-                reason=exc.reason,
-                field="round",
+                f"round: {what} within {timeout}s", reason=exc.reason, field="round"
             ) from None
 
 
 def is_selected(status: pb.RoundStatus) -> bool:
-    """May this client push in the open round? False only when the federation's participation
-    policy left it out (then a push is refused with NOT_SELECTED: wait for the next round)."""
-    return status.selection != pb.SELECTION_NOT_SELECTED
+    """May this client push in the open round? False when the federation's participation
+    policy left it out (a push is refused with NOT_SELECTED: wait for the next round) or has
+    not drawn the round's selection yet (SELECTION_PENDING: see
+    :meth:`RafloraClient.wait_for_selection`).
+    """
+    return status.selection not in (pb.SELECTION_NOT_SELECTED, pb.SELECTION_PENDING)
 
 
 class _StreamEndedError(UnavailableError):

@@ -3,7 +3,9 @@
 Starts ``raflora-server`` with its embedded defaults, then for each strategy (FlexLoRA and
 raFLoRA by default) creates a federation over all-MiniLM-L6-v2's query/value projections and
 launches one separate process per client (ranks 2, 2, 4, 4, 16, 16 on Dirichlet label-skewed
-shards of BBC News). After every round it pulls the global adapter, measures held-out accuracy
+shards of BBC News). With ``--participation F`` the server selects a fraction F of the clients
+each round (seeded; ``--stratify`` keeps every rank represented) and only those train. After
+every round it pulls the global adapter, measures held-out accuracy
 and loss, and reads the rank-energy metrics the server publishes. Ends with a table, a JSON
 report and a PNG plot.
 """
@@ -48,6 +50,8 @@ class DemoConfig:
     max_length: int
     seed: int
     out: Path
+    participation: float = 1.0
+    stratify: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> DemoConfig:
@@ -66,8 +70,17 @@ def parse_args(argv: Sequence[str] | None) -> DemoConfig:
     p.add_argument("--test-size", type=int)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--participation",
+        type=float,
+        default=1.0,
+        help="fraction of clients the server selects each round (1: everyone)",
+    )
+    p.add_argument("--stratify", action="store_true", help="stratify the selection by rank")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     a = p.parse_args(argv)
+    if not 0 < a.participation <= 1:
+        p.error(f"--participation must be in (0, 1], got {a.participation}")
     quick = bool(a.quick)
     return DemoConfig(
         dataset=a.dataset,
@@ -82,7 +95,23 @@ def parse_args(argv: Sequence[str] | None) -> DemoConfig:
         max_length=a.max_length,
         seed=a.seed,
         out=a.out,
+        participation=a.participation,
+        stratify=a.stratify,
     )
+
+
+def participation_policy(
+    fraction: float, stratify: bool, seed: int
+) -> pb.ParticipationPolicy | None:
+    """The server-side sampling policy for ``fraction`` of the clients; None for everyone."""
+    if fraction >= 1:
+        return None
+    return pb.ParticipationPolicy(fraction=fraction, stratify_by_rank=stratify, seed=seed)
+
+
+def round_policy(clients: int) -> pb.RoundPolicy:
+    """Close at every client's upload (or at the selection's quota); draw over all of them."""
+    return pb.RoundPolicy(min_clients=1, expected_clients=clients)
 
 
 def spawn_trainer(
@@ -174,9 +203,8 @@ def run_strategy(
             max_rank=R,
             lora_alpha=2 * R,
             init_seed=cfg.seed,
-            round_policy=pb.RoundPolicy(
-                min_clients=len(cfg.ranks), expected_clients=len(cfg.ranks)
-            ),
+            round_policy=round_policy(len(cfg.ranks)),
+            participation=participation_policy(cfg.participation, cfg.stratify, cfg.seed),
         )
     )
     logs = cfg.out / "logs"
@@ -205,7 +233,7 @@ def run_strategy(
     started = time.perf_counter()
     try:
         with RafloraClient(server.target, federation, "evaluator") as observer:
-            observer.join(rank=R, num_examples=len(test_idx), lora_alpha=2 * R)
+            observer.join(rank=R, num_examples=0, lora_alpha=2 * R, observer=True)
             for t in range(cfg.rounds + 1):
                 if t > 0:
                     wait_for_round(observer, t - 1, clients, logs, strategy)

@@ -2,9 +2,11 @@
 
 It speaks to the server only through the client SDK: join, then each round pull the global
 adapter at its rank into its PeftModel, train a few steps on its private shard, push, and block
-on the watch stream until the next round is published. Given several ``--federation`` flags it
-takes part in all of them in lockstep with one model per federation (the evaluation harness
-compares strategies on identical clients this way, loading the model once).
+on the watch stream until the next round is published. Under a participation policy it trains
+only in the rounds it is selected for and otherwise just waits for the next round. Given
+several ``--federation`` flags it takes part in all of them in lockstep with one model per
+federation (the evaluation harness compares strategies on identical clients this way, loading
+the model once).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raflora.client_sdk import RafloraClient
+from raflora.client_sdk import FailedPreconditionError, RafloraClient, is_selected
 from raflora.client_sdk.peft_adapter import adapter_state, load_pulled_adapter
 
 from . import data as datasets
-from .model import LoraClassifier, tokenize, train_steps
+from .model import Batch, LoraClassifier, tokenize, train_steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,42 +60,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     tag = f"[{args.client_id} r={args.rank}]"
     clients = [RafloraClient(args.target, fed, args.client_id) for fed in args.federation]
     try:
-        rounds = [
+        joined = [
             c.join(rank=args.rank, num_examples=len(shard), lora_alpha=args.lora_alpha).round
             for c in clients
         ]
+        statuses = [
+            c.wait_for_selection(t, timeout=3600) for c, t in zip(clients, joined, strict=True)
+        ]
         for _ in range(args.rounds):
-            for k, (client, model) in enumerate(zip(clients, models, strict=True)):
-                pulled = client.pull()
-                load_pulled_adapter(model.encoder, pulled)
+            for client, model, status in zip(clients, models, statuses, strict=True):
+                if not is_selected(status):
+                    print(
+                        f"{tag} {client.federation_id} round {status.round}: not selected",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
                 started = time.perf_counter()
-                loss = train_steps(
-                    model,
-                    train,
-                    args.local_steps,
-                    args.batch_size,
-                    args.lr,
-                    seed=args.seed * 100_003 + pulled.round,
-                )
-                client.push(
-                    adapter_state(model.encoder), round=pulled.round, num_examples=len(shard)
-                )
-                rounds[k] = pulled.round
+                try:
+                    loss = train_round(client, model, train, len(shard), args)
+                except FailedPreconditionError as exc:  # over-selected, and the round closed
+                    print(f"{tag} round {status.round}: too late ({exc.reason})", file=sys.stderr)
+                    continue
                 print(
-                    f"{tag} {client.federation_id} round {pulled.round}: train loss {loss:.3f} "
+                    f"{tag} {client.federation_id} round {status.round}: train loss {loss:.3f} "
                     f"({time.perf_counter() - started:.1f}s)",
                     file=sys.stderr,
                     flush=True,
                 )
-            rounds = [
-                c.wait_for_round(t, timeout=3600).round
-                for c, t in zip(clients, rounds, strict=True)
+            statuses = [
+                c.wait_for_round(s.round, timeout=3600)
+                for c, s in zip(clients, statuses, strict=True)
             ]
+        rounds = [s.round for s in statuses]
     finally:
         for c in clients:
             c.close()
     print(f"{tag} done at rounds {rounds}", file=sys.stderr, flush=True)
     return 0
+
+
+def train_round(
+    client: RafloraClient,
+    model: LoraClassifier,
+    train: Batch,
+    num_examples: int,
+    args: argparse.Namespace,
+) -> float:
+    """Pull the global adapter, train locally from it, push the result; the training loss."""
+    pulled = client.pull()
+    load_pulled_adapter(model.encoder, pulled)
+    loss = train_steps(
+        model,
+        train,
+        args.local_steps,
+        args.batch_size,
+        args.lr,
+        seed=args.seed * 100_003 + pulled.round,
+    )
+    client.push(adapter_state(model.encoder), round=pulled.round, num_examples=num_examples)
+    return loss
 
 
 if __name__ == "__main__":

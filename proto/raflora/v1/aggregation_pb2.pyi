@@ -146,6 +146,10 @@ class _SelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Selection.V
     SELECTION_SELECTED: _Selection.ValueType  # 2
     SELECTION_NOT_SELECTED: _Selection.ValueType  # 3
     """a push gets FAILED_PRECONDITION (NOT_SELECTED): wait"""
+    SELECTION_PENDING: _Selection.ValueType  # 4
+    """The round's selection is drawn once expected_clients (non-observer) clients have joined, or
+    at the deadline: wait (the SDK's wait_for_round returns only once it is drawn).
+    """
 
 class Selection(_Selection, metaclass=_SelectionEnumTypeWrapper): ...
 
@@ -156,6 +160,10 @@ SELECTION_EVERYONE: Selection.ValueType  # 1
 SELECTION_SELECTED: Selection.ValueType  # 2
 SELECTION_NOT_SELECTED: Selection.ValueType  # 3
 """a push gets FAILED_PRECONDITION (NOT_SELECTED): wait"""
+SELECTION_PENDING: Selection.ValueType  # 4
+"""The round's selection is drawn once expected_clients (non-observer) clients have joined, or
+at the deadline: wait (the SDK's wait_for_round returns only once it is drawn).
+"""
 Global___Selection: _TypeAlias = Selection  # noqa: Y015
 
 class _RoundEventType:
@@ -176,6 +184,8 @@ class _RoundEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundE
     """aggregation failed; the round keeps collecting"""
     ROUND_EVENT_TYPE_QUARANTINED: _RoundEventType.ValueType  # 6
     """an upload was removed from the round (see message)"""
+    ROUND_EVENT_TYPE_SELECTED: _RoundEventType.ValueType  # 7
+    """the open round's selection was drawn (it was pending)"""
 
 class RoundEventType(_RoundEventType, metaclass=_RoundEventTypeEnumTypeWrapper): ...
 
@@ -191,6 +201,8 @@ ROUND_EVENT_TYPE_FAILED: RoundEventType.ValueType  # 5
 """aggregation failed; the round keeps collecting"""
 ROUND_EVENT_TYPE_QUARANTINED: RoundEventType.ValueType  # 6
 """an upload was removed from the round (see message)"""
+ROUND_EVENT_TYPE_SELECTED: RoundEventType.ValueType  # 7
+"""the open round's selection was drawn (it was pending)"""
 Global___RoundEventType: _TypeAlias = RoundEventType  # noqa: Y015
 
 @_typing.final
@@ -763,12 +775,17 @@ class JoinRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     LORA_ALPHA_FIELD_NUMBER: _builtins.int
+    OBSERVER_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     client_id: _builtins.str
     rank: _builtins.int
     num_examples: _builtins.int
     lora_alpha: _builtins.float
     """0: the federation's default"""
+    observer: _builtins.bool
+    """An evaluator or auditor: pulls every round, never pushes, is never selected and does not
+    count towards expected_clients. num_examples may be 0 whatever the weighting.
+    """
     def __init__(
         self,
         *,
@@ -777,10 +794,11 @@ class JoinRequest(_message.Message):
         rank: _builtins.int = ...,
         num_examples: _builtins.int = ...,
         lora_alpha: _builtins.float = ...,
+        observer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "federation_id", b"federation_id", "lora_alpha", b"lora_alpha", "num_examples", b"num_examples", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "federation_id", b"federation_id", "lora_alpha", b"lora_alpha", "num_examples", b"num_examples", "observer", b"observer", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,6 +31,7 @@ _EVENTS = {
     EventType.PUBLISHED: pb.ROUND_EVENT_TYPE_PUBLISHED,
     EventType.FAILED: pb.ROUND_EVENT_TYPE_FAILED,
     EventType.QUARANTINED: pb.ROUND_EVENT_TYPE_QUARANTINED,
+    EventType.SELECTED: pb.ROUND_EVENT_TYPE_SELECTED,
 }
 _TRUST_FIELDS = ("max_update_norm", "max_examples_per_client", "max_weight_share", "max_clients")
 
@@ -141,6 +142,8 @@ def energy_proto(energy: RankEnergy | None, holders: tuple[Holders, ...] = ()) -
 def selection_of(s: Snapshot, client_id: str) -> pb.Selection.ValueType:
     if not client_id:
         return pb.SELECTION_UNSPECIFIED
+    if s.selection_pending:
+        return pb.SELECTION_PENDING
     if s.selected is None:
         return pb.SELECTION_EVERYONE
     return pb.SELECTION_SELECTED if client_id in s.selected else pb.SELECTION_NOT_SELECTED

@@ -152,14 +152,22 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             async with self._first_joins:
                 self.authority.enrol(_metadata(context), request.federation_id, request.client_id)
                 record = await runtime.join(
-                    request.client_id, request.rank, request.num_examples, request.lora_alpha
+                    request.client_id,
+                    request.rank,
+                    request.num_examples,
+                    request.lora_alpha,
+                    request.observer,
                 )
                 issued = await asyncio.to_thread(
                     self.authority.claim, runtime.id, request.client_id
                 )
         else:
             record = await runtime.join(
-                request.client_id, request.rank, request.num_examples, request.lora_alpha
+                request.client_id,
+                request.rank,
+                request.num_examples,
+                request.lora_alpha,
+                request.observer,
             )
         token, expires = self.authority.issue(runtime.id, record.client_id, record.rank)
         return pb.JoinResponse(

@@ -28,6 +28,7 @@ class EventType(str, Enum):
     PUBLISHED = "published"
     FAILED = "failed"
     QUARANTINED = "quarantined"
+    SELECTED = "selected"  # a pending selection was drawn
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Snapshot:
     holders: tuple[Holders, ...] = ()
     degraded: str = ""  # why the federation cannot serve, or "" when healthy
     selected: frozenset[str] | None = None  # the round's selection; None: everyone
+    selection_pending: bool = False  # a policy's draw waits for more clients to join
 
 
 @dataclass(frozen=True)

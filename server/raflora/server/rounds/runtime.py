@@ -108,6 +108,7 @@ class FederationRuntime:
         self.clients: dict[str, ClientRecord] = {}
         self.degraded = ""
         self.selection: Selection | None = None  # None: everyone who pushes takes part
+        self.selection_pending = False  # a policy's draw waits for expected_clients to join
         self.deadline_unix = 0.0
         self._deadline_passed = False
         self._deadline_handle: asyncio.TimerHandle | None = None
@@ -206,6 +207,7 @@ class FederationRuntime:
             joined_clients=len(self.clients),
             degraded=self.degraded,
             selected=self.selection.selected if self.selection is not None else None,
+            selection_pending=self.selection_pending,
         )
 
     def subscribe(self) -> Subscription:
@@ -216,7 +218,12 @@ class FederationRuntime:
 
     # -- join ------------------------------------------------------------------------------
     async def join(
-        self, client_id: str, rank: int, num_examples: int, lora_alpha: float
+        self,
+        client_id: str,
+        rank: int,
+        num_examples: int,
+        lora_alpha: float,
+        observer: bool = False,
     ) -> ClientRecord:
         """Join, or re-join with new terms; rank, alpha and examples are then fixed.
 
@@ -224,7 +231,7 @@ class FederationRuntime:
         round. Who may call this for ``client_id`` is the api layer's (credential's) business.
         """
         self.check_serving()
-        record = join_terms(self.config, client_id, rank, num_examples, lora_alpha)
+        record = join_terms(self.config, client_id, rank, num_examples, lora_alpha, observer)
         async with self.lock:
             previous = self.clients.get(client_id)
             if previous == record:
@@ -253,7 +260,10 @@ class FederationRuntime:
             self._join_attempts[client_id] = attempts
             await asyncio.to_thread(self.store.save_client, record)
             self.clients[client_id] = record
-            if self.selection is not None and self.phase is Phase.COLLECTING:
+            if self.selection_pending:
+                if self._select():
+                    self._emit(EventType.SELECTED, self._selection_message())
+            elif self.selection is not None and self.phase is Phase.COLLECTING and not observer:
                 self.selection = self.selection.with_client(client_id)
         self.metrics.active_clients.labels(self.id).set(len(self.clients))
         return record
@@ -282,6 +292,12 @@ class FederationRuntime:
         """Check a push's header; the ticket's sink then takes the payload."""
         self.check_serving()
         joined = self.client(client_id)
+        if joined.observer:
+            raise FailedPreconditionError(
+                "client_id",
+                f"client {echo_id(client_id)} joined as an observer: it pulls, never pushes",
+                ErrorReason.OBSERVER,
+            )
         self._count_push_attempt(client_id)
         check_sha256(sha256)
         duplicate = self._already_counted(client_id, round_, sha256)
@@ -357,6 +373,14 @@ class FederationRuntime:
             )
 
     def _check_selected(self, client_id: str) -> None:
+        if self.selection_pending:
+            raise FailedPreconditionError(
+                "client_id",
+                f"round {self.state.round}'s selection is drawn once "
+                f"{self.config.target_clients} clients have joined ({self._trainers()} have) or "
+                "at the deadline; wait for it",
+                ErrorReason.SELECTION_PENDING,
+            )
         if self.selection is not None and client_id not in self.selection.selected:
             raise FailedPreconditionError(
                 "client_id",
@@ -461,13 +485,34 @@ class FederationRuntime:
             )
         self._select()
 
-    def _select(self) -> None:
+    def _select(self) -> bool:
+        """Draw the open round's selection; True if drawn now, False if it must wait.
+
+        The draw waits until ``expected_clients`` trainers have joined (or the deadline passes),
+        so that round 0 selects among the whole federation, not among the first to connect.
+        """
         policy = self.config.participation
+        self.selection, self.selection_pending = None, False
         if not policy.active:
-            return
-        self.selection = select(policy, self.state.round, list(self.clients.values()))
+            return False
+        candidates = [c for c in self.clients.values() if not c.observer]
+        if len(candidates) < self.config.target_clients and not self._deadline_passed:
+            self.selection_pending = True
+            return False
+        self.selection = select(policy, self.state.round, candidates)
         self.metrics.record_selection(
             self.id, [self.clients[c].rank for c in self.selection.selected]
+        )
+        return True
+
+    def _trainers(self) -> int:
+        return sum(not c.observer for c in self.clients.values())
+
+    def _selection_message(self) -> str:
+        assert self.selection is not None
+        return (
+            f"round {self.state.round}: {len(self.selection.selected)} of {self._trainers()} "
+            f"clients selected, the round closes at {self.selection.quota} uploads"
         )
 
     def _quota(self) -> int:
@@ -475,6 +520,8 @@ class FederationRuntime:
 
     def _on_deadline(self) -> None:
         self._deadline_passed = True
+        if self.selection_pending and self._select():
+            self._emit(EventType.SELECTED, self._selection_message())
         self._spawn(self._maybe_close())
 
     def _ready(self) -> bool:

@@ -45,7 +45,12 @@ def _check_examples(config: FederationConfig, num_examples: int) -> None:
 
 
 def join_terms(
-    config: FederationConfig, client_id: str, rank: int, num_examples: int, lora_alpha: float
+    config: FederationConfig,
+    client_id: str,
+    rank: int,
+    num_examples: int,
+    lora_alpha: float,
+    observer: bool = False,
 ) -> ClientRecord:
     """The record a join asks for, or the first thing wrong with it."""
     check_id("client_id", client_id)
@@ -56,10 +61,11 @@ def join_terms(
             f"{num_examples} is outside 0..{config.max_examples_per_client} "
             "(the federation's max_examples_per_client)",
         )
-    _check_examples(config, num_examples)
+    if not observer:  # an observer's examples weigh nothing: it never pushes
+        _check_examples(config, num_examples)
     alpha = lora_alpha or config.lora_alpha
     scale = client_scale(config, "lora_alpha", alpha, rank)
-    return ClientRecord(client_id, rank, num_examples, alpha, scale)
+    return ClientRecord(client_id, rank, num_examples, alpha, scale, observer)
 
 
 def check_sha256(sha256: str) -> None:

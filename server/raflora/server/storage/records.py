@@ -9,13 +9,17 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ClientRecord:
-    """A joined client: its rank, alpha and scale and its declared examples, fixed at join."""
+    """A joined client: its rank, alpha and scale and its declared examples, fixed at join.
+
+    An ``observer`` (evaluator, auditor) pulls but never pushes and is never selected.
+    """
 
     client_id: str
     rank: int
     num_examples: int
     lora_alpha: float
     scale: float
+    observer: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -28,6 +32,7 @@ class ClientRecord:
             num_examples=_typed(raw["num_examples"], int),
             lora_alpha=float(_typed(raw["lora_alpha"], (int, float))),
             scale=float(_typed(raw["scale"], (int, float))),
+            observer=_flag(raw.get("observer", False)),
         )
 
 
@@ -59,6 +64,12 @@ class UploadRecord:
             sha256=_typed(raw["sha256"], str),
             size=_typed(raw["size"], int),
         )
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a bool, got {type(value).__name__}")
+    return value
 
 
 def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
