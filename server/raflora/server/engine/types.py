@@ -126,6 +126,11 @@ class GlobalState:
     modules: Mapping[str, ModuleState]
     # Ranks of the clients that produced this state; the partitions of the rank-energy metrics.
     participant_ranks: tuple[int, ...] = ()
+    # The participants' final weights p_i (their order), and per participant the factor its
+    # update was clipped by and the trust its weight was multiplied by (docs/design.md §2.8).
+    weights: tuple[float, ...] = ()
+    clip: tuple[float, ...] = ()
+    trust: tuple[float, ...] = ()
 
     def dense(self, name: str) -> Tensor:
         return self.modules[name].dense()

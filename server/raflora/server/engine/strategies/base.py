@@ -14,6 +14,7 @@ from ..distribution import FactorSplit
 from ..errors import ConfigError, EmptyRoundError
 from ..initialization import shared_init_rows
 from ..lowrank import SvdMethod
+from ..robust import RobustOutcome, RobustPolicy, defend
 from ..types import AdapterSchema, ClientAdapter, ClientUpdate, FactorPair, GlobalState
 from ..validation import validate_rank, validate_round, validate_update
 from ..weights import Weighting, client_weights
@@ -42,6 +43,7 @@ class StrategyConfig:
     device: str | torch.device = "cpu"
     compute_dtype: torch.dtype = torch.float32
     options: Mapping[str, Any] = field(default_factory=dict)
+    robust: RobustPolicy = field(default_factory=RobustPolicy)
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -61,6 +63,7 @@ class PreparedRound:
     updates: Sequence[ClientUpdate]
     ranks: tuple[int, ...]
     p: Tensor  # float64, sums to 1
+    robust: RobustOutcome | None = None  # what the federation's defences did, if any
 
 
 class Strategy(ABC):
@@ -118,7 +121,15 @@ class Strategy(ABC):
         """Validate the round's uploads, then combine them into the next global state."""
         prepared = self.prepare(updates)
         modules = {name: self._aggregate_module(name, state, prepared) for name in self.schema}
-        return GlobalState(round=state.round + 1, modules=modules, participant_ranks=prepared.ranks)
+        robust = prepared.robust
+        return GlobalState(
+            round=state.round + 1,
+            modules=modules,
+            participant_ranks=prepared.ranks,
+            weights=tuple(float(x) for x in prepared.p),
+            clip=robust.clip if robust is not None else (),
+            trust=robust.trust if robust is not None else (),
+        )
 
     @abstractmethod
     def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> Any:
@@ -148,7 +159,22 @@ class Strategy(ABC):
             validate_update(u, self.schema, self.config.max_rank, self.config.allowed_ranks)
         moved = [self._to_compute(u) for u in updates]
         p = client_weights([u.num_examples for u in updates], self.config.weighting)
-        return PreparedRound(updates=moved, ranks=tuple(u.rank for u in updates), p=p)
+        outcome = None
+        if self.config.robust.active:  # docs/design.md §2.8: clip scales, reweigh clients
+            scales, p, outcome = defend(
+                [u.factors for u in moved],
+                [u.scale for u in moved],
+                [u.rank for u in moved],
+                p,
+                self.config.robust,
+            )
+            moved = [
+                ClientUpdate(u.client_id, u.rank, u.num_examples, s, u.factors)
+                for u, s in zip(moved, scales, strict=True)
+            ]
+        return PreparedRound(
+            updates=moved, ranks=tuple(u.rank for u in updates), p=p, robust=outcome
+        )
 
     def _to_compute(self, u: ClientUpdate) -> ClientUpdate:
         def move(t: Tensor) -> Tensor:

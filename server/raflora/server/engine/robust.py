@@ -1,0 +1,242 @@
+"""Byzantine-robust weighing of client updates in the factored domain (docs/design.md §2.8).
+
+Everything here works on the n × n Gram matrix of the clients' effective updates
+ΔW_i = s_i B_i A_i (summed over modules), ``G_ij = Σ_m s_i s_j tr((B_iᵀ B_j)(A_j A_iᵀ))``, formed
+from r_i × r_j products: no dense d_out × d_in matrix is ever built. Any point in the span of
+the updates, z = Σ_i α_i ΔW_i, then has ‖ΔW_i − z‖_F² = G_ii − 2 (Gα)_i + αᵀGα.
+
+Two defences, each a factor per client. Clipping multiplies client i's update by
+c_i = min(1, C / ‖ΔW_i‖) (C fixed, or a quantile of the round's norms). The robust combinations
+turn distances to the geometric median into trust factors t_i ∈ [0, 1] that multiply the
+client's *weight* p_i before the strategy's own per-index weighting (a reweighting of clients,
+not a median per partition: a partition held by one or two clients has no meaningful median,
+and the clients' deviation is best seen over their whole update). Under raFLoRA a partition's
+weights are normalised over its holders, so trust alone cannot shrink a lone holder: clipping
+is what bounds that client's partition, and the two are meant to be used together.
+Pure functions, float64, no I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .types import FactorPair
+
+Factors = Mapping[str, FactorPair]
+
+
+def update_gram(factors: Sequence[Factors], scales: Sequence[float]) -> Tensor:
+    """G_ij = ⟨ΔW_i, ΔW_j⟩_F over all modules, in float64, from the stacked factors.
+
+    Per module, with B = [s_1 B_1 … s_n B_n] and A = [A_1; …; A_n], the (i, j) block of
+    (BᵀB) ∘ (A Aᵀ) sums to the inner product: one pass of O(d · (Σ r_i)²) per module.
+    """
+    n = len(factors)
+    G = torch.zeros(n, n, dtype=torch.float64)
+    if n == 0:
+        return G
+    for name in factors[0]:
+        Bs = [f[name].B.double() * float(s) for f, s in zip(factors, scales, strict=True)]
+        As = [f[name].A.double() for f in factors]
+        B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+        product = (B.T @ B) * (A @ A.T)
+        edges = [0]
+        for b in Bs:
+            edges.append(edges[-1] + b.shape[1])
+        for i in range(n):
+            rows = product[edges[i] : edges[i + 1]]
+            for j in range(i, n):
+                value = float(rows[:, edges[j] : edges[j + 1]].sum())
+                G[i, j] += value
+                if i != j:
+                    G[j, i] += value
+    return G
+
+
+def norms_from_gram(G: Tensor) -> Tensor:
+    return torch.sqrt(torch.clamp(torch.diagonal(G), min=0.0))
+
+
+def distances_to_combination(G: Tensor, alpha: Tensor) -> Tensor:
+    """‖ΔW_i − Σ_k α_k ΔW_k‖_F for every i."""
+    Ga = G @ alpha
+    squared = torch.diagonal(G) - 2 * Ga + alpha @ Ga
+    return torch.sqrt(torch.clamp(squared, min=0.0))
+
+
+def clip_factors(norms: Tensor, bound: float) -> Tensor:
+    """min(1, C / ‖ΔW_i‖): the factor that brings each update inside the ball of radius C."""
+    if not bound > 0:
+        raise ValueError(f"clip bound must be > 0, got {bound}")
+    return torch.clamp(bound / torch.clamp(norms, min=1e-300), max=1.0)
+
+
+def adaptive_bound(norms: Tensor, quantile: float) -> float:
+    """The ``quantile`` of the round's update norms: a bound no minority of clients can raise."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    return float(torch.quantile(norms, quantile))
+
+
+def geometric_median_weights(
+    G: Tensor, p: Tensor, *, max_iter: int = 200, tol: float = 1e-10
+) -> Tensor:
+    """Weiszfeld's iteration for argmin_z Σ_i p_i ‖ΔW_i − z‖_F over z = Σ α_i ΔW_i.
+
+    Returns α (sums to 1). Each step sets α_i ∝ p_i / max(d_i, ε), where d_i is the distance
+    of update i to the current iterate, computed from G alone; ε (a tiny fraction of the
+    updates' scale) keeps an iterate that lands on a client finite, as in RFA.
+    """
+    p = p.double() / p.double().sum()
+    scale = math.sqrt(max(float(torch.diagonal(G).mean()), 0.0)) or 1.0
+    eps = 1e-12 * scale
+    alpha = p.clone()
+    for _ in range(max_iter):
+        d = distances_to_combination(G, alpha)
+        beta = p / torch.clamp(d, min=eps)
+        updated = beta / beta.sum()
+        if float((updated - alpha).abs().sum()) < tol:
+            return updated
+        alpha = updated
+    return alpha
+
+
+def median_trust(G: Tensor, p: Tensor) -> Tensor:
+    """t_i = min(1, median_k d_k / d_i), d = distances to the geometric median.
+
+    Clients no farther than the median distance keep their weight; one farther loses weight in
+    proportion, so that t_i · d_i ≤ median(d). With weights renormalised (w = t·p / Σ t·p), a
+    FlexLoRA-style aggregate differs from the honest clients' by at most
+    w_a (‖ΔW_a‖ + ‖ΔW_honest‖) + (1 − w_a) ‖ΔW_honest,t − ΔW_honest‖: the attacker's weight
+    times its reach, plus what reweighting the honest costs (paid without attackers too).
+    """
+    d = distances_to_combination(G, geometric_median_weights(G, p))
+    typical = float(torch.median(d))
+    if typical <= 0:  # most clients agree exactly: keep those, drop the rest
+        return (d <= 0).to(torch.float64)
+    return torch.clamp(typical / torch.clamp(d, min=1e-300), max=1.0)
+
+
+def trimmed_trust(G: Tensor, p: Tensor, trim: int) -> Tensor:
+    """0 for the ``trim`` clients farthest from the geometric median, 1 for the others."""
+    n = G.shape[0]
+    if not 0 <= trim < n:
+        raise ValueError(f"trim must be in 0..{n - 1} for {n} clients, got {trim}")
+    d = distances_to_combination(G, geometric_median_weights(G, p))
+    trust = torch.ones(n, dtype=torch.float64)
+    if trim:
+        trust[torch.argsort(d, descending=True)[:trim]] = 0.0
+    return trust
+
+
+class Combine(str, Enum):
+    MEAN = "mean"  # the strategy's own weights
+    MEDIAN_TRUST = "median_trust"  # weights × min(1, median distance / distance)
+    TRIMMED = "trimmed"  # the ``trim`` clients farthest from the geometric median weigh 0
+
+
+@dataclass(frozen=True)
+class RobustPolicy:
+    """A federation's defences; the default changes nothing."""
+
+    clip_norm: float = 0.0  # > 0: clip every ‖ΔW_i‖_F (all modules) to this
+    clip_quantile: float = 0.0  # > 0: clip to this quantile of the round's norms
+    combine: Combine = Combine.MEAN
+    trim: int = 1
+
+    @property
+    def active(self) -> bool:
+        return bool(self.clip_norm or self.clip_quantile) or self.combine is not Combine.MEAN
+
+
+@dataclass(frozen=True)
+class RobustOutcome:
+    """What the defences did to one round: per client, in the order of the updates."""
+
+    norms: tuple[float, ...]  # ‖ΔW_i‖_F before clipping
+    clip_bound: float  # 0: no clipping
+    clip: tuple[float, ...]  # the factor each update was multiplied by
+    trust: tuple[float, ...]  # the factor each weight was multiplied by (before renormalising)
+
+
+MIN_HOLDERS_FOR_MEDIAN = 3  # a median of one or two points says nothing about either
+
+
+def partition_trust(
+    factors: Sequence[Factors],
+    scales: Sequence[float],
+    ranks: Sequence[int],
+    p: Tensor,
+    policy: RobustPolicy,
+) -> Tensor:
+    """Each client's trust: the smallest over the rank partitions it holds with enough peers.
+
+    Updates of different ranks differ by construction (a rank-4 client has no components
+    5…8), so distances are taken per partition — indices ρ_{k-1}+1…ρ_k, which every holder
+    trained from the same distributed components — among its holders only. A partition with
+    fewer than MIN_HOLDERS_FOR_MEDIAN holders gives no evidence; clipping bounds those.
+    """
+    n = len(factors)
+    trust = torch.ones(n, dtype=torch.float64)
+    edges = [0, *sorted(set(ranks))]
+    for lo, hi in itertools.pairwise(edges):
+        holders = [i for i, r in enumerate(ranks) if r >= hi]
+        if len(holders) < MIN_HOLDERS_FOR_MEDIAN:
+            continue
+        sliced = [
+            {m: FactorPair(B=f.B[:, lo:hi], A=f.A[lo:hi]) for m, f in factors[i].items()}
+            for i in holders
+        ]
+        G = update_gram(sliced, [scales[i] for i in holders])
+        q = p[holders]
+        if policy.combine is Combine.MEDIAN_TRUST:
+            t = median_trust(G, q)
+        else:
+            t = trimmed_trust(G, q, min(policy.trim, len(holders) - 2))
+        for k, i in enumerate(holders):
+            trust[i] = min(float(trust[i]), float(t[k]))
+    return trust
+
+
+def defend(
+    factors: Sequence[Factors],
+    scales: Sequence[float],
+    ranks: Sequence[int],
+    p: Tensor,
+    policy: RobustPolicy,
+) -> tuple[list[float], Tensor, RobustOutcome]:
+    """The round's scales after clipping, its weights after trust, and what was done.
+
+    Clipping comes first, so that medians are taken over bounded updates. If trust leaves
+    no weight at all the round keeps its weights: there is nothing to prefer.
+    """
+    n = len(factors)
+    norms = norms_from_gram(update_gram(factors, scales))
+    bound = policy.clip_norm
+    if policy.clip_quantile:
+        quantile_bound = adaptive_bound(norms, policy.clip_quantile)
+        bound = min(bound, quantile_bound) if bound else quantile_bound
+    clip = clip_factors(norms, bound) if bound else torch.ones(n, dtype=torch.float64)
+    clipped = [float(s) * float(c) for s, c in zip(scales, clip, strict=True)]
+    p = p.double()
+    if policy.combine is Combine.MEAN:
+        trust = torch.ones(n, dtype=torch.float64)
+    else:
+        trust = partition_trust(factors, clipped, ranks, p, policy)
+    weighted = p * trust
+    new_p = weighted / weighted.sum() if float(weighted.sum()) > 0 else p
+    new_scales = clipped
+    outcome = RobustOutcome(
+        norms=tuple(float(x) for x in norms),
+        clip_bound=float(bound),
+        clip=tuple(float(c) for c in clip),
+        trust=tuple(float(t) for t in trust),
+    )
+    return new_scales, new_p, outcome
