@@ -214,7 +214,7 @@ def run_hostile(
         rank = 4
         good = lora_state_dict(
             {
-                m: (torch.randn(rank, i) / i**0.5, torch.randn(o, rank) * 0.01)
+                m: (torch.randn(o, rank) * 0.01, torch.randn(rank, i) / i**0.5)
                 for m, (o, i) in MODULES.items()
             }
         )

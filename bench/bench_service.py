@@ -224,8 +224,8 @@ def make_adapter(modules: int, dim: int, rank: int, seed: int) -> dict[str, Tens
     g = torch.Generator().manual_seed(seed)
     factors = {
         f"layers.{i}.proj": (
-            torch.randn(rank, dim, generator=g) * 0.01,
             torch.randn(dim, rank, generator=g) * 0.01,
+            torch.randn(rank, dim, generator=g) * 0.01,
         )
         for i in range(modules)
     }

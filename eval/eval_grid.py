@@ -41,6 +41,7 @@ from raflora.demo.orchestrator import (
     spawn_trainer,
     wait_for_round,
 )
+from raflora.server.storage import FileFederationStore
 from raflora.server.testing import ServerProcess
 
 # label -> (strategy, options)
@@ -190,6 +191,12 @@ def run_cell(
         for p in procs:
             if p.wait(300) != 0:
                 raise RuntimeError(f"a client failed; see {work}")
+        # Who took part in each round, from the server's own published manifests.
+        for label, fed in feds.items():
+            store = FileFederationStore(server.data_dir / "federations" / fed)
+            for record in runs[label][1:]:
+                manifest = store.read_manifest(record["round"])
+                record["participant_ranks"] = sorted(u.rank for u in manifest.uploads)
     finally:
         for obs in observers.values():
             obs.close()
@@ -247,8 +254,21 @@ def summarize(out: Path, variants: Sequence[str]) -> dict[str, Any]:
                 if "flexlora" in group[0]["runs"]
                 else np.zeros(len(group))
             )
+            # Rounds whose participants all had ranks below the federation's R: where carry-over
+            # can act at all (it is a no-op when a rank-R client takes part).
+            short_rounds = np.array(
+                [
+                    sum(
+                        max(r.get("participant_ranks") or [max(c["ranks"])]) < max(c["ranks"])
+                        for r in c["runs"][label][1:]
+                    )
+                    for c in group
+                ],
+                dtype=float,
+            )
             rows[label] = {
                 "seeds": len(group),
+                "rounds_without_rank_R": _ms(short_rounds),
                 "final_accuracy": _ms(final),
                 "mean_accuracy_over_rounds": _ms(mean_over_rounds),
                 "final_loss": _ms(loss),
@@ -302,8 +322,8 @@ def write_report(out: Path, variants: Sequence[str], meta: dict[str, Any]) -> st
     )
     lines = [
         "| setting | strategy | seeds | final acc | acc over rounds "
-        "| Δacc vs FlexLoRA (paired) | final loss | E_min | ‖ΔW‖ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Δacc vs FlexLoRA (paired) | final loss | E_min | ‖ΔW‖ | rounds w/o rank R |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, rows in summary.items():
         for label, r in rows.items():
@@ -312,7 +332,8 @@ def write_report(out: Path, variants: Sequence[str], meta: dict[str, Any]) -> st
             lines.append(
                 f"| {setting} | {label} | {r['seeds']} | {_fmt(r['final_accuracy'])} | "
                 f"{_fmt(r['mean_accuracy_over_rounds'])} | {diff} | {_fmt(r['final_loss'])} | "
-                f"{_fmt(r['final_e_min'])} | {_fmt(r['final_delta_norm'], 2)} |"
+                f"{_fmt(r['final_e_min'])} | {_fmt(r['final_delta_norm'], 2)} | "
+                f"{r['rounds_without_rank_R']['mean']:.1f} |"
             )
     lines.append("")
     for label, v in verdict.items():

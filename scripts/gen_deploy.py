@@ -319,18 +319,35 @@ def dashboard() -> dict[str, Any]:
             "E_min (1 = rank collapse)",
             "Energy share of the smallest client rank's directions in the published update. "
             "Rising towards 1 round after round means collapse onto the smallest rank; "
-            "RafloraRankCollapse fires after 5 rounds above 0.9.",
-            [(f"raflora_rank_energy_min_fraction{{{SEL}}}", "{{federation}}")],
+            "the dashed line is the server's collapse_e_min_threshold.",
+            [
+                (f"raflora_rank_energy_min_ratio{{{SEL}}}", "{{federation}}"),
+                (
+                    'max(raflora_rank_collapse_threshold_ratio{job=~"$job"})',
+                    "collapse threshold",
+                ),
+            ],
             unit="percentunit",
+            w=6,
             minimum=0,
             maximum=1,
-            threshold=0.9,
+        ),
+        panel(
+            lay,
+            "Rank collapse: rounds above the threshold",
+            "Consecutive published rounds whose E_min is above the threshold, as the server "
+            "counts them (kept across restarts); RafloraRankCollapse fires at 5.",
+            [(f"raflora_rank_collapse_rounds{{{SEL}}}", "{{federation}}")],
+            w=6,
+            minimum=0,
+            threshold=5,
         ),
         panel(
             lay,
             "Effective rank",
             "exp(entropy) of the published spectrum: how many directions carry energy.",
             [(f"raflora_rank_effective_rank{{{SEL}}}", "{{federation}}")],
+            w=6,
             minimum=0,
         ),
         panel(
@@ -340,14 +357,51 @@ def dashboard() -> dict[str, Any]:
             "the client ranks) and of the tail beyond the largest rank.",
             [
                 (
-                    f"raflora_rank_partition_energy{{{SEL}}}",
+                    f"raflora_rank_partition_energy_ratio{{{SEL}}}",
                     "{{federation}} k={{partition}} (rank <= {{upper_rank}})",
                 ),
-                (f"raflora_rank_tail_energy{{{SEL}}}", "{{federation}} tail"),
+                (f"raflora_rank_tail_energy_ratio{{{SEL}}}", "{{federation}} tail"),
             ],
             unit="percentunit",
+            w=6,
             minimum=0,
             maximum=1,
+        ),
+        row(lay, "Process"),
+        panel(
+            lay,
+            "CPU",
+            "CPU seconds per second used by the server process (aggregation included).",
+            [
+                (
+                    f'rate(process_cpu_seconds_total{{job=~"$job"}}[{RATE}])',
+                    "{{instance}}",
+                )
+            ],
+            w=8,
+            minimum=0,
+        ),
+        panel(
+            lay,
+            "Resident memory",
+            "Resident set size of the server process.",
+            [('process_resident_memory_bytes{job=~"$job"}', "{{instance}}")],
+            unit="bytes",
+            w=8,
+            minimum=0,
+        ),
+        panel(
+            lay,
+            "Version",
+            "raflora_build_info: the server's version, Python, PyTorch and compute device.",
+            [
+                (
+                    'raflora_build_info{job=~"$job"}',
+                    "{{version}} py{{python}} torch {{torch}} {{device}}",
+                )
+            ],
+            kind="stat",
+            w=8,
         ),
     ]
 

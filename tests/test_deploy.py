@@ -3,7 +3,10 @@
 The container image itself is not built here (no container engine on CI); its Dockerfile is
 linted, its build context checked against .dockerignore, and its health check script run
 against a live server. The Kubernetes manifests are rendered from every overlay and validated
-against the bundled Kubernetes JSON schemas offline, strictly (unknown fields fail).
+against the bundled Kubernetes JSON schemas offline, strictly (unknown fields fail). The
+probes' endpoints are checked against real servers: /healthz answers 503 when the event loop
+stalls (an injected stall: the HTTP side lives in its own thread), and a server stopped with
+SIGSTOP makes the probe's request time out.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +29,9 @@ import pytest
 import yaml
 
 from raflora.server.config import FederationConfig
+from raflora.server.metrics import DEPRECATED_RATIO_NAMES
 from raflora.server.settings import ServerSettings
-from raflora.server.testing import free_port, scrape, threaded_server
+from raflora.server.testing import ServerProcess, free_port, scrape, threaded_server
 
 from .helpers import ROOT
 from .helpers.deploy import (
@@ -44,10 +52,13 @@ from .helpers.deploy import (
 )
 
 DOCKERFILE = DEPLOY / "docker/Dockerfile"
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+OPERATIONS = ROOT / "docs/operations.md"
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute"}
 # Oldest and newest Kubernetes minor versions the manifests are validated against.
 K8S_VERSIONS = ("1.29", "1.37")
-OVERLAYS = ("cpu", "gpu", "tls")
+# "edge": the cpu overlay with the gateway and ingress-nginx components.
+OVERLAYS = ("cpu", "gpu", "tls", "edge")
+NAMESPACE = "raflora"
 
 
 # -- rendering ------------------------------------------------------------------------------
@@ -97,12 +108,42 @@ def second_instance_overlay(root: Path) -> Path:
     return overlay
 
 
+def edge_overlay(root: Path) -> Path:
+    """The cpu overlay exposed through a Gateway API gateway and ingress-nginx."""
+    overlay = root / "edge"
+    overlay.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(KUSTOMIZE, overlay))
+    (overlay / "kustomization.yaml").write_text(
+        f"resources:\n  - {rel / 'overlays/cpu'}\n"
+        f"components:\n  - {rel / 'components/gateway'}\n"
+        f"  - {rel / 'components/ingress-nginx'}\n"
+    )
+    return overlay
+
+
+def second_namespace_overlay(root: Path) -> Path:
+    """docs/operations.md's namespace of the second instance."""
+    overlay = root / "raflora-b-namespace"
+    overlay.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(KUSTOMIZE, overlay))
+    (overlay / "kustomization.yaml").write_text(
+        f"namespace: raflora-b\nresources:\n  - {rel / 'namespace'}\n"
+    )
+    return overlay
+
+
 @functools.cache
 def render(overlay: str, workdir: Path) -> tuple[dict[str, Any], ...]:
     if overlay == "tls":
         path = tls_overlay(workdir)
     elif overlay == "second":
         path = second_instance_overlay(workdir)
+    elif overlay == "edge":
+        path = edge_overlay(workdir)
+    elif overlay == "second-namespace":
+        path = second_namespace_overlay(workdir)
+    elif overlay == "namespace":
+        path = KUSTOMIZE / "namespace"
     else:
         path = KUSTOMIZE / "overlays" / overlay
     out = run([tool("kubectl"), "kustomize", str(path)])
@@ -235,7 +276,7 @@ def test_dockerignore_sends_only_what_the_image_needs() -> None:
     # ... and nothing else: no tests, venv, git metadata, data or manifests.
     allowed = ("pyproject.toml", "README.md", "proto/", "server/", "client_sdk/", "demo/")
     extra = sorted(p for p in sent if not p.startswith(allowed))
-    assert extra == ["deploy/docker/healthcheck.py"], extra
+    assert extra == ["deploy/docker/constraints.txt", "deploy/docker/healthcheck.py"], extra
     for path in (".venv/bin/python", ".git/HEAD", "server/raflora/__pycache__/x.pyc"):
         assert dockerignore_excludes(patterns, path), path
 
@@ -279,8 +320,29 @@ def test_manifests_validate_strictly_offline(
 ) -> None:
     core = [d for d in rendered if d["kind"] not in CRD_KINDS]
     kinds = sorted(d["kind"] for d in core)
-    assert {"StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= set(kinds)
+    assert {
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    } <= set(kinds)
     assert validate(core, tmp_path / "core.yaml") == "rc=0\n"  # no error, no warning
+
+
+def test_namespace_is_applied_apart_from_the_app(workdir: Path, tmp_path: Path) -> None:
+    """`kubectl delete -k` on an overlay deletes what it renders: never the Namespace (and so
+    never the PersistentVolumeClaim in it). The namespace has a kustomization of its own."""
+    for overlay in (*OVERLAYS, "second"):
+        assert "Namespace" not in {d["kind"] for d in render(overlay, workdir)}, overlay
+    (namespace,) = render("namespace", workdir)
+    assert namespace["kind"] == "Namespace" and namespace["metadata"]["name"] == NAMESPACE
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert validate([namespace], tmp_path / "namespace.yaml") == "rc=0\n"
+    (other,) = render("second-namespace", workdir)
+    assert other["metadata"]["name"] == "raflora-b" and other["metadata"]["labels"] == labels
 
 
 def test_strict_validation_catches_misspelt_fields(workdir: Path, tmp_path: Path) -> None:
@@ -314,16 +376,21 @@ def test_statefulset_probes_storage_security(rendered: tuple[dict[str, Any], ...
     assert {"tls.crt", "tls.key", "ca.crt", "admin-token"} <= set(
         secret.get("data", {}) | secret.get("stringData", {})
     )
-    # Probes: exactly one handler each; native gRPC health on the gRPC port unless TLS is on.
+    # Probes: one handler each, plaintext HTTP on the health port in every mode (TLS too):
+    # /healthz (the event loop beats) for liveness and start-up, /readyz for readiness.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9464}
-    tls = "RAFLORA_TLS_CERT_FILE" in settings_of(rendered)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ports == {"grpc": 50051, "metrics": 9464, "health": 8080}
+    assert int(settings_of(rendered)["RAFLORA_HEALTH_PORT"]) == ports["health"]
+    paths = {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in paths.items():
         handlers = set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"}
-        if tls:
-            assert handlers == {"tcpSocket"} and c[probe]["tcpSocket"]["port"] == "grpc"
-        else:
-            assert handlers == {"grpc"} and c[probe]["grpc"]["port"] == ports["grpc"]
+        assert handlers == {"httpGet"}, (probe, handlers)
+        assert c[probe]["httpGet"] == {"path": path, "port": "health"}
+    # Liveness fails only after the heartbeat timeout and a few periods: a slow moment is not
+    # a hang.
+    timeout = ServerSettings().health_heartbeat_timeout_seconds
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > 2 * timeout
     # Non-root, no privileges, read-only root: the restricted Pod Security Standard.
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
@@ -374,9 +441,63 @@ def test_services_and_disruption_budget_select_the_pod(
     pdb = one(rendered, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    # Every object lands in the one namespace (cluster-scoped Namespace aside).
-    namespaces = {d["metadata"].get("namespace") for d in rendered if d["kind"] != "Namespace"}
-    assert namespaces == {one(rendered, "Namespace")["metadata"]["name"]}
+    # Every object lands in the one namespace, which deploy/kubernetes/namespace creates.
+    assert {d["metadata"].get("namespace") for d in rendered} == {NAMESPACE}
+
+
+def test_network_policy(rendered: tuple[dict[str, Any], ...]) -> None:
+    """gRPC and health open, /metrics only from the monitoring namespace, nothing else in."""
+    policy = one(rendered, "NetworkPolicy")
+    spec = policy["spec"]
+    pod_labels = one(rendered, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]  # egress is not restricted
+    container_ports = {p["name"] for p in container(rendered)["ports"]}
+    opened: dict[str, Any] = {}
+    for rule in spec["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in container_ports and port["protocol"] == "TCP"
+            opened[port["port"]] = rule.get("from")
+    assert opened["grpc"] is None and opened["health"] is None  # from anywhere
+    assert opened["metrics"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert set(opened) == container_ports
+
+
+def test_gateway_and_ingress_route_grpc_to_the_service(workdir: Path) -> None:
+    docs = render("edge", workdir)
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "raflora"]
+    (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    exposed = {"raflora.v1.AggregationService", "grpc.health.v1.Health"}
+    # Gateway API: a v1 GRPCRoute to the Service's gRPC port, by service name.
+    route = one(docs, "GRPCRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["metadata"]["namespace"] == NAMESPACE
+    (parent,) = route["spec"]["parentRefs"]
+    assert parent["kind"] == "Gateway" and parent["name"] and parent["sectionName"]
+    (rule,) = route["spec"]["rules"]
+    assert {m["method"]["service"] for m in rule["matches"]} == exposed
+    assert all(m["method"].get("type", "Exact") == "Exact" for m in rule["matches"])
+    assert rule["backendRefs"] == [
+        {"group": "", "kind": "Service", "name": "raflora", "port": grpc_port["port"]}
+    ]
+    # ingress-nginx: gRPC to the backend, TLS at the edge, no body-size cap on client streams.
+    ingress = one(docs, "Ingress")
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] in {"GRPC", "GRPCS"}
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "0"
+    assert float(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= float(
+        ServerSettings().max_request_seconds
+    )
+    (tls,) = ingress["spec"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] in tls["hosts"] and tls["secretName"]
+    paths = rule["http"]["paths"]
+    assert {p["path"].strip("/") for p in paths} == exposed
+    for path in paths:
+        assert path["pathType"] == "Prefix"
+        assert path["backend"]["service"] == {"name": "raflora", "port": {"name": "grpc"}}
 
 
 def test_second_instance_overlay(workdir: Path) -> None:
@@ -384,10 +505,7 @@ def test_second_instance_overlay(workdir: Path) -> None:
     kinds = {d["kind"] for d in docs}
     assert "PrometheusRule" not in kinds and "ServiceMonitor" in kinds
     assert not [d for d in docs if d["metadata"]["name"].startswith("raflora-dashboard")]
-    assert one(docs, "Namespace")["metadata"]["name"] == "raflora-b"
-    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {
-        "raflora-b"
-    }
+    assert {d["metadata"].get("namespace") for d in docs} == {"raflora-b"}
 
 
 def test_settings_are_valid_server_settings(rendered: tuple[dict[str, Any], ...]) -> None:
@@ -513,7 +631,7 @@ def test_dashboard_structure() -> None:
     variables = {v["name"] for v in board["templating"]["list"]}
     assert variables == {"datasource", "job", "federation"}
     sections = [p["title"] for p in panels if p["type"] == "row"]
-    assert sections == ["Rounds", "Clients", "Throughput", "Latency", "Rank energy"]
+    assert sections == ["Rounds", "Clients", "Throughput", "Latency", "Rank energy", "Process"]
     used = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
     for needed in (
         "raflora_current_round",
@@ -524,10 +642,15 @@ def test_dashboard_structure() -> None:
         "raflora_push_duration_seconds_bucket",
         "raflora_pull_duration_seconds_bucket",
         "raflora_aggregation_duration_seconds_bucket",
-        "raflora_rank_energy_min_fraction",
-        "raflora_rank_partition_energy",
+        "raflora_rank_energy_min_ratio",
+        "raflora_rank_partition_energy_ratio",
+        "raflora_rank_collapse_rounds",
+        "process_cpu_seconds_total",
+        "raflora_build_info",
     ):
         assert needed in used, needed
+    # The deprecated names of the 0-1 gauges are for old dashboards, not for ours.
+    assert not used & set(DEPRECATED_RATIO_NAMES), used & set(DEPRECATED_RATIO_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -560,8 +683,99 @@ def test_alert_rules_reference_only_exported_metrics(exported: set[str]) -> None
     rules = all_rules(load_rules())
     recorded = {r["record"] for r in rules if "record" in r}
     for rule in rules:
-        missing = metric_names(rule["expr"]) - exported - recorded - {"up"}
+        used = metric_names(rule["expr"])
+        missing = used - exported - recorded - {"up"}
         assert not missing, f"{rule.get('alert') or rule.get('record')} uses {missing}"
+        assert not used & set(DEPRECATED_RATIO_NAMES), rule
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings (lower case, punctuation dropped)."""
+    anchors = set()
+    for line in markdown.splitlines():
+        if m := re.match(r"#{1,6} (.+)", line):
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
+
+
+def test_every_alert_has_a_runbook() -> None:
+    """Every alert's runbook_url is an entry of docs/operations.md's Runbooks section."""
+    guide = OPERATIONS.read_text()
+    anchors = github_anchors(guide)
+    runbooks = guide[guide.index("\n## Runbooks\n") :]
+    for rule in all_rules(load_rules()):
+        if "alert" not in rule:
+            continue
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/operations.md" and anchor == rule["alert"].lower(), url
+        assert anchor in anchors, f"no heading for {url} in docs/operations.md"
+        assert f"\n### {rule['alert']}\n" in runbooks, rule["alert"]
+
+
+# -- health probes against real servers -------------------------------------------------------
+
+
+def http_status(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body ({} for another type) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status, kind, body = response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        status, kind, body = exc.code, exc.headers["Content-Type"], exc.read()
+    return int(status), json.loads(body) if kind == "application/json" else {}
+
+
+def test_health_endpoints_fail_while_the_event_loop_is_stalled(tmp_path: Path) -> None:
+    """/healthz and /readyz answer from a thread of their own: a callback that blocks the
+    event loop (the server hung, its port and TLS handshakes still fine) turns them to 503,
+    and they recover with the loop. Here on a separate health port; on the metrics port by
+    default."""
+    with threaded_server(tmp_path, health_port=0, health_heartbeat_timeout_seconds=1.5) as handle:
+        server = handle.server
+        assert server.health_port not in (0, server.metrics_port)
+        base = f"http://127.0.0.1:{server.health_port}"
+        for path in ("/healthz", "/readyz"):
+            status, body = http_status(base + path)
+            assert (status, body["status"]) == (200, "ok"), body
+        assert http_status(base + "/metrics")[0] == 404  # /metrics stays on its own port
+        handle.loop.call_soon_threadsafe(time.sleep, 4.0)  # the injected stall
+        time.sleep(2.5)
+        for path in ("/healthz", "/readyz"):
+            status, body = http_status(base + path)
+            assert (status, body["status"]) == (503, "event loop stalled"), body
+            assert body["heartbeat_age_seconds"] > 1.5
+        time.sleep(2.5)  # the stall is over, the loop beats again
+        status, body = http_status(base + "/healthz")
+        assert (status, body["status"]) == (200, "ok"), body
+        assert body["heartbeat_age_seconds"] < 1.5
+        # Draining: not ready, still alive.
+        handle.run(server.health.enter_graceful_shutdown())
+        server.heartbeat.ready = False
+        assert http_status(base + "/readyz")[0] == 503
+        assert http_status(base + "/healthz")[0] == 200
+
+
+def test_health_probe_times_out_on_a_stopped_server(tmp_path: Path) -> None:
+    """The kubelet's view of a server process that hangs entirely (here: SIGSTOP): the probe's
+    request gets no answer within its timeout, which counts as a failure; after SIGCONT it
+    answers 200 again. /healthz lives on the metrics port by default."""
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
+    with server:
+        url = f"http://127.0.0.1:{server.metrics_port}/healthz"
+        assert http_status(url)[0] == 200
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises((TimeoutError, urllib.error.URLError)) as failed:
+                urllib.request.urlopen(url, timeout=1.5)
+            assert "timed out" in str(failed.value), failed.value
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while http_status(url, 5)[0] != 200:
+            assert time.monotonic() < deadline, "no 200 after SIGCONT"
+            time.sleep(0.2)
 
 
 def test_paths_in_docs_exist() -> None:

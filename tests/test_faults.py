@@ -74,7 +74,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(99)
     modules = {f"layers.{i}.proj": (256, 256) for i in range(4)}
     tensors = lora_state_dict(
-        {m: (torch.randn(16, i, generator=g), torch.randn(o, 16, generator=g))
+        {m: (torch.randn(o, 16, generator=g), torch.randn(16, i, generator=g))
          for m, (o, i) in modules.items()}
     )
     client = RafloraClient(target, fid, "doomed", enrolment_secret=secret, chunk_size=1024,

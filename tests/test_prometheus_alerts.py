@@ -7,8 +7,10 @@ and keeps rising; under raFLoRA it stays put (tests/test_service_metrics.py). Pr
 (Debian's package) scrapes /metrics every second and evaluates deploy/prometheus's rules every
 second, with every ``for:`` cut to 1 s and the expressions exactly as shipped. Checked through
 Prometheus' HTTP API: RafloraRankCollapse stays silent until FlexLoRA has spent 5 rounds above
-the threshold, then fires for "flex" and never for "ra"; every dashboard query returns data;
-RafloraServerDown fires once the server stops.
+the threshold (the server's own count, raflora_rank_collapse_rounds), then fires for "flex" and
+never for "ra"; every dashboard query returns data; the alert keeps firing while the server is
+down for a restart and after it resumes from its data directory (same count, same last
+publication time); RafloraServerDown fires once the server stops.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pytest
 import yaml
 
 from raflora.client_sdk.errors import FailedPreconditionError
-from raflora.server.testing import free_port, threaded_server
+from raflora.server.testing import ThreadedServer, free_port, threaded_server
 
 from .helpers.adapters import factors
 from .helpers.deploy import all_rules, dashboard_queries, debian_tool, load_rules
@@ -139,9 +141,10 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
 def test_rank_collapse_alert_fires_for_flexlora_only(
     tmp_path: Path, prometheus_factory: Callable[[int], Prometheus]
 ) -> None:
+    metrics_port = free_port()
     with ExitStack() as outer:
-        server = outer.enter_context(threaded_server(tmp_path / "data"))
-        prom = prometheus_factory(server.server.metrics_port)
+        server = outer.enter_context(threaded_server(tmp_path / "data", metrics_port=metrics_port))
+        prom = prometheus_factory(metrics_port)
         wait_for(
             "the first scrape",
             lambda: prom.values('up{job="raflora"}') == {"": 1.0},
@@ -168,11 +171,11 @@ def test_rank_collapse_alert_fires_for_flexlora_only(
                     partial(lambda want: prom.values("raflora_current_round") == want, published),
                 )
                 time.sleep(1.2)  # more than one evaluation interval
-                scraped = prom.values("raflora_rank_energy_min_fraction")
+                scraped = prom.values("raflora_rank_energy_min_ratio")
                 for fed in FEDERATIONS:
                     e_min[fed].append(scraped[fed])
                 if t + 1 == 5:  # flex above 0.9 in rounds 2..5: 4 rounds, one short of the alert
-                    assert prom.values("raflora:rank_collapse:rounds") == {"flex": 4.0}
+                    assert prom.values("raflora_rank_collapse_rounds") == {"flex": 4.0, "ra": 0.0}
                     assert prom.alerts(COLLAPSE) == {}
 
             # One refused upload (a stale round) so that the error panels have a series.
@@ -182,11 +185,9 @@ def test_rank_collapse_alert_fires_for_flexlora_only(
         assert e_min["flex"][0] < 0.9 < e_min["flex"][1], e_min
         assert max(e_min["ra"]) < 0.9 and max(e_min["ra"]) - min(e_min["ra"]) < 1e-4, e_min
         wait_for("the collapse alert to fire", lambda: prom.alerts(COLLAPSE) == {"flex": "firing"})
-        wait_for(
-            "the count to reach the last round",
-            lambda: prom.values("raflora:rank_collapse:rounds") == {"flex": float(ROUNDS - 1)},
-        )
-        assert prom.values("raflora:rank_collapse:since_round") == {"flex": 2.0}
+        collapsed = {"flex": float(ROUNDS - 1), "ra": 0.0}  # rounds 2..7 above the threshold
+        assert prom.values("raflora_rank_collapse_rounds") == collapsed
+        published = prom.values("raflora_round_last_published_timestamp_seconds")
         # Nothing else fires on a healthy run.
         others = [
             a for a in prom.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] != COLLAPSE
@@ -202,11 +203,27 @@ def test_rank_collapse_alert_fires_for_flexlora_only(
             if title not in MAY_BE_EMPTY:
                 assert prom.query(expr), f"panel {title!r}: no data for {expr}"
 
+        # A restart: the server goes away (failed scrapes mark its series stale) and comes back
+        # on the same data directory. The alert keeps firing through both.
+        outer.close()
+        wait_for("the failed scrape", lambda: prom.values('up{job="raflora"}') == {"": 0.0})
+        time.sleep(2)  # a few evaluations with the series stale
+        assert prom.alerts(COLLAPSE) == {"flex": "firing"}
+        restarted: ThreadedServer = outer.enter_context(
+            threaded_server(tmp_path / "data", metrics_port=metrics_port)
+        )
+        wait_for("the next scrape", lambda: prom.values('up{job="raflora"}') == {"": 1.0})
+        assert prom.values("raflora_rank_collapse_rounds") == collapsed  # recounted on resume
+        assert prom.values("raflora_round_last_published_timestamp_seconds") == published
+        assert prom.values("raflora_rounds_published_total") == {"flex": 0.0, "ra": 0.0}
+        time.sleep(2)
+        assert prom.alerts(COLLAPSE) == {"flex": "firing"}
+
         outer.close()  # stop the server
         wait_for(
             "RafloraServerDown to fire",
             lambda: (
                 prom.alerts("RafloraServerDown")
-                == {f"127.0.0.1:{server.server.metrics_port}": "firing"}
+                == {f"127.0.0.1:{restarted.server.metrics_port}": "firing"}
             ),
         )

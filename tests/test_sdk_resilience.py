@@ -112,3 +112,25 @@ def test_wrong_rank_or_federation_raise_typed_errors(server: ServerProcess) -> N
         with pytest.raises(FailedPreconditionError) as late:
             client.push(factors(4, 4, MODULES), round=7, num_examples=1)
         assert late.value.field == "round"
+
+
+def test_the_default_retry_budget_outlasts_a_pod_restart() -> None:
+    """At least 60 s of waiting by default (the old budget was ~6 s); attempts=1 never retries."""
+    waits = list(RetryPolicy().delays())
+    assert sum(waits) >= 60 and max(waits) <= RetryPolicy().max_backoff * 1.5
+    assert list(RetryPolicy(attempts=1).delays()) == []
+    assert len(list(RetryPolicy(attempts=3).delays())) == 2
+
+
+def test_a_push_with_default_retries_survives_a_restart_and_logs_it(
+    server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = RafloraClient(server.target, "fed", "a")  # the default policy
+    client.join(rank=4, num_examples=10)
+    thread = restart(server, tmp_path, 8.0, "server-1")  # down longer than the old budget
+    with caplog.at_level("WARNING", logger="raflora.client_sdk"):
+        result = client.push(factors(4, 1, MODULES), round=0, num_examples=10)
+    thread.join()
+    assert result.uploads_in_round == 1
+    assert any("retrying in" in r.getMessage() for r in caplog.records)
+    client.close()

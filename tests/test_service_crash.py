@@ -73,8 +73,8 @@ def adapter(
     return lora_state_dict(
         {
             name: (
-                torch.randn(rank, d_in, generator=gen) / d_in**0.5,
                 torch.randn(d_out, rank, generator=gen) / d_out**0.5,
+                torch.randn(rank, d_in, generator=gen) / d_in**0.5,
             )
             for name, (d_out, d_in) in modules.items()
         }

@@ -112,8 +112,8 @@ def big_adapter(seed: int) -> dict[str, torch.Tensor]:
     return lora_state_dict(
         {
             name: (
-                torch.randn(RANK, d_in, generator=gen),
                 torch.randn(d_out, RANK, generator=gen),
+                torch.randn(RANK, d_in, generator=gen),
             )
             for name, (d_out, d_in) in MODULES.items()
         }

@@ -23,10 +23,13 @@ from raflora.server.storage import (
     CorruptDataError,
     FederationStore,
     FileFederationStore,
+    FileStorage,
     ManifestUpload,
     MemoryFederationStore,
+    MemoryStorage,
     ResumeReport,
     RoundManifest,
+    Storage,
     UploadRecord,
     UploadSink,
 )
@@ -44,6 +47,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> FederationStore:
         else MemoryFederationStore()
     )
     s.create({"federation_id": "fed"})
+    return s
+
+
+@pytest.fixture(params=["file", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    s: Storage = FileStorage(tmp_path / "data") if request.param == "file" else MemoryStorage()
     return s
 
 
@@ -170,6 +179,52 @@ def test_views_are_written_opened_and_pruned(store: FederationStore) -> None:
         store.open_view(view)
 
 
+def test_retention_deletes_one_published_round_and_its_views(store: FederationStore) -> None:
+    for t in (1, 2, 3):
+        store.publish(state(t), manifest(t))
+    x = torch.zeros(2, 3)
+    view = store.write_view(2, "rank-2", [("x", torch.float32, (2, 3))], iter([("x", x)]), {})
+    assert store.published_rounds() == [1, 2, 3]
+    store.delete_round(2)
+    store.delete_round(7)  # absent: nothing to do
+    assert store.published_rounds() == [1, 3]
+    with pytest.raises(FileNotFoundError):
+        store.load_published(2, SCHEMA)
+    with pytest.raises(FileNotFoundError):
+        store.open_view(view)
+    assert store.latest_round(ResumeReport()) == 3
+    store.load_published(1, SCHEMA)
+    store.delete_round(3)  # the store does what it is told; the runtime keeps the newest
+    assert store.latest_round(ResumeReport()) == 1
+
+
+def test_a_deleted_federation_is_gone_and_its_id_free(storage: Storage) -> None:
+    for fid in ("a", "b"):
+        storage.federation(fid).create({"federation_id": fid})
+    storage.federation("a").publish(state(1), manifest(1))
+    assert storage.federation_ids() == ["a", "b"]
+    assert storage.delete_federation("a") is None
+    assert storage.federation_ids() == ["b"]
+    with pytest.raises(FileNotFoundError):
+        storage.delete_federation("a")
+    with pytest.raises(FileNotFoundError):
+        storage.delete_federation("never")
+    again = storage.federation("a")
+    again.create({"federation_id": "a", "again": True})
+    assert again.read_config() == {"federation_id": "a", "again": True}
+    assert again.latest_round(ResumeReport()) == 0  # nothing of the old one comes back
+
+
+def test_an_archived_federation_is_out_of_service(storage: Storage) -> None:
+    storage.federation("a").create({"federation_id": "a"})
+    first = storage.delete_federation("a", archive=True)
+    storage.federation("a").create({"federation_id": "a"})
+    second = storage.delete_federation("a", archive=True)
+    assert first is not None and second is not None and first != second
+    assert first.startswith("a-") and second.startswith("a-")
+    assert storage.federation_ids() == []
+
+
 # -- damage on disk (filesystem only) ---------------------------------------------------------
 def flip_a_bit(path: Path, offset: int = -10) -> None:
     data = bytearray(path.read_bytes())
@@ -235,3 +290,38 @@ def test_a_round_without_its_manifest_is_set_aside_and_republished(fs: FileFeder
     fs.publish(state(2), manifest(2))
     assert fs.latest_round(ResumeReport()) == 2
     fs.load_published(2, SCHEMA)
+
+
+def test_an_archive_is_a_readable_federation_folder(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "data")
+    storage.federation("a").create({"federation_id": "a"})
+    storage.federation("a").publish(state(1), manifest(1))
+    name = storage.delete_federation("a", archive=True)
+    assert name is not None
+    archived = FileFederationStore(tmp_path / "data" / "archive" / name)
+    assert archived.read_config() == {"federation_id": "a"}
+    archived.load_published(1, SCHEMA)
+    assert not (tmp_path / "data" / "federations" / "a").exists()
+
+
+def test_an_interrupted_federation_deletion_is_finished_at_start(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "data")
+    storage.federation("a").create({"federation_id": "a"})
+    storage.federation("b").create({"federation_id": "b"})
+    # A crash after the tombstone rename, before the folder was removed.
+    tomb = storage.federations_dir / ".deleted-a-0123"
+    (storage.federations_dir / "a").rename(tomb)
+    assert storage.federation_ids() == ["b"]  # never resumed
+    FileStorage(tmp_path / "data")  # the next start
+    assert not tomb.exists()
+    assert sorted(p.name for p in storage.federations_dir.iterdir()) == ["b"]
+
+
+def test_an_interrupted_round_deletion_is_not_a_round(fs: FileFederationStore) -> None:
+    fs.publish(state(1), manifest(1))
+    fs.publish(state(2), manifest(2))
+    (fs.rounds / "00000001").rename(fs.rounds / ".deleted-00000001-0123")
+    assert fs.published_rounds() == [2]
+    assert fs.latest_round(ResumeReport()) == 2
+    fs.prune(3)  # removes the leftover
+    assert sorted(p.name for p in fs.rounds.iterdir()) == ["00000002"]

@@ -106,8 +106,8 @@ def adapter(
     g = torch.Generator().manual_seed(seed)
     pairs = {
         m: (
-            (torch.randn(rank, d_in, generator=g) * gain).to(dtype),
             (torch.randn(d_out, rank, generator=g) * gain).to(dtype),
+            (torch.randn(rank, d_in, generator=g) * gain).to(dtype),
         )
         for m, (d_out, d_in) in MODULES.items()
     }

@@ -29,7 +29,7 @@ def factors(
         A = torch.randn(rank, d_in, generator=g)
         if fan_in_scaled:
             A = A / d_in**0.5
-        pairs[m] = (A, torch.randn(d_out, rank, generator=g))
+        pairs[m] = (torch.randn(d_out, rank, generator=g), A)
     tensors: dict[str, torch.Tensor] = lora_state_dict(pairs)
     return tensors
 

@@ -12,6 +12,7 @@ from .client import (
     RetryPolicy,
     is_selected,
     lora_state_dict,
+    module_factors,
 )
 from .errors import (
     AlreadyExistsError,
@@ -52,5 +53,6 @@ __all__ = [
     "UnavailableError",
     "is_selected",
     "lora_state_dict",
+    "module_factors",
     "pb",
 ]

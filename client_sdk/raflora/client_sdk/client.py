@@ -15,22 +15,32 @@ about to expire, has expired or was revoked, as long as it still holds a valid s
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import grpc
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import Tensor
+from google.protobuf import json_format
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from raflora.v1 import aggregation_pb2 as pb
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
-from raflora.v1.wire import DEFAULT_CHUNK_SIZE, MERGE_PREFIX, ErrorReason, iter_chunks
+from raflora.v1.wire import (
+    DEFAULT_CHUNK_SIZE,
+    LORA_A,
+    LORA_B,
+    MERGE_PREFIX,
+    ErrorReason,
+    iter_chunks,
+    split_tensor_name,
+)
 
 from .errors import (
     RETRYABLE,
@@ -41,6 +51,8 @@ from .errors import (
     UnavailableError,
     from_rpc_error,
 )
+
+log = logging.getLogger("raflora.client_sdk")
 
 REFRESH_MARGIN_SECONDS = 60.0  # join again this long (at most a quarter of its life) before
 # the client token expires
@@ -68,17 +80,33 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6
+    """How long a call keeps retrying UNAVAILABLE / DEADLINE_EXCEEDED.
+
+    The default budget (90 s of waiting between tries, the tries' own time on top) rides
+    through a server pod's restart (SIGTERM grace, a new pod, the store's resume) instead of
+    failing the training job. ``attempts`` caps the tries as well (0: as many as the budget
+    allows; 1: never retry).
+    """
+
+    budget_seconds: float = 90.0
+    attempts: int = 0
     initial_backoff: float = 0.2
     max_backoff: float = 5.0
     multiplier: float = 2.0
     jitter: float = 0.5  # each wait is scaled by a random factor in [1 - jitter, 1 + jitter]
 
     def delays(self) -> Iterator[float]:
-        delay = self.initial_backoff
-        for _ in range(self.attempts - 1):
-            yield delay * random.uniform(1 - self.jitter, 1 + self.jitter)
+        """Waits before each retry; ends when the budget or the attempts are spent."""
+        waited, delay, tries = 0.0, self.initial_backoff, 1
+        while (not self.attempts or tries < self.attempts) and waited < self.budget_seconds:
+            wait = min(
+                self.budget_seconds - waited,
+                delay * random.uniform(1 - self.jitter, 1 + self.jitter),
+            )
+            yield wait
+            waited += wait
             delay = min(delay * self.multiplier, self.max_backoff)
+            tries += 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +217,7 @@ class RafloraClient:
 
     def _rejoin(self) -> None:
         assert self._join_args is not None
+        log.info("%s: client token expired or revoked; joining again", self.federation_id)
         rank, num_examples, lora_alpha, observer = self._join_args
         self.join(rank, num_examples, lora_alpha, observer)
 
@@ -223,7 +252,15 @@ class RafloraClient:
                     raise error from None
                 delay = self.retry.max_backoff if delay is None else delay
             elif delay is None:
+                log.warning("%s: giving up after the retry budget: %s", self.federation_id, error)
                 raise error from None
+            log.warning(
+                "%s: %s (%s); retrying in %.1fs",
+                self.federation_id,
+                error.code.name,
+                error.reason or "no reason",
+                delay,
+            )
             time.sleep(delay)
 
     def join(
@@ -256,6 +293,14 @@ class RafloraClient:
             lifetime = response.token_expires_unix - time.time()
             self._refresh_margin = min(REFRESH_MARGIN_SECONDS, max(lifetime, 0.0) / 4)
         self.chunk_size = min(self.chunk_size, response.chunk_size or self.chunk_size)
+        log.info(
+            "joined federation %s as %s at rank %d%s (round %d)",
+            self.federation_id,
+            self.client_id,
+            rank,
+            " (observer)" if observer else "",
+            response.status.round,
+        )
         return JoinInfo(response.status.round, response.scale, self.chunk_size, response.spec)
 
     def _keep_credential(self, credential: str) -> None:
@@ -338,7 +383,7 @@ class RafloraClient:
                 )
             payload = b"".join(parts)
             del parts
-            tensors = load_safetensors(payload)
+            tensors = _load_safetensors(payload)
             merge = {k: v for k, v in tensors.items() if f".{MERGE_PREFIX}" in k}
             lora = {k: v for k, v in tensors.items() if k not in merge}
             return PulledAdapter(
@@ -363,7 +408,7 @@ class RafloraClient:
                 reason=ErrorReason.NOT_JOINED,
                 field="client_id",
             )
-        payload = save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        payload = _save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
         header = pb.PushHeader(
             federation_id=self.federation_id,
             client_id=self.client_id,
@@ -465,7 +510,20 @@ class _StreamEndedError(UnavailableError):
 
 
 class AdminClient:
-    """Creates and inspects federations (``admin_token`` when the server has auth on)."""
+    """Creates, inspects, deletes and exports federations (``admin_token`` when the server has
+    auth on). Specs are a ``pb.FederationSpec`` or a plain mapping (:meth:`spec_from_mapping`).
+    """
+
+    # A plain spec (the federations_file format) names these FederationSpec fields flat.
+    _FLAT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "round_policy": ("min_clients", "expected_clients", "deadline_seconds", "keep_rounds"),
+        "trust": ("max_update_norm", "max_examples_per_client", "max_weight_share", "max_clients"),
+    }
+    _ENUM_PREFIXES: ClassVar[dict[str, str]] = {
+        "scaling_rule": "SCALING_RULE_",
+        "weighting": "WEIGHTING_",
+        "factor_split": "FACTOR_SPLIT_",
+    }
 
     def __init__(
         self,
@@ -474,10 +532,11 @@ class AdminClient:
         credentials: grpc.ChannelCredentials | None = None,
         admin_token: str | None = None,
     ) -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20)]  # export chunks
         self.channel = (
-            grpc.secure_channel(target, credentials)
+            grpc.secure_channel(target, credentials, options)
             if credentials is not None
-            else grpc.insecure_channel(target)
+            else grpc.insecure_channel(target, options)
         )
         self.stub = pb_grpc.AdminServiceStub(self.channel)
         self._metadata = bearer(admin_token)
@@ -488,18 +547,69 @@ class AdminClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
+    @staticmethod
+    def spec_from_mapping(spec: Mapping[str, Any]) -> pb.FederationSpec:
+        """A FederationSpec from plain data: an entry of the server's ``federations_file``
+        (FederationConfig's fields: ``min_clients``, ``max_update_norm`` … flat, enums by value
+        such as ``"rslora"``, strategy options of any JSON type) or the spec's own JSON form
+        (``round_policy``, ``trust`` nested; ``SCALING_RULE_RSLORA``). ValueError names the
+        first field that is unknown or does not fit."""
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"spec: expected a mapping, got {type(spec).__name__}")
+        data: dict[str, Any] = {}
+        known = pb.FederationSpec.DESCRIPTOR.fields_by_name
+        json_names = {f.json_name: f.name for f in pb.FederationSpec.DESCRIPTOR.fields}
+        flat = {name: group for group, names in AdminClient._FLAT_FIELDS.items() for name in names}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in spec.items():
+            if not isinstance(key, str):
+                raise ValueError(f"spec: field names are strings, got {key!r}")
+            if key in flat:
+                nested.setdefault(flat[key], {})[key] = value
+                continue
+            name = key if key in known else json_names.get(key)
+            if name is None:
+                raise ValueError(f"{key}: unknown federation spec field")
+            data[name] = value
+        for group, values in nested.items():
+            inner = data.setdefault(group, {})
+            if not isinstance(inner, Mapping):
+                raise ValueError(f"{group}: expected an object")
+            inner = dict(inner)
+            if clash := sorted(set(values) & set(inner)):
+                raise ValueError(f"{clash[0]}: given both flat and inside {group!r}")
+            data[group] = {**inner, **values}
+        for name, prefix in AdminClient._ENUM_PREFIXES.items():
+            value = data.get(name)
+            if isinstance(value, str) and not value.upper().startswith(prefix):
+                data[name] = prefix + value.upper()
+        options = data.get("strategy_options")
+        if isinstance(options, Mapping):
+            data["strategy_options"] = {
+                str(k): ("true" if v else "false") if isinstance(v, bool) else str(v)
+                for k, v in options.items()
+            }
+        try:
+            return json_format.ParseDict(data, pb.FederationSpec())
+        except json_format.ParseError as exc:
+            raise ValueError(str(exc).splitlines()[0] if str(exc) else "spec: invalid") from None
+
     def create_federation(
         self,
-        spec: pb.FederationSpec,
+        spec: pb.FederationSpec | Mapping[str, Any],
         timeout: float = 30.0,
         enrolment_secret: str = "",
         *,
         open_enrolment: bool = False,
     ) -> pb.Federation:
-        """Create a federation. With auth on, clients join with credentials from
-        :meth:`issue_client_credential`; with ``open_enrolment`` the response's
-        ``enrolment_secret`` (chosen here, or generated; shown once) enrols each client id once.
+        """Create a federation from a ``pb.FederationSpec`` or a plain mapping (see
+        :meth:`spec_from_mapping`; ValueError for a bad one, before any call). With auth on,
+        clients join with credentials from :meth:`issue_client_credential`; with
+        ``open_enrolment`` the response's ``enrolment_secret`` (chosen here, or generated;
+        shown once) enrols each client id once.
         """
+        if not isinstance(spec, pb.FederationSpec):
+            spec = self.spec_from_mapping(spec)
         request = pb.CreateFederationRequest(
             spec=spec, enrolment_secret=enrolment_secret, open_enrolment=open_enrolment
         )
@@ -550,6 +660,105 @@ class AdminClient:
         )
         return response.client_credential
 
+    def delete_federation(
+        self, federation_id: str, *, archive: bool = False, timeout: float = 60.0
+    ) -> str | None:
+        """Stop a federation and delete its stored state, or with ``archive`` move it to the
+        server's ``<data_dir>/archive/``; returns the archive folder's name (None: deleted).
+        Its clients' calls fail with NOT_FOUND from then on; the id can be created again."""
+        request = pb.DeleteFederationRequest(federation_id=federation_id, archive=archive)
+        response: pb.DeleteFederationResponse = self._call(
+            lambda: self.stub.DeleteFederation(request, timeout=timeout, metadata=self._metadata)
+        )
+        return response.archive or None
+
+    def list_clients(self, federation_id: str, timeout: float = 30.0) -> list[pb.ClientInfo]:
+        """The federation's joined clients (by id) with their join-time terms."""
+        request = pb.ListClientsRequest(federation_id=federation_id)
+        response: pb.ListClientsResponse = self._call(
+            lambda: self.stub.ListClients(request, timeout=timeout, metadata=self._metadata)
+        )
+        return list(response.clients)
+
+    def export_adapter(
+        self,
+        federation_id: str,
+        out_dir: str | Path,
+        *,
+        rank: int | None = None,
+        round: int | None = None,
+        base_model: str | None = None,
+        timeout: float = 300.0,
+    ) -> Path:
+        """Write published round ``round`` (None: the newest) at ``rank`` (None: the
+        federation's max rank) as a PEFT LoRA adapter directory, loadable with
+        ``PeftModel.from_pretrained(base, out_dir)`` (and by servers that read PEFT adapters,
+        such as vLLM): ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+        ``base_model`` goes into the config's ``base_model_name_or_path``. The directory is
+        written next to ``out_dir`` and renamed into place; an existing ``out_dir`` must be an
+        empty directory (FileExistsError otherwise, before anything is downloaded).
+        """
+        from . import peft_adapter  # imports this module: not at the top
+
+        out = Path(out_dir)
+        peft_adapter.check_export_target(out)
+        spec = self.get_federation(federation_id, timeout=timeout).spec
+        request = pb.ExportAdapterRequest(federation_id=federation_id, rank=rank or 0, round=round)
+        header, payload = self._call(
+            lambda: self._read_stream(
+                self.stub.ExportAdapter(request, timeout=timeout, metadata=self._metadata)
+            )
+        )
+        rslora = spec.scaling_rule == pb.SCALING_RULE_RSLORA
+        alpha = header.lora_alpha or header.scale * (header.rank**0.5 if rslora else header.rank)
+        config = peft_adapter.peft_adapter_config(
+            [m.name for m in spec.modules],
+            header.rank,
+            alpha,
+            use_rslora=rslora,
+            base_model=base_model,
+        )
+        metadata = {
+            "format": "pt",
+            "raflora.federation_id": federation_id,
+            "raflora.round": str(header.round),
+            "raflora.rank": str(header.rank),
+            "raflora.scale": repr(header.scale),
+            "raflora.strategy": spec.strategy,
+        }
+        state = peft_adapter.peft_state_dict(_load_safetensors(payload))
+        return peft_adapter.write_peft_adapter(out, state, config, metadata)
+
+    @staticmethod
+    def _read_stream(stream: Iterable[pb.PullChunk]) -> tuple[pb.PullHeader, bytes]:
+        """A Pull-shaped stream's header and payload, checked against the header's size and
+        SHA-256 (DataLossError otherwise)."""
+        header: pb.PullHeader | None = None
+        parts: list[bytes] = []
+        digest = hashlib.sha256()
+        received = 0
+        for message in stream:
+            if message.WhichOneof("payload") == "header":
+                header = message.header
+                continue
+            parts.append(message.data)
+            digest.update(message.data)
+            received += len(message.data)
+        if header is None or received != header.total_bytes:
+            raise DataLossError(
+                f"data: stream ended after {received} bytes",
+                reason=ErrorReason.SIZE_MISMATCH,
+                field="data",
+            )
+        if digest.hexdigest() != header.sha256:
+            raise DataLossError(
+                "sha256: the download does not match its checksum",
+                reason=ErrorReason.CHECKSUM_MISMATCH,
+                field="sha256",
+            )
+        return header, b"".join(parts)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -560,13 +769,49 @@ class AdminClient:
         self.close()
 
 
+def _load_safetensors(payload: bytes) -> dict[str, Tensor]:
+    """Imported here: torch loads in seconds, and the admin CLI never needs it for most calls."""
+    from safetensors.torch import load
+
+    tensors: dict[str, Tensor] = load(payload)
+    return tensors
+
+
+def _save_safetensors(tensors: Mapping[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    payload: bytes = save(dict(tensors))
+    return payload
+
+
 def lora_state_dict(factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """``{module: (A, B)}`` -> PEFT names ``<module>.lora_A.weight`` / ``.lora_B.weight``."""
+    """``{module: (B, A)}``, in the order of ΔW = s·B·A -> PEFT names ``<module>.lora_B.weight``
+    and ``<module>.lora_A.weight``. B is (d_out, r), A is (r, d_in); a pair whose inner
+    dimensions do not meet (e.g. the old (A, B) order) is refused."""
     out: dict[str, Tensor] = {}
-    for module, (A, B) in factors.items():
-        out[f"{module}.lora_A.weight"] = A
-        out[f"{module}.lora_B.weight"] = B
+    for module, (B, A) in factors.items():
+        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"{module}: expected (B, A) with B (d_out, r) and A (r, d_in), got shapes "
+                f"{tuple(B.shape)} and {tuple(A.shape)}"
+            )
+        out[f"{module}.{LORA_B}.weight"] = B
+        out[f"{module}.{LORA_A}.weight"] = A
     return out
+
+
+def module_factors(tensors: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """PEFT-named tensors (a pull's ``tensors``) -> ``{module: (B, A)}``, the inverse of
+    :func:`lora_state_dict`. FLoRA's ``merge.`` tensors are left out (see ``PulledAdapter``)."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in tensors.items():
+        module, factor, merge = split_tensor_name(name)
+        if not merge:
+            parts.setdefault(module, {})[factor] = tensor
+    missing = sorted(m for m, p in parts.items() if len(p) != 2)
+    if missing:
+        raise ValueError(f"modules without both lora_A and lora_B: {missing}")
+    return {m: (p[LORA_B], p[LORA_A]) for m, p in parts.items()}
 
 
 __all__ = [
@@ -579,4 +824,5 @@ __all__ = [
     "RafloraError",
     "RetryPolicy",
     "lora_state_dict",
+    "module_factors",
 ]

@@ -1,19 +1,28 @@
-"""PEFT helpers: load a pulled global adapter into a ``PeftModel`` and push from one.
+"""PEFT helpers: load a pulled global adapter into a ``PeftModel`` and push from one, and
+write an exported round as a PEFT adapter directory for serving.
 
-PEFT is an optional extra (``pip install raflora[peft]``); nothing else in the SDK needs it.
-Names, ranks and scalings are checked so that a mismatch fails loudly instead of training a
-silently rescaled adapter.
+PEFT is an optional extra (``pip install raflora[peft]``); nothing else in the SDK needs it,
+and the export helpers need no PEFT at all (they write PEFT's file format). Names, ranks and
+scalings are checked so that a mismatch fails loudly instead of training a silently rescaled
+adapter.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from raflora.v1.wire import LORA_A, LORA_B, tensor_name
+from raflora.v1.wire import LORA_A, LORA_B, split_tensor_name, tensor_name
 
 from .client import PulledAdapter
 
@@ -105,3 +114,116 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, Tenso
         out[tensor_name(name, LORA_A)] = layer.lora_A[adapter].weight.detach().cpu().clone()
         out[tensor_name(name, LORA_B)] = layer.lora_B[adapter].weight.detach().cpu().clone()
     return out
+
+
+# -- export: a published round as a PEFT adapter directory ------------------------------------
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before a module's path in the base model
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def peft_module_name(module: str) -> str:
+    """A federation module's name in PEFT's saved state dict (``base_model.model.<path>``).
+
+    Federations built from a ``PeftModel`` (:func:`adapter_shapes`) already use that name; a
+    bare module path (``layers.0.self_attn.q_proj``) gets the prefix."""
+    return module if module.startswith(PEFT_PREFIX) else PEFT_PREFIX + module
+
+
+def peft_target_module(module: str) -> str:
+    """The module's path in the base model: what ``target_modules`` names."""
+    return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+
+
+def peft_state_dict(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Wire tensors (``<module>.lora_{A,B}.weight``) under PEFT's saved names
+    (``base_model.model.<path>.lora_{A,B}.weight``, no adapter name), contiguous fp32."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        module, factor, merge = split_tensor_name(name)
+        if merge:
+            raise AdapterMismatchError(name, "a merge delta cannot be part of a PEFT adapter")
+        out[tensor_name(peft_module_name(module), factor)] = tensor.float().contiguous()
+    return out
+
+
+def peft_adapter_config(
+    modules: Sequence[str],
+    rank: int,
+    lora_alpha: float,
+    *,
+    use_rslora: bool = False,
+    base_model: str | None = None,
+) -> dict[str, Any]:
+    """``adapter_config.json`` of a plain LoRA adapter on exactly ``modules`` (full paths, so
+    that PEFT adapts those modules and no others of the same name)."""
+    alpha: float | int = int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "target_modules": sorted({peft_target_module(m) for m in modules}),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
+def check_export_target(out_dir: Path) -> None:
+    """An export goes to a new path or an empty directory: never over anything."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty directory")
+
+
+def write_peft_adapter(
+    out_dir: Path,
+    state: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into a temporary
+    directory beside ``out_dir`` (fsynced), then rename it to ``out_dir``: a reader never sees
+    half an adapter. ``out_dir`` must not exist or be an empty directory."""
+    check_export_target(out_dir)
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    try:
+        save_file(dict(state), str(tmp / ADAPTER_WEIGHTS_NAME), metadata=dict(metadata or {}))
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the adapter from a serving user
+        check_export_target(out_dir)
+        os.replace(tmp, out_dir)  # an empty out_dir is replaced; a non-empty one refuses
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    return out_dir
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: no directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

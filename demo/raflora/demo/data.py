@@ -34,7 +34,9 @@ class Dataset:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {package!r} is not installed; run `make install-demo`")
+        raise RuntimeError(
+            f"package {package!r} is not installed; run `make install` (it installs the demo extra)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -1,18 +1,21 @@
 """``raflora-demo``: the service plus a real federation a newcomer can watch.
 
-Starts ``raflora-server`` with its embedded defaults, then for each strategy (FlexLoRA and
-raFLoRA by default) creates a federation over all-MiniLM-L6-v2's query/value projections and
-launches one separate process per client (ranks 2, 2, 4, 4, 16, 16 on Dirichlet label-skewed
-shards of BBC News). With ``--participation F`` the server selects a fraction F of the clients
-each round (seeded; ``--stratify`` keeps every rank represented) and only those train. After
-every round it pulls the global adapter, measures held-out accuracy
-and loss, and reads the rank-energy metrics the server publishes. Ends with a table, a JSON
-report and a PNG plot.
+Starts ``raflora-server`` with its embedded defaults, creates one federation per strategy
+(FlexLoRA, the paper's raFLoRA and the project's default ``raflora_ha``) over all-MiniLM-L6-v2's
+query/value projections and launches one separate process per client (ranks 2, 2, 4, 4, 16, 16
+on Dirichlet label-skewed shards of BBC News); each client takes part in every federation in
+lockstep, so the strategies train on identical clients and the model is loaded once. With
+``--participation F`` the server selects a fraction F of the clients each round (seeded;
+``--stratify`` keeps every rank represented) and only those train. After every round it pulls
+the global adapter, measures held-out accuracy and loss, and reads the rank-energy metrics the
+server publishes; a progress line with an ETA comes at least every 30 s. Ends with a table, a
+JSON report and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -58,9 +61,13 @@ def parse_args(argv: Sequence[str] | None) -> DemoConfig:
     p = argparse.ArgumentParser(
         prog="raflora-demo", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("--quick", action="store_true", help="a < 2 minute run (CI smoke test)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="3 short rounds (the CI smoke test)")
+    sizes.add_argument(
+        "--full", action="store_true", help="12 rounds of 8 local steps (docs/demo.md's run)"
+    )
     p.add_argument("--dataset", choices=sorted(datasets.LOADERS), default="bbc")
-    p.add_argument("--strategies", default="flexlora,raflora")
+    p.add_argument("--strategies", default="flexlora,raflora,raflora_ha")
     p.add_argument("--rounds", type=int)
     p.add_argument("--ranks", default="2,2,4,4,16,16", help="one client per entry")
     p.add_argument("--dirichlet", type=float, default=0.5, help="label skew; inf = IID")
@@ -77,21 +84,30 @@ def parse_args(argv: Sequence[str] | None) -> DemoConfig:
         help="fraction of clients the server selects each round (1: everyone)",
     )
     p.add_argument("--stratify", action="store_true", help="stratify the selection by rank")
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/demo"),
+        help="output directory; an earlier demo's output there is replaced, anything else "
+        "is refused",
+    )
     a = p.parse_args(argv)
     if not 0 < a.participation <= 1:
         p.error(f"--participation must be in (0, 1], got {a.participation}")
-    quick = bool(a.quick)
+    size = "quick" if a.quick else "full" if a.full else "default"
+    rounds, steps, test_size = {"quick": (3, 4, 150), "default": (5, 4, 200), "full": (12, 8, 400)}[
+        size
+    ]
     return DemoConfig(
         dataset=a.dataset,
         strategies=[s for s in a.strategies.split(",") if s],
-        rounds=a.rounds or (3 if quick else 12),
+        rounds=a.rounds or rounds,
         ranks=[int(r) for r in a.ranks.split(",")],
         dirichlet=a.dirichlet,
-        local_steps=a.local_steps or (4 if quick else 8),
+        local_steps=a.local_steps or steps,
         batch_size=a.batch_size,
         lr=a.lr,
-        test_size=a.test_size or (150 if quick else 400),
+        test_size=a.test_size or test_size,
         max_length=a.max_length,
         seed=a.seed,
         out=a.out,
@@ -182,64 +198,100 @@ def delta_norm(model: LoraClassifier) -> float:
     return float(total**0.5)
 
 
-def run_strategy(
+class Progress:
+    """A console line at least every ``every`` seconds, with an ETA from the rounds so far."""
+
+    def __init__(self, total_steps: int, every: float = 25.0) -> None:
+        self.total = total_steps
+        self.done = 0
+        self.every = every
+        self.started = time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def eta(self) -> str:
+        if not self.done:
+            return "ETA after the first round"
+        left = self.elapsed() / self.done * (self.total - self.done)
+        return f"ETA {_minutes(left)}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run_federations(
     cfg: DemoConfig,
-    strategy: str,
     server: ServerProcess,
     ds: datasets.Dataset,
-    shards: list[np.ndarray],
     test_idx: np.ndarray,
-) -> list[RoundResult]:
+) -> dict[str, list[RoundResult]]:
+    """One federation per strategy; the same client processes train in all of them."""
     R = max(cfg.ranks)
     evaluator = LoraClassifier(R, 2 * R, ds.prompts, cfg.max_length)
     test = tokenize(evaluator, [ds.texts[i] for i in test_idx], ds.labels[test_idx])
-    federation = f"demo-{strategy}"
     shapes = adapter_shapes(evaluator.encoder)
-    AdminClient(server.target).create_federation(
-        pb.FederationSpec(
-            federation_id=federation,
-            modules=[pb.ModuleSpec(name=n, d_out=o, d_in=i) for n, (o, i) in shapes.items()],
-            strategy=strategy,
-            max_rank=R,
-            lora_alpha=2 * R,
-            init_seed=cfg.seed,
-            round_policy=round_policy(len(cfg.ranks)),
-            participation=participation_policy(cfg.participation, cfg.stratify, cfg.seed),
-        )
-    )
-    logs = cfg.out / "logs"
-    clients = []
-    for k, rank in enumerate(cfg.ranks):
-        shard_file = cfg.out / "shards" / f"client-{k}.json"
-        clients.append(
-            spawn_trainer(
-                server.target,
-                [federation],
-                f"client-{k}",
-                rank,
-                shard_file,
-                logs / f"{strategy}-client-{k}.log",
-                dataset=cfg.dataset,
-                rounds=cfg.rounds,
-                local_steps=cfg.local_steps,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                max_length=cfg.max_length,
-                seed=cfg.seed + k,
+    feds = {s: f"demo-{s}".replace("_", "-") for s in cfg.strategies}
+    with AdminClient(server.target) as admin:
+        for strategy, federation in feds.items():
+            admin.create_federation(
+                pb.FederationSpec(
+                    federation_id=federation,
+                    modules=[
+                        pb.ModuleSpec(name=n, d_out=o, d_in=i) for n, (o, i) in shapes.items()
+                    ],
+                    strategy=strategy,
+                    max_rank=R,
+                    lora_alpha=2 * R,
+                    init_seed=cfg.seed,
+                    round_policy=round_policy(len(cfg.ranks)),
+                    participation=participation_policy(cfg.participation, cfg.stratify, cfg.seed),
+                )
             )
+    logs = cfg.out / "logs"
+    clients = [
+        spawn_trainer(
+            server.target,
+            list(feds.values()),
+            f"client-{k}",
+            rank,
+            cfg.out / "shards" / f"client-{k}.json",
+            logs / f"client-{k}.log",
+            dataset=cfg.dataset,
+            rounds=cfg.rounds,
+            local_steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            max_length=cfg.max_length,
+            seed=cfg.seed + k,
         )
-
-    results: list[RoundResult] = []
-    started = time.perf_counter()
+        for k, rank in enumerate(cfg.ranks)
+    ]
+    print(
+        f"{len(clients)} client processes started (logs in {logs}); they load the model, "
+        "then train in every federation each round",
+        flush=True,
+    )
+    models = {s: evaluator if i == 0 else copy.deepcopy(evaluator) for i, s in enumerate(feds)}
+    results: dict[str, list[RoundResult]] = {s: [] for s in feds}
+    progress = Progress(cfg.rounds * len(feds))
+    observers = {s: RafloraClient(server.target, f, "evaluator") for s, f in feds.items()}
     try:
-        with RafloraClient(server.target, federation, "evaluator") as observer:
-            observer.join(rank=R, num_examples=0, lora_alpha=2 * R, observer=True)
-            for t in range(cfg.rounds + 1):
+        for obs in observers.values():
+            obs.join(rank=R, num_examples=0, lora_alpha=2 * R, observer=True)
+        for t in range(cfg.rounds + 1):
+            for strategy, obs in observers.items():
                 if t > 0:
-                    wait_for_round(observer, t - 1, clients, logs, strategy)
-                pulled = observer.pull(round=t)
-                load_pulled_adapter(evaluator.encoder, pulled)
-                accuracy, loss = evaluate(evaluator, test)
+                    wait_for_round(obs, t - 1, clients, logs, strategy, progress)
+                    progress.step()
+                pulled = obs.pull(round=t)
+                model = models[strategy]
+                load_pulled_adapter(model.encoder, pulled)
+                accuracy, loss = evaluate(model, test)
                 energy = pulled.energy
                 result = RoundResult(
                     round=pulled.round,
@@ -248,21 +300,23 @@ def run_strategy(
                     e_min=energy.e_min if pulled.round else float("nan"),
                     effective_rank=energy.effective_rank,
                     partition_energy=list(energy.partition_energy),
-                    delta_norm=delta_norm(evaluator),
-                    seconds=time.perf_counter() - started,
+                    delta_norm=delta_norm(model),
+                    seconds=progress.elapsed(),
                 )
-                results.append(result)
+                results[strategy].append(result)
                 print(
-                    f"[{strategy:>8}] round {result.round:>2}/{cfg.rounds}  "
+                    f"[{strategy:>10}] round {result.round:>2}/{cfg.rounds}  "
                     f"acc {accuracy:.3f}  loss {loss:.3f}  E_min {result.e_min:.3f}  "
                     f"eff.rank {result.effective_rank:5.2f}  |dW| {result.delta_norm:.3f}  "
-                    f"({result.seconds:.0f}s)",
+                    f"({_minutes(result.seconds)}, {progress.eta()})",
                     flush=True,
                 )
         for proc in clients:
             if proc.wait(120) != 0:
-                raise RuntimeError(f"a client of {strategy} failed; see {logs}")
+                raise RuntimeError(f"a client failed; see {logs}")
     finally:
+        for obs in observers.values():
+            obs.close()
         for proc in clients:
             if proc.poll() is None:
                 proc.kill()
@@ -274,9 +328,10 @@ def wait_for_round(
     after: int,
     clients: list[subprocess.Popen[bytes]],
     logs: Path,
-    strategy: str,
+    label: str,
+    progress: Progress | None = None,
 ) -> None:
-    """Block on the watch stream, checking now and then that every client is still alive."""
+    """Block on the watch stream; every ~20 s check the clients are alive and say where we are."""
     from raflora.client_sdk import DeadlineExceededError
 
     while True:
@@ -286,16 +341,39 @@ def wait_for_round(
         except DeadlineExceededError:
             dead = [p for p in clients if p.poll() not in (None, 0)]
             if dead:
-                raise RuntimeError(f"a client of {strategy} exited early; see {logs}") from None
+                raise RuntimeError(f"a client of {label} exited early; see {logs}") from None
+            if progress is not None:
+                status = observer.status()
+                print(
+                    f"[{label:>10}] round {after}: {status.uploads} of "
+                    f"{status.expected_clients} uploads so far  ({_minutes(progress.elapsed())}"
+                    f", {progress.eta()})",
+                    flush=True,
+                )
+
+
+MARKER = ".raflora-demo"
+
+
+def prepare_out(out: Path) -> None:
+    """Replace an earlier demo's output; never delete a directory the demo did not create."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise SystemExit(
+                f"raflora-demo: {out} exists and was not made by raflora-demo; "
+                "choose another --out or empty it yourself"
+            )
+        print(f"replacing the earlier demo output in {out}", flush=True)
+        shutil.rmtree(out)
+    for sub in ("shards", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by raflora-demo; --out replaces this directory\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    if cfg.out.exists():
-        shutil.rmtree(cfg.out)
-    for sub in ("shards", "logs"):
-        (cfg.out / sub).mkdir(parents=True)
+    prepare_out(cfg.out)
     ds = datasets.load(cfg.dataset)
     train_idx, test_idx = datasets.held_out_split(ds.labels, cfg.test_size, cfg.seed)
     shards = [
@@ -318,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.out / "server-data", cfg.out / "logs" / "server.log", host=None, device=None
     ) as server:
         print(f"raflora-server on {server.target}, metrics on {server.metrics_url}", flush=True)
-        results = {s: run_strategy(cfg, s, server, ds, shards, test_idx) for s in cfg.strategies}
+        results = run_federations(cfg, server, ds, test_idx)
     print()
     print(table(results))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}

@@ -40,9 +40,14 @@ def write_json(
 ) -> None:
     body = {
         "config": dict(config),
-        "results": {s: [asdict(r) for r in rows] for s, rows in results.items()},
+        "results": {s: [_strict(asdict(r)) for r in rows] for s, rows in results.items()},
     }
-    path.write_text(json.dumps(body, indent=2))
+    path.write_text(json.dumps(body, indent=2, allow_nan=False))
+
+
+def _strict(row: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON: an undefined value (E_min of round 0) is null, never a bare NaN."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
 
 
 def plot(path: Path, results: Mapping[str, Sequence[RoundResult]], title: str) -> None:

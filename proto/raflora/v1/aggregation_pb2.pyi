@@ -243,22 +243,29 @@ class RoundPolicy(_message.Message):
     MIN_CLIENTS_FIELD_NUMBER: _builtins.int
     EXPECTED_CLIENTS_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    KEEP_ROUNDS_FIELD_NUMBER: _builtins.int
     min_clients: _builtins.int
     """a round never closes with fewer uploads (default 1)"""
     expected_clients: _builtins.int
     """closes as soon as this many are in (default: min_clients)"""
     deadline_seconds: _builtins.float
     """after this, closes with >= min_clients (0: no deadline)"""
+    keep_rounds: _builtins.int
+    """Retention: 0 (default) keeps every published round; N > 0 deletes, after each publication,
+    the published rounds older than the newest N (never the newest, never one a Pull is
+    streaming; a later Pull of a deleted round is NOT_FOUND / ROUND_NOT_FOUND).
+    """
     def __init__(
         self,
         *,
         min_clients: _builtins.int = ...,
         expected_clients: _builtins.int = ...,
         deadline_seconds: _builtins.float = ...,
+        keep_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "expected_clients", b"expected_clients", "min_clients", b"min_clients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "expected_clients", b"expected_clients", "keep_rounds", b"keep_rounds", "min_clients", b"min_clients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,6 +310,7 @@ class FederationSpec(_message.Message):
     MIN_PARTITION_HOLDERS_FIELD_NUMBER: _builtins.int
     TRUST_FIELD_NUMBER: _builtins.int
     PARTICIPATION_FIELD_NUMBER: _builtins.int
+    ROBUST_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     strategy: _builtins.str
     """raflora_ha (default), raflora, flexlora, hetlora, rbla, flora, fedit"""
@@ -329,6 +337,8 @@ class FederationSpec(_message.Message):
     def trust(self) -> Global___TrustPolicy: ...
     @_builtins.property
     def participation(self) -> Global___ParticipationPolicy: ...
+    @_builtins.property
+    def robust(self) -> Global___RobustPolicy: ...
     def __init__(
         self,
         *,
@@ -347,14 +357,49 @@ class FederationSpec(_message.Message):
         min_partition_holders: _builtins.int = ...,
         trust: Global___TrustPolicy | None = ...,
         participation: Global___ParticipationPolicy | None = ...,
+        robust: Global___RobustPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["participation", b"participation", "round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participation", b"participation", "robust", b"robust", "round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "robust", b"robust", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FederationSpec: _TypeAlias = FederationSpec  # noqa: Y015
+
+@_typing.final
+class RobustPolicy(_message.Message):
+    """Byzantine-robust weighing (docs/design.md §2.8). All zero: the strategy's weights as they are."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    CLIP_QUANTILE_FIELD_NUMBER: _builtins.int
+    COMBINE_FIELD_NUMBER: _builtins.int
+    TRIM_FIELD_NUMBER: _builtins.int
+    clip_norm: _builtins.float
+    """> 0: clip each client's ‖s·B·A‖_F (all modules) to this"""
+    clip_quantile: _builtins.float
+    """> 0: clip to this quantile (0..1] of the round's norms"""
+    combine: _builtins.str
+    """"" or "mean"; "median_trust"; "trimmed" """
+    trim: _builtins.int
+    """"trimmed": clients dropped per round (0: default 1)"""
+    def __init__(
+        self,
+        *,
+        clip_norm: _builtins.float = ...,
+        clip_quantile: _builtins.float = ...,
+        combine: _builtins.str = ...,
+        trim: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "clip_quantile", b"clip_quantile", "combine", b"combine", "trim", b"trim"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RobustPolicy: _TypeAlias = RobustPolicy  # noqa: Y015
 
 @_typing.final
 class ParticipationPolicy(_message.Message):
@@ -712,6 +757,171 @@ class RotateEnrolmentSecretResponse(_message.Message):
 Global___RotateEnrolmentSecretResponse: _TypeAlias = RotateEnrolmentSecretResponse  # noqa: Y015
 
 @_typing.final
+class DeleteFederationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    federation_id: _builtins.str
+    archive: _builtins.bool
+    """false (default): delete the federation's stored state. true: move it to
+    <data_dir>/archive/<id>-<unix time>/ (still readable there, never resumed).
+    """
+    def __init__(
+        self,
+        *,
+        federation_id: _builtins.str = ...,
+        archive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "federation_id", b"federation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFederationRequest: _TypeAlias = DeleteFederationRequest  # noqa: Y015
+
+@_typing.final
+class DeleteFederationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    federation_id: _builtins.str
+    archive: _builtins.str
+    """its folder's name under <data_dir>/archive/ ("": deleted)"""
+    def __init__(
+        self,
+        *,
+        federation_id: _builtins.str = ...,
+        archive: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "federation_id", b"federation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFederationResponse: _TypeAlias = DeleteFederationResponse  # noqa: Y015
+
+@_typing.final
+class ListClientsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    federation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        federation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClientsRequest: _TypeAlias = ListClientsRequest  # noqa: Y015
+
+@_typing.final
+class ClientInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    LORA_ALPHA_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    OBSERVER_FIELD_NUMBER: _builtins.int
+    LAST_ROUND_UPLOADED_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    rank: _builtins.int
+    num_examples: _builtins.int
+    """declared at join"""
+    lora_alpha: _builtins.float
+    scale: _builtins.float
+    """alpha / rank (or / sqrt(rank))"""
+    observer: _builtins.bool
+    last_round_uploaded: _builtins.int
+    """The round of its newest upload the server holds: the open round's, else the one the newest
+    published round aggregated. Unset when neither has one (older manifests are not read).
+    """
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        num_examples: _builtins.int = ...,
+        lora_alpha: _builtins.float = ...,
+        scale: _builtins.float = ...,
+        observer: _builtins.bool = ...,
+        last_round_uploaded: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_round_uploaded", b"_last_round_uploaded", "last_round_uploaded", b"last_round_uploaded"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_round_uploaded", b"_last_round_uploaded", "client_id", b"client_id", "last_round_uploaded", b"last_round_uploaded", "lora_alpha", b"lora_alpha", "num_examples", b"num_examples", "observer", b"observer", "rank", b"rank", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__last_round_uploaded: _TypeAlias = _typing.Literal["last_round_uploaded"]  # noqa: Y015
+    _WhichOneofArgType__last_round_uploaded: _TypeAlias = _typing.Literal["_last_round_uploaded", b"_last_round_uploaded"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_round_uploaded) -> _WhichOneofReturnType__last_round_uploaded | None: ...
+
+Global___ClientInfo: _TypeAlias = ClientInfo  # noqa: Y015
+
+@_typing.final
+class ListClientsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    federation_id: _builtins.str
+    @_builtins.property
+    def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientInfo]:
+        """sorted by client_id"""
+
+    def __init__(
+        self,
+        *,
+        federation_id: _builtins.str = ...,
+        clients: _abc.Iterable[Global___ClientInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "federation_id", b"federation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClientsResponse: _TypeAlias = ListClientsResponse  # noqa: Y015
+
+@_typing.final
+class ExportAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    federation_id: _builtins.str
+    round: _builtins.int
+    """unset: the newest published round"""
+    rank: _builtins.int
+    """1..max_rank; 0: max_rank"""
+    def __init__(
+        self,
+        *,
+        federation_id: _builtins.str = ...,
+        round: _builtins.int | None = ...,
+        rank: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "federation_id", b"federation_id", "rank", b"rank", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__round: _TypeAlias = _typing.Literal["round"]  # noqa: Y015
+    _WhichOneofArgType__round: _TypeAlias = _typing.Literal["_round", b"_round"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__round) -> _WhichOneofReturnType__round | None: ...
+
+Global___ExportAdapterRequest: _TypeAlias = ExportAdapterRequest  # noqa: Y015
+
+@_typing.final
 class IssueClientCredentialRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -893,6 +1103,7 @@ class PullHeader(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     HAS_MERGE_FIELD_NUMBER: _builtins.int
     ENERGY_FIELD_NUMBER: _builtins.int
+    LORA_ALPHA_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """the published global state these factors come from"""
     rank: _builtins.int
@@ -902,6 +1113,10 @@ class PullHeader(_message.Message):
     """hex digest of the concatenated chunks"""
     has_merge: _builtins.bool
     """FLoRA: merge `<module>.merge.lora_{A,B}.weight` first"""
+    lora_alpha: _builtins.float
+    """ExportAdapter only (0 in Pull): the lora_alpha of the exported adapter, the federation's
+    lora_alpha, so that scale = lora_alpha / rank (or / sqrt(rank) under rsLoRA).
+    """
     @_builtins.property
     def energy(self) -> Global___RankEnergy:
         """rank energy of the global state `round`"""
@@ -916,10 +1131,11 @@ class PullHeader(_message.Message):
         sha256: _builtins.str = ...,
         has_merge: _builtins.bool = ...,
         energy: Global___RankEnergy | None = ...,
+        lora_alpha: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy", "has_merge", b"has_merge", "rank", b"rank", "round", b"round", "scale", b"scale", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy", "has_merge", b"has_merge", "lora_alpha", b"lora_alpha", "rank", b"rank", "round", b"round", "scale", b"scale", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

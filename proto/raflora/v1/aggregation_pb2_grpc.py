@@ -59,6 +59,21 @@ class AdminServiceStub:
                 request_serializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialRequest.SerializeToString,
                 response_deserializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialResponse.FromString,
                 _registered_method=True)
+        self.DeleteFederation = channel.unary_unary(
+                '/raflora.v1.AdminService/DeleteFederation',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.DeleteFederationRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.DeleteFederationResponse.FromString,
+                _registered_method=True)
+        self.ListClients = channel.unary_unary(
+                '/raflora.v1.AdminService/ListClients',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.ListClientsRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.ListClientsResponse.FromString,
+                _registered_method=True)
+        self.ExportAdapter = channel.unary_stream(
+                '/raflora.v1.AdminService/ExportAdapter',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.ExportAdapterRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.PullChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -99,6 +114,34 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteFederation(self, request, context):
+        """Stops the federation (its in-flight and later RPCs get NOT_FOUND / FEDERATION_NOT_FOUND,
+        its client tokens and credentials stop working) and deletes or archives its stored state.
+        Crash-safe: the folder is first renamed out of the way (a tombstone, or the archive), so
+        a restart never resumes it. The id can then be created again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClients(self, request, context):
+        """The federation's joined clients and their join-time terms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAdapter(self, request, context):
+        """A published round at a rank as a serving adapter: the same stream as Pull (a PullHeader,
+        then safetensors bytes with `<module>.lora_{A,B}.weight`), at scale lora_alpha / rank with
+        the federation's lora_alpha (PullHeader.lora_alpha), so that scale * B @ A is the round's
+        global update truncated to that rank. FAILED_PRECONDITION (NOT_EXPORTABLE) for a FLoRA
+        round (its state is a per-round delta to merge, not an adapter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +169,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.IssueClientCredential,
                     request_deserializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialRequest.FromString,
                     response_serializer=raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialResponse.SerializeToString,
+            ),
+            'DeleteFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFederation,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.DeleteFederationRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.DeleteFederationResponse.SerializeToString,
+            ),
+            'ListClients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClients,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.ListClientsRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.ListClientsResponse.SerializeToString,
+            ),
+            'ExportAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAdapter,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.ExportAdapterRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.PullChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +321,87 @@ class AdminService:
             '/raflora.v1.AdminService/IssueClientCredential',
             raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialRequest.SerializeToString,
             raflora_dot_v1_dot_aggregation__pb2.IssueClientCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AdminService/DeleteFederation',
+            raflora_dot_v1_dot_aggregation__pb2.DeleteFederationRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.DeleteFederationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AdminService/ListClients',
+            raflora_dot_v1_dot_aggregation__pb2.ListClientsRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.ListClientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/raflora.v1.AdminService/ExportAdapter',
+            raflora_dot_v1_dot_aggregation__pb2.ExportAdapterRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.PullChunk.FromString,
             options,
             channel_credentials,
             insecure,

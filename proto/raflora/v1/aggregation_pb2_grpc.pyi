@@ -75,6 +75,21 @@ class AdminServiceStub:
     """A per-client credential: the only way to join a federation without open enrolment, and
     how an admin hands a client id back to its owner. FAILED_PRECONDITION when auth is off.
     """
+    DeleteFederation: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.DeleteFederationRequest, _aggregation_pb2.DeleteFederationResponse]
+    """Stops the federation (its in-flight and later RPCs get NOT_FOUND / FEDERATION_NOT_FOUND,
+    its client tokens and credentials stop working) and deletes or archives its stored state.
+    Crash-safe: the folder is first renamed out of the way (a tombstone, or the archive), so
+    a restart never resumes it. The id can then be created again.
+    """
+    ListClients: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.ListClientsRequest, _aggregation_pb2.ListClientsResponse]
+    """The federation's joined clients and their join-time terms."""
+    ExportAdapter: _grpc.UnaryStreamMultiCallable[_aggregation_pb2.ExportAdapterRequest, _aggregation_pb2.PullChunk]
+    """A published round at a rank as a serving adapter: the same stream as Pull (a PullHeader,
+    then safetensors bytes with `<module>.lora_{A,B}.weight`), at scale lora_alpha / rank with
+    the federation's lora_alpha (PullHeader.lora_alpha), so that scale * B @ A is the round's
+    global update truncated to that rank. FAILED_PRECONDITION (NOT_EXPORTABLE) for a FLoRA
+    round (its state is a per-round delta to merge, not an adapter).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -90,6 +105,21 @@ class AdminServiceAsyncStub(AdminServiceStub):
     IssueClientCredential: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.IssueClientCredentialRequest, _aggregation_pb2.IssueClientCredentialResponse]  # type: ignore[assignment]
     """A per-client credential: the only way to join a federation without open enrolment, and
     how an admin hands a client id back to its owner. FAILED_PRECONDITION when auth is off.
+    """
+    DeleteFederation: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.DeleteFederationRequest, _aggregation_pb2.DeleteFederationResponse]  # type: ignore[assignment]
+    """Stops the federation (its in-flight and later RPCs get NOT_FOUND / FEDERATION_NOT_FOUND,
+    its client tokens and credentials stop working) and deletes or archives its stored state.
+    Crash-safe: the folder is first renamed out of the way (a tombstone, or the archive), so
+    a restart never resumes it. The id can then be created again.
+    """
+    ListClients: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.ListClientsRequest, _aggregation_pb2.ListClientsResponse]  # type: ignore[assignment]
+    """The federation's joined clients and their join-time terms."""
+    ExportAdapter: _aio.UnaryStreamMultiCallable[_aggregation_pb2.ExportAdapterRequest, _aggregation_pb2.PullChunk]  # type: ignore[assignment]
+    """A published round at a rank as a serving adapter: the same stream as Pull (a PullHeader,
+    then safetensors bytes with `<module>.lora_{A,B}.weight`), at scale lora_alpha / rank with
+    the federation's lora_alpha (PullHeader.lora_alpha), so that scale * B @ A is the round's
+    global update truncated to that rank. FAILED_PRECONDITION (NOT_EXPORTABLE) for a FLoRA
+    round (its state is a per-round delta to merge, not an adapter).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -133,6 +163,39 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_aggregation_pb2.IssueClientCredentialResponse, _abc.Awaitable[_aggregation_pb2.IssueClientCredentialResponse]]:
         """A per-client credential: the only way to join a federation without open enrolment, and
         how an admin hands a client id back to its owner. FAILED_PRECONDITION when auth is off.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteFederation(
+        self,
+        request: _aggregation_pb2.DeleteFederationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.DeleteFederationResponse, _abc.Awaitable[_aggregation_pb2.DeleteFederationResponse]]:
+        """Stops the federation (its in-flight and later RPCs get NOT_FOUND / FEDERATION_NOT_FOUND,
+        its client tokens and credentials stop working) and deletes or archives its stored state.
+        Crash-safe: the folder is first renamed out of the way (a tombstone, or the archive), so
+        a restart never resumes it. The id can then be created again.
+        """
+
+    @_abc_1.abstractmethod
+    def ListClients(
+        self,
+        request: _aggregation_pb2.ListClientsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.ListClientsResponse, _abc.Awaitable[_aggregation_pb2.ListClientsResponse]]:
+        """The federation's joined clients and their join-time terms."""
+
+    @_abc_1.abstractmethod
+    def ExportAdapter(
+        self,
+        request: _aggregation_pb2.ExportAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_aggregation_pb2.PullChunk], _abc.AsyncIterator[_aggregation_pb2.PullChunk]]:
+        """A published round at a rank as a serving adapter: the same stream as Pull (a PullHeader,
+        then safetensors bytes with `<module>.lora_{A,B}.weight`), at scale lora_alpha / rank with
+        the federation's lora_alpha (PullHeader.lora_alpha), so that scale * B @ A is the round's
+        global update truncated to that rank. FAILED_PRECONDITION (NOT_EXPORTABLE) for a FLoRA
+        round (its state is a per-round delta to merge, not an adapter).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

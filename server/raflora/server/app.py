@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
+import importlib.metadata
 import json
 import logging
+import os
 import signal
+import sys
+import textwrap
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from grpc import aio
@@ -26,9 +32,18 @@ from .api.admission import Admission, AdmissionLimits
 from .auth import Authority, load_or_create_key
 from .config import FederationConfig
 from .errors import ServiceError
-from .metrics import ServerMetrics
+from .metrics import Heartbeat, ServerMetrics
 from .rounds import FederationHub, RuntimeLimits
-from .settings import ServerSettings, load_settings
+from .settings import (
+    ConfigError,
+    ServerSettings,
+    check_startup,
+    env_name,
+    flag_name,
+    is_secret,
+    load_settings,
+    unknown_environment,
+)
 from .storage import FileStorage
 
 log = logging.getLogger("raflora.server")
@@ -45,7 +60,10 @@ class RafloraServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.device = str(resolve_device(settings.device))
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(settings.collapse_e_min_threshold)
+        self.heartbeat = Heartbeat(settings.health_heartbeat_timeout_seconds)
+        self.health_port = 0
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self.storage = FileStorage(settings.data_dir)
         self.hub = FederationHub(
             self.storage,
@@ -76,6 +94,8 @@ class RafloraServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+            # A second server on the same port must fail to start, not share it silently.
+            ("grpc.so_reuseport", 0),
         ]
         # No maximum_concurrent_rpcs: gRPC would count health checks too. Admission counts
         # only the raflora services, per caller and server-wide (api/admission.py).
@@ -100,7 +120,7 @@ class RafloraServer:
         )
         add_services(
             server,
-            ("AdminService", AdminService(self.hub, self.metrics, self.authority)),
+            ("AdminService", AdminService(self.hub, self.metrics, self.authority, limits)),
             (
                 "AggregationService",
                 AggregationService(self.hub, self.metrics, limits, self.authority),
@@ -119,8 +139,7 @@ class RafloraServer:
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+        self._serve_http()
         tls = "mtls" if s.mutual_tls else "tls" if s.tls else "off"
         self.metrics.security.labels("on" if self.authority.enabled else "off", tls).set(1)
         log.info(
@@ -147,6 +166,27 @@ class RafloraServer:
                 "authentication is on but TLS is off: tokens and secrets cross the network in "
                 "clear text; set tls_cert_file/tls_key_file unless a TLS proxy fronts the server"
             )
+
+    def _serve_http(self) -> None:
+        """The plaintext HTTP side: /metrics, and /healthz and /readyz from a thread of their
+        own that reads the event loop's heartbeat (so that probes catch a hung loop in every
+        mode, TLS included), on the metrics port or on health_port."""
+        s = self.settings
+        self.metrics.record_build(self.device)
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self.heartbeat.run())
+        on_metrics_port = s.health_port < 0
+        if s.metrics_port >= 0:
+            beat = self.heartbeat if on_metrics_port else None
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port, beat)
+        if not on_metrics_port:
+            self.health_port = self.metrics.serve_health(
+                s.metrics_host, s.health_port, self.heartbeat
+            )
+        elif s.metrics_port >= 0:
+            self.health_port = self.metrics_port
+        else:
+            log.warning("metrics_port and health_port are both -1: no /healthz or /readyz")
+        self.heartbeat.ready = True
 
     async def _create_from_file(self, path: Path) -> None:
         """Create the federations a JSON file lists (if absent); apply their enrolment secrets.
@@ -187,11 +227,14 @@ class RafloraServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let running ones finish within ``grace``, then close."""
+        self.heartbeat.ready = False  # /readyz: 503 while draining
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.hub.close()
         self.metrics.close()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         log.info("raflora server stopped")
 
     async def wait(self) -> None:
@@ -202,7 +245,12 @@ class RafloraServer:
 async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = RafloraServer(settings)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:  # e.g. a port taken: close what did start, then report
+        with contextlib.suppress(Exception):
+            await server.stop(0)
+        raise
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
@@ -226,41 +274,198 @@ def server_credentials(s: ServerSettings) -> grpc.ServerCredentials:
     )
 
 
+# -- logging -----------------------------------------------------------------------------------
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, message, the record's
+    ``extra`` fields (e.g. the access log's method, peer, status, reason, federation, client)
+    and, when there is one, the exception with its traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = dt.datetime.fromtimestamp(record.created, tz=dt.timezone.utc)
+        out: dict[str, Any] = {
+            "ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_") and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """The root logger to stderr, as ``text`` lines or ``json`` objects (settings.log_format);
+    Python warnings go through it too, so that a JSON log stays JSON line by line."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+
+
+# -- the raflora-server command ----------------------------------------------------------------
+
+#: The version --version prints when the package's metadata cannot be read (a bare source tree);
+#: tests/test_server_cli.py keeps it equal to pyproject.toml's.
+__version__ = "0.1.0"
+
+_EPILOG = """\
+Every setting is an option, an environment variable and a --config key:
+  --metrics-port 9000  =  RAFLORA_METRICS_PORT=9000  =  metrics_port = 9000 (TOML)
+(RAFLORA_ + the setting's name in capitals). Options beat the environment, which beats the
+file, which beats the defaults. A RAFLORA_* variable that names no setting is reported with
+a warning. A setting the server cannot use (a bad value, an unknown --config key, a file it
+cannot read, a port in use) stops it before it starts: one line on stderr, exit status 2.
+See docs/operations.md.
+"""
+
+
+def package_version() -> str:
+    """The installed distribution's version, else :data:`__version__`."""
+    try:
+        return importlib.metadata.version("raflora")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
+def _shown_default(field: str) -> str:
+    value = ServerSettings.model_fields[field].get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _setting_help(field: str) -> str:
+    """A setting's description, default and environment variable (``%`` escaped for argparse)."""
+    description = (ServerSettings.model_fields[field].description or "").rstrip(".")
+    text = f"{description}. Default: {_shown_default(field)}. Env: {env_name(field)}."
+    return text.replace("%", "%%")
+
+
+def _kinds(field: str) -> set[Any]:
+    """The types a setting's value may have, None left out (``Path | None``: {Path})."""
+    annotation = ServerSettings.model_fields[field].annotation
+    return set(typing.get_args(annotation)) - {type(None)} or {annotation}
+
+
+def _metavar(field: str) -> str:
+    annotation = ServerSettings.model_fields[field].annotation
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
+    kinds = _kinds(field)
+    if Path in kinds:
+        return "PATH"
+    if int in kinds:
+        return "N"
+    if float in kinds:
+        return "SECONDS" if field.endswith("_seconds") else "X"
+    return "HOST" if field.endswith("host") else "TEXT"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from :class:`ServerSettings`: one option per setting,
+    ``--name-with-dashes``, its help the field's description, default and variable. Values stay
+    strings here; the settings model validates them, like the environment's. Credentials
+    (``SecretStr`` fields) get no option: a value on the command line is visible in ``ps``."""
     p = argparse.ArgumentParser(
-        prog="raflora-server", description="raFLoRA federated LoRA aggregation server"
+        prog="raflora-server",
+        description="raFLoRA federated LoRA aggregation server",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, help="JSON or TOML settings file")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--metrics-host")
-    p.add_argument("--metrics-port", type=int, help="-1 disables /metrics")
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--federations-file", type=Path, help="JSON list of federations to create")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--tls-cert-file", type=Path, help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
-    p.add_argument("--tls-client-ca-file", type=Path, help="PEM CA: require client certificates")
-    p.add_argument("--admin-token-file", type=Path, help="admin token: turns authentication on")
-    p.add_argument("--token-key-file", type=Path, help="client-token HMAC key (default in data)")
-    p.add_argument(
-        "--require-auth",
-        action="store_true",
-        default=None,
-        help="refuse to start without an admin token",
-    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    p.add_argument("--config", type=Path, metavar="FILE", help="JSON or TOML (.toml) settings")
+    group = p.add_argument_group("settings")
+    secrets = []
+    for field in ServerSettings.model_fields:
+        if is_secret(field):
+            secrets.append(field)
+            continue
+        flag = flag_name(field)
+        if bool in _kinds(field):
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(field)
+            )
+            continue
+        group.add_argument(flag, metavar=_metavar(field), help=_setting_help(field))
+    if secrets:
+        lines = [
+            "Credentials: environment or --config file only, never an option (ps shows options).",
+            "Prefer the *_file settings.",
+        ]
+        for field in secrets:
+            wrapped = textwrap.wrap(
+                f"{env_name(field)} ({field}): {_setting_help(field).replace('%%', '%')}",
+                width=96,
+                initial_indent="  ",
+                subsequent_indent="      ",
+            )
+            lines.extend(wrapped)
+        p.add_argument_group("environment-only settings", "\n".join(lines))
     return p
+
+
+def _fail(message: str, warnings: Sequence[str] = ()) -> int:
+    for warning in warnings:
+        print(f"raflora-server: warning: {warning}", file=sys.stderr)
+    print(f"raflora-server: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+async def _serve_checked(settings: ServerSettings) -> None:
+    """:func:`serve`, with a failure to start (a port taken since the checks, a data directory
+    it cannot write) raised as ConfigError; failures once serving propagate as they are."""
+    ready = asyncio.Event()
+    try:
+        await serve(settings, ready)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        if ready.is_set() or "Failed to bind" not in str(exc):
+            raise
+        where = f"port ({flag_name('port')} / {env_name('port')})"
+        raise ConfigError(f"{where}: {str(exc).split(';')[0]}") from None
+    except OSError as exc:
+        if ready.is_set():
+            raise
+        raise ConfigError(f"cannot start: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings = unknown_environment(os.environ)
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    settings = load_settings(args.config, **overrides)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    asyncio.run(serve(settings))
+    try:
+        settings = load_settings(args.config, **overrides)
+        check_startup(settings)
+    except ConfigError as exc:
+        return _fail(str(exc), warnings)
+    configure_logging(settings.log_level, settings.log_format)
+    for warning in warnings:
+        log.warning("%s", warning)
+    try:
+        asyncio.run(_serve_checked(settings))
+    except ConfigError as exc:
+        return _fail(str(exc))
     return 0
 
 

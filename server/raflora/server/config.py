@@ -16,6 +16,7 @@ from raflora.server.engine import (
     StrategyConfig,
     Weighting,
 )
+from raflora.server.engine.robust import Combine, RobustPolicy
 
 # Ids become directory names: keep them to a safe, portable alphabet.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -77,6 +78,19 @@ class ParticipationConfig(BaseModel):
         return bool(self.clients_per_round or self.fraction)
 
 
+class RobustConfig(BaseModel):
+    """Byzantine-robust weighing of a round's clients (docs/design.md §2.8); off by default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    clip_norm: float = Field(default=0.0, ge=0.0, le=1e12)
+    clip_quantile: float = Field(default=0.0, ge=0.0, le=1.0)
+    combine: Combine = Combine.MEAN
+    trim: int = Field(default=1, ge=1, le=1000)
+
+    def policy(self) -> RobustPolicy:
+        return RobustPolicy(self.clip_norm, self.clip_quantile, self.combine, self.trim)
+
+
 class FederationConfig(BaseModel):
     """Everything a federation declares; defaults run out of the box."""
 
@@ -96,6 +110,8 @@ class FederationConfig(BaseModel):
     min_clients: int = Field(default=1, ge=1)
     expected_clients: int = Field(default=0, ge=0, description="0: same as min_clients")
     deadline_seconds: float = Field(default=0.0, ge=0)
+    # Retention: 0 keeps every published round; N > 0 keeps the newest N (docs/operations.md).
+    keep_rounds: int = Field(default=0, ge=0)
     init_seed: int = Field(default=0, ge=0)
     min_partition_holders: int = Field(default=2, ge=1)
     # -- trust (docs/security.md) ----------------------------------------------------------
@@ -113,6 +129,7 @@ class FederationConfig(BaseModel):
     )
     max_clients: int = Field(default=10_000, ge=1, description="Clients that may join")
     participation: ParticipationConfig = Field(default_factory=ParticipationConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
 
     @field_validator("strategy")
     @classmethod
@@ -164,6 +181,7 @@ class FederationConfig(BaseModel):
             allowed_ranks=frozenset(self.allowed_ranks) or None,
             device=device,
             options=dict(self.strategy_options),
+            robust=self.robust.policy(),
         )
 
     @classmethod

@@ -1,25 +1,102 @@
-"""Prometheus metrics of the service, on a registry of its own (one per server instance)."""
+"""Prometheus metrics of the service, on a registry of its own (one per server instance), and
+the plaintext HTTP side of the server: ``/metrics``, and ``/healthz`` and ``/readyz``, which
+answer from a thread of their own whether the event loop still beats (:class:`Heartbeat`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib.metadata
+import json
 import math
+import platform
+import socket
 import threading
-from collections.abc import Sequence
-from wsgiref.simple_server import WSGIServer
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics import MetricWrapperBase
 
 from raflora.server.engine import RankEnergy
 
+from .errors import ErrorKind
 from .storage.manifest import RoundManifest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: How far back :meth:`ServerMetrics.record_resumed` reads manifests to recount a collapse.
+COLLAPSE_LOOKBACK_ROUNDS = 10_000
+#: The gRPC codes a refused upload is counted under (raflora_upload_errors_total), created at 0
+#: for every federation so that the first refusals show in increase() and rate().
+UPLOAD_ERROR_CODES = tuple(kind.value for kind in ErrorKind)
+#: 0-1 gauges renamed to end in ``_ratio``: old name -> new name. The old names are exported
+#: too, with the same values, for one release (docs/operations.md, "Metrics").
+DEPRECATED_RATIO_NAMES = {
+    "raflora_rank_energy_min_fraction": "raflora_rank_energy_min_ratio",
+    "raflora_rank_partition_energy": "raflora_rank_partition_energy_ratio",
+    "raflora_rank_tail_energy": "raflora_rank_tail_energy_ratio",
+    "raflora_rank_partition_holder_weight": "raflora_rank_partition_holder_weight_ratio",
+    "raflora_round_max_weight_share": "raflora_round_max_weight_share_ratio",
+    "raflora_round_carried_energy_fraction": "raflora_round_carried_energy_ratio",
+}
+_OLD_NAMES = {new: old for old, new in DEPRECATED_RATIO_NAMES.items()}
+
+
+class _Pair:
+    def __init__(self, *children: Any) -> None:
+        self._children = children
+
+    def set(self, value: float) -> None:
+        for child in self._children:
+            child.set(value)
+
+
+class RatioGauge:
+    """A 0-1 gauge exported as ``name`` (ending in ``_ratio``) and, for one release, under its
+    deprecated old name with the same value."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        old = _OLD_NAMES[name]
+        self.gauge = Gauge(name, documentation, labels, registry=registry)
+        self.deprecated = Gauge(
+            old, f"DEPRECATED, removed in the next release: use {name}", labels, registry=registry
+        )
+
+    def labels(self, *values: str) -> _Pair:
+        return _Pair(self.gauge.labels(*values), self.deprecated.labels(*values))
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, collapse_threshold: float = 0.9) -> None:
         self.registry = CollectorRegistry()
+        self.collapse_threshold = collapse_threshold
         r = self.registry
+        # The process' own CPU, memory, file descriptors, GC and Python version, as the default
+        # registry would have them (process_*, python_gc_*, python_info).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "raflora_build_info",
+            "1, labelled with the server's version, Python, PyTorch and compute device",
+            ["version", "python", "torch", "device"],
+            registry=r,
+        )
         self.rpcs = Counter(
             "raflora_rpcs",
             "RPCs handled, by method and status code",
@@ -37,7 +114,8 @@ class ServerMetrics:
         )
         self.last_published = Gauge(
             "raflora_round_last_published_timestamp_seconds",
-            "Unix time of the newest publication (or federation start)",
+            "Unix time of the newest publication, from its manifest (before round 1: when "
+            "this server started serving the federation)",
             ["federation"],
             registry=r,
         )
@@ -95,29 +173,43 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
-        self.e_min = Gauge(
-            "raflora_rank_energy_min_fraction",
+        self.e_min = RatioGauge(
+            "raflora_rank_energy_min_ratio",
             "Energy share of the top rho_1 directions of the published update (1 = collapse)",
+            ["federation"],
+            r,
+        )
+        self.collapse_rounds = Gauge(
+            "raflora_rank_collapse_rounds",
+            "Consecutive published rounds, up to the newest, whose E_min is above "
+            "collapse_e_min_threshold (0 for a federation with a single rank partition); "
+            "recounted from the stored manifests on restart",
             ["federation"],
             registry=r,
         )
+        self.collapse_threshold_ratio = Gauge(
+            "raflora_rank_collapse_threshold_ratio",
+            "The server's collapse_e_min_threshold",
+            registry=r,
+        )
+        self.collapse_threshold_ratio.set(collapse_threshold)
         self.effective_rank = Gauge(
             "raflora_rank_effective_rank",
             "exp(entropy) of the published spectrum",
             ["federation"],
             registry=r,
         )
-        self.partition_energy = Gauge(
-            "raflora_rank_partition_energy",
+        self.partition_energy = RatioGauge(
+            "raflora_rank_partition_energy_ratio",
             "Energy share of rank partition k (indices rho_{k-1}+1..rho_k)",
             ["federation", "partition", "upper_rank"],
-            registry=r,
+            r,
         )
-        self.tail_energy = Gauge(
-            "raflora_rank_tail_energy",
+        self.tail_energy = RatioGauge(
+            "raflora_rank_tail_energy_ratio",
             "Energy share beyond the largest participant rank",
             ["federation"],
-            registry=r,
+            r,
         )
         self.security = Gauge(
             "raflora_security_info",
@@ -131,11 +223,11 @@ class ServerMetrics:
             ["federation", "partition", "upper_rank"],
             registry=r,
         )
-        self.partition_holder_weight = Gauge(
-            "raflora_rank_partition_holder_weight",
+        self.partition_holder_weight = RatioGauge(
+            "raflora_rank_partition_holder_weight_ratio",
             "Share of the last round's client weight held by partition k's holders",
             ["federation", "partition", "upper_rank"],
-            registry=r,
+            r,
         )
         self.storage_problems = Counter(
             "raflora_storage_problems",
@@ -155,11 +247,11 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
-        self.max_weight_share = Gauge(
-            "raflora_round_max_weight_share",
+        self.max_weight_share = RatioGauge(
+            "raflora_round_max_weight_share_ratio",
             "Largest normalised client weight in the last published round",
             ["federation"],
-            registry=r,
+            r,
         )
         self.selected = Gauge(
             "raflora_round_selected_clients",
@@ -173,16 +265,57 @@ class ServerMetrics:
             ["federation", "rank"],
             registry=r,
         )
-        self.carried_energy = Gauge(
-            "raflora_round_carried_energy_fraction",
+        self.carried_energy = RatioGauge(
+            "raflora_round_carried_energy_ratio",
             "Energy share of the published state beyond the round's largest participant rank "
             "(carried over from the previous state when carry_over is on)",
             ["federation"],
-            registry=r,
+            r,
         )
         self._ranks_seen: dict[tuple[int, str], set[int]] = {}
-        self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._collapse: dict[str, int] = {}
+        self._servers: list[WSGIServer] = []
+
+    # -- process and federation ----------------------------------------------------------------
+    def record_build(self, device: str) -> None:
+        """raflora_build_info: what runs, for dashboards and bug reports."""
+        try:
+            version = importlib.metadata.version("raflora")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        torch_version = str(torch.__version__)
+        self.build_info.labels(version, platform.python_version(), torch_version, device).set(1)
+
+    def init_federation(self, federation: str) -> None:
+        """Create a federation's counters at 0 (every refusal code included), so that its first
+        refusals or failures show in increase() instead of appearing already counted."""
+        for code in UPLOAD_ERROR_CODES:
+            self.upload_errors.labels(federation, code)
+        for counter in (
+            self.rounds,
+            self.aggregation_failures,
+            self.storage_problems,
+            self.quarantined,
+        ):
+            counter.labels(federation)
+        self.degraded.labels(federation)
+        self.collapse_rounds.labels(federation).set(self._collapse.get(federation, 0))
+
+    # -- rounds ----------------------------------------------------------------------------
+    def forget_federation(self, federation: str) -> None:
+        """Drop a deleted federation's series: a stale gauge would keep its alerts firing."""
+
+        def metrics(value: object, depth: int = 0) -> Iterator[MetricWrapperBase]:
+            if isinstance(value, MetricWrapperBase):
+                yield value
+            elif depth == 0 and isinstance(value, RatioGauge):  # a gauge and its old name
+                for inner in vars(value).values():
+                    yield from metrics(inner, 1)
+
+        for value in vars(self).values():
+            for metric in metrics(value):
+                with contextlib.suppress(ValueError, AttributeError):  # no "federation" label
+                    metric.remove_by_labels({"federation": federation})
 
     def record_energy(self, federation: str, energy: RankEnergy) -> None:
         if math.isnan(energy.e_min):
@@ -200,6 +333,19 @@ class ServerMetrics:
             self.partition_holders.labels(federation, str(k), str(upper)).set(count)
             self.partition_holder_weight.labels(federation, str(k), str(upper)).set(share)
 
+    def collapsed(self, energy: RankEnergy) -> bool:
+        """Does a round with this energy count towards a rank collapse? E_min above the
+        threshold, with more than one rank partition (one partition has E_min = 1 always)."""
+        return (
+            len(energy.boundaries) > 1
+            and not math.isnan(energy.e_min)
+            and energy.e_min > self.collapse_threshold
+        )
+
+    def _set_collapse(self, federation: str, rounds: int) -> None:
+        self._collapse[federation] = rounds
+        self.collapse_rounds.labels(federation).set(rounds)
+
     def record_published(self, federation: str, manifest: RoundManifest, seconds: float) -> None:
         """A round just published in ``seconds`` of aggregation."""
         self.aggregation_seconds.labels(federation, manifest.strategy).observe(seconds)
@@ -207,6 +353,44 @@ class ServerMetrics:
         self.current_round.labels(federation).set(manifest.round)
         self.round_uploads.labels(federation).set(0)
         self.record_round(federation, manifest)
+        collapsed = self.collapsed(manifest.energy)
+        self._set_collapse(federation, self._collapse.get(federation, 0) + 1 if collapsed else 0)
+
+    def record_resumed(
+        self,
+        federation: str,
+        manifest: RoundManifest | None,
+        earlier: Callable[[int], RoundManifest],
+    ) -> None:
+        """A federation resumed at ``manifest``'s round (None: before round 1).
+
+        The gauges of the newest round come back from its manifest: the publication time (so
+        RafloraRoundsStalled keeps its clock across restarts) and the collapse count, recounted
+        from the stored manifests of the rounds before it (``earlier(t)`` reads round t's),
+        newest first, for as long as they count (at most :data:`COLLAPSE_LOOKBACK_ROUNDS`).
+        """
+        self.init_federation(federation)
+        if manifest is None:
+            self.last_published.labels(federation).set(time.time())
+            self._set_collapse(federation, 0)
+            return
+        self.record_round(federation, manifest)
+        self._set_collapse(federation, self._recount_collapse(manifest, earlier))
+
+    def _recount_collapse(
+        self, newest: RoundManifest, earlier: Callable[[int], RoundManifest]
+    ) -> int:
+        count = 0
+        manifest = newest
+        while self.collapsed(manifest.energy):
+            count += 1
+            if manifest.round <= 1 or count >= COLLAPSE_LOOKBACK_ROUNDS:
+                break
+            try:
+                manifest = earlier(manifest.round - 1)
+            except Exception:  # a missing or damaged older round ends the count, nothing else
+                break
+        return count
 
     def _set_counts(self, gauge: Gauge, federation: str, ranks: Sequence[int]) -> None:
         """Per-rank counts; ranks counted before and absent now read 0, not a stale value."""
@@ -231,17 +415,26 @@ class ServerMetrics:
         self.record_holders(federation, manifest.holders)
         self.max_weight_share.labels(federation).set(manifest.max_weight_share)
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the bound port (``port`` 0 picks one)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http, self._thread = server, thread
+    # -- HTTP ------------------------------------------------------------------------------
+    def serve(self, host: str, port: int, heartbeat: Heartbeat | None = None) -> int:
+        """Expose /metrics over HTTP (and /healthz, /readyz with ``heartbeat``); returns the
+        bound port (``port`` 0 picks one)."""
+        return self._serve(host, port, health_app(heartbeat, make_wsgi_app(self.registry)))
+
+    def serve_health(self, host: str, port: int, heartbeat: Heartbeat) -> int:
+        """/healthz and /readyz alone, on a port of their own; returns the bound port."""
+        return self._serve(host, port, health_app(heartbeat))
+
+    def _serve(self, host: str, port: int, app: _WsgiApp) -> int:
+        server = _http_server(host, port, app)
+        self._servers.append(server)
         return int(server.server_port)
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
 
 
 def _count(ranks: Sequence[int]) -> dict[int, int]:
@@ -249,3 +442,98 @@ def _count(ranks: Sequence[int]) -> dict[int, int]:
     for r in ranks:
         out[r] = out.get(r, 0) + 1
     return out
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """The event loop's pulse, read from another thread.
+
+    :meth:`run`, a task on the server's event loop, stamps the time every ``interval``; the
+    HTTP thread that answers the probes only reads the stamp. A loop that stops turning (a
+    callback that blocks it, a deadlock) stops the stamps: once the newest is older than
+    ``timeout`` the probes answer 503, though the process, its gRPC port and TLS handshakes may
+    all still look alive. ``ready`` is the server's own say (SERVING, not shutting down).
+    """
+
+    def __init__(self, timeout: float, interval: float = 1.0) -> None:
+        self.timeout = timeout
+        self.interval = interval
+        self.ready = False
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    @property
+    def age(self) -> float:
+        """Seconds since the loop last beat."""
+        return time.monotonic() - self._last
+
+    @property
+    def alive(self) -> bool:
+        return self.age <= self.timeout
+
+    async def run(self) -> None:
+        while True:
+            self.beat()
+            await asyncio.sleep(self.interval)
+
+
+_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+HEALTH_PATHS = ("/healthz", "/readyz")
+
+
+def health_app(heartbeat: Heartbeat | None, fallback: _WsgiApp | None = None) -> _WsgiApp:
+    """WSGI: ``/healthz`` (liveness: the loop beats) and ``/readyz`` (readiness: it beats and
+    the server is SERVING), 200 or 503 with a small JSON body; anything else to ``fallback``."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if heartbeat is not None and path in HEALTH_PATHS:
+            age = heartbeat.age
+            if not heartbeat.alive:
+                state = "event loop stalled"
+            elif path == "/readyz" and not heartbeat.ready:
+                state = "not ready"
+            else:
+                state = "ok"
+            body = json.dumps(
+                {"status": state, "heartbeat_age_seconds": round(age, 3)}, sort_keys=True
+            ).encode()
+            start_response(
+                "200 OK" if state == "ok" else "503 Service Unavailable",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Cache-Control", "no-store"),
+                    ("Content-Length", str(len(body))),
+                ],
+            )
+            return [body]
+        if fallback is not None:
+            return fallback(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
+        pass
+
+
+def _http_server(host: str, port: int, app: _WsgiApp) -> WSGIServer:
+    """A threaded WSGI server in a daemon thread (one more thread per request)."""
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(
+        target=server.serve_forever, name=f"raflora-http-{server.server_port}", daemon=True
+    )
+    thread.start()
+    return server

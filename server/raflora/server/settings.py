@@ -1,37 +1,101 @@
 """Server settings: defaults that run out of the box, overridable by file and environment.
 
 Precedence: explicit arguments > environment (``RAFLORA_*``) > JSON/TOML file > defaults.
+
+Every field carries a description: ``raflora-server --help`` is generated from this model
+(one flag per field, named after it; env ``RAFLORA_<FIELD>``), so a new setting documents itself.
+A setting that cannot be used raises :class:`ConfigError`, one line naming the setting, where its
+value came from and what is wrong.
 """
 
 from __future__ import annotations
 
+import difflib
+import errno
 import json
+import re
+import socket
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from raflora.v1.wire import DEFAULT_CHUNK_SIZE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (the server extra installs it there)
+    import tomli as tomllib
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAFLORA_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9464, ge=-1, le=65535, description="-1 disables, 0 picks")
-    data_dir: Path = Path("raflora-data")
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=4 << 20)
-    max_message_bytes: int = Field(default=8 << 20, ge=64 << 10)
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface the gRPC server listens on (0.0.0.0: every IPv4 interface)",
+    )
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_host: str = Field(default="127.0.0.1", description="Interface of /metrics")
+    metrics_port: int = Field(
+        default=9464, ge=-1, le=65535, description="Prometheus /metrics port; -1 disables, 0 picks"
+    )
+    data_dir: Path = Field(
+        default=Path("raflora-data"),
+        description="Durable federation state: uploads, rounds, credentials (created if absent)",
+    )
+    device: str = Field(
+        default="auto",
+        description="Aggregation device: auto (CUDA when present), cpu, cuda, cuda:N",
+    )
+    chunk_size: int = Field(
+        default=DEFAULT_CHUNK_SIZE, ge=1024, le=4 << 20, description="Bytes per Push/Pull chunk"
+    )
+    max_message_bytes: int = Field(
+        default=8 << 20,
+        ge=64 << 10,
+        description="Largest gRPC message either way; at least chunk_size + 16 KiB",
+    )
     federations_file: Path | None = Field(
         default=None, description="JSON list of federations created at start if absent"
     )
-    grace_seconds: float = Field(default=5.0, ge=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    grace_seconds: float = Field(
+        default=5.0, ge=0, description="On SIGTERM, how long running RPCs may take to finish"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Lowest level logged"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: one human-readable line per record; json: one JSON object per line "
+        "(ts, level, logger, message and the record's fields) for log collectors",
+    )
+
+    # -- health and monitoring (docs/operations.md) ----------------------------------------
+    health_port: int = Field(
+        default=-1,
+        ge=-1,
+        le=65535,
+        description="Plaintext HTTP port (on metrics_host) of /healthz and /readyz, which "
+        "answer 503 when the event loop stops beating; -1 serves them on the metrics port, "
+        "0 picks a free port",
+    )
+    health_heartbeat_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="/healthz and /readyz fail once the event loop's heartbeat (every second) "
+        "is older than this",
+    )
+    collapse_e_min_threshold: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="A published round whose E_min is above this counts towards "
+        "raflora_rank_collapse_rounds (the RafloraRankCollapse alert)",
+    )
 
     # -- transport security (docs/security.md) ---------------------------------------------
     tls_cert_file: Path | None = Field(
@@ -144,14 +208,196 @@ class ServerSettings(BaseSettings):
         return None
 
 
+# -- loading, with errors an operator can act on -------------------------------------------------
+
+ENV_PREFIX = "RAFLORA_"
+#: ``RAFLORA_*`` variables that other programs of the package read (the container's health check
+#: script), not settings: no unknown-variable warning for them.
+OTHER_ENV_PREFIXES = ("RAFLORA_HEALTHCHECK_",)
+#: Files named by settings that need not exist at start (the server creates them).
+CREATED_IF_ABSENT = frozenset({"token_key_file"})
+#: The ports the server listens on, each with the setting naming its interface.
+LISTENERS = (("port", "host"), ("metrics_port", "metrics_host"), ("health_port", "metrics_host"))
+
+
+class ConfigError(ValueError):
+    """Settings the server cannot start with. ``str()`` is one line: the setting, where its
+    value came from (flag, ``RAFLORA_*`` variable or config file) and what is wrong."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: ``RAFLORA_`` + its name in capitals."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """The command-line option of a setting: ``--`` + its name with dashes."""
+    return "--" + field.replace("_", "-")
+
+
+def is_secret(field: str) -> bool:
+    """A credential (``SecretStr``): never a command-line value, which ``ps`` would show."""
+    annotation = ServerSettings.model_fields[field].annotation
+    return annotation is SecretStr or SecretStr in getattr(annotation, "__args__", ())
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(ServerSettings.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``RAFLORA_*`` variable that is no setting: a typo, most likely, that
+    pydantic-settings would silently ignore. Names match case-insensitively, as settings do."""
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(OTHER_ENV_PREFIXES):
+            continue
+        field = upper[len(ENV_PREFIX) :].lower()
+        if field in ServerSettings.model_fields:
+            continue
+        close = difflib.get_close_matches(field, list(ServerSettings.model_fields), n=1)
+        hint = f"; did you mean {env_name(close[0])}?" if close else ""
+        warnings.append(f"{name} is not a raflora-server setting and is ignored{hint}")
+    return warnings
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a ``--config`` file: TOML if it ends in ``.toml``, else JSON; an object
+    whose keys are setting names. Unreadable, unparsable files and unknown keys: ConfigError."""
+    kind = "TOML" if path.suffix == ".toml" else "JSON"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    try:
+        values = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path}: not valid {kind}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {path}: expected an object of settings, not {kind} "
+            f"{type(values).__name__}"
+        )
+    unknown = [key for key in values if key not in ServerSettings.model_fields]
+    if unknown:
+        names = ", ".join(f"{key!r}{_did_you_mean(key)}" for key in unknown)
+        raise ConfigError(f"config file {path}: unknown setting {names}")
+    return values
+
+
+def _shown(field: str, value: Any) -> str:
+    return "'***'" if is_secret(field) else repr(str(value))
+
+
+def _validation_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        loc = error["loc"]
+        if loc:
+            field = str(loc[0])
+            origin = origins.get(field)
+            problems.append(f"{field}: {message}" + (f" ({origin})" if origin else ""))
+        else:  # a cross-field check: name where the settings it mentions came from
+            named = [
+                origins[f]
+                for f in ServerSettings.model_fields
+                if f in origins and re.search(rf"\b{f}\b", message)
+            ]
+            problems.append(message + (f" ({'; '.join(named)})" if named else ""))
+    return ConfigError("; ".join(problems))
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
-    """Build settings from an optional JSON/TOML file, then environment, then ``overrides``."""
-    file_values: dict[str, Any] = {}
-    if config_file is not None:
-        text = config_file.read_text()
-        file_values = tomllib.loads(text) if config_file.suffix == ".toml" else json.loads(text)
+    """Build settings from an optional JSON/TOML file, then environment, then ``overrides``
+    (the command line's options; None means not given).
+
+    Raises ConfigError (a ValueError) naming the setting, where its value came from and what
+    is wrong.
+    """
+    file_values = read_config_file(config_file) if config_file is not None else {}
     # pydantic-settings gives init kwargs precedence over env; apply env on top of the file.
     # The raw environment only: the cross-field checks run once, on the merged values.
-    env_set = EnvSettingsSource(ServerSettings)()
-    merged = {**file_values, **env_set, **{k: v for k, v in overrides.items() if v is not None}}
-    return ServerSettings(**merged)
+    try:
+        env_set = EnvSettingsSource(ServerSettings)()
+    except ValueError as exc:  # pydantic-settings' SettingsError: a value it could not decode
+        raise ConfigError(f"environment: {exc}") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    origins = {k: f"{k} = {_shown(k, v)} in {config_file}" for k, v in file_values.items()}
+    origins |= {k: f"{env_name(k)}={_shown(k, v)}" for k, v in env_set.items()}
+    origins |= {k: f"{flag_name(k)} {_shown(k, v)}" for k, v in given.items()}
+    try:
+        return ServerSettings(**{**file_values, **env_set, **given})
+    except ValidationError as exc:
+        raise _validation_error(exc, origins) from None
+
+
+def check_startup(settings: ServerSettings) -> None:
+    """What valid settings can still get wrong before the server starts: files it must read
+    (TLS material, the admin token, the federations file) and ports it must listen on.
+
+    Raises ConfigError naming the setting, its flag and variable, and the problem.
+    """
+    fields = ServerSettings.model_fields
+    for name in fields:
+        path = getattr(settings, name)
+        if not name.endswith("_file") or not isinstance(path, Path) or name in CREATED_IF_ABSENT:
+            continue
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ConfigError(
+                f"{name} ({flag_name(name)} / {env_name(name)}): cannot read {path}: "
+                f"{exc.strerror or exc}"
+            ) from None
+    try:
+        settings.resolved_admin_token()
+    except ValueError as exc:
+        raise ConfigError(f"admin_token_file: {exc}") from None
+    taken: dict[tuple[str, int], str] = {}
+    for port_field, host_field in LISTENERS:
+        if port_field not in fields:
+            continue
+        host, port = str(getattr(settings, host_field)), int(getattr(settings, port_field))
+        if port <= 0:  # 0: the OS picks a free port; -1: off
+            continue
+        where = f"{port_field} ({flag_name(port_field)} / {env_name(port_field)})"
+        other = taken.setdefault((host, port), port_field)
+        if other != port_field:
+            raise ConfigError(f"{where}: {host}:{port} is also {other}")
+        problem = port_problem(host, port)
+        if problem is not None:
+            raise ConfigError(f"{where}: cannot listen on {host}:{port}: {problem}")
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why a TCP listener on ``host:port`` would fail now (None: it would not).
+
+    A probe bind, with SO_REUSEADDR (so TIME_WAIT leftovers of a previous run do not count) and
+    without SO_REUSEPORT, which gRPC sets: a second server on the same port, which gRPC would
+    let share it silently, is refused here. Racy by nature; the real bind still reports.
+    """
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "address already in use"
+                failures.append(exc)
+    if failures and len(failures) == len(dict.fromkeys(addresses)):
+        return str(failures[0].strerror or failures[0])
+    return None

@@ -1,8 +1,14 @@
-"""Error translation and RPC metrics for every method, in one place.
+"""Error translation, RPC metrics and the access log for every method, in one place.
 
 A domain error becomes its documented status and human message plus google.rpc rich details in
 the ``grpc-status-details-bin`` trailer: an ErrorInfo with a stable reason and the field, and a
 BadRequest.FieldViolation for bad input. Clients branch on the reason, never on the text.
+
+Every refused RPC leaves one access-log line (logger ``raflora.server.access``) with the
+method, peer, gRPC status, reason, federation and client: INFO for a client's mistake, WARNING
+for refused credentials and damaged or excess traffic, ERROR with the traceback for an internal
+error. Joins are logged at INFO, every other RPC that succeeds at DEBUG. A line names ids,
+codes and the refusal's message, never a credential.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +36,7 @@ from .admission import Admission, Ticket
 from .streams import refuse_malformed
 
 log = logging.getLogger("raflora.server")
+access_log = logging.getLogger("raflora.server.access")
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -37,6 +45,15 @@ else:  # the stubs' generics are not subscriptable at run time
     Handler = grpc.RpcMethodHandler
     _Interceptor = aio.ServerInterceptor
 _AUDITED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# Refusals logged at WARNING: refused credentials, damaged streams, limits hit, degraded state.
+_WARNING_CODES = _AUDITED | {
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+}
+_ERROR_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# Ids in a log line are what a client sent: bounded like everything else it controls.
+_MAX_LOGGED_ID = 128
 # A status message never grows with what a client sent: it travels three times (grpc-message,
 # Status.message, FieldViolation.description) within gRPC's 8 KiB metadata budget.
 _MAX_MESSAGE_BYTES = 1024
@@ -106,18 +123,127 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
-async def abort(context: aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> None:
-    """Abort with the documented status. Refused credentials are logged for audit (messages
-    name what is wrong, never a credential); unexpected errors with a traceback."""
-    refusal = refusal_of(exc)
-    if refusal.code in _AUDITED:
-        log.warning(
-            "%s refused for %s: %s %s", method, context.peer(), refusal.code.name, refusal.message
-        )
-    elif refusal.code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed for %s", method, context.peer(), exc_info=exc)
+async def abort(context: aio.ServicerContext[Any, Any], refusal: Refusal) -> None:
+    """Abort with the documented status and rich details."""
     status = rich_status(refusal)
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+@dataclass
+class Caller:
+    """Who an RPC is for, as its request names it (read, never trusted)."""
+
+    federation: str = ""
+    client: str = ""
+    detail: str = ""
+
+    def note(self, request: Any) -> None:
+        """The federation and client ids of a request (a Push's header, a spec's id)."""
+        try:
+            fields = request.DESCRIPTOR.fields_by_name
+            for wrapper in ("header", "spec"):
+                if wrapper in fields and request.HasField(wrapper):
+                    request = getattr(request, wrapper)
+                    fields = request.DESCRIPTOR.fields_by_name
+            if "federation_id" in fields:
+                self.federation = _clip_id(request.federation_id)
+            if "client_id" in fields:
+                self.client = _clip_id(request.client_id)
+            if "rank" in fields and request.rank:
+                self.detail = f"rank {request.rank}"
+        except (AttributeError, TypeError, ValueError):  # a malformed request names nobody
+            pass
+
+
+def _clip_id(value: object) -> str:
+    """Bounded, and printable: a client's newline must not forge a second log line."""
+    text = str(value)[: _MAX_LOGGED_ID + 1]
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text if len(text) <= _MAX_LOGGED_ID else text[:_MAX_LOGGED_ID] + "…"
+
+
+def log_refusal(
+    method: str,
+    peer: str,
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    caller: Caller,
+    seconds: float,
+    exc: BaseException | None = None,
+) -> None:
+    """The access-log line of one refused RPC."""
+    if code in _ERROR_CODES:
+        level = logging.ERROR
+    elif code in _WARNING_CODES:
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    access_log.log(
+        level,
+        "%s refused: %s %s federation=%r client=%r peer=%s: %s",
+        method,
+        code.name,
+        reason or "-",
+        caller.federation,
+        caller.client,
+        peer,
+        _clip(message, _MAX_MESSAGE_BYTES),
+        exc_info=exc if code in _ERROR_CODES else None,
+        extra=_fields(method, peer, code, reason, caller, seconds),
+    )
+
+
+def log_served(method: str, peer: str, caller: Caller, seconds: float) -> None:
+    """The access-log line of one RPC that succeeded: INFO for a Join, DEBUG otherwise."""
+    level = logging.INFO if method == "Join" else logging.DEBUG
+    if not access_log.isEnabledFor(level):
+        return
+    access_log.log(
+        level,
+        "%s OK federation=%r client=%r peer=%s%s (%.3fs)",
+        method,
+        caller.federation,
+        caller.client,
+        peer,
+        f": {caller.detail}" if caller.detail else "",
+        seconds,
+        extra=_fields(method, peer, grpc.StatusCode.OK, "", caller, seconds),
+    )
+
+
+def _fields(
+    method: str, peer: str, code: grpc.StatusCode, reason: str, caller: Caller, seconds: float
+) -> dict[str, Any]:
+    """The structured fields of an access line (keys of a JSON log line)."""
+    return {
+        "method": method,
+        "peer": peer,
+        "status": code.name,
+        "reason": reason,
+        "federation": caller.federation,
+        "client": caller.client,
+        "duration_seconds": round(seconds, 6),
+    }
+
+
+class _Tap:
+    """A client stream passed through unchanged; the first message names the caller."""
+
+    def __init__(self, requests: Any, caller: Caller) -> None:
+        self._requests = aiter(requests)
+        self._caller = caller
+        self._first = True
+
+    def __aiter__(self) -> _Tap:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await anext(self._requests)
+        if self._first:
+            self._first = False
+            self._caller.note(message)
+        return message
 
 
 class ServiceInterceptor(_Interceptor):
@@ -181,21 +307,41 @@ class ServiceInterceptor(_Interceptor):
         context: aio.ServicerContext[Any, Any],
         request: Any,
         check: bool,
+        caller: Caller,
     ) -> AsyncIterator[None]:
-        """Admission, malformed requests, error translation and the RPC count of one call."""
+        """Admission, malformed requests, error translation, the RPC count and the access log
+        of one call. ``check``: a unary request, checked here and read for the caller's ids
+        (a client stream names them in its first message, read as it arrives)."""
         code = grpc.StatusCode.OK
         ticket = None
+        started = time.perf_counter()
+        if check:
+            caller.note(request)
         try:
             ticket = self._admit(method, context)
             if check:
                 refuse_malformed(request)
             yield
-        except aio.AbortError:
+        except aio.AbortError:  # aborted already (by a handler, not by a refusal raised here)
             code = _code(context)
+            log_refusal(method, context.peer(), code, "", "", caller, time.perf_counter() - started)
             raise
         except Exception as exc:
-            code = refusal_of(exc).code
-            await abort(context, method, exc)
+            refusal = refusal_of(exc)
+            code = refusal.code
+            log_refusal(
+                method,
+                context.peer(),
+                code,
+                refusal.reason,
+                refusal.message,
+                caller,
+                time.perf_counter() - started,
+                exc,
+            )
+            await abort(context, refusal)
+        else:
+            log_served(method, context.peer(), caller, time.perf_counter() - started)
         finally:
             if ticket is not None:
                 ticket.release()
@@ -205,8 +351,13 @@ class ServiceInterceptor(_Interceptor):
         self, behaviour: Callable[..., Awaitable[Any]], method: str, *, check: bool
     ) -> Callable[..., Awaitable[Any]]:
         async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            async with self._guarded(method, context, request, check):
-                return await behaviour(request, context)
+            caller = Caller()
+            if not check:  # a client stream
+                request = _Tap(request, caller)
+            async with self._guarded(method, context, request, check, caller):
+                response = await behaviour(request, context)
+                caller.detail = _detail(response) or caller.detail
+                return response
 
         return handler
 
@@ -216,7 +367,7 @@ class ServiceInterceptor(_Interceptor):
         async def handler(
             request: Any, context: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            async with self._guarded(method, context, request, True):
+            async with self._guarded(method, context, request, True, Caller()):
                 async for item in behaviour(request, context):
                     yield item
 
@@ -225,6 +376,17 @@ class ServiceInterceptor(_Interceptor):
 
 def _any(behaviour: object) -> Any:
     return behaviour
+
+
+def _detail(response: Any) -> str:
+    """What a successful Push acknowledged, for its access line."""
+    try:
+        if response is None or "received_bytes" not in response.DESCRIPTOR.fields_by_name:
+            return ""
+        duplicate = ", a duplicate" if response.duplicate else ""
+        return f"round {response.round}, {response.received_bytes} bytes{duplicate}"
+    except (AttributeError, TypeError, ValueError):
+        return ""
 
 
 def _code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:

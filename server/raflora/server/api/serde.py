@@ -9,6 +9,7 @@ from raflora.v1 import aggregation_pb2 as pb
 
 from ..config import FederationConfig
 from ..rounds import EventType, FederationRuntime, Phase, RoundEvent, Snapshot, View
+from ..rounds.hub import ClientInfo
 from ..storage.manifest import Holders
 
 _SCALING = {
@@ -48,6 +49,7 @@ def config_from_proto(spec: pb.FederationSpec) -> FederationConfig:
         "min_partition_holders": spec.min_partition_holders or 2,
         "expected_clients": policy.expected_clients,
         "deadline_seconds": policy.deadline_seconds,
+        "keep_rounds": policy.keep_rounds,
     }
     if spec.strategy:
         data["strategy"] = spec.strategy
@@ -65,6 +67,13 @@ def config_from_proto(spec: pb.FederationSpec) -> FederationConfig:
             data[name] = value
     policy_fields = ("clients_per_round", "fraction", "stratify_by_rank", "over_selection", "seed")
     data["participation"] = {f: getattr(spec.participation, f) for f in policy_fields}
+    robust = spec.robust
+    data["robust"] = {
+        "clip_norm": robust.clip_norm,
+        "clip_quantile": robust.clip_quantile,
+        "combine": robust.combine or "mean",
+        "trim": robust.trim or 1,
+    }
     for key, table, value in (
         ("scaling_rule", _SCALING, spec.scaling_rule),
         ("weighting", _WEIGHTING, spec.weighting),
@@ -94,6 +103,7 @@ def config_to_proto(c: FederationConfig) -> pb.FederationSpec:
             min_clients=c.min_clients,
             expected_clients=c.expected_clients,
             deadline_seconds=c.deadline_seconds,
+            keep_rounds=c.keep_rounds,
         ),
         init_seed=c.init_seed,
         min_partition_holders=c.min_partition_holders,
@@ -104,6 +114,12 @@ def config_to_proto(c: FederationConfig) -> pb.FederationSpec:
             stratify_by_rank=c.participation.stratify_by_rank,
             over_selection=c.participation.over_selection,
             seed=c.participation.seed,
+        ),
+        robust=pb.RobustPolicy(
+            clip_norm=c.robust.clip_norm,
+            clip_quantile=c.robust.clip_quantile,
+            combine=c.robust.combine.value,
+            trim=c.robust.trim,
         ),
     )
 
@@ -191,4 +207,17 @@ def pull_header(view: View) -> pb.PullHeader:
         sha256=view.sha256,
         has_merge=view.has_merge,
         energy=energy_proto(view.energy, view.holders),
+    )
+
+
+def client_info_proto(c: ClientInfo) -> pb.ClientInfo:
+    r = c.record
+    return pb.ClientInfo(
+        client_id=r.client_id,
+        rank=r.rank,
+        num_examples=r.num_examples,
+        lora_alpha=r.lora_alpha,
+        scale=r.scale,
+        observer=r.observer,
+        last_round_uploaded=c.last_round_uploaded,
     )

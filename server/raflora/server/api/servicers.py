@@ -15,14 +15,16 @@ from typing import Any
 
 from raflora.v1 import aggregation_pb2 as pb
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+from raflora.v1.wire import DEFAULT_CHUNK_SIZE
 
 from ..auth import Authority, check_secret_format
 from ..config import check_id
 from ..errors import InvalidArgumentError
 from ..metrics import ServerMetrics
-from ..rounds import EventType, FederationHub, RoundEvent, WatcherLaggedError
+from ..rounds import BusClosedError, EventType, FederationHub, RoundEvent, WatcherLaggedError
 from .interceptors import refusal_of
 from .serde import (
+    client_info_proto,
     config_from_proto,
     config_to_proto,
     event_proto,
@@ -49,11 +51,17 @@ def _metadata(context: Any) -> Any:
 
 class AdminService(pb_grpc.AdminServiceServicer):
     def __init__(
-        self, hub: FederationHub, metrics: ServerMetrics, authority: Authority | None = None
+        self,
+        hub: FederationHub,
+        metrics: ServerMetrics,
+        authority: Authority | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.hub = hub
         self.metrics = metrics
         self.authority = authority or Authority(None, None, 3600.0)
+        # ExportAdapter streams like Pull: the server's chunk size and stream limits.
+        self.limits = limits or Limits(chunk_size=DEFAULT_CHUNK_SIZE)
 
     async def CreateFederation(
         self, request: pb.CreateFederationRequest, context: Any
@@ -121,6 +129,47 @@ class AdminService(pb_grpc.AdminServiceServicer):
         log.info("federation %s: credential issued for client %s", runtime.id, client_id)
         return pb.IssueClientCredentialResponse(
             federation_id=runtime.id, client_id=client_id, client_credential=credential
+        )
+
+    async def DeleteFederation(
+        self, request: pb.DeleteFederationRequest, context: Any
+    ) -> pb.DeleteFederationResponse:
+        self.authority.require_admin(_metadata(context))
+        archived = await self.hub.delete(request.federation_id, archive=request.archive)
+        self.authority.forget(request.federation_id)  # its tokens and credentials, now
+        return pb.DeleteFederationResponse(
+            federation_id=request.federation_id, archive=archived or ""
+        )
+
+    async def ListClients(
+        self, request: pb.ListClientsRequest, context: Any
+    ) -> pb.ListClientsResponse:
+        self.authority.require_admin(_metadata(context))
+        clients = self.hub.clients(request.federation_id)
+        return pb.ListClientsResponse(
+            federation_id=request.federation_id, clients=[client_info_proto(c) for c in clients]
+        )
+
+    async def ExportAdapter(  # type: ignore[override]  # writes with context.write, like Pull
+        self, request: pb.ExportAdapterRequest, context: Any
+    ) -> None:
+        self.authority.require_admin(_metadata(context))
+        clock = StreamClock(
+            self.limits.idle_stream_timeout_seconds, self.limits.max_request_seconds
+        )
+        requested = request.round if request.HasField("round") else None
+        export = await self.hub.open_export(request.federation_id, requested, request.rank or None)
+        header = pull_header(export.view)
+        header.lora_alpha = export.lora_alpha
+        with export.reader as reader:
+            await clock.write(context, pb.PullChunk(header=header))
+            while chunk := reader.read(self.limits.chunk_size):
+                await clock.write(context, pb.PullChunk(data=chunk))
+        log.info(
+            "federation %s: round %d exported at rank %d",
+            request.federation_id,
+            export.view.round,
+            export.view.rank,
         )
 
 
@@ -227,6 +276,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                     event = await subscription.next(remaining)
                 except WatcherLaggedError as exc:  # end the stream: the client re-reads the status
                     log.warning("WatchRounds %s for %s ended: %s", runtime.id, context.peer(), exc)
+                    return
+                except BusClosedError:  # deleted: the client's next call gets NOT_FOUND
                     return
                 if event is None:
                     return

@@ -113,7 +113,7 @@ class StreamClock:
             timeout = min(timeout, idle_seconds)
         try:
             return await asyncio.wait_for(awaitable, timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
             raise self._expired(idle_seconds) from None
 
     async def next(self, requests: AsyncIterator[T], idle_seconds: float | None = None) -> T | None:

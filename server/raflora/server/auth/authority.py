@@ -67,6 +67,7 @@ class Authority:
         self.ttl_seconds = ttl_seconds
         self._records: dict[str, EnrolmentRecord] = {}
         self._credentials: dict[str, dict[str, EnrolmentRecord]] = {}
+        self._retired: dict[str, int] = {}  # deleted federation -> its last generation
         self._storage: Storage | None = None
         self._write_lock = threading.Lock()  # writes run in worker threads
 
@@ -120,10 +121,29 @@ class Authority:
         storage = self._require_storage(field)
         with self._write_lock:
             previous = self._records.get(federation_id)
-            generation = 1 if previous is None else previous.generation + 1
+            generation = (
+                self._first_generation(federation_id)
+                if previous is None
+                else previous.generation + 1
+            )
             record = EnrolmentRecord.new(secret, generation, open=open)
             storage.federation(federation_id).save_enrolment(asdict(record))
             self._records[federation_id] = record
+
+    def _first_generation(self, federation_id: str) -> int:
+        """A new federation's first generation: the time in ms, not 1, so that one deleted and
+        created again under the same id (even across a restart, which forgets the old one)
+        never accepts its predecessor's unexpired tokens, which carry the old generation."""
+        return max(int(time.time() * 1000), self._retired.get(federation_id, 0) + 1)
+
+    def forget(self, federation_id: str) -> None:
+        """A deleted federation: its enrolment secret, client credentials and tokens stop
+        working now (its stored records go with its folder)."""
+        with self._write_lock:
+            record = self._records.pop(federation_id, None)
+            self._credentials.pop(federation_id, None)
+            if record is not None:
+                self._retired[federation_id] = record.generation
 
     def set_secret(self, federation_id: str, secret: str | None) -> str:
         """Store (the hash of) a new shared secret: open enrolment. Returns the secret.

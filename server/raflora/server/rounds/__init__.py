@@ -4,6 +4,7 @@ No grpc and no paths: the api layer calls in, the store is reached through its p
 """
 
 from .events import (
+    BusClosedError,
     EventBus,
     EventType,
     Phase,
@@ -18,6 +19,7 @@ from .tickets import PushOutcome, PushTicket
 from .views import View
 
 __all__ = [
+    "BusClosedError",
     "EventBus",
     "EventType",
     "FederationHub",

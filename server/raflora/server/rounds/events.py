@@ -60,7 +60,12 @@ class WatcherLaggedError(Exception):
     """The subscriber stopped reading and missed events; it must re-read the status."""
 
 
+class BusClosedError(Exception):
+    """The federation is gone (deleted): its watches end, and a new one gets NOT_FOUND."""
+
+
 _LAGGED = object()
+_CLOSED = object()
 
 
 class Subscription:
@@ -83,10 +88,12 @@ class Subscription:
         """The next event; None on ``timeout``; WatcherLaggedError once it fell behind."""
         try:
             item = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
             return None
         if item is _LAGGED:
             raise WatcherLaggedError(f"fell more than {self._capacity} events behind")
+        if item is _CLOSED:
+            raise BusClosedError("the federation was deleted")
         assert isinstance(item, RoundEvent)
         return item
 
@@ -107,6 +114,14 @@ class EventBus:
     @property
     def watchers(self) -> int:
         return len(self._subscribers)
+
+    def close(self) -> None:
+        """End every subscription now; each one's next() raises BusClosedError."""
+        for subscription in list(self._subscribers):
+            while not subscription._queue.empty():  # what it had not read no longer matters
+                subscription._queue.get_nowait()
+            subscription._queue.put_nowait(_CLOSED)
+        self._subscribers.clear()
 
     def emit(self, event: RoundEvent) -> None:
         for subscription in list(self._subscribers):

@@ -1,18 +1,46 @@
-"""All federations of one server: creation, lookup, resume on start, shutdown."""
+"""All federations of one server: creation, lookup, resume on start, deletion, shutdown,
+and the admin's views of them (clients, serving exports)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+from raflora.server.engine import lora_scaling
 from raflora.v1.wire import ErrorReason
 
 from ..config import FederationConfig, echo_id
-from ..errors import AlreadyExistsError, NotFoundError
+from ..errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from ..metrics import ServerMetrics
-from ..storage import Storage
+from ..storage import ClientRecord, Storage
 from .runtime import FederationRuntime, RuntimeLimits
+from .views import RoundContent, View, ViewReader
+
+_EXPORT_ATTEMPTS = 3  # a view pruned between its build and its open is built again
+
+
+@dataclass(frozen=True)
+class Export:
+    """A published round at one rank, opened for ExportAdapter: ``scale = lora_alpha / rank``
+    (or ``/ √rank``) with the federation's ``lora_alpha``."""
+
+    view: View
+    reader: ViewReader
+    lora_alpha: float
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    record: ClientRecord
+    last_round_uploaded: int | None  # the open round's, else the newest publication's
+
 
 log = logging.getLogger("raflora.server")
 
@@ -92,7 +120,116 @@ class FederationHub:
             raise NotFoundError("federation_id", f"no federation {echo_id(federation_id)}")
         return runtime
 
+    async def delete(self, federation_id: str, *, archive: bool = False) -> str | None:
+        """Stop a federation and delete (or archive) its storage; returns the archive's name.
+
+        From the moment it leaves ``federations`` every RPC for it is NOT_FOUND, the ones in
+        flight included (:meth:`FederationRuntime.retire`). Its storage goes only once nothing
+        writes there any more: joins and commits under way finish or refuse, view builds and
+        an aggregation in the (shared, one-thread) executor finish. A stored federation that
+        could not be resumed at start can be deleted too.
+        """
+        async with self._create_lock:
+            runtime = self.federations.pop(federation_id, None)
+            if runtime is not None:
+                await runtime.retire()
+                # The aggregation thread runs jobs in order: once this no-op ran, a publication
+                # of this federation submitted before it has finished writing.
+                await asyncio.get_running_loop().run_in_executor(self.executor, _nothing)
+            elif federation_id not in await asyncio.to_thread(self.storage.federation_ids):
+                raise NotFoundError("federation_id", f"no federation {echo_id(federation_id)}")
+            archived = await asyncio.to_thread(
+                self.storage.delete_federation, federation_id, archive=archive
+            )
+            self.metrics.forget_federation(federation_id)
+        if archived is None:
+            log.info("deleted federation %s and its stored state", federation_id)
+        else:
+            log.info("deleted federation %s; its state is archived as %s", federation_id, archived)
+        return archived
+
+    def clients(self, federation_id: str) -> list[ClientInfo]:
+        """The federation's joined clients, by id, and the round of their newest upload that
+        the server holds (the open round's, else the one the newest publication aggregated)."""
+        runtime = self.get(federation_id)
+        published: dict[str, int] = {}
+        if runtime.manifest is not None:
+            published = {u.client_id: runtime.manifest.round - 1 for u in runtime.manifest.uploads}
+        out = []
+        for client_id in sorted(runtime.clients):
+            if client_id in runtime.uploads:
+                last: int | None = runtime.uploads[client_id].round
+            else:
+                last = published.get(client_id)
+            out.append(ClientInfo(runtime.clients[client_id], last))
+        return out
+
+    async def open_export(
+        self, federation_id: str, round_: int | None = None, rank: int | None = None
+    ) -> Export:
+        """Published round ``round_`` (None: the newest) at ``rank`` (None: max_rank), opened.
+
+        The view is the one a client of that rank joined with the federation's ``lora_alpha``
+        pulls (the same cache entry): ``scale · B @ A`` is the round's global update truncated
+        to ``rank``, whatever alpha is chosen, since B carries ``1/scale``; the federation's
+        alpha is the one its clients train with by default.
+        """
+        runtime = self.get(federation_id)
+        runtime.check_serving()
+        config = runtime.config
+        r = config.max_rank if rank is None else rank
+        if not 1 <= r <= config.max_rank:
+            raise InvalidArgumentError(
+                "rank", f"must be in 1..max_rank={config.max_rank} (0: max_rank), got {r}"
+            )
+        current = runtime.state.round
+        if round_ is not None and round_ > current:
+            raise FailedPreconditionError(
+                "round",
+                f"round {round_} is not published yet; the newest is {current}",
+                ErrorReason.ROUND_NOT_PUBLISHED,
+            )
+        t = current if round_ is None else round_
+        alpha = config.lora_alpha
+        scale = lora_scaling(alpha, r, config.scaling_rule)
+        newest = RoundContent(runtime.state, runtime.energy, runtime.holders)
+
+        def content() -> RoundContent:  # in the build's thread, on a cache miss only
+            if t == newest.state.round:
+                return newest
+            if t == 0:
+                return RoundContent(runtime.strategy.initial_state(), None, ())
+            return runtime.published.content(t)
+
+        for attempt in range(_EXPORT_ATTEMPTS):
+            try:
+                view = await runtime.views.get(t, r, scale, content)
+            except FileNotFoundError:  # its folder was pruned while it was built
+                if attempt + 1 == _EXPORT_ATTEMPTS:
+                    raise
+                continue
+            if view.has_merge:
+                raise FailedPreconditionError(
+                    "federation_id",
+                    f"round {t} of federation {runtime.id!r} ({config.strategy}) is a delta to "
+                    "merge into the base weights, not an adapter: it cannot be exported",
+                    ErrorReason.NOT_EXPORTABLE,
+                )
+            try:
+                opened = await asyncio.to_thread(runtime.store.open_view, view.stored)
+            except FileNotFoundError:
+                runtime.views.forget(view)
+                if attempt + 1 == _EXPORT_ATTEMPTS:
+                    raise
+                continue
+            return Export(view, runtime.views.open(view, opened), alpha)
+        raise AssertionError("unreachable")
+
     async def close(self) -> None:
         for runtime in self.federations.values():
             await runtime.close()
         self.executor.shutdown(wait=True, cancel_futures=False)
+
+
+def _nothing() -> None:
+    """A no-op job: the aggregation thread reaches it once every earlier job is done."""

@@ -3,13 +3,17 @@
 Runs in the aggregation thread. No upload can wedge a federation: one whose stored bytes no
 longer match their digest, or that makes the aggregation fail on its own, is quarantined (kept
 for inspection, removed from the round) and the round goes on with the rest.
+
+After a publication, :func:`apply_retention` drops the published rounds beyond the
+federation's ``keep_rounds`` (on the event loop, with the store calls in threads).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +32,7 @@ from raflora.server.engine import (
 
 from ..config import FederationConfig
 from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
+from .views import ViewCache
 
 log = logging.getLogger("raflora.server")
 
@@ -170,6 +175,10 @@ class RoundPublisher:
         if new_state is None:
             raise NothingToAggregateError(quarantined)
         used_records = [by_client[u.client_id] for u in used]
+        if len(new_state.weights) == len(used):  # what the engine used, robust policy included
+            shares = list(new_state.weights)
+        clip = new_state.clip or (1.0,) * len(used)
+        trust = new_state.trust or (1.0,) * len(used)
         energy = adapter_energy(new_state).overall
         p = torch.tensor(shares, dtype=torch.float64)
         holders = tuple(partition_holders([r.rank for r in used_records], p))
@@ -178,8 +187,8 @@ class RoundPublisher:
             round=new_state.round,
             strategy=self.config.strategy,
             uploads=tuple(
-                ManifestUpload(r.client_id, r.rank, r.num_examples, r.scale, r.sha256, share)
-                for r, share in zip(used_records, shares, strict=True)
+                ManifestUpload(r.client_id, r.rank, r.num_examples, r.scale, r.sha256, *w)
+                for r, *w in zip(used_records, shares, clip, trust, strict=True)
             ),
             energy=energy,
             holders=holders,
@@ -203,3 +212,45 @@ def holder_warnings(manifest: RoundManifest, min_holders: int) -> tuple[str, ...
         for k, (rho, count, share) in enumerate(manifest.holders, start=1)
         if count < min_holders
     )
+
+
+def retention_victims(
+    published: Sequence[int], keep: int, streaming: Collection[int] = ()
+) -> list[int]:
+    """The published rounds that ``keep_rounds = keep`` deletes: all but the newest ``keep``
+    (0: none), never the newest, never one being streamed (a later publication takes it)."""
+    if keep <= 0 or not published:
+        return []
+    rounds = sorted(set(published))
+    older = rounds[: max(0, len(rounds) - max(keep, 1))]
+    return [t for t in older if t not in streaming]
+
+
+async def apply_retention(
+    federation_id: str, store: FederationStore, views: ViewCache, keep: int
+) -> list[int]:
+    """Delete the rounds :func:`retention_victims` names; returns them.
+
+    The views learn first (on the loop, atomically with the check of what is streaming), so
+    a pull of a deleted round is NOT_FOUND even while its files are still being removed. A
+    failure is logged: the publication it follows stands, and the next one tries again.
+    """
+    if keep <= 0:
+        return []
+    try:
+        published = await asyncio.to_thread(store.published_rounds)
+        victims = retention_victims(published, keep, [t for t in published if views.streaming(t)])
+        views.retire(victims)
+        for t in victims:
+            await asyncio.to_thread(store.delete_round, t)
+    except OSError as exc:
+        log.error("federation %s: retention (keep_rounds=%d) failed: %s", federation_id, keep, exc)
+        return []
+    if victims:
+        log.info(
+            "federation %s: deleted published round(s) %s (keep_rounds=%d)",
+            federation_id,
+            ", ".join(map(str, victims)),
+            keep,
+        )
+    return victims

@@ -16,7 +16,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from raflora.server.engine import (
     GlobalState,
@@ -31,6 +31,7 @@ from ..errors import (
     AlreadyExistsError,
     DataLossError,
     FailedPreconditionError,
+    NotFoundError,
     ResourceExhaustedError,
     ServiceError,
     UnavailableError,
@@ -53,13 +54,14 @@ from .publish import (
     PublishOutcome,
     Quarantined,
     RoundPublisher,
+    apply_retention,
     holder_warnings,
 )
 from .published import PublishedRounds
 from .selection import Selection, select
 from .terms import check_push_terms, check_sha256, join_terms
 from .tickets import PushOutcome, PushTicket
-from .views import RoundContent, View, ViewCache
+from .views import RoundContent, View, ViewCache, ViewReader
 
 log = logging.getLogger("raflora.server")
 # A round whose publication failed on I/O (disk full) is retried with this backoff.
@@ -114,6 +116,7 @@ class FederationRuntime:
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self.deleted = False  # DeleteFederation: every RPC that still reaches it is NOT_FOUND
         self._push_attempts: dict[str, int] = {}  # client id -> attempts in the open round
         self._join_attempts: dict[str, int] = {}
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -140,8 +143,9 @@ class FederationRuntime:
         for problem in report.problems:
             log.error("federation %s: storage: %s", self.id, problem)
             self.metrics.storage_problems.labels(self.id).inc()
-        if self.manifest is not None:
-            self.metrics.record_round(self.id, self.manifest)
+        # The newest round's gauges, its publication time and the collapse count (recounted
+        # from the stored manifests): what the alerts read survives a restart.
+        self.metrics.record_resumed(self.id, self.manifest, self.store.read_manifest)
         self.metrics.current_round.labels(self.id).set(self.state.round)
         self.metrics.active_clients.labels(self.id).set(len(self.clients))
         self.metrics.round_uploads.labels(self.id).set(len(self.uploads))
@@ -173,12 +177,31 @@ class FederationRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    async def retire(self) -> None:
+        """DeleteFederation's hook: refuse everything from now on (NOT_FOUND), end the watches
+        and wait for the work in flight that writes to storage; the hub then deletes it."""
+        async with self.lock:  # a join or commit under way finishes first; later ones refuse
+            self.deleted = True
+        self.views.close()
+        await self.close()
+        self.events.close()  # watches end; the SDK reconnects and gets NOT_FOUND
+        await self.views.drain()
+
+    def check_live(self) -> None:
+        if self.deleted:
+            raise NotFoundError(
+                "federation_id",
+                f"federation {self.id!r} was deleted",
+                ErrorReason.FEDERATION_NOT_FOUND,
+            )
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def check_serving(self) -> None:
+        self.check_live()
         if self.degraded:
             raise UnavailableError(
                 "federation_id", f"federation {self.id!r} is degraded: {self.degraded}"
@@ -233,6 +256,7 @@ class FederationRuntime:
         self.check_serving()
         record = join_terms(self.config, client_id, rank, num_examples, lora_alpha, observer)
         async with self.lock:
+            self.check_live()
             previous = self.clients.get(client_id)
             if previous == record:
                 return record
@@ -352,6 +376,7 @@ class FederationRuntime:
             )
 
     def _check_round_open(self, round_: int) -> None:
+        self.check_live()
         current = self.state.round
         if round_ < current:
             raise FailedPreconditionError(
@@ -397,6 +422,9 @@ class FederationRuntime:
         """Check a fully received payload, make it durable, acknowledge it."""
         try:
             return await self._finish_push(ticket)
+        except Exception:
+            self.check_live()  # deleted meanwhile (its files went away): NOT_FOUND, not INTERNAL
+            raise
         finally:
             ticket.sink.abort()  # a no-op once committed
 
@@ -613,6 +641,7 @@ class FederationRuntime:
             self.views.keep_from(new_state.round - 1)
             self._open_round()
         await asyncio.to_thread(self.store.prune, new_state.round)
+        await apply_retention(self.id, self.store, self.views, self.config.keep_rounds)
         self.metrics.record_published(self.id, manifest, elapsed)
         log.info(
             "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
@@ -687,7 +716,7 @@ class FederationRuntime:
         self.views.forget(view)
         await asyncio.to_thread(self.store.delete_view, view.stored)
 
-    async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, BinaryIO]:
+    async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, ViewReader]:
         """The client's view and its bytes, opened. A publication may prune an older round's
         view while it is built or before it is opened: then it is built again."""
         for _ in range(_VIEW_ATTEMPTS - 1):
@@ -696,8 +725,11 @@ class FederationRuntime:
             except FileNotFoundError:
                 continue
             try:
-                return view, await asyncio.to_thread(self.store.open_view, view.stored)
+                opened = await asyncio.to_thread(self.store.open_view, view.stored)
             except FileNotFoundError:
                 self.views.forget(view)
+                continue
+            return view, self.views.open(view, opened)  # pins the round (retention)
         view = await self.view_for(client_id, round_)
-        return view, await asyncio.to_thread(self.store.open_view, view.stored)
+        opened = await asyncio.to_thread(self.store.open_view, view.stored)
+        return view, self.views.open(view, opened)

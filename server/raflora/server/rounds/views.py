@@ -5,21 +5,29 @@ fixed at join and may change only between rounds. However many distinct keys cli
 for, a round keeps at most ``max_views_per_round`` view files: the least recently built one is
 deleted to make room (a reader that has it open keeps reading it).
 Every tensor is checked finite before it is written: a view never serves NaN or Inf.
+
+The cache also knows which rounds are being streamed (a :class:`ViewReader` is open on one of
+their views), so that retention never deletes those, which rounds retention deleted (a view of
+one is NOT_FOUND from then on, even while cached or being built), and whether the federation was
+deleted (every later view, and every later read of an open one, is NOT_FOUND).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
 from raflora.server.engine import GlobalState, RankEnergy, Strategy
-from raflora.v1.wire import LORA_A, LORA_B, tensor_name
+from raflora.v1.wire import LORA_A, LORA_B, ErrorReason, tensor_name
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, NotFoundError, ServiceError
 from ..storage import FederationStore, StoredView
 from ..storage.manifest import Holders
 from ..storage.store import TensorSpec
@@ -55,6 +63,59 @@ class RoundContent:
     holders: tuple[Holders, ...]
 
 
+def _federation_deleted() -> NotFoundError:
+    return NotFoundError(
+        "federation_id", "the federation was deleted", ErrorReason.FEDERATION_NOT_FOUND
+    )
+
+
+def _round_deleted(round_: int) -> NotFoundError:
+    return NotFoundError(
+        "round", f"round {round_} was deleted (retention)", ErrorReason.ROUND_NOT_FOUND
+    )
+
+
+class ViewReader:
+    """An opened view's bytes. While it is open its round counts as streamed (retention keeps
+    the round); once the federation is deleted, a read refuses with NOT_FOUND."""
+
+    def __init__(self, cache: ViewCache, round_: int, inner: BinaryIO) -> None:
+        self._cache = cache
+        self._round = round_
+        self._inner = inner
+        self._closed = False
+        cache._streaming[round_] = cache._streaming.get(round_, 0) + 1
+
+    def read(self, size: int = -1) -> bytes:
+        if self._cache.closed:
+            raise _federation_deleted()
+        return self._inner.read(size)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._inner.close()
+        finally:
+            left = self._cache._streaming.get(self._round, 0) - 1
+            if left > 0:
+                self._cache._streaming[self._round] = left
+            else:
+                self._cache._streaming.pop(self._round, None)
+
+    def __enter__(self) -> ViewReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class ViewCache:
     def __init__(
         self, strategy: Strategy, store: FederationStore, max_views_per_round: int = 64
@@ -63,12 +124,16 @@ class ViewCache:
         self.store = store
         self.max_views_per_round = max_views_per_round
         self._tasks: dict[ViewKey, asyncio.Task[View]] = {}
+        self._streaming: dict[int, int] = {}  # round -> open ViewReaders
+        self._gone: set[int] = set()  # rounds deleted by retention
+        self.closed = False  # the federation was deleted
 
     async def get(
         self, round_: int, rank: int, scale: float, content: Callable[[], RoundContent]
     ) -> View:
         """The view, built on a miss from ``content()`` (called in the build's thread, so an
         older round is read from storage only when its view is not cached)."""
+        self._check(round_)
         key = (round_, rank, scale)
         task = self._tasks.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
@@ -78,7 +143,44 @@ class ViewCache:
             self._tasks.pop(key, None)
             self._tasks[key] = task  # insertion order: the newest last
             await self._evict(key[0])
-        return await asyncio.shield(task)
+        try:
+            view = await asyncio.shield(task)
+        except (ServiceError, OSError):
+            self._check(round_)  # deleted while it was read: say so, not "damaged"
+            raise
+        self._check(round_)
+        return view
+
+    def _check(self, round_: int) -> None:
+        if self.closed:
+            raise _federation_deleted()
+        if round_ in self._gone:
+            raise _round_deleted(round_)
+
+    def open(self, view: View, inner: BinaryIO) -> ViewReader:
+        """``inner`` (the view's bytes, just opened) as a reader that pins its round."""
+        return ViewReader(self, view.round, inner)
+
+    def streaming(self, round_: int) -> bool:
+        """Is a pull (or export) streaming a view of this round right now?"""
+        return self._streaming.get(round_, 0) > 0
+
+    def retire(self, rounds: Iterable[int]) -> None:
+        """Retention deleted (is deleting) these rounds: their views are NOT_FOUND from now."""
+        gone = set(rounds)
+        self._gone |= gone
+        self._tasks = {k: v for k, v in self._tasks.items() if k[0] not in gone}
+
+    def close(self) -> None:
+        """The federation is being deleted: every later view and read is NOT_FOUND."""
+        self.closed = True
+
+    async def drain(self) -> None:
+        """Wait for the view builds in flight (they write into the federation's storage)."""
+        for task in list(self._tasks.values()):
+            if not task.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(task)
 
     async def _evict(self, round_: int) -> None:
         in_round = [k for k in self._tasks if k[0] == round_]

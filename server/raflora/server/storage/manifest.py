@@ -29,6 +29,8 @@ class ManifestUpload:
     scale: float
     sha256: str
     weight_share: float  # the client's normalised weight p_i in this round
+    clip: float = 1.0  # the factor its update was clipped by (robust policy; 1: none)
+    trust: float = 1.0  # the factor its weight was multiplied by (robust policy; 1: none)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class RoundManifest:
                     "scale": u.scale,
                     "sha256": u.sha256,
                     "weight_share": u.weight_share,
+                    "clip": u.clip,
+                    "trust": u.trust,
                 }
                 for u in self.uploads
             ],
@@ -127,6 +131,8 @@ def _parse(raw: Any) -> RoundManifest:
             scale=_num(u["scale"]),
             sha256=_str(u["sha256"]),
             weight_share=_num(u.get("weight_share", math.nan)),
+            clip=_num(u.get("clip", 1.0)),
+            trust=_num(u.get("trust", 1.0)),
         )
         for u in raw["uploads"]
     )

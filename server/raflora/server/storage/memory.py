@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -149,6 +150,14 @@ class MemoryFederationStore:
         self.rounds[state.round] = _Published(out.getvalue(), complete)
         return complete
 
+    def published_rounds(self) -> list[int]:
+        return sorted(self.rounds)
+
+    def delete_round(self, round_: int) -> None:
+        self.rounds.pop(round_, None)
+        for key in [k for k in self.views if k[0] == round_]:
+            del self.views[key]
+
     def read_manifest(self, round_: int) -> RoundManifest:
         if round_ not in self.rounds:
             raise FileNotFoundError(f"round {round_} is not published")
@@ -200,9 +209,23 @@ class MemoryFederationStore:
 class MemoryStorage:
     def __init__(self) -> None:
         self.stores: dict[str, MemoryFederationStore] = {}
+        self.archive: dict[str, MemoryFederationStore] = {}
 
     def federation(self, federation_id: str) -> MemoryFederationStore:
         return self.stores.setdefault(federation_id, MemoryFederationStore())
 
     def federation_ids(self) -> list[str]:
         return sorted(f for f, s in self.stores.items() if s.config is not None)
+
+    def delete_federation(self, federation_id: str, *, archive: bool = False) -> str | None:
+        if federation_id not in self.federation_ids():
+            raise FileNotFoundError(f"no stored federation {federation_id!r}")
+        store = self.stores.pop(federation_id)
+        if not archive:
+            return None
+        stamp = f"{federation_id}-{int(time.time())}"
+        name, n = stamp, 1
+        while name in self.archive:
+            name, n = f"{stamp}.{n}", n + 1
+        self.archive[name] = store
+        return name

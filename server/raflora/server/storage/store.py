@@ -8,6 +8,7 @@ The store owns its files end to end: the rounds layer never sees a path. Layout 
     rounds/<t>/state.safetensors    published global state t (t >= 1) ...
     rounds/<t>/manifest.json        ... and its manifest (written last, inside the temporary
                                     directory; the directory is renamed into place)
+    rounds/.deleted-<t>-<uuid>/     a round being deleted (retention): renamed, then removed
     uploads/<t>/<client>.safetensors + <client>.json
                                     acknowledged uploads of the open round t; the .json,
                                     written last, is the commit point
@@ -17,7 +18,10 @@ The store owns its files end to end: the rounds layer never sees a path. Layout 
     credentials/<client>.json       salted hash of each client's own credential (0600)
 
 Every write is file-then-fsync-then-rename-then-fsync-directory, so an acknowledged upload
-or a published round survives a crash and a half-written one is never seen. Every read of an
+or a published round survives a crash and a half-written one is never seen. Deletions go the
+other way round: rename out of the way first (``<data_dir>/federations/.deleted-<id>-<uuid>``,
+``<data_dir>/archive/<id>-<unix time>``, ``rounds/.deleted-…``), then remove, so a crash
+half-way leaves a tombstone that nothing resumes and the next start removes. Every read of an
 upload or a published state is checked against its recorded SHA-256 (docs/design.md, "The
 storage commit protocol").
 """
@@ -28,6 +32,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -48,6 +53,8 @@ from .tensorio import TensorReader, open_file, read_factors, write_safetensors
 log = logging.getLogger("raflora.server")
 
 _ROUND_DIGITS = 8
+# Tombstones: renamed out of the way, removed next (and at start, after a crash in between).
+_DELETED_PREFIX = ".deleted-"
 _HASH_BLOCK = 1 << 20
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -147,6 +154,16 @@ class FederationStore(Protocol):
 
     def read_manifest(self, round_: int) -> RoundManifest: ...
 
+    def published_rounds(self) -> list[int]:
+        """The published rounds held, oldest first (complete or not: what retention may drop)."""
+        ...
+
+    def delete_round(self, round_: int) -> None:
+        """Drop published round ``round_`` and its views (retention); absent: nothing to do.
+
+        Crash-safe: the round is renamed away first, so it is either published or gone."""
+        ...
+
     def load_published(
         self, round_: int, schema: AdapterSchema
     ) -> tuple[GlobalState, RoundManifest]:
@@ -179,6 +196,13 @@ class Storage(Protocol):
     def federation(self, federation_id: str) -> FederationStore: ...
 
     def federation_ids(self) -> list[str]: ...
+
+    def delete_federation(self, federation_id: str, *, archive: bool = False) -> str | None:
+        """Delete a federation's stored state, or with ``archive`` set it aside (readable, never
+        resumed); returns the archive's name. FileNotFoundError if there is no such federation.
+
+        Crash-safe: one rename takes the federation out of :meth:`federation_ids` first."""
+        ...
 
 
 # -- the filesystem implementation -----------------------------------------------------------
@@ -469,6 +493,23 @@ class FileFederationStore:
         fsync_dir(self.rounds)
         return complete
 
+    def published_rounds(self) -> list[int]:
+        if not self.rounds.exists():
+            return []
+        return sorted(int(d.name) for d in self.rounds.iterdir() if d.name.isdigit())
+
+    def delete_round(self, round_: int) -> None:
+        final = self._round_dir(round_)
+        tomb = self.rounds / f"{_DELETED_PREFIX}{final.name}-{uuid.uuid4().hex}"
+        try:
+            os.replace(final, tomb)
+        except FileNotFoundError:
+            pass
+        else:
+            fsync_dir(self.rounds)
+            shutil.rmtree(tomb, ignore_errors=True)
+        shutil.rmtree(self.views / _round_name(round_), ignore_errors=True)
+
     def read_manifest(self, round_: int) -> RoundManifest:
         manifest = RoundManifest.from_json(read_json(self._round_dir(round_) / "manifest.json"))
         if manifest.round != round_:
@@ -543,8 +584,9 @@ class FileFederationStore:
             for d in parent.iterdir():
                 if d.name.isdigit() and int(d.name) < keep:
                     shutil.rmtree(d, ignore_errors=True)
-        for d in self.rounds.glob(".tmp-*"):
-            shutil.rmtree(d, ignore_errors=True)
+        for pattern in (".tmp-*", f"{_DELETED_PREFIX}*"):
+            for d in self.rounds.glob(pattern):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def state_tensors(state: GlobalState) -> list[tuple[str, Tensor]]:
@@ -575,17 +617,44 @@ def read_state(reader: TensorReader, schema: AdapterSchema) -> dict[str, ModuleS
 
 
 class FileStorage:
-    """All federations under one data directory."""
+    """All federations under one data directory; deleted ones go to ``archive/`` or away."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.federations_dir = data_dir / "federations"
+        self.archive_dir = data_dir / "archive"
         self.federations_dir.mkdir(parents=True, exist_ok=True)
+        for tomb in self.federations_dir.glob(f"{_DELETED_PREFIX}*"):  # a deletion cut short
+            log.info("removing %s, a federation whose deletion was interrupted", tomb.name)
+            shutil.rmtree(tomb, ignore_errors=True)
 
     def federation(self, federation_id: str) -> FileFederationStore:
         return FileFederationStore(self.federations_dir / federation_id)
 
     def federation_ids(self) -> list[str]:
+        # Ids start with a letter or digit: a dot-name is a tombstone, never a federation.
         return sorted(
-            d.name for d in self.federations_dir.iterdir() if (d / "federation.json").exists()
+            d.name
+            for d in self.federations_dir.iterdir()
+            if not d.name.startswith(".") and (d / "federation.json").exists()
         )
+
+    def delete_federation(self, federation_id: str, *, archive: bool = False) -> str | None:
+        if federation_id not in self.federation_ids():  # also keeps the id a plain name
+            raise FileNotFoundError(f"no stored federation {federation_id!r}")
+        source = self.federations_dir / federation_id
+        if archive:
+            self.archive_dir.mkdir(exist_ok=True)
+            stamp = f"{federation_id}-{int(time.time())}"
+            name, n = stamp, 1
+            while (self.archive_dir / name).exists():  # deleted twice within a second
+                name, n = f"{stamp}.{n}", n + 1
+            os.rename(source, self.archive_dir / name)  # the commit point: no longer resumed
+            fsync_dir(self.federations_dir)
+            fsync_dir(self.archive_dir)
+            return name
+        tomb = self.federations_dir / f"{_DELETED_PREFIX}{federation_id}-{uuid.uuid4().hex}"
+        os.rename(source, tomb)  # the commit point: no longer resumed, removed at next start
+        fsync_dir(self.federations_dir)
+        shutil.rmtree(tomb, ignore_errors=True)
+        return None

@@ -1,0 +1,33 @@
+"""The SDK's factor helpers: (B, A) in the order of ΔW = s·B·A, and back from PEFT names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raflora.client_sdk import lora_state_dict, module_factors
+
+
+def test_state_dict_and_module_factors_are_inverse() -> None:
+    B, A = torch.randn(6, 2), torch.randn(2, 5)
+    tensors = lora_state_dict({"layer.q": (B, A)})
+    assert set(tensors) == {"layer.q.lora_A.weight", "layer.q.lora_B.weight"}
+    assert tensors["layer.q.lora_B.weight"] is B and tensors["layer.q.lora_A.weight"] is A
+    (B2, A2) = module_factors(tensors)["layer.q"]
+    assert torch.equal(B2 @ A2, B @ A)
+
+
+def test_the_old_a_b_order_is_refused_with_the_shapes() -> None:
+    B, A = torch.randn(6, 2), torch.randn(2, 5)
+    with pytest.raises(ValueError, match=r"layer\.q: expected \(B, A\).*\(2, 5\) and \(6, 2\)"):
+        lora_state_dict({"layer.q": (A, B)})
+
+
+def test_module_factors_leaves_out_merge_tensors_and_names_incomplete_modules() -> None:
+    tensors = lora_state_dict({"m": (torch.randn(3, 1), torch.randn(1, 4))})
+    tensors["m.merge.lora_A.weight"] = torch.randn(1, 4)
+    tensors["m.merge.lora_B.weight"] = torch.randn(3, 1)
+    assert set(module_factors(tensors)) == {"m"}
+    del tensors["m.lora_B.weight"]
+    with pytest.raises(ValueError, match=r"\['m'\]"):
+        module_factors(tensors)
