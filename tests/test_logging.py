@@ -141,3 +141,24 @@ def test_a_client_supplied_newline_cannot_forge_a_log_line(
     lines = [r.getMessage() for r in caplog.records if r.name == ACCESS]
     lines += [str(getattr(r, "federation", "")) for r in caplog.records if r.name == ACCESS]
     assert lines and all("\n" not in line and "\r" not in line for line in lines)
+
+
+def test_a_tensor_name_with_a_newline_cannot_forge_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from raflora.client_sdk.errors import InvalidArgumentError
+
+    with (
+        threaded_server(tmp_path) as server,
+        caplog.at_level(logging.INFO, logger=ACCESS),
+        ExitStack() as stack,
+    ):
+        client = join_federations(stack, server.target, {"f": "raflora"}, MODULES, CLIENTS)["f"][0]
+        tensors = factors(2, 1, MODULES)
+        forged = "m\nFAKE INFO raflora.server.access: Join OK.lora_A.weight"
+        tensors[forged] = tensors.pop("layers.0.q.lora_A.weight")
+        with pytest.raises(InvalidArgumentError):
+            client.push(tensors, round=0, num_examples=10)
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS]
+    assert any("FAKE" in line for line in lines)  # the refusal was logged ...
+    assert all("\n" not in line for line in lines)  # ... on one line

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from raflora.server.engine.robust import (
+    Combine,
+    RobustPolicy,
     adaptive_bound,
+    cap_weights,
     clip_factors,
+    defend,
     distances_to_combination,
     geometric_median_weights,
     median_trust,
@@ -135,3 +139,50 @@ def test_trimming_drops_the_farthest_client() -> None:
     assert t.tolist() == [1.0] * 5 + [0.0]
     with pytest.raises(ValueError, match="trim"):
         trimmed_trust(update_gram(factors, scales), torch.tensor(p), trim=6)
+
+
+def test_zero_uploads_cannot_switch_clipping_off() -> None:
+    """Untrained (B = 0) uploads have norm 0: the quantile is taken over the others, and a
+    fixed clip_norm always applies."""
+    zero = {m: FactorPair(B=torch.zeros(o, 2), A=torch.randn(2, i)) for m, (o, i) in SHAPES.items()}
+    loud = client(2, 1, gain=100.0)
+    _, _, outcome = defend(
+        [zero, zero, loud],
+        [1.0, 1.0, 1.0],
+        [2, 2, 2],
+        torch.full((3,), 1 / 3),
+        RobustPolicy(clip_norm=1.0, clip_quantile=0.25),
+    )
+    assert outcome.clip_bound == pytest.approx(1.0)
+    assert outcome.clip[2] * outcome.norms[2] == pytest.approx(1.0)
+
+
+def test_reweighting_never_lifts_a_client_over_the_weight_cap() -> None:
+    factors, scales, p = _sign_flip_round()
+    _, new_p, _ = defend(
+        factors,
+        scales,
+        [8] * 6,
+        torch.tensor(p) * torch.tensor([2.0, 1, 1, 1, 1, 1], dtype=torch.float64),
+        RobustPolicy(combine=Combine.MEDIAN_TRUST, max_weight_share=0.25),
+    )
+    assert float(new_p.max()) <= 0.25 + 1e-12 and float(new_p.sum()) == pytest.approx(1.0)
+    assert float(new_p[5]) < 0.1  # the attacker still lost its weight
+    # Trimmed to 0, a client stays at 0; too few others for the cap: they share equally.
+    trimmed = cap_weights(torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64), 0.4)
+    assert trimmed.tolist() == pytest.approx([0.0, 0.5, 0.5])
+    capped = cap_weights(torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), 0.5)
+    assert capped.tolist() == pytest.approx([0.5, 1 / 3, 1 / 6])
+
+
+def test_trimming_acts_once_per_client_whatever_its_rank() -> None:
+    """Ranks [2, 2, 2, 4, 4, 4]: rank-4 clients hold two partitions, but trim=1 drops one."""
+    factors = [client(r, 300 + k) for k, r in enumerate([2, 2, 2, 4, 4, 4])]
+    _, _, outcome = defend(
+        factors,
+        [1.0] * 6,
+        [2, 2, 2, 4, 4, 4],
+        torch.full((6,), 1 / 6),
+        RobustPolicy(combine=Combine.TRIMMED, trim=1),
+    )
+    assert sorted(outcome.trust) == [0.0] + [1.0] * 5

@@ -445,20 +445,30 @@ def test_observers_are_never_selected_never_counted_and_cannot_push() -> None:
 
 
 def test_the_deadline_draws_a_pending_selection_among_those_joined() -> None:
+    """The draw at the deadline opens a fresh window: the round closes at its quota of the
+    drawn clients, not at the first push, and later rounds draw at once."""
+
     async def scenario(h: Harness) -> None:
-        await h.runtime.join("a", 2, 10, 0.0)
+        for c in ("a", "b", "c"):
+            await h.runtime.join(c, 2, 10, 0.0)
         assert h.runtime.snapshot().selection_pending
         await _eventually(h, EventType.SELECTED, timeout=10)
-        assert h.runtime.snapshot().selected == frozenset({"a"})
-        await h.push("a", upload(2, 1), rank=2)
+        selected = sorted(h.runtime.snapshot().selected or ())
+        assert len(selected) == 2
+        await h.push(selected[0], upload(2, 1), rank=2)
+        assert h.runtime.state.round == 0 and h.runtime.phase is Phase.COLLECTING
+        await h.push(selected[1], upload(2, 2), rank=2)
         await h.published(1, timeout=10)
+        after = h.runtime.snapshot()
+        assert not after.selection_pending and after.selected is not None
+        assert len(after.selected) == 2
 
     run(
         config(
             min_clients=1,
-            expected_clients=5,
-            deadline_seconds=0.2,
-            participation={"clients_per_round": 1, "seed": 0},
+            expected_clients=4,
+            deadline_seconds=0.3,
+            participation={"clients_per_round": 2, "seed": 0},
         ),
         scenario,
     )

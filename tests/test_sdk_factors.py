@@ -31,3 +31,10 @@ def test_module_factors_leaves_out_merge_tensors_and_names_incomplete_modules() 
     del tensors["m.lora_B.weight"]
     with pytest.raises(ValueError, match=r"\['m'\]"):
         module_factors(tensors)
+
+
+def test_the_old_order_is_refused_on_square_modules_too() -> None:
+    B, A = torch.randn(8, 2), torch.randn(2, 8)  # a square 8 × 8 module at rank 2
+    with pytest.raises(ValueError, match=r"expected \(B, A\)"):
+        lora_state_dict({"q": (A, B)})
+    assert set(lora_state_dict({"q": (B, A)})) == {"q.lora_A.weight", "q.lora_B.weight"}

@@ -16,6 +16,7 @@ from raflora.client_sdk import (
     NotFoundError,
     RafloraClient,
     RetryPolicy,
+    UnavailableError,
 )
 from raflora.server.testing import ServerProcess
 
@@ -134,3 +135,24 @@ def test_a_push_with_default_retries_survives_a_restart_and_logs_it(
     assert result.uploads_in_round == 1
     assert any("retrying in" in r.getMessage() for r in caplog.records)
     client.close()
+
+
+def test_the_retry_budget_is_wall_time_tries_included() -> None:
+    """Against a server that never answers (a socket that accepts and stays silent), each try
+    runs into its own timeout; the budget still ends the call on time."""
+    import socket
+
+    from raflora.client_sdk import DeadlineExceededError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    target = f"127.0.0.1:{silent.getsockname()[1]}"
+    client = RafloraClient(target, "fed", "a", timeout=0.4, retry=RetryPolicy(budget_seconds=1.5))
+    started = time.monotonic()
+    with pytest.raises((DeadlineExceededError, UnavailableError)):
+        client.status()
+    elapsed = time.monotonic() - started
+    client.close()
+    silent.close()
+    assert 1.0 <= elapsed < 3.0, elapsed

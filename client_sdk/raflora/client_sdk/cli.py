@@ -351,10 +351,15 @@ def _create(admin: AdminClient, args: argparse.Namespace, timeout: float) -> Out
             secret = _read_secret(base / str(secret_file), "enrolment secret")
         spec = AdminClient.spec_from_mapping(entry)
         requests.append((spec, str(secret or ""), open_enrolment or secret is not None))
-    created = [
-        admin.create_federation(spec, timeout, secret, open_enrolment=open_)
-        for spec, secret, open_ in requests
-    ]
+    created: list[pb.Federation] = []
+    try:
+        for spec, secret, open_ in requests:
+            created.append(admin.create_federation(spec, timeout, secret, open_enrolment=open_))
+    except RafloraError:
+        # Those already created may carry an enrolment secret shown only once: print them.
+        for federation in created:
+            print(_federation_detail(federation), flush=True)
+        raise
     data = [plain(f) for f in created]
     return (data[0] if len(data) == 1 else data), "\n\n".join(map(_federation_detail, created))
 
@@ -378,7 +383,8 @@ def _run(args: argparse.Namespace, admin: AdminClient) -> Output:
         data: dict[str, Any] = {"federation_id": fid, "enrolment_secret": secret}
         return data, f"new enrolment secret of {fid} (client tokens revoked): {secret}"
     if key == ("federations", "delete"):
-        archived = admin.delete_federation(fid, archive=args.archive, timeout=max(t, 60.0))
+        # A delete waits out an aggregation in flight: allow it the time of a long round.
+        archived = admin.delete_federation(fid, archive=args.archive, timeout=max(t, 600.0))
         data = {"federation_id": fid, "archive": archived}
         text = f"deleted federation {fid}"
         return data, text + (f"; archived as <data_dir>/archive/{archived}" if archived else "")

@@ -82,10 +82,10 @@ ProgressCallback = Callable[[int, int], None]
 class RetryPolicy:
     """How long a call keeps retrying UNAVAILABLE / DEADLINE_EXCEEDED.
 
-    The default budget (90 s of waiting between tries, the tries' own time on top) rides
+    The default budget (90 s of wall time from the call's start, its tries included) rides
     through a server pod's restart (SIGTERM grace, a new pod, the store's resume) instead of
-    failing the training job. ``attempts`` caps the tries as well (0: as many as the budget
-    allows; 1: never retry).
+    failing the training job; a try that runs into its own timeout spends the budget too.
+    ``attempts`` caps the tries as well (0: as many as the budget allows; 1: never retry).
     """
 
     budget_seconds: float = 90.0
@@ -226,12 +226,15 @@ class RafloraClient:
     ) -> T:
         """Run ``fn``, retrying transient failures; map every other status to a typed error.
 
-        Transient failures are retried per the retry policy, or, when ``persistent``, until
-        ``deadline`` (None: for ever) so a watcher outlives a server restart. An expired or
-        revoked token is replaced by joining again, once per call.
+        Transient failures are retried per the retry policy — within its budget of wall time
+        since the call began, tries included — or, when ``persistent``, until ``deadline``
+        (None: for ever) so a watcher outlives a server restart. An expired or revoked token is
+        replaced by joining again (at most once a minute, so a long watch survives many token
+        lifetimes while a token the server keeps refusing still fails).
         """
         delays = self.retry.delays()
-        rejoined = False
+        started = time.monotonic()
+        last_rejoin: float | None = None
         self._refresh_if_due()
         while True:
             try:
@@ -240,8 +243,9 @@ class RafloraClient:
                 error = from_rpc_error(exc)
             except _StreamEndedError as ended:
                 error = ended
-            if not rejoined and _needs_rejoin(error) and self._can_rejoin():
-                rejoined = True
+            recent = last_rejoin is not None and time.monotonic() - last_rejoin < 60.0
+            if not recent and _needs_rejoin(error) and self._can_rejoin():
+                last_rejoin = time.monotonic()
                 self._rejoin()
                 continue
             if error.code not in RETRYABLE:
@@ -251,7 +255,11 @@ class RafloraClient:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise error from None
                 delay = self.retry.max_backoff if delay is None else delay
-            elif delay is None:
+            elif delay is not None and (
+                time.monotonic() - started + delay > self.retry.budget_seconds
+            ):
+                delay = None  # the budget is wall time: a try that timed out spent it too
+            if delay is None:
                 log.warning("%s: giving up after the retry budget: %s", self.federation_id, error)
                 raise error from None
             log.warning(
@@ -790,7 +798,9 @@ def lora_state_dict(factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, T
     dimensions do not meet (e.g. the old (A, B) order) is refused."""
     out: dict[str, Tensor] = {}
     for module, (B, A) in factors.items():
-        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        r = B.shape[1] if B.dim() == 2 else -1
+        # r ≤ both outer dimensions: this also catches the old (A, B) order on square modules.
+        if A.dim() != 2 or r != A.shape[0] or not 0 < r <= min(B.shape[0], A.shape[1]):
             raise ValueError(
                 f"{module}: expected (B, A) with B (d_out, r) and A (r, d_in), got shapes "
                 f"{tuple(B.shape)} and {tuple(A.shape)}"

@@ -384,7 +384,7 @@ class RobustPolicy(_message.Message):
     combine: _builtins.str
     """"" or "mean"; "median_trust"; "trimmed" """
     trim: _builtins.int
-    """"trimmed": clients dropped per round (0: default 1)"""
+    """"trimmed": clients (highest outlier scores) given weight 0 per round (0: default 1)"""
     def __init__(
         self,
         *,

@@ -87,8 +87,10 @@ class RobustConfig(BaseModel):
     combine: Combine = Combine.MEAN
     trim: int = Field(default=1, ge=1, le=1000)
 
-    def policy(self) -> RobustPolicy:
-        return RobustPolicy(self.clip_norm, self.clip_quantile, self.combine, self.trim)
+    def policy(self, max_weight_share: float = 1.0) -> RobustPolicy:
+        return RobustPolicy(
+            self.clip_norm, self.clip_quantile, self.combine, self.trim, max_weight_share
+        )
 
 
 class FederationConfig(BaseModel):
@@ -181,7 +183,7 @@ class FederationConfig(BaseModel):
             allowed_ranks=frozenset(self.allowed_ranks) or None,
             device=device,
             options=dict(self.strategy_options),
-            robust=self.robust.policy(),
+            robust=self.robust.policy(self.max_weight_share),
         )
 
     @classmethod

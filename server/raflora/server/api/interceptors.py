@@ -157,9 +157,14 @@ class Caller:
 
 def _clip_id(value: object) -> str:
     """Bounded, and printable: a client's newline must not forge a second log line."""
-    text = str(value)[: _MAX_LOGGED_ID + 1]
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    text = _printable(str(value)[: _MAX_LOGGED_ID + 1])
     return text if len(text) <= _MAX_LOGGED_ID else text[:_MAX_LOGGED_ID] + "…"
+
+
+def _printable(text: str) -> str:
+    """Escape what a client may have put in a message (a tensor name, an id): no newline or
+    control character reaches the log, whatever the log format."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def log_refusal(
@@ -188,7 +193,7 @@ def log_refusal(
         caller.federation,
         caller.client,
         peer,
-        _clip(message, _MAX_MESSAGE_BYTES),
+        _printable(_clip(message, _MAX_MESSAGE_BYTES)),
         exc_info=exc if code in _ERROR_CODES else None,
         extra=_fields(method, peer, code, reason, caller, seconds),
     )

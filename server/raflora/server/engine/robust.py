@@ -118,7 +118,7 @@ def median_trust(G: Tensor, p: Tensor) -> Tensor:
     times its reach, plus what reweighting the honest costs (paid without attackers too).
     """
     d = distances_to_combination(G, geometric_median_weights(G, p))
-    typical = float(torch.median(d))
+    typical = float(torch.quantile(d, 0.5))  # the midpoint of the two middle values
     if typical <= 0:  # most clients agree exactly: keep those, drop the rest
         return (d <= 0).to(torch.float64)
     return torch.clamp(typical / torch.clamp(d, min=1e-300), max=1.0)
@@ -150,6 +150,7 @@ class RobustPolicy:
     clip_quantile: float = 0.0  # > 0: clip to this quantile of the round's norms
     combine: Combine = Combine.MEAN
     trim: int = 1
+    max_weight_share: float = 1.0  # the federation's cap, kept after reweighting
 
     @property
     def active(self) -> bool:
@@ -169,22 +170,25 @@ class RobustOutcome:
 MIN_HOLDERS_FOR_MEDIAN = 3  # a median of one or two points says nothing about either
 
 
-def partition_trust(
+def partition_scores(
     factors: Sequence[Factors],
     scales: Sequence[float],
     ranks: Sequence[int],
     p: Tensor,
-    policy: RobustPolicy,
 ) -> Tensor:
-    """Each client's trust: the smallest over the rank partitions it holds with enough peers.
+    """Each client's outlier score: its largest d_i / median(d) over the partitions it holds.
 
     Updates of different ranks differ by construction (a rank-4 client has no components
-    5…8), so distances are taken per partition — indices ρ_{k-1}+1…ρ_k, which every holder
-    trained from the same distributed components — among its holders only. A partition with
-    fewer than MIN_HOLDERS_FOR_MEDIAN holders gives no evidence; clipping bounds those.
+    5…8), so distances to the geometric median are taken per partition — indices
+    ρ_{k-1}+1…ρ_k, which every holder trained from the same distributed components — among
+    its holders only. A partition with fewer than MIN_HOLDERS_FOR_MEDIAN holders gives no
+    evidence (clipping bounds those). One combined score per client, so that a defence acts
+    once per client and not once per partition: high-rank clients hold more partitions, and
+    testing them more often would bias the defence against the very clients raFLoRA serves.
+    0 means "no evidence" (and is never trimmed before a client with evidence).
     """
     n = len(factors)
-    trust = torch.ones(n, dtype=torch.float64)
+    score = torch.zeros(n, dtype=torch.float64)
     edges = [0, *sorted(set(ranks))]
     for lo, hi in itertools.pairwise(edges):
         holders = [i for i, r in enumerate(ranks) if r >= hi]
@@ -195,14 +199,50 @@ def partition_trust(
             for i in holders
         ]
         G = update_gram(sliced, [scales[i] for i in holders])
-        q = p[holders]
-        if policy.combine is Combine.MEDIAN_TRUST:
-            t = median_trust(G, q)
-        else:
-            t = trimmed_trust(G, q, min(policy.trim, len(holders) - 2))
+        d = distances_to_combination(G, geometric_median_weights(G, p[holders]))
+        typical = float(torch.quantile(d, 0.5))
+        if typical > 0:
+            ratios = d / typical
+        else:  # most holders agree exactly: the others are infinitely far
+            ratios = torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d))
         for k, i in enumerate(holders):
-            trust[i] = min(float(trust[i]), float(t[k]))
+            score[i] = max(float(score[i]), float(ratios[k]))
+    return score
+
+
+def trust_from_scores(score: Tensor, policy: RobustPolicy) -> Tensor:
+    """median_trust: t_i = min(1, 1 / score_i); trimmed: 0 for the ``trim`` highest scores."""
+    if policy.combine is Combine.MEDIAN_TRUST:
+        return torch.where(score > 1, 1 / score, torch.ones_like(score))
+    trust = torch.ones_like(score)
+    k = min(policy.trim, int((score > 0).sum()) - 1)  # never all the clients with evidence
+    if k > 0:
+        trust[torch.argsort(score, descending=True)[:k]] = 0.0
     return trust
+
+
+def cap_weights(p: Tensor, cap: float) -> Tensor:
+    """Water-filling over the clients that carry weight: none above ``cap``, the excess spread
+    over the others in proportion to their weights, so a defence never lifts anyone over the
+    federation's max_weight_share. Clients at weight 0 (trimmed) stay at 0; when the others
+    are too few for the cap (k · cap < 1) they share equally, as the publisher's cap does."""
+    p = p.double() / p.double().sum()
+    support = p > 0
+    k = int(support.sum())
+    if cap >= 1:
+        return p
+    if k * cap < 1:
+        return torch.where(support, torch.full_like(p, 1 / k), torch.zeros_like(p))
+    fixed = torch.zeros(len(p), dtype=torch.bool)
+    while True:
+        free = support & ~fixed
+        room = 1 - cap * int(fixed.sum())
+        scaled = torch.where(free, p / p[free].sum() * room, torch.zeros_like(p))
+        scaled = torch.where(fixed, torch.full_like(p, cap), scaled)
+        over = free & (scaled > cap)
+        if not bool(over.any()):
+            return scaled
+        fixed |= over
 
 
 def defend(
@@ -220,8 +260,9 @@ def defend(
     n = len(factors)
     norms = norms_from_gram(update_gram(factors, scales))
     bound = policy.clip_norm
-    if policy.clip_quantile:
-        quantile_bound = adaptive_bound(norms, policy.clip_quantile)
+    nonzero = norms[norms > 0]
+    if policy.clip_quantile and len(nonzero):  # zero uploads cannot drag the bound to 0
+        quantile_bound = adaptive_bound(nonzero, policy.clip_quantile)
         bound = min(bound, quantile_bound) if bound else quantile_bound
     clip = clip_factors(norms, bound) if bound else torch.ones(n, dtype=torch.float64)
     clipped = [float(s) * float(c) for s, c in zip(scales, clip, strict=True)]
@@ -229,9 +270,10 @@ def defend(
     if policy.combine is Combine.MEAN:
         trust = torch.ones(n, dtype=torch.float64)
     else:
-        trust = partition_trust(factors, clipped, ranks, p, policy)
+        trust = trust_from_scores(partition_scores(factors, clipped, ranks, p), policy)
     weighted = p * trust
     new_p = weighted / weighted.sum() if float(weighted.sum()) > 0 else p
+    new_p = cap_weights(new_p, policy.max_weight_share)
     new_scales = clipped
     outcome = RobustOutcome(
         norms=tuple(float(x) for x in norms),

@@ -501,6 +501,10 @@ class FederationRuntime:
 
     # -- rounds ----------------------------------------------------------------------------
     def _open_round(self) -> None:
+        self._arm_deadline()
+        self._select()
+
+    def _arm_deadline(self) -> None:
         self._deadline_passed = False
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
@@ -511,23 +515,25 @@ class FederationRuntime:
             self._deadline_handle = asyncio.get_running_loop().call_later(
                 self.config.deadline_seconds, self._on_deadline
             )
-        self._select()
 
     def _select(self) -> bool:
         """Draw the open round's selection; True if drawn now, False if it must wait.
 
-        The draw waits until ``expected_clients`` trainers have joined (or the deadline passes),
-        so that round 0 selects among the whole federation, not among the first to connect.
+        Round 0's draw waits until ``expected_clients`` trainers have joined (or the deadline
+        passes), so that it selects among the whole federation, not among the first to
+        connect. Later rounds draw at once among those joined (clients never leave).
         """
         policy = self.config.participation
         self.selection, self.selection_pending = None, False
         if not policy.active:
             return False
         candidates = [c for c in self.clients.values() if not c.observer]
-        if len(candidates) < self.config.target_clients and not self._deadline_passed:
+        waiting = len(candidates) < self.config.target_clients and not self._deadline_passed
+        if self.state.round == 0 and waiting:
             self.selection_pending = True
             return False
         self.selection = select(policy, self.state.round, candidates)
+        self._push_attempts = {}  # pushes refused while the draw was pending do not count
         self.metrics.record_selection(
             self.id, [self.clients[c].rank for c in self.selection.selected]
         )
@@ -549,7 +555,11 @@ class FederationRuntime:
     def _on_deadline(self) -> None:
         self._deadline_passed = True
         if self.selection_pending and self._select():
+            # The drawn clients get a full collection window of their own: the round closes
+            # at its quota, or at min_clients when this new deadline passes.
+            self._arm_deadline()
             self._emit(EventType.SELECTED, self._selection_message())
+            return
         self._spawn(self._maybe_close())
 
     def _ready(self) -> bool:
