@@ -206,18 +206,24 @@ class Progress:
         self.done = 0
         self.every = every
         self.started = time.perf_counter()
+        self._first: float | None = None  # when the first step ended: start-up excluded
 
     def step(self) -> None:
         self.done += 1
+        if self.done == 1:
+            self._first = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def eta(self) -> str:
-        if not self.done:
+        if self._first is None:
             return "ETA after the first round"
-        left = self.elapsed() / self.done * (self.total - self.done)
-        return f"ETA {_minutes(left)}"
+        if self.done == 1:
+            per_step = self._first - self.started
+        else:
+            per_step = (time.perf_counter() - self._first) / (self.done - 1)
+        return f"ETA {_minutes(per_step * (self.total - self.done))}"
 
 
 def _minutes(seconds: float) -> str:
