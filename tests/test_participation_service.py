@@ -112,7 +112,7 @@ def test_round_zero_selects_over_everyone_and_observers_only_watch(tmp_path: Pat
             admin.create_federation(spec)
         observer = RafloraClient(server.target, "z", "evaluator")
         observer.join(rank=8, num_examples=0, observer=True)
-        assert observer.status().selection == pb.SELECTION_PENDING
+        assert observer.status().selection == pb.SELECTION_NOT_SELECTED  # it never pushes
         clients = {cid: RafloraClient(server.target, "z", cid) for cid, _ in CLIENTS}
         seen: dict[str, pb.RoundStatus] = {}
         errors: list[BaseException] = []

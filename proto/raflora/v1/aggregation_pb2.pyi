@@ -145,7 +145,7 @@ class _SelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Selection.V
     """no participation policy: every joined client may push"""
     SELECTION_SELECTED: _Selection.ValueType  # 2
     SELECTION_NOT_SELECTED: _Selection.ValueType  # 3
-    """a push gets FAILED_PRECONDITION (NOT_SELECTED): wait"""
+    """a push gets FAILED_PRECONDITION (NOT_SELECTED): wait; always for observers"""
     SELECTION_PENDING: _Selection.ValueType  # 4
     """The round's selection is drawn once expected_clients (non-observer) clients have joined, or
     at the deadline: wait (the SDK's wait_for_round returns only once it is drawn).
@@ -159,7 +159,7 @@ SELECTION_EVERYONE: Selection.ValueType  # 1
 """no participation policy: every joined client may push"""
 SELECTION_SELECTED: Selection.ValueType  # 2
 SELECTION_NOT_SELECTED: Selection.ValueType  # 3
-"""a push gets FAILED_PRECONDITION (NOT_SELECTED): wait"""
+"""a push gets FAILED_PRECONDITION (NOT_SELECTED): wait; always for observers"""
 SELECTION_PENDING: Selection.ValueType  # 4
 """The round's selection is drawn once expected_clients (non-observer) clients have joined, or
 at the deadline: wait (the SDK's wait_for_round returns only once it is drawn).

@@ -158,6 +158,8 @@ def energy_proto(energy: RankEnergy | None, holders: tuple[Holders, ...] = ()) -
 def selection_of(s: Snapshot, client_id: str) -> pb.Selection.ValueType:
     if not client_id:
         return pb.SELECTION_UNSPECIFIED
+    if client_id in s.observers:  # it may pull, never push
+        return pb.SELECTION_NOT_SELECTED
     if s.selection_pending:
         return pb.SELECTION_PENDING
     if s.selected is None:

@@ -46,6 +46,7 @@ class Snapshot:
     degraded: str = ""  # why the federation cannot serve, or "" when healthy
     selected: frozenset[str] | None = None  # the round's selection; None: everyone
     selection_pending: bool = False  # a policy's draw waits for more clients to join
+    observers: frozenset[str] = frozenset()  # never selected, whatever the policy
 
 
 @dataclass(frozen=True)

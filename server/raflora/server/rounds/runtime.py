@@ -111,6 +111,7 @@ class FederationRuntime:
         self.degraded = ""
         self.selection: Selection | None = None  # None: everyone who pushes takes part
         self.selection_pending = False  # a policy's draw waits for expected_clients to join
+        self.observers: frozenset[str] = frozenset()  # clients that pull and never push
         self.deadline_unix = 0.0
         self._deadline_passed = False
         self._deadline_handle: asyncio.TimerHandle | None = None
@@ -138,6 +139,7 @@ class FederationRuntime:
             except CorruptDataError as exc:
                 self._degrade(f"published round {latest} is corrupt: {exc.problem}")
         self.clients = self.store.load_clients()
+        self.observers = frozenset(c for c, r in self.clients.items() if r.observer)
         if not self.degraded:
             self.uploads = self.store.load_uploads(self.state.round, report)
         for problem in report.problems:
@@ -231,6 +233,7 @@ class FederationRuntime:
             degraded=self.degraded,
             selected=self.selection.selected if self.selection is not None else None,
             selection_pending=self.selection_pending,
+            observers=self.observers,
         )
 
     def subscribe(self) -> Subscription:
@@ -284,6 +287,8 @@ class FederationRuntime:
             self._join_attempts[client_id] = attempts
             await asyncio.to_thread(self.store.save_client, record)
             self.clients[client_id] = record
+            if record.observer != (client_id in self.observers):
+                self.observers = self.observers ^ {client_id}
             if self.selection_pending:
                 if self._select():
                     self._emit(EventType.SELECTED, self._selection_message())
