@@ -155,4 +155,5 @@ def test_the_retry_budget_is_wall_time_tries_included() -> None:
     elapsed = time.monotonic() - started
     client.close()
     silent.close()
-    assert 1.0 <= elapsed < 3.0, elapsed
+    # It used the budget (the last wait ends at 1.5 s, one last try follows) and not more.
+    assert 1.4 <= elapsed < 3.0, elapsed

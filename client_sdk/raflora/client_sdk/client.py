@@ -255,10 +255,9 @@ class RafloraClient:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise error from None
                 delay = self.retry.max_backoff if delay is None else delay
-            elif delay is not None and (
-                time.monotonic() - started + delay > self.retry.budget_seconds
-            ):
-                delay = None  # the budget is wall time: a try that timed out spent it too
+            elif delay is not None:  # the budget is wall time: a try that timed out spent it too
+                remaining = self.retry.budget_seconds - (time.monotonic() - started)
+                delay = min(delay, remaining) if remaining > 0 else None
             if delay is None:
                 log.warning("%s: giving up after the retry budget: %s", self.federation_id, error)
                 raise error from None
