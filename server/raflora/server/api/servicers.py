@@ -21,7 +21,16 @@ from ..auth import Authority, check_secret_format
 from ..config import check_id
 from ..errors import InvalidArgumentError
 from ..metrics import ServerMetrics
-from ..rounds import BusClosedError, EventType, FederationHub, RoundEvent, WatcherLaggedError
+from ..rounds import (
+    BusClosedError,
+    EventType,
+    FederationHub,
+    FederationRuntime,
+    RoundEvent,
+    View,
+    WatcherLaggedError,
+)
+from ..rounds.views import ViewReader
 from .interceptors import refusal_of
 from .serde import (
     client_info_proto,
@@ -161,10 +170,10 @@ class AdminService(pb_grpc.AdminServiceServicer):
         export = await self.hub.open_export(request.federation_id, requested, request.rank or None)
         header = pull_header(export.view)
         header.lora_alpha = export.lora_alpha
-        with export.reader as reader:
-            await clock.write(context, pb.PullChunk(header=header))
-            while chunk := reader.read(self.limits.chunk_size):
-                await clock.write(context, pb.PullChunk(data=chunk))
+        runtime = self.hub.get(request.federation_id)
+        await stream_view(
+            context, clock, runtime, export.view, export.reader, header, self.limits.chunk_size
+        )
         log.info(
             "federation %s: round %d exported at rank %d",
             request.federation_id,
@@ -248,14 +257,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         )
         requested = request.round if request.HasField("round") else None
         view, reader = await runtime.open_view(request.client_id, requested)
-        digest = hashlib.sha256()
-        with reader:
-            await clock.write(context, pb.PullChunk(header=pull_header(view)))
-            while chunk := reader.read(self.chunk_size):
-                digest.update(chunk)
-                await clock.write(context, pb.PullChunk(data=chunk))
-        if digest.hexdigest() != view.sha256:  # damaged at rest: the client sees DATA_LOSS
-            await runtime.discard_view(view)
+        await stream_view(context, clock, runtime, view, reader, pull_header(view), self.chunk_size)
         self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
         self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)
 
@@ -338,6 +340,28 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             received_bytes=outcome.size,
             uploads_in_round=outcome.uploads_in_round,
         )
+
+
+async def stream_view(
+    context: Any,
+    clock: StreamClock,
+    runtime: FederationRuntime,
+    view: View,
+    reader: ViewReader,
+    header: pb.PullHeader,
+    chunk_size: int,
+) -> None:
+    """Write a view as PullChunks (Pull, ExportAdapter), each write timed, hashing as it goes:
+    a view damaged at rest is discarded (rebuilt by the next call) and the client, which checks
+    the same digest, sees DATA_LOSS."""
+    digest = hashlib.sha256()
+    with reader:
+        await clock.write(context, pb.PullChunk(header=header))
+        while chunk := reader.read(chunk_size):
+            digest.update(chunk)
+            await clock.write(context, pb.PullChunk(data=chunk))
+    if digest.hexdigest() != view.sha256:
+        await runtime.discard_view(view)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

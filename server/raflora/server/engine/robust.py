@@ -46,17 +46,13 @@ def update_gram(factors: Sequence[Factors], scales: Sequence[float]) -> Tensor:
         Bs = [f[name].B.double() * float(s) for f, s in zip(factors, scales, strict=True)]
         As = [f[name].A.double() for f in factors]
         B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
-        product = (B.T @ B) * (A @ A.T)
-        edges = [0]
-        for b in Bs:
-            edges.append(edges[-1] + b.shape[1])
-        for i in range(n):
-            rows = product[edges[i] : edges[i + 1]]
-            for j in range(i, n):
-                value = float(rows[:, edges[j] : edges[j + 1]].sum())
-                G[i, j] += value
-                if i != j:
-                    G[j, i] += value
+        # E (Σ r_i × n) marks which client owns each stacked column: Eᵀ P E sums the blocks.
+        owner = torch.repeat_interleave(
+            torch.arange(n, device=B.device),
+            torch.tensor([b.shape[1] for b in Bs], device=B.device),
+        )
+        E = torch.nn.functional.one_hot(owner, n).to(torch.float64)
+        G += (E.T @ ((B.T @ B) * (A @ A.T)) @ E).cpu()
     return G
 
 
@@ -108,6 +104,26 @@ def geometric_median_weights(
     return alpha
 
 
+def distances_to_median(G: Tensor, p: Tensor) -> Tensor:
+    """‖ΔW_i − z‖_F, z the weighted geometric median of the updates (from G alone)."""
+    return distances_to_combination(G, geometric_median_weights(G, p))
+
+
+def median_ratios(d: Tensor) -> Tensor:
+    """d_i / median_k d_k (the midpoint of the two middle values for an even count, so a block
+    of identical sybils cannot pull it). When most clients agree exactly (median 0) the others
+    are infinitely far: ratio 0 for d_i = 0, ∞ otherwise."""
+    typical = float(torch.quantile(d, 0.5))
+    if typical > 0:
+        return d / typical
+    return torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d))
+
+
+def trust_of_ratios(ratios: Tensor) -> Tensor:
+    """min(1, 1 / ratio): full weight up to the median distance, then lost in proportion."""
+    return torch.where(ratios > 1, 1 / ratios, torch.ones_like(ratios))
+
+
 def median_trust(G: Tensor, p: Tensor) -> Tensor:
     """t_i = min(1, median_k d_k / d_i), d = distances to the geometric median.
 
@@ -117,11 +133,7 @@ def median_trust(G: Tensor, p: Tensor) -> Tensor:
     w_a (‖ΔW_a‖ + ‖ΔW_honest‖) + (1 − w_a) ‖ΔW_honest,t − ΔW_honest‖: the attacker's weight
     times its reach, plus what reweighting the honest costs (paid without attackers too).
     """
-    d = distances_to_combination(G, geometric_median_weights(G, p))
-    typical = float(torch.quantile(d, 0.5))  # the midpoint of the two middle values
-    if typical <= 0:  # most clients agree exactly: keep those, drop the rest
-        return (d <= 0).to(torch.float64)
-    return torch.clamp(typical / torch.clamp(d, min=1e-300), max=1.0)
+    return trust_of_ratios(median_ratios(distances_to_median(G, p)))
 
 
 def trimmed_trust(G: Tensor, p: Tensor, trim: int) -> Tensor:
@@ -129,7 +141,7 @@ def trimmed_trust(G: Tensor, p: Tensor, trim: int) -> Tensor:
     n = G.shape[0]
     if not 0 <= trim < n:
         raise ValueError(f"trim must be in 0..{n - 1} for {n} clients, got {trim}")
-    d = distances_to_combination(G, geometric_median_weights(G, p))
+    d = distances_to_median(G, p)
     trust = torch.ones(n, dtype=torch.float64)
     if trim:
         trust[torch.argsort(d, descending=True)[:trim]] = 0.0
@@ -199,12 +211,7 @@ def partition_scores(
             for i in holders
         ]
         G = update_gram(sliced, [scales[i] for i in holders])
-        d = distances_to_combination(G, geometric_median_weights(G, p[holders]))
-        typical = float(torch.quantile(d, 0.5))
-        if typical > 0:
-            ratios = d / typical
-        else:  # most holders agree exactly: the others are infinitely far
-            ratios = torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d))
+        ratios = median_ratios(distances_to_median(G, p[holders]))
         for k, i in enumerate(holders):
             score[i] = max(float(score[i]), float(ratios[k]))
     return score
@@ -213,7 +220,7 @@ def partition_scores(
 def trust_from_scores(score: Tensor, policy: RobustPolicy) -> Tensor:
     """median_trust: t_i = min(1, 1 / score_i); trimmed: 0 for the ``trim`` highest scores."""
     if policy.combine is Combine.MEDIAN_TRUST:
-        return torch.where(score > 1, 1 / score, torch.ones_like(score))
+        return trust_of_ratios(score)
     trust = torch.ones_like(score)
     k = min(policy.trim, int((score > 0).sum()) - 1)  # never all the clients with evidence
     if k > 0:

@@ -21,9 +21,7 @@ from ..errors import (
 from ..metrics import ServerMetrics
 from ..storage import ClientRecord, Storage
 from .runtime import FederationRuntime, RuntimeLimits
-from .views import RoundContent, View, ViewReader
-
-_EXPORT_ATTEMPTS = 3  # a view pruned between its build and its open is built again
+from .views import View, ViewReader
 
 
 @dataclass(frozen=True)
@@ -182,48 +180,19 @@ class FederationHub:
             raise InvalidArgumentError(
                 "rank", f"must be in 1..max_rank={config.max_rank} (0: max_rank), got {r}"
             )
-        current = runtime.state.round
-        if round_ is not None and round_ > current:
-            raise FailedPreconditionError(
-                "round",
-                f"round {round_} is not published yet; the newest is {current}",
-                ErrorReason.ROUND_NOT_PUBLISHED,
-            )
-        t = current if round_ is None else round_
         alpha = config.lora_alpha
-        scale = lora_scaling(alpha, r, config.scaling_rule)
-        newest = RoundContent(runtime.state, runtime.energy, runtime.holders)
-
-        def content() -> RoundContent:  # in the build's thread, on a cache miss only
-            if t == newest.state.round:
-                return newest
-            if t == 0:
-                return RoundContent(runtime.strategy.initial_state(), None, ())
-            return runtime.published.content(t)
-
-        for attempt in range(_EXPORT_ATTEMPTS):
-            try:
-                view = await runtime.views.get(t, r, scale, content)
-            except FileNotFoundError:  # its folder was pruned while it was built
-                if attempt + 1 == _EXPORT_ATTEMPTS:
-                    raise
-                continue
-            if view.has_merge:
-                raise FailedPreconditionError(
-                    "federation_id",
-                    f"round {t} of federation {runtime.id!r} ({config.strategy}) is a delta to "
-                    "merge into the base weights, not an adapter: it cannot be exported",
-                    ErrorReason.NOT_EXPORTABLE,
-                )
-            try:
-                opened = await asyncio.to_thread(runtime.store.open_view, view.stored)
-            except FileNotFoundError:
-                runtime.views.forget(view)
-                if attempt + 1 == _EXPORT_ATTEMPTS:
-                    raise
-                continue
-            return Export(view, runtime.views.open(view, opened), alpha)
-        raise AssertionError("unreachable")
+        view, reader = await runtime.open_view_at(
+            r, lora_scaling(alpha, r, config.scaling_rule), round_
+        )
+        if view.has_merge:
+            reader.close()
+            raise FailedPreconditionError(
+                "federation_id",
+                f"round {view.round} of federation {runtime.id!r} ({config.strategy}) is a "
+                "delta to merge into the base weights, not an adapter: it cannot be exported",
+                ErrorReason.NOT_EXPORTABLE,
+            )
+        return Export(view, reader, alpha)
 
     async def close(self) -> None:
         for runtime in self.federations.values():

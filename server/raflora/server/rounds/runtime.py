@@ -529,6 +529,7 @@ class FederationRuntime:
         connect. Later rounds draw at once among those joined (clients never leave).
         """
         policy = self.config.participation
+        was_pending = self.selection_pending
         self.selection, self.selection_pending = None, False
         if not policy.active:
             return False
@@ -538,7 +539,8 @@ class FederationRuntime:
             self.selection_pending = True
             return False
         self.selection = select(policy, self.state.round, candidates)
-        self._push_attempts = {}  # pushes refused while the draw was pending do not count
+        if was_pending:  # pushes refused while the draw was pending do not count
+            self._push_attempts = {}
         self.metrics.record_selection(
             self.id, [self.clients[c].rank for c in self.selection.selected]
         )
@@ -697,6 +699,11 @@ class FederationRuntime:
         """The client's payload for the newest round (None) or for an older published one."""
         self.check_serving()
         joined = self.client(client_id)
+        return await self.view_at(joined.rank, joined.scale, round_)
+
+    async def view_at(self, rank: int, scale: float, round_: int | None = None) -> View:
+        """The view at (``rank``, ``scale``) of the newest round (None) or an older one: what a
+        client with those terms pulls, and what ExportAdapter serves."""
         current = self.state.round
         if round_ is not None and round_ > current:
             raise FailedPreconditionError(
@@ -706,18 +713,13 @@ class FederationRuntime:
             )
         if round_ is None or round_ == current:
             newest = RoundContent(self.state, self.energy, self.holders)
-            return await self.views.get(current, joined.rank, joined.scale, lambda: newest)
+            return await self.views.get(current, rank, scale, lambda: newest)
         if round_ == 0:
             return await self.views.get(
-                0,
-                joined.rank,
-                joined.scale,
-                lambda: RoundContent(self.strategy.initial_state(), None, ()),
+                0, rank, scale, lambda: RoundContent(self.strategy.initial_state(), None, ())
             )
         older = round_
-        return await self.views.get(
-            older, joined.rank, joined.scale, lambda: self.published.content(older)
-        )
+        return await self.views.get(older, rank, scale, lambda: self.published.content(older))
 
     async def discard_view(self, view: View) -> None:
         """A view whose bytes no longer match its digest: drop it, the next pull rebuilds it."""
@@ -732,11 +734,19 @@ class FederationRuntime:
         await asyncio.to_thread(self.store.delete_view, view.stored)
 
     async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, ViewReader]:
-        """The client's view and its bytes, opened. A publication may prune an older round's
-        view while it is built or before it is opened: then it is built again."""
+        """The client's view and its bytes, opened (see :meth:`open_view_at`)."""
+        self.check_serving()
+        joined = self.client(client_id)
+        return await self.open_view_at(joined.rank, joined.scale, round_)
+
+    async def open_view_at(
+        self, rank: int, scale: float, round_: int | None = None
+    ) -> tuple[View, ViewReader]:
+        """The view at (``rank``, ``scale``) and its bytes, opened. A publication may prune an
+        older round's view while it is built or before it is opened: then it is built again."""
         for _ in range(_VIEW_ATTEMPTS - 1):
-            try:  # a build that failed is built again by the next view_for
-                view = await self.view_for(client_id, round_)
+            try:  # a build that failed is built again by the next view_at
+                view = await self.view_at(rank, scale, round_)
             except FileNotFoundError:
                 continue
             try:
@@ -745,6 +755,6 @@ class FederationRuntime:
                 self.views.forget(view)
                 continue
             return view, self.views.open(view, opened)  # pins the round (retention)
-        view = await self.view_for(client_id, round_)
+        view = await self.view_at(rank, scale, round_)
         opened = await asyncio.to_thread(self.store.open_view, view.stored)
         return view, self.views.open(view, opened)
