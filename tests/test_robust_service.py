@@ -109,3 +109,31 @@ def test_a_sign_flip_attacker_is_contained_by_the_robust_policy(tmp_path: Path) 
     assert plain_error > 1.0, plain_error
     shares = {u.client_id: u.weight_share for u in manifest.uploads}
     assert shares["c5"] < 0.05 * min(v for k, v in shares.items() if k != "c5")
+
+
+HOSTILE_POLICIES = {
+    "nan-bound": (pb.RobustPolicy(clip_norm=float("nan")), "robust.clip_norm"),
+    "inf-bound": (pb.RobustPolicy(clip_norm=float("inf")), "robust.clip_norm"),
+    "negative-quantile": (pb.RobustPolicy(clip_quantile=-1), "robust.clip_quantile"),
+    "quantile-above-1": (pb.RobustPolicy(clip_quantile=2), "robust.clip_quantile"),
+    "unknown-combine": (pb.RobustPolicy(combine="x" * 100_000), "robust.combine"),
+    "huge-trim": (pb.RobustPolicy(combine="trimmed", trim=4_000_000_000), "robust.trim"),
+}
+
+
+def test_hostile_robust_policies_are_refused_naming_the_field(tmp_path: Path) -> None:
+    from raflora.client_sdk import InvalidArgumentError
+
+    with threaded_server(tmp_path) as server, AdminClient(server.target) as admin:
+        for name, (policy, field) in HOSTILE_POLICIES.items():
+            spec = federation_spec(name, MODULES)
+            spec.robust.CopyFrom(policy)
+            try:
+                admin.create_federation(spec)
+            except InvalidArgumentError as exc:
+                assert exc.field == field, (name, exc)
+                assert len(str(exc)) < 1100  # the 100 kB string is not echoed back
+            else:
+                raise AssertionError(f"{name} was accepted")
+        admin.create_federation(federation_spec("fine", MODULES))  # the server still serves
+        assert admin.get_federation("fine").spec.federation_id == "fine"

@@ -1602,3 +1602,58 @@ def test_a_hostile_tensor_name_gets_a_readable_refusal(small: Small) -> None:
         error = refused(lambda: emoji.push({name: torch.zeros(2, 12)}, round=0, num_examples=10))
         check(error, C.INVALID_ARGUMENT, R.INVALID_UPDATE)
     assert emoji.status().uploads == 0
+
+
+# A member's own token, its enrolment credential, the open federation's secret, or nothing,
+# against each admin RPC this release added; the code each must get.
+ADMIN_RPCS: list[tuple[str, Callable[[Any], object]]] = [
+    (
+        "DeleteFederation",
+        lambda s: s.DeleteFederation(
+            pb.DeleteFederationRequest(federation_id="closed"), timeout=10, metadata=s.md
+        ),
+    ),
+    (
+        "ListClients",
+        lambda s: s.ListClients(
+            pb.ListClientsRequest(federation_id="closed"), timeout=10, metadata=s.md
+        ),
+    ),
+    (
+        "ExportAdapter",
+        lambda s: list(
+            s.ExportAdapter(
+                pb.ExportAdapterRequest(federation_id="closed", rank=2), timeout=10, metadata=s.md
+            )
+        ),
+    ),
+]
+PRESENTED: list[tuple[str, Callable[[World], str | None]]] = [
+    ("client-token", lambda w: w.alice.token),
+    ("client-credential", lambda w: w.creds["closed/alice"]),
+    ("open-secret", lambda w: w.secret),
+    ("nothing", lambda w: None),
+]
+
+
+class _AdminStub:
+    def __init__(self, channel: grpc.Channel, md: Metadata | None) -> None:
+        self._stub = pb_grpc.AdminServiceStub(channel)
+        self.md = md
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+
+@pytest.mark.parametrize("rpc", [r[1] for r in ADMIN_RPCS], ids=[r[0] for r in ADMIN_RPCS])
+@pytest.mark.parametrize("presented", [p[1] for p in PRESENTED], ids=[p[0] for p in PRESENTED])
+def test_a_member_cannot_delete_export_or_list_a_federation(
+    world: World, rpc: Callable[[Any], object], presented: Callable[[World], str | None]
+) -> None:
+    with grpc.insecure_channel(world.target) as channel:
+        error = refused(lambda: rpc(_AdminStub(channel, bearer(presented(world)))))
+    assert error.code in (C.UNAUTHENTICATED, C.PERMISSION_DENIED), error
+    # The federation is untouched and its members keep being served.
+    assert world.admin.get_federation("closed").spec.federation_id == "closed"
+    assert world.alice.status().round >= 0
+    assert (world.data_dir / "federations" / "closed").is_dir()
