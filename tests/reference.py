@@ -122,3 +122,41 @@ def raflora_carry_over(
     for j in range(r_max, len(S)):
         D += S[j] * np.outer(U[:, j], Vt[j, :])
     return truncate(D, R)
+
+
+def private_raflora(
+    clients: Sequence[Client],
+    modules: Sequence[str],
+    R: int,
+    clip_norm: float,
+    denominator: int,
+    noise: dict[str, Array],
+) -> dict[str, Array]:
+    """§2.9 with raFLoRA's partition weights over uniform p: each client's boosted update
+    u_i = Σ_k (n / |S_k|) s_i B_i[:, P_k] A_i[P_k, :] (all modules) is clipped to clip_norm,
+    the clipped updates are summed over ``denominator``, the noise added, and each module
+    truncated to rank R."""
+    n = len(clients)
+    rhos = sorted({c["rank"] for c in clients})
+    boosted = []
+    for c in clients:
+        u = {}
+        for m in modules:
+            B, A = c[m]
+            D = np.zeros((B.shape[0], A.shape[1]))
+            prev = 0
+            for rho in rhos:
+                if c["rank"] >= rho:
+                    holders = sum(1 for o in clients if o["rank"] >= rho)
+                    D += (n / holders) * c["s"] * B[:, prev:rho] @ A[prev:rho, :]
+                prev = rho
+            u[m] = D
+        boosted.append(u)
+    out = {}
+    for m in modules:
+        total = np.array(noise[m], dtype=np.float64)
+        for u in boosted:
+            norm = np.sqrt(sum(float(np.sum(u[k] ** 2)) for k in modules))
+            total = total + min(1.0, clip_norm / norm) * u[m] / denominator
+        out[m] = truncate(total, R)
+    return out

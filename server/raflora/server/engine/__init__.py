@@ -22,6 +22,7 @@ from .errors import (
 )
 from .initialization import orthogonal_fresh_rows, shared_init_rows
 from .lowrank import SvdMethod, choose_method, dense_svd, factored_svd, truncated_svd_of_sum
+from .privacy import PrivacyOutcome, PrivacyPolicy, PrivateRound
 from .strategies import STRATEGIES, Strategy, StrategyConfig, make_strategy
 from .types import (
     AdapterSchema,
@@ -56,6 +57,9 @@ __all__ = [
     "ModuleShape",
     "ModuleState",
     "NonFiniteError",
+    "PrivacyOutcome",
+    "PrivacyPolicy",
+    "PrivateRound",
     "RankEnergy",
     "RankError",
     "ScalingRule",

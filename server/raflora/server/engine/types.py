@@ -10,11 +10,15 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .privacy import PrivacyOutcome
 
 ACCEPTED_DTYPES: frozenset[torch.dtype] = frozenset(
     {torch.float32, torch.float16, torch.bfloat16, torch.float64}
@@ -131,6 +135,8 @@ class GlobalState:
     weights: tuple[float, ...] = ()
     clip: tuple[float, ...] = ()
     trust: tuple[float, ...] = ()
+    # What client-level DP did to the round (docs/design.md §2.9); None: not private.
+    privacy: PrivacyOutcome | None = None
 
     def dense(self, name: str) -> Tensor:
         return self.modules[name].dense()

@@ -14,6 +14,7 @@ from ..distribution import FactorSplit
 from ..errors import ConfigError, EmptyRoundError
 from ..initialization import shared_init_rows
 from ..lowrank import SvdMethod
+from ..privacy import PrivacyPolicy, PrivateRound
 from ..robust import RobustOutcome, RobustPolicy, defend
 from ..types import AdapterSchema, ClientAdapter, ClientUpdate, FactorPair, GlobalState
 from ..validation import validate_rank, validate_round, validate_update
@@ -44,6 +45,7 @@ class StrategyConfig:
     compute_dtype: torch.dtype = torch.float32
     options: Mapping[str, Any] = field(default_factory=dict)
     robust: RobustPolicy = field(default_factory=RobustPolicy)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -54,6 +56,20 @@ class StrategyConfig:
             bad = [r for r in self.allowed_ranks if not 1 <= r <= self.max_rank]
             if bad or not self.allowed_ranks:
                 raise ConfigError("allowed_ranks", f"must be non-empty within 1..{self.max_rank}")
+        if self.privacy.active:  # docs/design.md §2.9: no weight may depend on the data
+            if self.weighting is not Weighting.UNIFORM:
+                raise ConfigError(
+                    "weighting",
+                    "must be uniform with privacy on: weights from declared examples would "
+                    "make one client's share, and so the sensitivity, its own choice",
+                )
+            if self.robust.active:
+                raise ConfigError(
+                    "robust",
+                    "must be off with privacy on: trust and quantile clipping depend on the "
+                    "other clients' updates, so one client's data would move everyone's "
+                    "weight; privacy.clip_norm bounds each client instead",
+                )
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,7 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     known_options: ClassVar[frozenset[str]] = frozenset()
+    supports_privacy: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig) -> None:
         unknown = sorted(set(config.options) - self.known_options)
@@ -78,6 +95,12 @@ class Strategy(ABC):
             raise ConfigError(
                 f"options.{unknown[0]}",
                 f"unknown option for strategy {self.name!r}; known: {sorted(self.known_options)}",
+            )
+        if config.privacy.active and not self.supports_privacy:
+            raise ConfigError(
+                "privacy",
+                f"strategy {self.name!r} has no private mechanism; use flexlora, raflora or "
+                "raflora_ha",
             )
         self.config = config
         self.device = resolve_device(config.device)
@@ -117,9 +140,22 @@ class Strategy(ABC):
         Callers must have checked ``rank`` and ``scale`` with :meth:`check_client_rank`.
         """
 
-    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        """Validate the round's uploads, then combine them into the next global state."""
+    def aggregate(
+        self,
+        state: GlobalState,
+        updates: Sequence[ClientUpdate],
+        private: PrivateRound | None = None,
+    ) -> GlobalState:
+        """Validate the round's uploads, then combine them into the next global state.
+
+        A private federation's round needs ``private`` (its fixed denominator and secret noise
+        seed); other federations ignore it.
+        """
         prepared = self.prepare(updates)
+        if self.config.privacy.active:
+            if private is None:
+                raise ConfigError("privacy", "a private federation's round needs a PrivateRound")
+            return self._aggregate_private(state, prepared, private)
         modules = {name: self._aggregate_module(name, state, prepared) for name in self.schema}
         robust = prepared.robust
         return GlobalState(
@@ -130,6 +166,11 @@ class Strategy(ABC):
             clip=robust.clip if robust is not None else (),
             trust=robust.trust if robust is not None else (),
         )
+
+    def _aggregate_private(
+        self, state: GlobalState, round_: PreparedRound, private: PrivateRound
+    ) -> GlobalState:
+        raise ConfigError("privacy", f"strategy {self.name!r} has no private mechanism")
 
     @abstractmethod
     def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> Any:

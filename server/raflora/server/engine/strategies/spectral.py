@@ -9,11 +9,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..distribution import split_lowrank
 from ..errors import ConfigError
 from ..lowrank import truncated_svd_of_sum
+from ..privacy import (
+    PrivacyOutcome,
+    PrivateRound,
+    boosted_norms,
+    contribution_gains,
+    noise_std,
+    noisy_truncated_svd,
+)
 from ..types import FactorPair, GlobalState, LowRank
 from ..weights import (
     holder_aware_index_weights,
@@ -35,6 +44,7 @@ class SpectralStrategy(Strategy):
 
     known_options: ClassVar[frozenset[str]] = frozenset({"carry_over"})
     carry_over_default: ClassVar[bool] = False
+    supports_privacy = True
 
     def __init__(self, config: StrategyConfig) -> None:
         super().__init__(config)
@@ -71,16 +81,74 @@ class SpectralStrategy(Strategy):
             f = u.factors[name]
             col = w.to(dtype=self.dtype, device=self.device) * u.scale
             terms.append(FactorPair(B=f.B * col, A=f.A))
-        if self.carry_over:
-            carried = carried_components(state.modules[name], max(round_.ranks))
-            if carried is not None:
-                terms.append(
-                    FactorPair(
-                        B=carried.B.to(dtype=self.dtype, device=self.device),
-                        A=carried.A.to(dtype=self.dtype, device=self.device),
-                    )
-                )
+        carried = self._carried(state, name, max(round_.ranks))
+        if carried is not None:
+            terms.append(carried)
         return truncated_svd_of_sum(terms, self.config.max_rank, self.config.svd_method)
+
+    def _carried(self, state: GlobalState, name: str, r_max: int) -> FactorPair | None:
+        if not self.carry_over:
+            return None
+        carried = carried_components(state.modules[name], r_max)
+        if carried is None:
+            return None
+        return FactorPair(
+            B=carried.B.to(dtype=self.dtype, device=self.device),
+            A=carried.A.to(dtype=self.dtype, device=self.device),
+        )
+
+    def _aggregate_private(
+        self, state: GlobalState, round_: PreparedRound, private: PrivateRound
+    ) -> GlobalState:
+        """docs/design.md §2.9: clip each boosted update u_i to C, sum over m̄, add N(0, σ²).
+
+        With uniform p_i = 1/n the strategy's index weights are w_ij = m_j / n, so
+        u_i's columns are n · w_ij · s_i; without clipping and with m̄ = n this is the
+        strategy's own aggregate plus the noise.
+        """
+        policy = self.config.privacy
+        n = len(round_.updates)
+        weights = self.index_weights(round_.ranks, round_.p)
+        columns = [
+            w.to(dtype=self.dtype, device=self.device) * (u.scale * n)
+            for u, w in zip(round_.updates, weights, strict=True)
+        ]
+        norms = boosted_norms([u.factors for u in round_.updates], columns)
+        gains = contribution_gains(norms, policy, private.denominator)
+        std = noise_std(policy, private.denominator)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(private.noise_seed)
+        modules = {}
+        for name, shape in self.schema.modules.items():
+            terms = [
+                FactorPair(B=u.factors[name].B * (col * float(g)), A=u.factors[name].A)
+                for u, col, g in zip(round_.updates, columns, gains, strict=True)
+            ]
+            modules[name] = noisy_truncated_svd(
+                terms,
+                (shape.d_out, shape.d_in),
+                std,
+                self.config.max_rank,
+                generator,
+                self._carried(state, name, max(round_.ranks)),
+            )
+        clip = tuple(float(g) * private.denominator for g in gains)
+        return GlobalState(
+            round=state.round + 1,
+            modules=modules,
+            participant_ranks=round_.ranks,
+            weights=(1.0 / private.denominator,) * n,
+            clip=clip,
+            trust=(),
+            privacy=PrivacyOutcome(
+                noise_multiplier=policy.noise_multiplier,
+                clip_norm=policy.clip_norm,
+                denominator=private.denominator,
+                noise_std=std,
+                norms=tuple(float(x) for x in norms),
+                clip=clip,
+            ),
+        )
 
 
 def carried_components(previous: object, r_max: int) -> FactorPair | None:
