@@ -259,3 +259,36 @@ def test_with_authentication_on(tmp_path: Path) -> None:
         refused(
             cli(t, "federations", "get", "secure", token_file=token_file), "FEDERATION_NOT_FOUND"
         )
+
+
+def test_a_private_federation_shows_its_privacy_spent(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "private.json"
+    spec_file.write_text(
+        json.dumps(
+            {
+                "federation_id": "cli-private",
+                "modules": [{"name": n, "d_out": o, "d_in": i} for n, (o, i) in MODULES.items()],
+                "max_rank": 4,
+                "weighting": "uniform",
+                "privacy": {"noise_multiplier": 1.1, "clip_norm": 2.5},
+            }
+        )
+    )
+    created = cli(server.target, "federations", "create", "-f", str(spec_file), "--format", "json")
+    assert created.json()["spec"]["privacy"] == {
+        "noise_multiplier": 1.1,
+        "clip_norm": 2.5,
+        "delta": 1e-05,
+    }
+    shown = cli(server.target, "federations", "get", "cli-private")
+    assert shown.code == 0, shown.err
+    assert "z=1.1, clip_norm=2.5" in shown.out
+    assert "0 at delta=1e-05 after 0 round(s)" in shown.out
+    spec_file.write_text(
+        json.dumps(
+            {**json.loads(spec_file.read_text()), "federation_id": "x", "weighting": "examples"}
+        )
+    )
+    refused(cli(server.target, "federations", "create", "-f", str(spec_file)), "weighting")

@@ -255,6 +255,12 @@ def _federation_detail(f: pb.Federation) -> str:
         ("e_min", st.energy.e_min if st.round else None),
         ("degraded", st.degraded or "no"),
     ]
+    if st.HasField("privacy"):  # docs/design.md §2.9
+        dp = st.privacy
+        rows += [
+            ("privacy", f"z={dp.noise_multiplier:g}, clip_norm={dp.clip_norm:g}"),
+            ("epsilon", f"{dp.epsilon:.4g} at delta={dp.delta:g} after {dp.rounds} round(s)"),
+        ]
     rows += [("module", f"{m.name} ({m.d_out}x{m.d_in})") for m in s.modules]
     if f.enrolment_secret:
         rows.append(("enrolment_secret", f"{f.enrolment_secret}  (shown once: store it now)"))

@@ -311,6 +311,7 @@ class FederationSpec(_message.Message):
     TRUST_FIELD_NUMBER: _builtins.int
     PARTICIPATION_FIELD_NUMBER: _builtins.int
     ROBUST_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     strategy: _builtins.str
     """raflora_ha (default), raflora, flexlora, hetlora, rbla, flora, fedit"""
@@ -339,6 +340,8 @@ class FederationSpec(_message.Message):
     def participation(self) -> Global___ParticipationPolicy: ...
     @_builtins.property
     def robust(self) -> Global___RobustPolicy: ...
+    @_builtins.property
+    def privacy(self) -> Global___PrivacyPolicy: ...
     def __init__(
         self,
         *,
@@ -358,14 +361,86 @@ class FederationSpec(_message.Message):
         trust: Global___TrustPolicy | None = ...,
         participation: Global___ParticipationPolicy | None = ...,
         robust: Global___RobustPolicy | None = ...,
+        privacy: Global___PrivacyPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["participation", b"participation", "robust", b"robust", "round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participation", b"participation", "privacy", b"privacy", "robust", b"robust", "round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "robust", b"robust", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "privacy", b"privacy", "robust", b"robust", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FederationSpec: _TypeAlias = FederationSpec  # noqa: Y015
+
+@_typing.final
+class PrivacyPolicy(_message.Message):
+    """Client-level differential privacy (docs/design.md §2.9). noise_multiplier 0: off. Needs a
+    spectral strategy (flexlora, raflora, raflora_ha), uniform weighting and no robust policy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    noise_multiplier: _builtins.float
+    """z: Gaussian noise std over the replace-one sensitivity 2C/m"""
+    clip_norm: _builtins.float
+    """C: bound on each client's boosted update (all modules)"""
+    delta: _builtins.float
+    """the delta of the reported epsilon (0: default 1e-5)"""
+    def __init__(
+        self,
+        *,
+        noise_multiplier: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "delta", b"delta", "noise_multiplier", b"noise_multiplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyPolicy: _TypeAlias = PrivacyPolicy  # noqa: Y015
+
+@_typing.final
+class PrivacySpent(_message.Message):
+    """What a private federation has spent so far (RoundStatus.privacy; absent when not private)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    epsilon: _builtins.float
+    """after every published round, at `delta` (RDP accountant)"""
+    delta: _builtins.float
+    rounds: _builtins.int
+    """private rounds published"""
+    noise_multiplier: _builtins.float
+    clip_norm: _builtins.float
+    noise_std: _builtins.float
+    """of the newest round: z * 2C / m, per adapter entry"""
+    def __init__(
+        self,
+        *,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        rounds: _builtins.int = ...,
+        noise_multiplier: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
+        noise_std: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "delta", b"delta", "epsilon", b"epsilon", "noise_multiplier", b"noise_multiplier", "noise_std", b"noise_std", "rounds", b"rounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacySpent: _TypeAlias = PrivacySpent  # noqa: Y015
 
 @_typing.final
 class RobustPolicy(_message.Message):
@@ -539,6 +614,7 @@ class RoundStatus(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     SELECTION_FIELD_NUMBER: _builtins.int
     SELECTED_CLIENTS_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     round: _builtins.int
     """the open round: uploads computed from global state `round`"""
@@ -564,6 +640,10 @@ class RoundStatus(_message.Message):
     def energy(self) -> Global___RankEnergy:
         """of the published state"""
 
+    @_builtins.property
+    def privacy(self) -> Global___PrivacySpent:
+        """set for a private federation (FederationSpec.privacy)"""
+
     def __init__(
         self,
         *,
@@ -580,10 +660,11 @@ class RoundStatus(_message.Message):
         degraded: _builtins.str = ...,
         selection: Global___Selection.ValueType = ...,
         selected_clients: _builtins.int = ...,
+        privacy: Global___PrivacySpent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["energy", b"energy", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "degraded", b"degraded", "energy", b"energy", "expected_clients", b"expected_clients", "federation_id", b"federation_id", "joined_clients", b"joined_clients", "min_clients", b"min_clients", "phase", b"phase", "published_round", b"published_round", "round", b"round", "selected_clients", b"selected_clients", "selection", b"selection", "uploads", b"uploads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "degraded", b"degraded", "energy", b"energy", "expected_clients", b"expected_clients", "federation_id", b"federation_id", "joined_clients", b"joined_clients", "min_clients", b"min_clients", "phase", b"phase", "privacy", b"privacy", "published_round", b"published_round", "round", b"round", "selected_clients", b"selected_clients", "selection", b"selection", "uploads", b"uploads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

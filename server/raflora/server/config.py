@@ -16,6 +16,7 @@ from raflora.server.engine import (
     StrategyConfig,
     Weighting,
 )
+from raflora.server.engine.privacy import PrivacyPolicy
 from raflora.server.engine.robust import Combine, RobustPolicy
 
 # Ids become directory names: keep them to a safe, portable alphabet.
@@ -27,6 +28,9 @@ MAX_DIMENSION = 1 << 20
 MAX_RANK = 4096
 MAX_MODULES = 20_000
 MAX_ADAPTER_ELEMENTS = 1 << 34  # max_rank · Σ(d_out + d_in)
+# A private round holds one module's noisy d_out × d_in aggregate at a time (1 GiB in fp32).
+MAX_PRIVATE_MODULE_ELEMENTS = 1 << 28
+PRIVATE_STRATEGIES = ("flexlora", "raflora", "raflora_ha")
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -93,6 +97,22 @@ class RobustConfig(BaseModel):
         )
 
 
+class PrivacyConfig(BaseModel):
+    """Client-level differential privacy (docs/design.md §2.9); off while noise_multiplier = 0."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    noise_multiplier: float = Field(default=0.0, ge=0.0, le=1e6)
+    clip_norm: float = Field(default=0.0, ge=0.0, le=1e12)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+
+    @property
+    def active(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def policy(self) -> PrivacyPolicy:
+        return PrivacyPolicy(self.noise_multiplier, self.clip_norm, self.delta)
+
+
 class FederationConfig(BaseModel):
     """Everything a federation declares; defaults run out of the box."""
 
@@ -132,6 +152,7 @@ class FederationConfig(BaseModel):
     max_clients: int = Field(default=10_000, ge=1, description="Clients that may join")
     participation: ParticipationConfig = Field(default_factory=ParticipationConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @field_validator("strategy")
     @classmethod
@@ -163,7 +184,37 @@ class FederationConfig(BaseModel):
             )
         if self.strategy == "fedit" and len(set(self.allowed_ranks)) != 1:
             raise ConfigError("allowed_ranks", "strategy 'fedit' needs exactly one allowed rank")
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        """What a private federation needs (docs/design.md §2.9), each named by its field."""
+        if not (self.privacy.active or self.privacy.clip_norm):
+            return
+        self.privacy.policy()  # noise multiplier and clip bound both set
+        if self.strategy not in PRIVATE_STRATEGIES:
+            raise ConfigError(
+                "privacy", f"needs a spectral strategy {PRIVATE_STRATEGIES}, not {self.strategy!r}"
+            )
+        if self.weighting is not Weighting.UNIFORM:
+            raise ConfigError(
+                "weighting",
+                "must be uniform with privacy on: weights from declared examples would make "
+                "one client's share, and so the sensitivity, its own choice",
+            )
+        if self.robust.policy().active:
+            raise ConfigError(
+                "robust",
+                "must be off with privacy on: trust and quantile clipping depend on the other "
+                "clients' updates; privacy.clip_norm bounds each client instead",
+            )
+        big = [m.name for m in self.modules if m.d_out * m.d_in > MAX_PRIVATE_MODULE_ELEMENTS]
+        if big:
+            raise ConfigError(
+                "modules",
+                f"module {big[0]!r} is too large for a private round, whose noise makes each "
+                f"module's aggregate dense (at most {MAX_PRIVATE_MODULE_ELEMENTS} elements)",
+            )
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -184,6 +235,7 @@ class FederationConfig(BaseModel):
             device=device,
             options=dict(self.strategy_options),
             robust=self.robust.policy(self.max_weight_share),
+            privacy=self.privacy.policy(),
         )
 
     @classmethod

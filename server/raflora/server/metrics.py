@@ -211,6 +211,19 @@ class ServerMetrics:
             ["federation"],
             r,
         )
+        self.privacy_epsilon = Gauge(
+            "raflora_privacy_epsilon",
+            "Client-level DP spent by a private federation's published rounds: epsilon at "
+            "the federation's delta (RDP accountant, docs/design.md 2.9)",
+            ["federation"],
+            registry=r,
+        )
+        self.privacy_rounds = Gauge(
+            "raflora_privacy_rounds",
+            "Private rounds published (each spends privacy)",
+            ["federation"],
+            registry=r,
+        )
         self.security = Gauge(
             "raflora_security_info",
             "1, labelled with whether authentication (on/off) and TLS (off/tls/mtls) are on",
@@ -414,6 +427,9 @@ class ServerMetrics:
         self.record_energy(federation, manifest.energy)
         self.record_holders(federation, manifest.holders)
         self.max_weight_share.labels(federation).set(manifest.max_weight_share)
+        if manifest.privacy is not None:
+            self.privacy_epsilon.labels(federation).set(manifest.privacy.epsilon)
+            self.privacy_rounds.labels(federation).set(manifest.privacy.rounds)
 
     # -- HTTP ------------------------------------------------------------------------------
     def serve(self, host: str, port: int, heartbeat: Heartbeat | None = None) -> int:

@@ -8,7 +8,7 @@ from raflora.server.engine import ConfigError, FactorSplit, RankEnergy, ScalingR
 from raflora.v1 import aggregation_pb2 as pb
 
 from ..config import FederationConfig
-from ..rounds import EventType, FederationRuntime, Phase, RoundEvent, Snapshot, View
+from ..rounds import EventType, FederationRuntime, Phase, PrivacyStatus, RoundEvent, Snapshot, View
 from ..rounds.hub import ClientInfo
 from ..storage.manifest import Holders
 
@@ -74,6 +74,11 @@ def config_from_proto(spec: pb.FederationSpec) -> FederationConfig:
         "combine": robust.combine or "mean",
         "trim": robust.trim or 1,
     }
+    data["privacy"] = {
+        "noise_multiplier": spec.privacy.noise_multiplier,
+        "clip_norm": spec.privacy.clip_norm,
+        "delta": spec.privacy.delta or 1e-5,
+    }
     for key, table, value in (
         ("scaling_rule", _SCALING, spec.scaling_rule),
         ("weighting", _WEIGHTING, spec.weighting),
@@ -120,6 +125,11 @@ def config_to_proto(c: FederationConfig) -> pb.FederationSpec:
             clip_quantile=c.robust.clip_quantile,
             combine=c.robust.combine.value,
             trim=c.robust.trim,
+        ),
+        privacy=pb.PrivacyPolicy(
+            noise_multiplier=c.privacy.noise_multiplier,
+            clip_norm=c.privacy.clip_norm,
+            delta=c.privacy.delta,
         ),
     )
 
@@ -182,6 +192,20 @@ def status_proto(s: Snapshot, client_id: str = "") -> pb.RoundStatus:
         degraded=s.degraded,
         selection=selection_of(s, client_id),
         selected_clients=len(s.selected) if s.selected is not None else 0,
+        privacy=privacy_proto(s.privacy),
+    )
+
+
+def privacy_proto(p: PrivacyStatus | None) -> pb.PrivacySpent | None:
+    if p is None:
+        return None
+    return pb.PrivacySpent(
+        epsilon=p.epsilon,
+        delta=p.delta,
+        rounds=p.rounds,
+        noise_multiplier=p.noise_multiplier,
+        clip_norm=p.clip_norm,
+        noise_std=p.noise_std,
     )
 
 

@@ -32,6 +32,18 @@ class EventType(str, Enum):
 
 
 @dataclass(frozen=True)
+class PrivacyStatus:
+    """A private federation's spend so far (docs/design.md §2.9)."""
+
+    epsilon: float
+    delta: float
+    rounds: int
+    noise_multiplier: float
+    clip_norm: float
+    noise_std: float  # of the newest private round (0 before the first)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     federation_id: str
     round: int  # the newest published round, and the round that collects uploads
@@ -47,6 +59,7 @@ class Snapshot:
     selected: frozenset[str] | None = None  # the round's selection; None: everyone
     selection_pending: bool = False  # a policy's draw waits for more clients to join
     observers: frozenset[str] = frozenset()  # never selected, whatever the policy
+    privacy: PrivacyStatus | None = None  # None: not a private federation
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from raflora.server.engine import (
 
 from ..config import FederationConfig
 from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
+from .privacy import RoundPrivacy, manifest_privacy
 from .views import ViewCache
 
 log = logging.getLogger("raflora.server")
@@ -135,23 +136,26 @@ class RoundPublisher:
         state: GlobalState,
         updates: list[ClientUpdate],
         records: Mapping[str, UploadRecord],
+        privacy: RoundPrivacy | None = None,
     ) -> tuple[GlobalState | None, list[ClientUpdate], list[float], list[Quarantined]]:
         """Aggregate; if that fails, set aside the uploads that fail alone and retry.
 
         Returns the new state, the updates in it with their shares, and the culprits.
         """
         culprits: list[Quarantined] = []
+        mechanism = privacy.mechanism if privacy is not None else None
         while updates:
             shares = self.shares([u.num_examples for u in updates])
             try:
-                new_state = self.strategy.aggregate(state, self.weighted(updates, shares))
+                weighted = self.weighted(updates, shares)
+                new_state = self.strategy.aggregate(state, weighted, mechanism)
                 return new_state, updates, shares, culprits
             except Exception as exc:
                 first_error = exc
             found = []
             for u in updates:
-                try:
-                    self.strategy.aggregate(state, [u])
+                try:  # never released: a private trial costs no privacy
+                    self.strategy.aggregate(state, [u], mechanism)
                 except Exception as exc:
                     reason = f"aggregation failed on it: {exc}"
                     found.append(Quarantined(records[u.client_id], reason))
@@ -167,10 +171,11 @@ class RoundPublisher:
         state: GlobalState,
         records: Sequence[UploadRecord],
         before_commit: Callable[[], None] | None = None,
+        privacy: RoundPrivacy | None = None,
     ) -> PublishOutcome:
         by_client = {r.client_id: r for r in records}
         updates, quarantined = self.load(records)
-        new_state, used, shares, culprits = self.aggregate(state, updates, by_client)
+        new_state, used, shares, culprits = self.aggregate(state, updates, by_client, privacy)
         quarantined += culprits
         if new_state is None:
             raise NothingToAggregateError(quarantined)
@@ -195,6 +200,7 @@ class RoundPublisher:
             participant_ranks=new_state.participant_ranks,
             published_unix=time.time(),
             quarantined=tuple(q.record.client_id for q in quarantined),
+            privacy=manifest_privacy(privacy, new_state) if privacy is not None else None,
         )
         # Set the culprits aside before the publication: a crash in between re-runs the round
         # without them instead of failing on them again.

@@ -48,7 +48,8 @@ from ..storage import (
 )
 from ..storage.manifest import Holders
 from ..storage.tensorio import UpdateBounds, validate_upload
-from .events import EventBus, EventType, Phase, RoundEvent, Snapshot, Subscription
+from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
+from .privacy import RoundPrivacy, round_privacy
 from .publish import (
     NothingToAggregateError,
     PublishOutcome,
@@ -138,6 +139,8 @@ class FederationRuntime:
                 self.state, self.manifest = self.published.load(latest)
             except CorruptDataError as exc:
                 self._degrade(f"published round {latest} is corrupt: {exc.problem}")
+            else:
+                self._check_privacy_record(latest)
         self.clients = self.store.load_clients()
         self.observers = frozenset(c for c, r in self.clients.items() if r.observer)
         if not self.degraded:
@@ -148,6 +151,9 @@ class FederationRuntime:
         # The newest round's gauges, its publication time and the collapse count (recounted
         # from the stored manifests): what the alerts read survives a restart.
         self.metrics.record_resumed(self.id, self.manifest, self.store.read_manifest)
+        if self.config.privacy.active and self.manifest is None:
+            self.metrics.privacy_epsilon.labels(self.id).set(0.0)
+            self.metrics.privacy_rounds.labels(self.id).set(0)
         self.metrics.current_round.labels(self.id).set(self.state.round)
         self.metrics.active_clients.labels(self.id).set(len(self.clients))
         self.metrics.round_uploads.labels(self.id).set(len(self.uploads))
@@ -234,6 +240,34 @@ class FederationRuntime:
             selected=self.selection.selected if self.selection is not None else None,
             selection_pending=self.selection_pending,
             observers=self.observers,
+            privacy=self.privacy_status(),
+        )
+
+    def _check_privacy_record(self, latest: int) -> None:
+        """A private federation's ε is recomposed from its newest manifest: one that lost or
+        miscounts its rounds would under-report the privacy spent, so it degrades instead."""
+        if not self.config.privacy.active or self.manifest is None:
+            return
+        spent = self.manifest.privacy
+        if spent is None or spent.rounds != latest:
+            found = "no privacy record" if spent is None else f"{spent.rounds} private rounds"
+            self._degrade(
+                f"published round {latest} of a private federation has {found}; "
+                "the privacy spent cannot be accounted"
+            )
+
+    def privacy_status(self) -> PrivacyStatus | None:
+        policy = self.config.privacy
+        if not policy.active:
+            return None
+        spent = self.manifest.privacy if self.manifest is not None else None
+        return PrivacyStatus(
+            epsilon=spent.epsilon if spent is not None else 0.0,
+            delta=policy.delta,
+            rounds=spent.rounds if spent is not None else 0,
+            noise_multiplier=policy.noise_multiplier,
+            clip_norm=policy.clip_norm,
+            noise_std=spent.noise_std if spent is not None else 0.0,
         )
 
     def subscribe(self) -> Subscription:
@@ -575,14 +609,21 @@ class FederationRuntime:
             return True
         return self._deadline_passed and n >= self.config.min_clients
 
-    def _claim_close(self) -> tuple[GlobalState, list[UploadRecord]] | None:
-        """Under the lock: if the round is ready, close it now (no later push gets in)."""
+    def _claim_close(
+        self,
+    ) -> tuple[GlobalState, list[UploadRecord], RoundPrivacy | None] | None:
+        """Under the lock: if the round is ready, close it now (no later push gets in).
+
+        A private round's terms (denominator, the accountant's view of the draw) are fixed
+        here, from the selection, before any upload is read.
+        """
         if self._closed or self.degraded or self.phase is not Phase.COLLECTING:
             return None
         if not self._ready():
             return None
         self.phase = Phase.AGGREGATING
-        return self.state, sorted(self.uploads.values(), key=lambda u: u.client_id)
+        privacy = round_privacy(self.config, self.selection, self._quota(), self.manifest)
+        return self.state, sorted(self.uploads.values(), key=lambda u: u.client_id), privacy
 
     async def _maybe_close(self) -> None:
         async with self.lock:
@@ -590,13 +631,15 @@ class FederationRuntime:
         if claimed is not None:
             await self._aggregate(*claimed)
 
-    async def _aggregate(self, state: GlobalState, uploads: list[UploadRecord]) -> None:
+    async def _aggregate(
+        self, state: GlobalState, uploads: list[UploadRecord], privacy: RoundPrivacy | None
+    ) -> None:
         self._emit(EventType.AGGREGATING, f"aggregating {len(uploads)} uploads")
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             outcome = await loop.run_in_executor(
-                self.executor, self.publisher.run, state, uploads, self._debug_delay
+                self.executor, self.publisher.run, state, uploads, self._debug_delay, privacy
             )
         except NothingToAggregateError as exc:
             await self._after_quarantine(exc.quarantined)

@@ -3,7 +3,7 @@
 The rounds layer talks to a :class:`FederationStore` and never sees a path.
 """
 
-from .manifest import ManifestError, ManifestUpload, RoundManifest
+from .manifest import ManifestError, ManifestPrivacy, ManifestUpload, RoundManifest
 from .memory import MemoryFederationStore, MemoryStorage
 from .records import ClientRecord, UploadRecord
 from .store import (
@@ -24,6 +24,7 @@ __all__ = [
     "FileFederationStore",
     "FileStorage",
     "ManifestError",
+    "ManifestPrivacy",
     "ManifestUpload",
     "MemoryFederationStore",
     "MemoryStorage",

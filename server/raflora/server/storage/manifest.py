@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raflora.server.engine import RankEnergy
+from raflora.server.engine.accountant import DpRound, history_from_json, history_to_json
 
 SCHEMA_VERSION = 2
 Holders = tuple[int, int, float]  # (partition upper rank, holder count, holder weight share)
@@ -34,6 +35,66 @@ class ManifestUpload:
 
 
 @dataclass(frozen=True)
+class ManifestPrivacy:
+    """A private round's mechanism and the federation's privacy spent up to it (§2.9)."""
+
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    noise_std: float
+    denominator: int  # m̄, the round's seats
+    sample: int  # what the accountant saw: `sample` of `roster` drawn (equal: no amplification)
+    roster: int
+    epsilon: float  # after this round, at delta
+    history: tuple[tuple[DpRound, int], ...]  # every private round so far, as a histogram
+
+    @property
+    def rounds(self) -> int:
+        return sum(count for _, count in self.history)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "delta": self.delta,
+            "noise_std": self.noise_std,
+            "denominator": self.denominator,
+            "sample": self.sample,
+            "roster": self.roster,
+            "epsilon": self.epsilon,
+            "history": history_to_json(dict(self.history)),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ManifestPrivacy:
+        if not isinstance(raw, Mapping):
+            raise TypeError("privacy is not a JSON object")
+        out = cls(
+            noise_multiplier=_num(raw["noise_multiplier"]),
+            clip_norm=_num(raw["clip_norm"]),
+            delta=_num(raw["delta"]),
+            noise_std=_num(raw["noise_std"]),
+            denominator=_int(raw["denominator"]),
+            sample=_int(raw["sample"]),
+            roster=_int(raw["roster"]),
+            epsilon=_num(raw["epsilon"]),
+            history=tuple(sorted(history_from_json(_list(raw["history"])).items())),
+        )
+        bad = [
+            name
+            for name, value in (
+                ("noise_multiplier", out.noise_multiplier),
+                ("clip_norm", out.clip_norm),
+                ("noise_std", out.noise_std),
+            )
+            if not (math.isfinite(value) and value > 0)
+        ]
+        if bad or not 0 < out.delta < 1 or not out.epsilon >= 0 or out.denominator < 1:
+            raise ValueError(f"privacy record out of range ({', '.join(bad) or 'delta/epsilon'})")
+        return out
+
+
+@dataclass(frozen=True)
 class RoundManifest:
     federation_id: str
     round: int
@@ -46,6 +107,7 @@ class RoundManifest:
     state_sha256: str = ""  # filled in by the store when the state file is written
     state_bytes: int = 0
     quarantined: tuple[str, ...] = ()  # client ids removed from the round before aggregating
+    privacy: ManifestPrivacy | None = None  # set for a private federation's rounds
 
     @property
     def max_weight_share(self) -> float:
@@ -85,6 +147,7 @@ class RoundManifest:
             "state_sha256": self.state_sha256,
             "state_bytes": self.state_bytes,
             "quarantined": list(self.quarantined),
+            **({"privacy": self.privacy.to_json()} if self.privacy is not None else {}),
         }
 
     @classmethod
@@ -110,6 +173,12 @@ def _num(value: Any) -> float:
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
     return value
 
 
@@ -155,4 +224,5 @@ def _parse(raw: Any) -> RoundManifest:
         state_sha256=_str(raw.get("state_sha256", "")),
         state_bytes=_int(raw.get("state_bytes", 0)),
         quarantined=tuple(_str(c) for c in raw.get("quarantined", ())),
+        privacy=ManifestPrivacy.from_json(raw["privacy"]) if "privacy" in raw else None,
     )
