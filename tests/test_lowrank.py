@@ -111,3 +111,40 @@ def test_randomized_path_falls_back_when_it_cannot_certify() -> None:
     via = truncated_svd_of_sum(t, 8, SvdMethod.RANDOMIZED)
     exact = truncated_svd_of_sum(t, 8, SvdMethod.EXACT)
     assert torch.equal(via.S, exact.S) and torch.equal(via.U, exact.U)
+
+
+def test_a_top_direction_the_sketch_cannot_see_is_caught() -> None:
+    """Adversarial: the top singular direction (σ = 1.1) is orthogonal to the fixed sketch Ω
+    and the rest of ΔW is orthogonal to it on both sides, so the range finder never sees it
+    and every found triplet still passes its residual check. The tail bound from the Gram
+    matrices catches what the sketch missed, and the exact path publishes σ₁ = 1.1."""
+    from raflora.server.engine.lowrank import OVERSAMPLE, randomized_svd
+
+    d, R = 96, 4
+    k = pieces = R + OVERSAMPLE
+    omega = torch.randn(d, k, generator=torch.Generator().manual_seed(0x5EED))
+    basis, _ = torch.linalg.qr(
+        torch.cat([omega.double(), torch.randn(d, d, dtype=torch.float64)], 1)
+    )
+    v_top = basis[:, k]  # orthogonal to every column of Ω
+    g = torch.Generator().manual_seed(3)
+    left, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    u_top = left[:, 0]
+    U_rest = left[:, 1 : pieces + 1]  # ⊥ u_top
+    V_rest, _ = torch.linalg.qr(  # ⊥ v_top
+        (torch.eye(d, dtype=torch.float64) - torch.outer(v_top, v_top))
+        @ torch.randn(d, pieces, generator=g, dtype=torch.float64)
+    )
+    # The rest fills the sketch exactly (k components, no spare column for rounding to leak
+    # the planted direction into), so its top R are exact triplets: the old check passed.
+    sigma = torch.linspace(1.0, 0.5, pieces, dtype=torch.float64)
+    t = [FactorPair(B=(1.1 * u_top)[:, None], A=v_top[None, :])]
+    t += [
+        FactorPair(B=(U_rest[:, j] * sigma[j])[:, None], A=V_rest[:, j][None, :])
+        for j in range(pieces)
+    ]
+    exact = truncated_svd_of_sum(t, R, SvdMethod.EXACT)
+    assert float(exact.S[0]) == pytest.approx(1.1)
+    assert randomized_svd(t, R) is None  # before the tail bound: "certified" with σ₁ = 1.0
+    auto = truncated_svd_of_sum(t, R, SvdMethod.RANDOMIZED)
+    assert float(auto.S[0]) == pytest.approx(1.1)

@@ -11,6 +11,8 @@ kept only if a residual check certifies every triplet, else an exact path runs.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from enum import Enum
 
@@ -115,16 +117,31 @@ def randomized_svd(
     for _ in range(power_iterations):
         Z, _ = torch.linalg.qr(A.T @ (B.T @ Q))
         Q, _ = torch.linalg.qr(B @ (A @ Z))
-    Uc, S, Vh = torch.linalg.svd((Q.T @ B) @ A, full_matrices=False)
-    r = min(max_rank, n, int(S.shape[0]))
-    U, S, V = Q @ Uc[:, :r], S[:r], Vh[:r].T
+    QtB = Q.T @ B
+    Uc, S_all, Vh = torch.linalg.svd(QtB @ A, full_matrices=False)
+    r = min(max_rank, n, int(S_all.shape[0]))
+    U, S, V = Q @ Uc[:, :r], S_all[:r], Vh[:r].T
     top = float(S[0]) if r else 0.0
     if top == 0.0:
         return None
     residual = torch.linalg.vector_norm(B @ (A @ V) - U * S, dim=0)
     if float(residual.max()) > tolerance * top:
         return None
+    # The kept triplets are singular triplets of ΔW; are they the top ones? Any singular value
+    # not kept is at most ‖PΔW(I − VVᵀ)‖ + ‖(I − P)ΔW‖ ≤ σ̃_{r+1} + ‖(I − P)ΔW‖_F (P = QQᵀ),
+    # and the last term is exact from the Gram matrices of (I − P)B and A: it sees whatever
+    # the sketch missed, a top direction orthogonal to Ω included (docs/design.md §2.4).
+    missed = range_residual_norm(B - Q @ QtB, A)
+    below = float(S_all[r]) if int(S_all.shape[0]) > r else 0.0
+    if below + missed > float(S[r - 1]) * (1 - tolerance):
+        return None
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
+
+
+def range_residual_norm(C: Tensor, A: Tensor) -> float:
+    """‖C A‖_F from the N × N Gram matrices (tr(CᵀC · AAᵀ)), in float64 for the sum."""
+    gram = (C.T @ C).double() * (A @ A.T).double()
+    return math.sqrt(max(float(gram.sum()), 0.0))
 
 
 def worth_randomizing(d_out: int, d_in: int, n: int, max_rank: int) -> bool:
