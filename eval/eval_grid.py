@@ -57,6 +57,21 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "raflora-co": ("raflora", {"carry_over": "true"}),
     "ha-shrink2-noco": ("raflora_ha", {"shrinkage": "2", "carry_over": "false"}),
 }
+# Further FederationSpec fields of a variant (docs/robustness.md): defences and privacy.
+ROBUST = pb.RobustPolicy(clip_quantile=0.8, combine="median_trust")
+TRIMMED = pb.RobustPolicy(clip_quantile=0.8, combine="trimmed", trim=2)
+VARIANTS.update(
+    {
+        "ha-robust": ("raflora_ha", {"shrinkage": "2"}),
+        "ha-trimmed": ("raflora_ha", {"shrinkage": "2"}),
+        "ha-uniform": ("raflora_ha", {"shrinkage": "2"}),  # the private variants' reference
+        "ha-dp8": ("raflora_ha", {"shrinkage": "2"}),
+        "ha-dp2": ("raflora_ha", {"shrinkage": "2"}),
+    }
+)
+DP_EPSILON = {"ha-dp8": 8.0, "ha-dp2": 2.0}
+DP_DELTA = 1e-5
+DP_CLIP = 2.0  # above the honest adapters' norms (‖ΔW‖ ≈ 1.2 in docs/evaluation.md)
 BASE_RANKS = [2, 2, 4, 4, 16, 16]
 LONE_RANKS = [2, 2, 2, 4, 4, 16]
 
@@ -68,12 +83,26 @@ class Cell:
     layout: str
     seed: int
     participation: str = "1"  # fraction of clients per round; suffix "s": stratified by rank
+    attack: str = "none"  # "<kind>:<k>": clients 0..k-1 attack; "lone-<kind>": the lone rank-R
 
     @property
     def id(self) -> str:
         skew = "iid" if math.isinf(self.skew) else f"{self.skew:g}"
         part = "" if self.participation == "1" else f"-p{self.participation}"
-        return f"{self.dataset}-a{skew}-{self.layout}{part}-s{self.seed}"
+        attack = "" if self.attack == "none" else f"-x{self.attack.replace(':', '')}"
+        return f"{self.dataset}-a{skew}-{self.layout}{part}{attack}-s{self.seed}"
+
+    def attacks(self, ranks: Sequence[int]) -> list[str]:
+        """What each client does: "none" or the kind of attack it runs."""
+        if self.attack == "none":
+            return ["none"] * len(ranks)
+        if self.attack.startswith("lone-"):
+            kind, top = self.attack.removeprefix("lone-"), max(ranks)
+            if sum(r == top for r in ranks) != 1:
+                raise ValueError(f"attack {self.attack!r} needs the 'lone' layout")
+            return [kind if r == top else "none" for r in ranks]
+        kind, count = self.attack.split(":")
+        return [kind if k < int(count) else "none" for k in range(len(ranks))]
 
     @property
     def fraction(self) -> float:
@@ -126,19 +155,19 @@ def run_cell(
     feds = {label: f"{cell.id}-{label}".replace(".", "_") for label in args.variants}
     for label, fed in feds.items():
         strategy, options = VARIANTS[label]
-        admin.create_federation(
-            pb.FederationSpec(
-                federation_id=fed,
-                modules=[pb.ModuleSpec(name=n, d_out=o, d_in=i) for n, (o, i) in shapes.items()],
-                strategy=strategy,
-                strategy_options=options,
-                max_rank=R,
-                lora_alpha=2 * R,
-                init_seed=cell.seed,
-                round_policy=round_policy(len(ranks)),
-                participation=participation_policy(cell.fraction, cell.stratified, cell.seed),
-            )
+        spec = pb.FederationSpec(
+            federation_id=fed,
+            modules=[pb.ModuleSpec(name=n, d_out=o, d_in=i) for n, (o, i) in shapes.items()],
+            strategy=strategy,
+            strategy_options=options,
+            max_rank=R,
+            lora_alpha=2 * R,
+            init_seed=cell.seed,
+            round_policy=round_policy(len(ranks)),
+            participation=participation_policy(cell.fraction, cell.stratified, cell.seed),
         )
+        admin.create_federation(with_variant_policies(spec, label, args.rounds))
+    attacks = cell.attacks(ranks)
     procs = []
     for k, (rank, shard) in enumerate(zip(ranks, shards, strict=True)):
         shard_file = work / f"client-{k}.json"
@@ -158,6 +187,7 @@ def run_cell(
                 lr=args.lr,
                 max_length=args.max_length,
                 seed=1000 * cell.seed + k,
+                attack=attacks[k],
             )
         )
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in feds}
@@ -206,9 +236,29 @@ def run_cell(
     return {
         "cell": cell.__dict__ | {"id": cell.id, "setting": cell.setting},
         "ranks": ranks,
+        "attacks": attacks,
         "shard_sizes": [len(s) for s in shards],
         "runs": runs,
     }
+
+
+def with_variant_policies(spec: pb.FederationSpec, label: str, rounds: int) -> pb.FederationSpec:
+    """The robust and private variants' policies on top of a variant's strategy."""
+    if label == "ha-robust":
+        spec.robust.CopyFrom(ROBUST)
+    elif label == "ha-trimmed":
+        spec.robust.CopyFrom(TRIMMED)
+    elif label == "ha-uniform":
+        spec.weighting = pb.WEIGHTING_UNIFORM
+    elif label in DP_EPSILON:
+        from raflora.server.engine.accountant import noise_multiplier_for
+
+        spec.weighting = pb.WEIGHTING_UNIFORM
+        z = noise_multiplier_for(DP_EPSILON[label], DP_DELTA, rounds)  # everyone, every round
+        spec.privacy.CopyFrom(
+            pb.PrivacyPolicy(noise_multiplier=z, clip_norm=DP_CLIP, delta=DP_DELTA)
+        )
+    return spec
 
 
 def _clone(model: LoraClassifier) -> LoraClassifier:
@@ -218,7 +268,7 @@ def _clone(model: LoraClassifier) -> LoraClassifier:
 
 
 # -- summary ---------------------------------------------------------------------------------
-def summarize(out: Path, variants: Sequence[str]) -> dict[str, Any]:
+def summarize(out: Path, variants: Sequence[str], reference: str = "flexlora") -> dict[str, Any]:
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for c in cells:
@@ -236,7 +286,7 @@ def summarize(out: Path, variants: Sequence[str]) -> dict[str, Any]:
             e_min = np.array([c["runs"][label][-1]["e_min"] for c in group], dtype=float)
             loss = np.array([c["runs"][label][-1]["loss"] for c in group])
             norm = np.array([c["runs"][label][-1]["delta_norm"] for c in group])
-            # Paired with FlexLoRA on the same seed, over every round after round 0.
+            # Paired with the reference (FlexLoRA unless told) on the same seed, every round > 0.
             diffs = (
                 np.array(
                     [
@@ -244,14 +294,14 @@ def summarize(out: Path, variants: Sequence[str]) -> dict[str, Any]:
                             [
                                 a["accuracy"] - b["accuracy"]
                                 for a, b in zip(
-                                    c["runs"][label][1:], c["runs"]["flexlora"][1:], strict=True
+                                    c["runs"][label][1:], c["runs"][reference][1:], strict=True
                                 )
                             ]
                         )
                         for c in group
                     ]
                 )
-                if "flexlora" in group[0]["runs"]
+                if reference in group[0]["runs"]
                 else np.zeros(len(group))
             )
             # Rounds whose participants all had ranks below the federation's R: where carry-over
@@ -274,7 +324,7 @@ def summarize(out: Path, variants: Sequence[str]) -> dict[str, Any]:
                 "final_loss": _ms(loss),
                 "final_e_min": _ms(e_min),
                 "final_delta_norm": _ms(norm),
-                "paired_diff_vs_flexlora": _ms(diffs, sem=True),
+                "paired_diff_vs_reference": _ms(diffs, sem=True),
             }
         summary[setting] = rows
     return summary
@@ -289,45 +339,49 @@ def _ms(values: np.ndarray, sem: bool = False) -> dict[str, float]:
     return out
 
 
-def verdicts(summary: dict[str, Any], variants: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per variant: settings where it is worse than FlexLoRA beyond noise (mean < -2·sem, or
-    below -0.01 with a single seed), and its mean E_min relative to FlexLoRA's."""
+def verdicts(
+    summary: dict[str, Any], variants: Sequence[str], reference: str = "flexlora"
+) -> dict[str, dict[str, Any]]:
+    """Per variant: settings where it is worse than the reference beyond noise (mean < -2·sem,
+    or below -0.01 with a single seed), and its mean E_min relative to the reference's."""
     out: dict[str, dict[str, Any]] = {}
     for label in variants:
-        if label == "flexlora":
+        if label == reference:
             continue
         worse, e_ratio = [], []
         for setting, rows in summary.items():
-            if label not in rows or "flexlora" not in rows:
+            if label not in rows or reference not in rows:
                 continue
-            d = rows[label]["paired_diff_vs_flexlora"]
+            d = rows[label]["paired_diff_vs_reference"]
             noise = 2 * d["sem"] if d["sem"] == d["sem"] else 0.01
             if d["mean"] < -max(noise, 1e-9):
                 worse.append(setting)
             e_ratio.append(
-                rows[label]["final_e_min"]["mean"] / rows["flexlora"]["final_e_min"]["mean"]
+                rows[label]["final_e_min"]["mean"] / rows[reference]["final_e_min"]["mean"]
             )
         out[label] = {
-            "worse_than_flexlora_in": worse,
-            "mean_e_min_ratio_to_flexlora": float(np.mean(e_ratio)) if e_ratio else None,
+            "worse_than_reference_in": worse,
+            "mean_e_min_ratio_to_reference": float(np.mean(e_ratio)) if e_ratio else None,
         }
     return out
 
 
-def write_report(out: Path, variants: Sequence[str], meta: dict[str, Any]) -> str:
-    summary = summarize(out, variants)
-    verdict = verdicts(summary, variants)
+def write_report(
+    out: Path, variants: Sequence[str], meta: dict[str, Any], reference: str = "flexlora"
+) -> str:
+    summary = summarize(out, variants, reference)
+    verdict = verdicts(summary, variants, reference)
     (out / "summary.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "verdicts": verdict}, indent=2)
     )
     lines = [
         "| setting | strategy | seeds | final acc | acc over rounds "
-        "| Δacc vs FlexLoRA (paired) | final loss | E_min | ‖ΔW‖ | rounds w/o rank R |",
+        f"| Δacc vs {reference} (paired) | final loss | E_min | ‖ΔW‖ | rounds w/o rank R |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, rows in summary.items():
         for label, r in rows.items():
-            d = r["paired_diff_vs_flexlora"]
+            d = r["paired_diff_vs_reference"]
             diff = f"{d['mean']:+.3f} ± {d.get('sem', 0):.3f}"
             lines.append(
                 f"| {setting} | {label} | {r['seeds']} | {_fmt(r['final_accuracy'])} | "
@@ -337,15 +391,15 @@ def write_report(out: Path, variants: Sequence[str], meta: dict[str, Any]) -> st
             )
     lines.append("")
     for label, v in verdict.items():
-        worse = v["worse_than_flexlora_in"]
+        worse = v["worse_than_reference_in"]
         lines.append(
-            f"- **{label}**: worse than FlexLoRA beyond noise in {len(worse)} "
+            f"- **{label}**: worse than {reference} beyond noise in {len(worse)} "
             f"setting(s) {worse}; mean E_min = "
-            f"{v['mean_e_min_ratio_to_flexlora'] or float('nan'):.2f}× FlexLoRA's"
+            f"{v['mean_e_min_ratio_to_reference'] or float('nan'):.2f}× {reference}'s"
         )
     text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")
-    _plot(out, summary, variants)
+    _plot(out, summary, variants, reference)
     return text
 
 
@@ -353,7 +407,9 @@ def _fmt(ms: dict[str, float], digits: int = 3) -> str:
     return f"{ms['mean']:.{digits}f} ± {ms['sd']:.{digits}f}"
 
 
-def _plot(out: Path, summary: dict[str, Any], variants: Sequence[str]) -> None:
+def _plot(
+    out: Path, summary: dict[str, Any], variants: Sequence[str], reference: str = "flexlora"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,9 +421,9 @@ def _plot(out: Path, summary: dict[str, Any], variants: Sequence[str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(settings) + 2))
     y = np.arange(len(settings))
     height = 0.8 / max(len(variants) - 1, 1)
-    for k, label in enumerate(v for v in variants if v != "flexlora"):
+    for k, label in enumerate(v for v in variants if v != reference):
         d = [
-            summary[s].get(label, {}).get("paired_diff_vs_flexlora", {"mean": np.nan, "sem": 0})
+            summary[s].get(label, {}).get("paired_diff_vs_reference", {"mean": np.nan, "sem": 0})
             for s in settings
         ]
         axes[0].barh(
@@ -382,12 +438,11 @@ def _plot(out: Path, summary: dict[str, Any], variants: Sequence[str]) -> None:
         ]
         axes[1].barh(y + k * height, e, height, label=label)
     ef = [
-        summary[s].get("flexlora", {}).get("final_e_min", {"mean": np.nan})["mean"]
-        for s in settings
+        summary[s].get(reference, {}).get("final_e_min", {"mean": np.nan})["mean"] for s in settings
     ]
-    axes[1].scatter(ef, y + 0.4, marker="|", s=200, color="black", label="flexlora")
+    axes[1].scatter(ef, y + 0.4, marker="|", s=200, color="black", label=reference)
     for ax, title in zip(
-        axes, ("accuracy − FlexLoRA (paired over rounds, ±2 sem)", "final E_min"), strict=True
+        axes, (f"accuracy − {reference} (paired over rounds, ±2 sem)", "final E_min"), strict=True
     ):
         ax.set_yticks(y + 0.4, settings)
         ax.set_title(title)
@@ -410,7 +465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="1",
         help="fractions of clients selected per round; suffix s = stratified by rank (0.5s)",
     )
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--attacks",
+        default="none",
+        help="'none', '<kind>:<k>' (clients 0..k-1 attack) or 'lone-<kind>' (the lone rank-R "
+        "client of the 'lone' layout); kinds: signflip, noise, labelflip",
+    )
+    p.add_argument(
+        "--variants",
+        default="flexlora,raflora,ha-gamma0.5,ha-shrink2,ha-cap2,flexlora-co,raflora-co,ha-shrink2-noco",
+        help=f"known: {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--reference", default="flexlora", help="the variant paired differences use")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--local-steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -429,18 +495,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    if args.reference not in args.variants:
+        p.error(f"--reference {args.reference!r} is not among --variants")
     (args.out / "cells").mkdir(parents=True, exist_ok=True)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if not args.report_only:
         torch.set_num_threads(1)
         cells = [
-            Cell(d, float(a), layout, int(s), part)
-            for s, d, a, layout, part in itertools.product(
+            Cell(d, float(a), layout, int(s), part, attack)
+            for s, d, a, layout, part, attack in itertools.product(
                 args.seeds.split(","),
                 args.datasets.split(","),
                 args.skews.split(","),
                 args.layouts.split(","),
                 args.participations.split(","),
+                args.attacks.split(","),
             )
         ]
         todo = [c for c in cells if not (args.out / "cells" / f"{c.id}.json").exists()]
@@ -472,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tmp.replace(args.out / "cells" / f"{cell.id}.json")
         finally:
             server.stop()
-    print(write_report(args.out, args.variants, meta))
+    print(write_report(args.out, args.variants, meta, args.reference))
     return 0
 
 

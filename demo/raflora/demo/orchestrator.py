@@ -145,6 +145,7 @@ def spawn_trainer(
     lr: float,
     max_length: int,
     seed: int,
+    attack: str = "none",
 ) -> subprocess.Popen[bytes]:
     """One client process (``raflora.demo.trainer``) with ``lora_alpha = 2r``, logging to a file."""
     cmd = [
@@ -175,6 +176,8 @@ def spawn_trainer(
         str(max_length),
         "--seed",
         str(seed),
+        "--attack",
+        attack,
     ]
     for federation in federations:
         cmd += ["--federation", federation]

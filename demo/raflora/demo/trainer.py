@@ -45,7 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--attack",
+        choices=ATTACKS,
+        default="none",
+        help="evaluation only (docs/robustness.md): what this client does to its upload",
+    )
     return p
+
+
+# signflip: push −10× the trained adapter (B scaled by −10, so s·B·A is −10×);
+# noise: push Gaussian factors 10× the trained ones' scale; labelflip: train on wrong labels.
+ATTACKS = ("none", "signflip", "noise", "labelflip")
+ATTACK_GAIN = 10.0
+
+
+def poisoned(state: dict[str, torch.Tensor], attack: str, seed: int) -> dict[str, torch.Tensor]:
+    """The upload an attacking client sends instead of its honest ``state``."""
+    if attack == "signflip":
+        return {n: -ATTACK_GAIN * t if "lora_B" in n else t for n, t in state.items()}
+    if attack == "noise":
+        g = torch.Generator().manual_seed(seed)
+        return {
+            n: torch.randn(t.shape, generator=g, dtype=t.dtype) * float(t.std()) * ATTACK_GAIN
+            if "lora_B" in n
+            else torch.randn(t.shape, generator=g, dtype=t.dtype) * float(t.std())
+            for n, t in state.items()
+        }
+    return state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,8 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shard = np.array(json.loads(args.shard_file.read_text()), dtype=np.int64)
     first = LoraClassifier(args.rank, args.lora_alpha, ds.prompts, args.max_length)
     models = [first] + [copy.deepcopy(first) for _ in args.federation[1:]]
-    train = tokenize(first, [ds.texts[i] for i in shard], ds.labels[shard])
-    tag = f"[{args.client_id} r={args.rank}]"
+    labels = ds.labels[shard]
+    if args.attack == "labelflip":  # every example is given the next class's label
+        labels = (labels + 1) % len(ds.classes)
+    train = tokenize(first, [ds.texts[i] for i in shard], labels)
+    tag = f"[{args.client_id} r={args.rank}{'' if args.attack == 'none' else ' ' + args.attack}]"
     clients = [RafloraClient(args.target, fed, args.client_id) for fed in args.federation]
     try:
         joined = [
@@ -118,7 +148,8 @@ def train_round(
         args.lr,
         seed=args.seed * 100_003 + pulled.round,
     )
-    client.push(adapter_state(model.encoder), round=pulled.round, num_examples=num_examples)
+    upload = poisoned(adapter_state(model.encoder), args.attack, args.seed * 7 + pulled.round)
+    client.push(upload, round=pulled.round, num_examples=num_examples)
     return loss
 
 
