@@ -160,16 +160,3 @@ def test_over_selection_and_fraction() -> None:
     assert (half.quota, len(half.selected)) == (5, 5)
     few = select(ParticipationConfig(clients_per_round=4), 0, pool[:2])
     assert len(few.selected) == 2 and few.with_client("late").selected == few.selected | {"late"}
-
-
-def test_only_a_uniform_draw_is_marked_for_privacy_amplification() -> None:
-    """The accountant amplifies only rng.sample draws (docs/design.md §2.9)."""
-    pool = records({2: 6, 16: 2})
-    uniform = select(ParticipationConfig(clients_per_round=3), 0, pool)
-    assert (uniform.uniform, uniform.roster, uniform.seats) == (True, 8, 3)
-    stratified = select(ParticipationConfig(clients_per_round=3, stratify_by_rank=True), 0, pool)
-    assert not stratified.uniform and stratified.roster == 8
-    everyone = select(ParticipationConfig(clients_per_round=10), 0, pool)
-    assert not everyone.uniform
-    late = everyone.with_client("late")
-    assert not late.uniform and late.roster == 9

@@ -334,10 +334,45 @@ def test_the_manifest_privacy_record_round_trips_and_refuses_garbage() -> None:
 def test_the_calibration_command(capsys: pytest.CaptureFixture[str]) -> None:
     from raflora.server.calibrate import main
 
-    assert main(["--epsilon", "8", "--rounds", "5", "--clip-norm", "2", "--denominator", "6"]) == 0
+    assert main(["--epsilon", "8", "--rounds", "5", "--clip-norm", "2", "--clients", "6"]) == 0
     out = capsys.readouterr().out
     z = noise_multiplier_for(8.0, 1e-5, 5)
     assert f"noise_multiplier = {z:.6g}" in out
     assert f"= {z * 4 / 6:.6g}" in out
-    assert main(["--epsilon", "8", "--rounds", "5", "--sample", "7", "--roster", "3"]) == 2
-    assert "sample <= roster" in capsys.readouterr().err
+    assert main(["--epsilon", "-1", "--rounds", "5"]) == 2
+    assert "epsilon > 0" in capsys.readouterr().err
+
+
+def test_a_crafted_cancelling_update_cannot_slip_past_the_clip() -> None:
+    """B = [b, b], A = [a; −a + δ]: ‖B A‖ is small next to ‖B‖‖A‖, where a float32 Gram sum
+    cancels (to 0 or below). The norm is taken in float64, so the clip still binds: at full
+    rank, replacing the client by this update moves the release by ≤ 2C/m̄."""
+    shapes = {"q": (12, 10)}
+    schema = AdapterSchema.from_shapes(shapes)
+    g = torch.Generator().manual_seed(4)
+    b, a, d = (
+        torch.randn(12, generator=g),
+        torch.randn(10, generator=g),
+        torch.randn(10, generator=g),
+    )
+    crafted = FactorPair(B=torch.stack([b, b], 1) * 60, A=torch.stack([a * 40, -a * 40 + 0.01 * d]))
+    exact = float(torch.linalg.norm(crafted.B.double() @ crafted.A.double()))
+    cfg = StrategyConfig(
+        schema=schema,
+        max_rank=10,
+        weighting=Weighting.UNIFORM,
+        privacy=PrivacyPolicy(noise_multiplier=1.0, clip_norm=1e-3 * exact),
+    )  # float32 compute, as in the service
+    s = make_strategy("flexlora", cfg)
+    honest = ClientUpdate("h", 2, 1, 1.0, {"q": FactorPair(torch.zeros(12, 2), torch.zeros(2, 10))})
+    attacker = ClientUpdate("x", 2, 1, 1.0, {"q": crafted})
+    out = s.aggregate(s.initial_state(), [honest, attacker], PrivateRound(2, 5))
+    assert out.privacy is not None
+    assert out.privacy.norms[1] == pytest.approx(exact, rel=1e-3)
+    assert out.privacy.clip[1] == pytest.approx(1e-3, rel=1e-2)
+    other = ClientUpdate("x", 2, 1, 1.0, honest.factors)
+    base = s.aggregate(s.initial_state(), [honest, other], PrivateRound(2, 5))
+    moved = float(
+        torch.linalg.norm(out.modules["q"].dense().double() - base.modules["q"].dense().double())
+    )
+    assert moved <= 2 * cfg.privacy.clip_norm / 2 * 1.01

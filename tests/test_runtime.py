@@ -314,6 +314,46 @@ def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any
     run(config(min_clients=1), scenario)
 
 
+def test_a_retry_after_a_committed_publication_serves_what_was_stored(monkeypatch: Any) -> None:
+    """The store commits the round, then its directory fsync fails: the runtime retries, and
+    the store keeps the round it has. The runtime must serve that state, not its own second
+    aggregation (for a private federation a second noise draw: two releases, one accounted)."""
+
+    async def scenario(h: Harness) -> None:
+        original = h.store.publish
+        calls = {"n": 0}
+
+        def commit_then_fail(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            manifest = original(*args, **kwargs)
+            if calls["n"] == 1:
+                raise OSError(5, "fsync of the rounds directory failed")
+            return manifest
+
+        monkeypatch.setattr(h.store, "publish", commit_then_fail)
+        monkeypatch.setattr("raflora.server.rounds.runtime._RETRY_INITIAL_SECONDS", 0.05)
+        h.runtime._retry_delay = 0.05
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.runtime.join("b", 4, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.push("b", upload(4, 2), rank=4)
+        await h.published(1, timeout=10)
+        assert calls["n"] == 2 and EventType.FAILED in h.events
+        stored, manifest = h.store.load_published(1, h.runtime.schema)
+        for m in MODULES:
+            assert torch.equal(h.runtime.state.dense(m), stored.dense(m).to(torch.float32))
+        assert h.runtime.manifest == manifest
+        assert h.runtime.manifest is not None and h.runtime.manifest.privacy is not None
+        assert h.runtime.manifest.privacy.rounds == 1
+
+    cfg = config(
+        strategy="raflora_ha",
+        weighting="uniform",
+        privacy={"noise_multiplier": 1.0, "clip_norm": 5.0},
+    )
+    run(cfg, scenario)
+
+
 def test_resume_restores_round_clients_and_uploads() -> None:
     store = MemoryFederationStore()
     cfg = config(min_clients=2)

@@ -12,7 +12,6 @@ kept only if a residual check certifies every triplet, else an exact path runs.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from enum import Enum
 
@@ -103,7 +102,9 @@ def randomized_svd(
     Every product goes through the stacked factors, so the cost is linear in N = Σ r_i:
     O((d_out + d_in)·N·k) per power iteration with k = max_rank + oversample. The result is
     returned only if every kept triplet satisfies ‖ΔW v_j − σ_j u_j‖ ≤ tolerance·σ_1 (and
-    ΔWᵀu_j = σ_j v_j holds by construction); otherwise None, and callers use an exact path.
+    ΔWᵀu_j = σ_j v_j holds by construction) and no singular value left out can exceed the
+    smallest kept one (a bound from the Gram matrices of what the sketch missed, O(d·N²));
+    otherwise None, and callers use an exact path.
     The random start is seeded, so the result is deterministic.
     """
     B = torch.cat([t.B for t in terms], dim=1)
@@ -133,15 +134,20 @@ def randomized_svd(
     # the sketch missed, a top direction orthogonal to Ω included (docs/design.md §2.4).
     missed = range_residual_norm(B - Q @ QtB, A)
     below = float(S_all[r]) if int(S_all.shape[0]) > r else 0.0
-    if below + missed > float(S[r - 1]) * (1 - tolerance):
+    # Each kept σ̃_j is known to within its triplet residual; rounding of C = B − Q QᵀB in the
+    # compute dtype can hide up to ~eps·‖B‖·‖A‖ of ‖(I − P)ΔW‖: both count against the gap.
+    eps = torch.finfo(B.dtype).eps
+    rounding = 8 * eps * float(torch.linalg.norm(B)) * float(torch.linalg.norm(A))
+    if below + missed + rounding + float(residual.max()) >= float(S[r - 1]):
         return None
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
 
 
 def range_residual_norm(C: Tensor, A: Tensor) -> float:
-    """‖C A‖_F from the N × N Gram matrices (tr(CᵀC · AAᵀ)), in float64 for the sum."""
-    gram = (C.T @ C).double() * (A @ A.T).double()
-    return math.sqrt(max(float(gram.sum()), 0.0))
+    """‖C A‖_F from the N × N Gram matrices, tr(CᵀC · AAᵀ), in float64 from the factors up (a
+    float32 Gram sum cancels when ‖C A‖ ≪ ‖C‖ ‖A‖)."""
+    C, A = C.double(), A.double()
+    return math.sqrt(max(float(((C.T @ C) * (A @ A.T)).sum()), 0.0))
 
 
 def worth_randomizing(d_out: int, d_in: int, n: int, max_rank: int) -> bool:

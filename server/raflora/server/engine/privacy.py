@@ -9,11 +9,12 @@ Gram products. The released aggregate is
     ΔW' = top-R SVD( Σ_i min(1, C / ‖u_i‖) u_i / m̄  +  N(0, σ²)^{d_out × d_in}  [+ carried] )
     σ   = z · 2C / m̄
 
-with m̄ the round's seats (fixed before any upload: the participation policy's quota, else
-expected_clients). Replacing one client's data moves the sum by at most 2C / m̄ — its clipped
-term is all it owns, because no weight depends on another client's data — so σ = z times the
-replace-one sensitivity, which is what the accountant's noise multiplier means. The SVD, the
-rank truncation and carry-over of earlier (already released) states are post-processing.
+with m̄ the round's quota (fixed before any upload: the participation policy's quota, else
+expected_clients, or min_clients when that is 0). Replacing one client's data moves the sum
+by at most 2C / m̄ — its clipped term is all it owns, because no weight depends on another
+client's data — so σ = z times the replace-one sensitivity, which is what the accountant's
+noise multiplier means. The SVD, the rank truncation and carry-over of earlier (already
+released) states are post-processing.
 
 Pure functions of their inputs; the noise comes from a generator seeded by the caller, who
 must draw the seed secretly per round and never store it (a known seed removes the noise).
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .lowrank import frobenius_norm_of_product
 from .types import FactorPair, LowRank
 
 Factors = Mapping[str, FactorPair]
@@ -61,8 +61,8 @@ class PrivacyPolicy:
 class PrivateRound:
     """What one round's mechanism needs beyond the uploads."""
 
-    denominator: int  # m̄: the round's seats, fixed before any upload arrived
-    noise_seed: int  # secret and fresh per round; never logged or stored
+    denominator: int  # m̄: the round's quota, fixed before any upload arrived
+    noise_seed: int = field(repr=False)  # secret and fresh per round; never logged or stored
 
     def __post_init__(self) -> None:
         if self.denominator < 1:
@@ -87,17 +87,26 @@ def noise_std(policy: PrivacyPolicy, denominator: int) -> float:
 
 
 def boosted_norms(factors: Sequence[Factors], columns: Sequence[Tensor]) -> Tensor:
-    """‖u_i‖_F over all modules, u_i = (B_i · diag(col_i)) A_i per module, from r × r Grams."""
+    """‖u_i‖_F over all modules, u_i = (B_i · diag(col_i)) A_i per module, from r × r Grams.
+
+    In float64 from the factors up: a float32 Gram sum cancels when ‖B A‖ ≪ ‖B‖ ‖A‖, and an
+    underestimated norm would let a crafted update past the clip. A non-finite norm reads as
+    infinite (its client then contributes nothing).
+    """
     out = []
     for f, col in zip(factors, columns, strict=True):
-        squared = sum(float(frobenius_norm_of_product(f[m].B * col, f[m].A)) ** 2 for m in f)
-        out.append(math.sqrt(squared))
+        squared = 0.0
+        for m in f:
+            B, A = f[m].B.double() * col.double(), f[m].A.double()
+            squared += float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
+        out.append(math.sqrt(squared) if math.isfinite(squared) else math.inf)
     return torch.tensor(out, dtype=torch.float64)
 
 
 def contribution_gains(norms: Tensor, policy: PrivacyPolicy, denominator: int) -> Tensor:
     """Per client: min(1, C / ‖u_i‖) / m̄, the factor that turns u_i into its released share."""
     clip = torch.clamp(policy.clip_norm / torch.clamp(norms, min=1e-300), max=1.0)
+    clip = torch.where(torch.isfinite(norms), clip, torch.zeros_like(clip))
     return clip / denominator
 
 

@@ -33,6 +33,7 @@ from raflora.server.engine import (
 from ..config import FederationConfig
 from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
 from .privacy import RoundPrivacy, manifest_privacy
+from .published import PublishedRounds
 from .views import ViewCache
 
 log = logging.getLogger("raflora.server")
@@ -90,11 +91,16 @@ class NothingToAggregateError(Exception):
 
 class RoundPublisher:
     def __init__(
-        self, config: FederationConfig, strategy: Strategy, store: FederationStore
+        self,
+        config: FederationConfig,
+        strategy: Strategy,
+        store: FederationStore,
+        published: PublishedRounds | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
         self.store = store
+        self.published = published
 
     def load(self, records: Sequence[UploadRecord]) -> tuple[list[ClientUpdate], list[Quarantined]]:
         """Read every upload back, checked against its digest; corrupt ones are set aside."""
@@ -206,8 +212,12 @@ class RoundPublisher:
         # without them instead of failing on them again.
         for q in quarantined:
             self.store.quarantine_upload(q.record, q.reason)
-        manifest = self.store.publish(new_state, manifest, before_commit=before_commit)
-        return PublishOutcome(new_state, manifest, tuple(quarantined))
+        stored = self.store.publish(new_state, manifest, before_commit=before_commit)
+        if stored.published_unix != manifest.published_unix and self.published is not None:
+            # The round was already on disk (a retry after a commit whose fsync failed): what
+            # is stored was released, so serve that, not this second (for DP: second noise) draw.
+            new_state, stored = self.published.load(new_state.round)
+        return PublishOutcome(new_state, stored, tuple(quarantined))
 
 
 def holder_warnings(manifest: RoundManifest, min_holders: int) -> tuple[str, ...]:

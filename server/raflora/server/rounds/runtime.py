@@ -49,7 +49,7 @@ from ..storage import (
 from ..storage.manifest import Holders
 from ..storage.tensorio import UpdateBounds, validate_upload
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
-from .privacy import RoundPrivacy, round_privacy
+from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
     NothingToAggregateError,
     PublishOutcome,
@@ -99,9 +99,9 @@ class FederationRuntime:
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_config(device))
         self.schema = self.strategy.schema
         self.bounds = UpdateBounds(self.strategy.dtype, config.max_update_norm)
-        self.publisher = RoundPublisher(config, self.strategy, store)
-        self.views = ViewCache(self.strategy, store, self.limits.max_views_per_round)
         self.published = PublishedRounds(self.id, self.strategy, store, metrics)
+        self.publisher = RoundPublisher(config, self.strategy, store, self.published)
+        self.views = ViewCache(self.strategy, store, self.limits.max_views_per_round)
         self.events = EventBus(self.limits.watcher_capacity)
         self.lock = asyncio.Lock()
         self.state: GlobalState = self.strategy.initial_state()
@@ -248,11 +248,10 @@ class FederationRuntime:
         miscounts its rounds would under-report the privacy spent, so it degrades instead."""
         if not self.config.privacy.active or self.manifest is None:
             return
-        spent = self.manifest.privacy
-        if spent is None or spent.rounds != latest:
-            found = "no privacy record" if spent is None else f"{spent.rounds} private rounds"
+        problem = privacy_record_problem(self.config, self.manifest.privacy, latest)
+        if problem:
             self._degrade(
-                f"published round {latest} of a private federation has {found}; "
+                f"published round {latest} of a private federation: {problem}; "
                 "the privacy spent cannot be accounted"
             )
 
@@ -614,15 +613,18 @@ class FederationRuntime:
     ) -> tuple[GlobalState, list[UploadRecord], RoundPrivacy | None] | None:
         """Under the lock: if the round is ready, close it now (no later push gets in).
 
-        A private round's terms (denominator, the accountant's view of the draw) are fixed
-        here, from the selection, before any upload is read.
+        A private round's terms (its denominator, its noise seed) are fixed here, before any
+        upload is read.
         """
         if self._closed or self.degraded or self.phase is not Phase.COLLECTING:
             return None
         if not self._ready():
             return None
         self.phase = Phase.AGGREGATING
-        privacy = round_privacy(self.config, self.selection, self._quota(), self.manifest)
+        # m̄: the quota, fixed before any upload (two pushes may both land before the close:
+        # then the count, also public; each term stays bounded by C/m̄ either way).
+        denominator = max(self._quota(), len(self.uploads))
+        privacy = round_privacy(self.config, denominator, self.manifest)
         return self.state, sorted(self.uploads.values(), key=lambda u: u.client_id), privacy
 
     async def _maybe_close(self) -> None:

@@ -23,17 +23,12 @@ class Selection:
     quota: int  # uploads that close the round
     seats: int  # clients selected (quota plus over-selection)
     selected: frozenset[str]
-    roster: int = 0  # candidates the draw was made from
-    uniform: bool = False  # drawn uniformly without replacement (the accountant's amplification)
 
     def with_client(self, client_id: str) -> Selection:
         """A client that joined after the round opened takes a free seat, if any."""
         if client_id in self.selected or len(self.selected) >= self.seats:
             return self
-        # Only a draw that took everyone has free seats: it stays unamplified (uniform False).
-        return Selection(
-            self.round, self.quota, self.seats, self.selected | {client_id}, self.roster + 1
-        )
+        return Selection(self.round, self.quota, self.seats, self.selected | {client_id})
 
 
 def quota(policy: ParticipationConfig, joined: int) -> int:
@@ -49,15 +44,13 @@ def select(
     seats = math.ceil(k * (1 + policy.over_selection))
     pool = sorted(candidates, key=lambda c: c.client_id)
     rng = random.Random(f"raflora-participation:{policy.seed}:{round_}")
-    uniform = False
     if len(pool) <= seats:
         chosen = [c.client_id for c in pool]
     elif policy.stratify_by_rank:
         chosen = _stratified(pool, seats, rng)
     else:
         chosen = [c.client_id for c in rng.sample(pool, seats)]
-        uniform = True
-    return Selection(round_, k, seats, frozenset(chosen), len(pool), uniform)
+    return Selection(round_, k, seats, frozenset(chosen))
 
 
 def _stratified(pool: list[ClientRecord], seats: int, rng: random.Random) -> list[str]:
