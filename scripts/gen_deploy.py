@@ -367,6 +367,25 @@ def dashboard() -> dict[str, Any]:
             minimum=0,
             maximum=1,
         ),
+        row(lay, "Privacy"),
+        panel(
+            lay,
+            "Client-level privacy spent (epsilon)",
+            "Private federations only (FederationSpec.privacy): epsilon at the federation's "
+            "delta after its published rounds, from the server's RDP accountant. It only "
+            "grows; the server enforces no budget (docs/operations.md).",
+            [(f"raflora_privacy_epsilon{{{SEL}}}", "{{federation}}")],
+            w=12,
+            minimum=0,
+        ),
+        panel(
+            lay,
+            "Private rounds published",
+            "Each private round spends privacy; epsilon is composed over all of them.",
+            [(f"raflora_privacy_rounds{{{SEL}}}", "{{federation}}")],
+            w=12,
+            minimum=0,
+        ),
         row(lay, "Process"),
         panel(
             lay,

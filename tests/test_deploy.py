@@ -631,7 +631,15 @@ def test_dashboard_structure() -> None:
     variables = {v["name"] for v in board["templating"]["list"]}
     assert variables == {"datasource", "job", "federation"}
     sections = [p["title"] for p in panels if p["type"] == "row"]
-    assert sections == ["Rounds", "Clients", "Throughput", "Latency", "Rank energy", "Process"]
+    assert sections == [
+        "Rounds",
+        "Clients",
+        "Throughput",
+        "Latency",
+        "Rank energy",
+        "Privacy",
+        "Process",
+    ]
     used = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
     for needed in (
         "raflora_current_round",
@@ -645,6 +653,7 @@ def test_dashboard_structure() -> None:
         "raflora_rank_energy_min_ratio",
         "raflora_rank_partition_energy_ratio",
         "raflora_rank_collapse_rounds",
+        "raflora_privacy_epsilon",
         "process_cpu_seconds_total",
         "raflora_build_info",
     ):
