@@ -243,18 +243,32 @@ def time_memcpy(tensors: Sequence[Tensor], repeats: int) -> float:
 
 
 def naive_module(
-    updates: Sequence[ClientUpdate], weights: Sequence[Tensor], name: str, max_rank: int
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[Tensor],
+    name: str,
+    max_rank: int,
+    device: torch.device | None = None,
 ) -> LowRank:
-    """The reference: the dense weighted sum, then a full SVD truncated to ``max_rank``."""
+    """The reference: the dense weighted sum, then a full SVD truncated to ``max_rank``.
+
+    On ``device`` (default CPU), with the uploads moved there inside the timing, as the
+    engine's are."""
     first = updates[0].factors[name]
-    acc = torch.zeros(first.B.shape[0], first.A.shape[1], dtype=torch.float32)
+    dev = device or torch.device("cpu")
+    acc = torch.zeros(first.B.shape[0], first.A.shape[1], dtype=torch.float32, device=dev)
     for u, w in zip(updates, weights, strict=True):
         f = u.factors[name]
-        col = w.to(torch.float32) * u.scale
-        acc.addmm_(f.B.to(torch.float32) * col, f.A.to(torch.float32))
+        col = w.to(device=dev, dtype=torch.float32) * u.scale
+        acc.addmm_(f.B.to(dev, torch.float32) * col, f.A.to(dev, torch.float32))
     U, S, Vh = torch.linalg.svd(acc, full_matrices=False)
     k = min(max_rank, int(S.shape[0]))
     return LowRank(U[:, :k], S[:k], Vh[:k].T)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compare(engine: LowRank, naive: LowRank) -> tuple[float, float]:
@@ -311,7 +325,11 @@ def run_round(args: argparse.Namespace, n: int, base: dict[str, FactorPair] | No
     names = module_names(args.layers)
     schema = AdapterSchema.from_shapes({name: (args.dim, args.dim) for name in names})
     config = StrategyConfig(
-        schema=schema, max_rank=args.max_rank, seed=args.seed, svd_method=SvdMethod.AUTO
+        schema=schema,
+        max_rank=args.max_rank,
+        seed=args.seed,
+        svd_method=SvdMethod.AUTO,
+        device=args.device,
     )
     strategy = make_strategy(args.strategy, config)
     assert isinstance(strategy, SpectralStrategy)
@@ -344,7 +362,8 @@ def run_round(args: argparse.Namespace, n: int, base: dict[str, FactorPair] | No
     state = strategy.initial_state()
     with RssPeak() as engine_mem:
         start, cpu = time.perf_counter(), time.process_time()
-        new_state = strategy.aggregate(state, updates)
+        new_state = strategy.aggregate(state, updates)  # uploads moved to the device inside
+        synchronize(strategy.device)
         engine_s = time.perf_counter() - start
         engine_cores = (time.process_time() - cpu) / engine_s
     engine_first = new_state.modules[names[0]]
@@ -362,7 +381,8 @@ def run_round(args: argparse.Namespace, n: int, base: dict[str, FactorPair] | No
         for name in names[:timed]:
             log(f"{n} clients: naive dense sum + full SVD on {name}")
             start, cpu = time.perf_counter(), time.process_time()
-            result = naive_module(updates, weights, name, args.max_rank)
+            result = naive_module(updates, weights, name, args.max_rank, strategy.device)
+            synchronize(strategy.device)
             naive_times.append(time.perf_counter() - start)
             naive_cpu += time.process_time() - cpu
             if naive_first is None:
@@ -410,7 +430,7 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
-        "cuda": str(torch.cuda.is_available()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
 
 
@@ -598,6 +618,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="shared: global adapter slice + local change (default); random: independent",
     )
     parser.add_argument("--memcpy-repeats", type=int, default=3)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the engine and the naive reference run: cpu, cuda, cuda:N or auto",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if max(args.ranks) > args.max_rank:
