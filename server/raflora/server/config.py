@@ -30,7 +30,6 @@ MAX_MODULES = 20_000
 MAX_ADAPTER_ELEMENTS = 1 << 34  # max_rank · Σ(d_out + d_in)
 # A private round holds one module's noisy d_out × d_in aggregate at a time (1 GiB in fp32).
 MAX_PRIVATE_MODULE_ELEMENTS = 1 << 28
-PRIVATE_STRATEGIES = ("flexlora", "raflora", "raflora_ha")
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -192,22 +191,12 @@ class FederationConfig(BaseModel):
         if not (self.privacy.active or self.privacy.clip_norm):
             return
         self.privacy.policy()  # noise multiplier and clip bound both set
-        if self.strategy not in PRIVATE_STRATEGIES:
+        if not STRATEGIES[self.strategy].supports_privacy:
             raise ConfigError(
-                "privacy", f"needs a spectral strategy {PRIVATE_STRATEGIES}, not {self.strategy!r}"
+                "privacy",
+                f"strategy {self.strategy!r} has no private mechanism; use a spectral one",
             )
-        if self.weighting is not Weighting.UNIFORM:
-            raise ConfigError(
-                "weighting",
-                "must be uniform with privacy on: weights from declared examples would make "
-                "one client's share, and so the sensitivity, its own choice",
-            )
-        if self.robust.policy().active:
-            raise ConfigError(
-                "robust",
-                "must be off with privacy on: trust and quantile clipping depend on the other "
-                "clients' updates; privacy.clip_norm bounds each client instead",
-            )
+        self.strategy_config("cpu")  # the engine's own checks: uniform weighting, no robust
         big = [m.name for m in self.modules if m.d_out * m.d_in > MAX_PRIVATE_MODULE_ELEMENTS]
         if big:
             raise ConfigError(

@@ -42,10 +42,6 @@ class DpRound:
     def unamplified(cls, noise_multiplier: float) -> DpRound:
         return cls(noise_multiplier, 1, 1)
 
-    @property
-    def sampling_rate(self) -> float:
-        return self.sample / self.roster
-
 
 History = Mapping[DpRound, int]  # how many rounds ran with each mechanism
 

@@ -120,9 +120,8 @@ def noisy_truncated_svd(
 ) -> LowRank:
     """Top-``max_rank`` SVD of Σ B_t A_t + N(0, std²) (+ carried): the dense d_out × d_in
     accumulator is the price of the noise, one module at a time."""
-    like = terms[0].B if terms else (carried.B if carried is not None else None)
-    dtype = like.dtype if like is not None else torch.float32
-    device = like.device if like is not None else torch.device("cpu")
+    like = terms[0].B  # a round has at least one upload (Strategy.prepare)
+    dtype, device = like.dtype, like.device
     acc = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     acc.mul_(std)
     for t in terms:
