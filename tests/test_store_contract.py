@@ -70,7 +70,6 @@ def receive(
         "c1", round_, 2, 10, 16.0, 8.0, hashlib.sha256(data).hexdigest(), len(data)
     )
     assert sink.received == len(data)
-    assert sink.hexdigest() == record.sha256
     return sink, record
 
 

@@ -6,6 +6,7 @@ Errors are raised as domain errors and translated in one place (``interceptors.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from raflora.v1 import aggregation_pb2 as pb
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+from raflora.v1.framing import encode_data
 from raflora.v1.wire import DEFAULT_CHUNK_SIZE
 
 from ..auth import Authority, check_secret_format
@@ -30,6 +32,8 @@ from ..rounds import (
     View,
     WatcherLaggedError,
 )
+from ..rounds.terms import check_sha256
+from ..rounds.tickets import PushTicket
 from ..rounds.views import ViewReader
 from .interceptors import refusal_of
 from .serde import (
@@ -298,7 +302,11 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             stream = aiter(requests)
             first = await clock.next(stream, self.limits.header_timeout_seconds)
             refuse_malformed(first)
-            if first is None or first.WhichOneof("payload") != "header":
+            if (
+                first is None
+                or isinstance(first, memoryview)  # a data chunk (the fast deserializer's form)
+                or first.WhichOneof("payload") != "header"
+            ):
                 raise InvalidArgumentError("header", "the first message must be a PushHeader")
             h = first.header
             federation = h.federation_id
@@ -308,25 +316,13 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                 h.client_id, h.round, h.rank, h.num_examples, h.lora_alpha, h.total_bytes, h.sha256
             )
             try:
-                while (message := await clock.next(stream)) is not None:
-                    refuse_malformed(message)
-                    if message.WhichOneof("payload") != "data":
-                        raise InvalidArgumentError(
-                            "header", "only data chunks may follow the header"
-                        )
-                    if len(message.data) > self.chunk_size:
-                        raise InvalidArgumentError(
-                            "data",
-                            f"chunk of {len(message.data)} bytes exceeds chunk_size "
-                            f"{self.chunk_size}",
-                        )
-                    await ticket.write(message.data)
+                trailer = await self._receive(stream, clock, ticket, bool(h.sha256))
             except BaseException:
                 runtime.abort_push(ticket)
                 raise
             # From here the upload is the server's business: a client that hangs up now does
             # not interrupt validation and commit half-way.
-            task = asyncio.ensure_future(runtime.finish_push(ticket))
+            task = asyncio.ensure_future(runtime.finish_push(ticket, trailer))
             task.add_done_callback(_retrieve)
             outcome = await asyncio.shield(task)
         except Exception as exc:
@@ -341,6 +337,42 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             uploads_in_round=outcome.uploads_in_round,
         )
 
+    async def _receive(
+        self, stream: AsyncIterator[Any], clock: StreamClock, ticket: PushTicket, digest_first: bool
+    ) -> str | None:
+        """Feed a push's data chunks to its ticket; returns the trailer's digest, if any."""
+        trailer: str | None = None
+        while True:
+            more, message = await clock.next_unless(stream, ticket.intake.failed)
+            if not more:
+                ticket.intake.raise_error()  # the checks failed while we waited
+            if message is None:
+                break
+            if trailer is not None:
+                raise InvalidArgumentError("trailer", "nothing may follow the PushTrailer")
+            if isinstance(message, memoryview):  # a data chunk, decoded without a copy
+                data = message
+            else:
+                refuse_malformed(message)
+                kind = message.WhichOneof("payload")
+                if kind == "trailer":
+                    if digest_first:
+                        raise InvalidArgumentError(
+                            "trailer", "the header carries sha256: no PushTrailer may follow"
+                        )
+                    trailer = message.trailer.sha256
+                    check_sha256(trailer)
+                    continue
+                if kind != "data":
+                    raise InvalidArgumentError("header", "only data chunks may follow the header")
+                data = memoryview(message.data)
+            if len(data) > self.chunk_size:
+                raise InvalidArgumentError(
+                    "data", f"chunk of {len(data)} bytes exceeds chunk_size {self.chunk_size}"
+                )
+            await ticket.write(data)
+        return trailer
+
 
 async def stream_view(
     context: Any,
@@ -353,13 +385,32 @@ async def stream_view(
 ) -> None:
     """Write a view as PullChunks (Pull, ExportAdapter), each write timed, hashing as it goes:
     a view damaged at rest is discarded (rebuilt by the next call) and the client, which checks
-    the same digest, sees DATA_LOSS."""
+    the same digest, sees DATA_LOSS.
+
+    A worker thread reads, hashes and encodes the next chunk while the loop sends this one.
+    """
     digest = hashlib.sha256()
+
+    def next_message() -> bytes | None:
+        chunk = reader.read(chunk_size)
+        if not chunk:
+            return None
+        digest.update(chunk)
+        return encode_data([chunk])
+
     with reader:
         await clock.write(context, pb.PullChunk(header=header))
-        while chunk := reader.read(chunk_size):
-            digest.update(chunk)
-            await clock.write(context, pb.PullChunk(data=chunk))
+        ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
+        try:
+            while (message := await ahead) is not None:
+                ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
+                await clock.write(context, message)
+        finally:
+            if not ahead.done():  # the client went away: let the read finish before closing
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(ahead)
+            elif not ahead.cancelled():
+                ahead.exception()  # seen: the error that ended the stream is already raised
     if digest.hexdigest() != view.sha256:
         await runtime.discard_view(view)
 

@@ -18,6 +18,7 @@ import grpc
 from grpc import aio
 
 from raflora.v1 import aggregation_pb2 as pb
+from raflora.v1.framing import data_of, serializer
 from raflora.v1.wire import ErrorReason
 
 from ..errors import DeadlineExceededError, InvalidArgumentError
@@ -42,7 +43,13 @@ def refuse_malformed(request: object) -> None:
 
 
 def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    """Pushes' data chunks arrive as memoryviews of the received bytes (no protobuf copy);
+    every other message is parsed, and bytes that do not parse become :class:`Malformed`."""
+    fast = message_type is pb.PushRequest
+
     def parse(data: bytes) -> Any:
+        if fast and (view := data_of(data)) is not None:
+            return view
         try:
             return message_type.FromString(data)
         except Exception:  # DecodeError, or anything a hostile payload provokes
@@ -70,7 +77,8 @@ def add_services(server: aio.Server, *servicers: tuple[str, object]) -> None:
             handlers[method.name] = factory(
                 getattr(servicer, method.name),
                 request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+                # Pull and ExportAdapter hand over data chunks already encoded.
+                response_serializer=serializer(getattr(pb, method.output_type.name)),
             )
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service.full_name, handlers),)
@@ -119,6 +127,32 @@ class StreamClock:
     async def next(self, requests: AsyncIterator[T], idle_seconds: float | None = None) -> T | None:
         """The next request message (None at the end), within the idle and total limits."""
         return await self.bounded(anext(requests, None), idle_seconds)
+
+    async def next_unless(
+        self, requests: AsyncIterator[T], stop: asyncio.Event
+    ) -> tuple[bool, T | None]:
+        """Like :meth:`next`, but gives up as soon as ``stop`` is set: (False, None) then.
+
+        A push whose checks have already failed is refused at once, not when (or if) the
+        client sends its next chunk."""
+        if stop.is_set():
+            return False, None
+        timeout = self._timeout()
+        read = asyncio.ensure_future(anext(requests, None))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {read, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (read, stopped):
+                if not task.done():
+                    task.cancel()
+        if read in done:
+            return True, read.result()
+        if stopped in done:
+            return False, None
+        raise self._expired()
 
     async def write(self, context: Any, message: Any) -> None:
         """Send one message; a reader that stops taking them is cut off like an idle writer."""

@@ -19,6 +19,15 @@ from .errors import (
 from .types import ACCEPTED_DTYPES, AdapterSchema, ClientUpdate, FactorPair
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf, from one vectorised min/max pass (NaN propagates into both ends);
+    several times faster than ``isfinite(t).all()``, which materialises a boolean tensor."""
+    if not tensor.numel():
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def validate_rank(rank: int, max_rank: int, allowed_ranks: Collection[int] | None) -> None:
     if rank < 1 or rank > max_rank:
         raise RankError("rank", f"{rank} is outside 1..{max_rank} (the federation's max rank)")
@@ -66,7 +75,7 @@ def validate_update(
                 raise ShapeMismatchError(
                     field, f"shape {tuple(tensor.shape)} != expected {expected} for rank {r}"
                 )
-            if check_finite and not bool(torch.isfinite(tensor).all()):
+            if check_finite and not all_finite(tensor):
                 raise NonFiniteError(field, "holds NaN or Inf values")
 
 
@@ -84,20 +93,69 @@ def validate_round(updates: Collection[ClientUpdate]) -> None:
 MAX_FACTOR_ELEMENT = 1e15
 
 
-def effective_update_norm(pair: FactorPair, scale: float) -> float:
-    """‖s·B·A‖_F from the r×r Gram products, without the dense d_out×d_in matrix.
+def factor_gram(tensor: torch.Tensor, *, rows: bool) -> torch.Tensor:
+    """The r×r Gram of one factor (``rows``: A·Aᵀ of an r×d_in A; else Bᵀ·B of a d_out×r B).
 
-    ``tr((BᵀB)(AAᵀ)) = Σ_jk (BᵀB)_jk (AAᵀ)_jk``. The Grams are formed at (at least) fp32 in one
-    pass over each factor; only if one overflows is it formed again in float64.
+    Formed at (at least) fp32 in one pass; only if it overflows is it formed again in float64.
+    Each factor's Gram is decided on its own, so a factor can be checked as soon as its bytes
+    have arrived, before its partner's.
     """
-    work = torch.promote_types(torch.promote_types(pair.B.dtype, pair.A.dtype), torch.float32)
-    B, A = pair.B.to(work), pair.A.to(work)
-    gB, gA = B.T @ B, A @ A.T
-    if not (bool(torch.isfinite(gB).all()) and bool(torch.isfinite(gA).all())):
-        B, A = B.double(), A.double()
-        gB, gA = B.T @ B, A @ A.T
-    total = float((gB.double() * gA.double()).sum().clamp_min(0.0))
+    work = torch.promote_types(tensor.dtype, torch.float32)
+    t = tensor.to(work)
+    gram = t @ t.T if rows else t.T @ t
+    if not bool(torch.isfinite(gram).all()):
+        t = tensor.double()
+        gram = t @ t.T if rows else t.T @ t
+    return gram
+
+
+def norm_from_grams(gram_B: torch.Tensor, gram_A: torch.Tensor, scale: float) -> float:
+    """‖s·B·A‖_F = √tr((BᵀB)(AAᵀ)) = √Σ_jk (BᵀB)_jk (AAᵀ)_jk, never the dense d_out×d_in."""
+    total = float((gram_B.double() * gram_A.double()).sum().clamp_min(0.0))
     return math.sqrt(total) * abs(scale)
+
+
+def effective_update_norm(pair: FactorPair, scale: float) -> float:
+    """‖s·B·A‖_F from the r×r Gram products, without the dense d_out×d_in matrix."""
+    return norm_from_grams(factor_gram(pair.B, rows=False), factor_gram(pair.A, rows=True), scale)
+
+
+def check_factor_magnitude(
+    name: str, tensor: torch.Tensor, factor: float, compute_dtype: torch.dtype
+) -> None:
+    """NaN, Inf, and elements of factor·tensor past MAX_FACTOR_ELEMENT (one max-abs pass)."""
+    if tensor.numel():
+        # aminmax is one vectorised pass (several times faster than an abs-max norm) and
+        # propagates NaN; each end is checked, as Python's max() would drop a NaN.
+        lo, hi = (float(x) for x in torch.aminmax(tensor))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteError(name, "holds NaN or Inf values")
+        largest = max(-lo, hi)
+    else:
+        largest = 0.0
+    peak = largest * abs(factor)
+    if not math.isfinite(peak) or peak > MAX_FACTOR_ELEMENT:
+        raise InvalidUpdateError(
+            name,
+            f"an element of magnitude {peak:.3g} (after scaling) exceeds "
+            f"{MAX_FACTOR_ELEMENT:g}, which would overflow aggregation at {compute_dtype}",
+        )
+
+
+def check_compute_dtype(compute_dtype: torch.dtype) -> None:
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise InvalidUpdateError(
+            "compute_dtype", f"aggregation runs in fp32 or fp64, not {compute_dtype}"
+        )
+
+
+def check_update_norm(field: str, norm: float, max_norm: float) -> None:
+    if not math.isfinite(norm) or norm > max_norm:
+        raise InvalidUpdateError(
+            field,
+            f"effective update norm ‖s·B·A‖_F = {norm:.3g} exceeds the federation's bound "
+            f"{max_norm:g}",
+        )
 
 
 def validate_effective_update(
@@ -116,27 +174,9 @@ def validate_effective_update(
     (fp32 or fp64), so the cast cannot overflow; the norm bound is the operator's. An upload
     that passes here cannot make the round's aggregation fail on its numbers.
     """
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise InvalidUpdateError(
-            "compute_dtype", f"aggregation runs in fp32 or fp64, not {compute_dtype}"
-        )
+    check_compute_dtype(compute_dtype)
     for label, tensor, factor in (("lora_B", pair.B, scale), ("lora_A", pair.A, 1.0)):
-        name = f"{field}.{label}.weight"
-        largest = float(torch.linalg.vector_norm(tensor, ord=math.inf)) if tensor.numel() else 0.0
-        if not math.isfinite(largest):  # max |x| is NaN or Inf exactly when some x is
-            raise NonFiniteError(name, "holds NaN or Inf values")
-        peak = largest * abs(factor)
-        if not math.isfinite(peak) or peak > MAX_FACTOR_ELEMENT:
-            raise InvalidUpdateError(
-                name,
-                f"an element of magnitude {peak:.3g} (after scaling) exceeds "
-                f"{MAX_FACTOR_ELEMENT:g}, which would overflow aggregation at {compute_dtype}",
-            )
+        check_factor_magnitude(f"{field}.{label}.weight", tensor, factor, compute_dtype)
     norm = effective_update_norm(pair, scale)
-    if not math.isfinite(norm) or norm > max_norm:
-        raise InvalidUpdateError(
-            field,
-            f"effective update norm ‖s·B·A‖_F = {norm:.3g} exceeds the federation's bound "
-            f"{max_norm:g}",
-        )
+    check_update_norm(field, norm, max_norm)
     return norm

@@ -31,6 +31,7 @@ from ..errors import (
     AlreadyExistsError,
     DataLossError,
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     ServiceError,
@@ -47,8 +48,9 @@ from ..storage import (
     UploadRecord,
 )
 from ..storage.manifest import Holders
-from ..storage.tensorio import UpdateBounds, validate_upload
+from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_readable
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
+from .intake import UploadIntake
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
     NothingToAggregateError,
@@ -361,14 +363,24 @@ class FederationRuntime:
                 ErrorReason.OBSERVER,
             )
         self._count_push_attempt(client_id)
-        check_sha256(sha256)
-        duplicate = self._already_counted(client_id, round_, sha256)
-        if not duplicate:
+        if sha256:
+            check_sha256(sha256)
+            duplicate = self._already_counted(client_id, round_, sha256)
+            open_checks = not duplicate
+        else:  # the digest follows the data: an ack-lost retry is recognised at the end
+            duplicate = False
+            open_checks = not self._has_counted(client_id, round_)
+        if open_checks:
             self._check_round_open(round_)
             self._check_selected(client_id)
         check_push_terms(
             self.config, self.schema, joined, rank, num_examples, lora_alpha, total_bytes
         )
+        check = None
+        if not duplicate:  # the same bytes as a counted upload passed these checks already
+            check = StreamingUploadCheck(
+                self.schema, rank, client_id, joined.scale, self.bounds, total_bytes
+            )
         return PushTicket(
             client_id,
             round_,
@@ -378,8 +390,19 @@ class FederationRuntime:
             joined.scale,
             total_bytes,
             sha256,
-            self.store.open_upload(round_),
+            UploadIntake(self.store.open_upload(round_), check),
             duplicate,
+        )
+
+    def _has_counted(self, client_id: str, round_: int) -> bool:
+        """Has ``client_id`` an acknowledged upload in ``round_`` (open or just closed)?"""
+        if round_ == self.state.round:
+            return client_id in self.uploads
+        m = self.manifest
+        return (
+            m is not None
+            and round_ == m.round - 1
+            and any(u.client_id == client_id for u in m.uploads)
         )
 
     def _already_counted(self, client_id: str, round_: int, sha256: str) -> bool:
@@ -454,40 +477,52 @@ class FederationRuntime:
             )
 
     def abort_push(self, ticket: PushTicket) -> None:
-        ticket.sink.abort()
+        ticket.intake.close()
 
-    async def finish_push(self, ticket: PushTicket) -> PushOutcome:
+    async def finish_push(
+        self, ticket: PushTicket, trailer_sha256: str | None = None
+    ) -> PushOutcome:
         """Check a fully received payload, make it durable, acknowledge it."""
         try:
-            return await self._finish_push(ticket)
+            return await self._finish_push(ticket, trailer_sha256)
         except Exception:
             self.check_live()  # deleted meanwhile (its files went away): NOT_FOUND, not INTERNAL
             raise
         finally:
-            ticket.sink.abort()  # a no-op once committed
+            ticket.intake.close()  # forgets the bytes unless they were committed
 
-    async def _finish_push(self, ticket: PushTicket) -> PushOutcome:
-        sink = ticket.sink
-        if sink.received != ticket.total_bytes:
+    async def _finish_push(self, ticket: PushTicket, trailer_sha256: str | None) -> PushOutcome:
+        sink = ticket.intake.sink
+        if ticket.intake.received != ticket.total_bytes:
             raise DataLossError(
                 "data",
-                f"stream ended after {sink.received} of {ticket.total_bytes} bytes",
+                f"stream ended after {ticket.intake.received} of {ticket.total_bytes} bytes",
                 ErrorReason.SIZE_MISMATCH,
             )
-        digest = sink.hexdigest()
-        if digest != ticket.sha256:
+        expected = ticket.sha256 or trailer_sha256
+        if not expected:
+            raise InvalidArgumentError(
+                "trailer",
+                "the header's sha256 is empty, so the stream must end with a PushTrailer",
+            )
+        digest = await ticket.intake.finish()  # the streaming checks' verdict comes first
+        if digest != expected:
             raise DataLossError(
                 "sha256",
                 f"checksum mismatch: payload hashes to {digest}",
                 ErrorReason.CHECKSUM_MISMATCH,
             )
+        if not ticket.sha256 and self._already_counted(ticket.client_id, ticket.round, digest):
+            ticket.duplicate = True
         if ticket.duplicate:  # identical bytes of an upload already counted
             return PushOutcome(
                 ticket.round, True, ticket.total_bytes, self._uploads_in(ticket.round)
             )
-        # The round may have closed while the payload streamed: say so before reading it back.
+        ticket.sha256 = digest
+        # The round may have closed while the payload streamed.
         self._check_round_open(ticket.round)
-        await asyncio.to_thread(self._validate, ticket)
+        self._check_selected(ticket.client_id)
+        await asyncio.to_thread(confirm_readable, sink, ticket.intake.layout)
         async with self.lock:
             if self._already_counted(ticket.client_id, ticket.round, ticket.sha256):
                 return PushOutcome(
@@ -530,12 +565,6 @@ class FederationRuntime:
         if claimed is not None:
             self._spawn(self._aggregate(*claimed))
         return PushOutcome(ticket.round, False, ticket.total_bytes, count)
-
-    def _validate(self, ticket: PushTicket) -> None:
-        with ticket.sink.tensors() as reader:
-            validate_upload(
-                reader, self.schema, ticket.rank, ticket.client_id, ticket.scale, self.bounds
-            )
 
     # -- rounds ----------------------------------------------------------------------------
     def _open_round(self) -> None:

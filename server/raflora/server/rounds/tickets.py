@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from raflora.v1.wire import ErrorReason
 
 from ..errors import DataLossError
-from ..storage import UploadSink
+from .intake import UploadIntake
 
 
 @dataclass
@@ -22,19 +21,19 @@ class PushTicket:
     lora_alpha: float
     scale: float
     total_bytes: int
-    sha256: str
-    sink: UploadSink
+    sha256: str  # from the header; empty: the stream's trailer carries it
+    intake: UploadIntake
     duplicate: bool = False  # identical to an upload that was already counted
 
-    async def write(self, chunk: bytes) -> None:
-        """Append one chunk (in a thread: hashing and disk writes stay off the event loop)."""
-        if self.sink.received + len(chunk) > self.total_bytes:
+    async def write(self, chunk: bytes | memoryview) -> None:
+        """Append one chunk; it is written, hashed and checked in worker threads."""
+        if self.intake.received + len(chunk) > self.total_bytes:
             raise DataLossError(
                 "total_bytes",
                 f"stream carries more than the declared {self.total_bytes} bytes",
                 ErrorReason.SIZE_MISMATCH,
             )
-        await asyncio.to_thread(self.sink.write, chunk)
+        await self.intake.put(chunk)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from raflora.server.engine import GlobalState, RankEnergy, Strategy
+from raflora.server.engine.validation import all_finite
 from raflora.v1.wire import LORA_A, LORA_B, ErrorReason, tensor_name
 
 from ..errors import InvalidArgumentError, NotFoundError, ServiceError
@@ -227,7 +228,7 @@ class ViewCache:
                     ]
                 for tensor_key, tensor in pairs:
                     out = tensor.float()
-                    if not bool(torch.isfinite(out).all()):
+                    if not all_finite(out):
                         raise InvalidArgumentError(
                             "scale", f"the view at rank {rank}, scale {scale:g} is not finite"
                         )

@@ -36,18 +36,13 @@ from .tensorio import TensorReader, open_bytes, read_factors, write_safetensors_
 class MemoryUploadSink:
     def __init__(self) -> None:
         self.buffer = bytearray()
-        self._digest = hashlib.sha256()
 
     @property
     def received(self) -> int:
         return len(self.buffer)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self.buffer += chunk
-        self._digest.update(chunk)
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
 
     @contextmanager
     def tensors(self) -> Iterator[TensorReader]:

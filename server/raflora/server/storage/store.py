@@ -45,7 +45,14 @@ from torch import Tensor
 
 from raflora.server.engine import AdapterSchema, FactorPair, GlobalState, LowRank, ModuleState
 
-from .fs import atomic_write_json, disk_full_guard, fsync_dir, fsync_file, read_json
+from .fs import (
+    atomic_write_json,
+    disk_full_guard,
+    fsync_dir,
+    fsync_file,
+    read_json,
+    start_writeback,
+)
 from .manifest import ManifestError, RoundManifest
 from .records import ClientRecord, UploadRecord
 from .tensorio import TensorReader, open_file, read_factors, write_safetensors
@@ -86,17 +93,16 @@ class ResumeReport:
 
 
 class UploadSink(Protocol):
-    """Where an upload's bytes go while they arrive: hashed, counted, written."""
+    """Where an upload's bytes go while they arrive: counted and written, in order, from one
+    thread at a time (the intake hashes and checks them on its own)."""
 
     @property
     def received(self) -> int: ...
 
-    def write(self, chunk: bytes) -> None: ...
-
-    def hexdigest(self) -> str: ...
+    def write(self, chunk: bytes | memoryview) -> None: ...
 
     def tensors(self) -> AbstractContextManager[TensorReader]:
-        """The received payload, to validate before it is committed."""
+        """The received payload as the aggregation will open it."""
         ...
 
     def abort(self) -> None:
@@ -221,29 +227,36 @@ def file_digest(path: Path) -> tuple[int, str]:
 
 
 class FileUploadSink:
-    """An upload being received into a temporary file next to its final place."""
+    """An upload being received into a temporary file next to its final place.
+
+    Every ``WRITEBACK_EVERY_BYTES`` the kernel is asked to start writing the new part to disk
+    (``start_writeback``, which does not wait), so the disk works while the rest still
+    arrives and the fsync before the acknowledgement finds little left to write.
+    """
+
+    WRITEBACK_EVERY_BYTES = 4 << 20
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: BinaryIO | None = path.open("wb")
-        self._digest = hashlib.sha256()
         self._received = 0
+        self._flushed_to = 0
         self._committed = False
 
     @property
     def received(self) -> int:
         return self._received
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         if self._file is None:
             raise ValueError("upload sink is closed")
         with disk_full_guard("receiving an upload"):
             self._file.write(chunk)
-        self._digest.update(chunk)
-        self._received += len(chunk)
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
+            self._received += len(chunk)
+            if self._received - self._flushed_to >= self.WRITEBACK_EVERY_BYTES:
+                self._file.flush()
+                start_writeback(self._file.fileno(), self._flushed_to, self._received)
+                self._flushed_to = self._received
 
     def finish(self) -> None:
         """Flush and fsync the bytes (before validation reads them back and before commit)."""

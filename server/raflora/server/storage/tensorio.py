@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,9 +30,20 @@ from raflora.server.engine import (
     InvalidUpdateError,
     MissingModuleError,
     ModuleShape,
+    ShapeMismatchError,
     UnknownModuleError,
 )
-from raflora.server.engine.validation import validate_effective_update, validate_update
+from raflora.server.engine.validation import (
+    check_compute_dtype,
+    check_factor_magnitude,
+    check_update_norm,
+    factor_gram,
+    norm_from_grams,
+    validate_effective_update,
+    validate_rank,
+    validate_update,
+)
+from raflora.v1.layout import Layout, LayoutError, TensorEntry, TensorSplitter
 from raflora.v1.wire import LORA_A, LORA_B, split_tensor_name, tensor_name
 
 ACCEPTED_CODES = {
@@ -41,6 +54,8 @@ ACCEPTED_CODES = {
 }
 _CODE_OF = {v: k for k, v in ACCEPTED_CODES.items()}
 _HEADER_SLACK = 1 << 16
+# torch warns (once) that a tensor over read-only bytes could be written to; ours never are.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 def max_upload_bytes(schema: AdapterSchema, rank: int) -> int:
@@ -138,24 +153,7 @@ def validate_upload(
     run at the compute dtype and at the client's real scale, so an acknowledged upload cannot
     make the aggregation fail on its numbers.
     """
-    seen: dict[str, set[str]] = {}
-    for name in reader.keys():  # noqa: SIM118 (a TensorReader, not a dict)
-        try:
-            module, factor, merge = split_tensor_name(name)
-        except ValueError as exc:
-            raise UnknownModuleError(name[:200], str(exc)[:300]) from None
-        if merge or module not in schema.modules:
-            raise UnknownModuleError(name[:200], "tensor is not part of the federation's schema")
-        code = reader.dtype_code(name)
-        if code not in ACCEPTED_CODES:
-            raise DtypeError(name, f"dtype {code} is not F32, F16, BF16 or F64")
-        seen.setdefault(module, set()).add(factor)
-    for module in schema.modules:
-        for factor in (LORA_A, LORA_B):
-            if factor not in seen.get(module, set()):
-                raise MissingModuleError(
-                    tensor_name(module, factor), "tensor of the schema is missing"
-                )
+    _check_names(((n, reader.dtype_code(n)) for n in reader.keys()), schema)  # noqa: SIM118
     for module, shape in schema.modules.items():
         pair = FactorPair(
             B=reader.get(tensor_name(module, LORA_B)), A=reader.get(tensor_name(module, LORA_A))
@@ -165,6 +163,203 @@ def validate_upload(
         update = ClientUpdate(client_id, rank, 1, scale, {module: pair})
         validate_update(update, single, rank, check_finite=False)  # finiteness just below
         validate_effective_update(module, pair, scale, bounds.compute_dtype, bounds.max_update_norm)
+
+
+def _check_names(names: Iterable[tuple[str, str]], schema: AdapterSchema) -> dict[str, set[str]]:
+    """(name, dtype code) pairs against the schema: known modules, accepted dtypes, none
+    missing. Returns the factors seen per module."""
+    seen: dict[str, set[str]] = {}
+    for name, code in names:
+        try:
+            module, factor, merge = split_tensor_name(name)
+        except ValueError as exc:
+            raise UnknownModuleError(name[:200], str(exc)[:300]) from None
+        if merge or module not in schema.modules:
+            raise UnknownModuleError(name[:200], "tensor is not part of the federation's schema")
+        if code not in ACCEPTED_CODES:
+            raise DtypeError(name, f"dtype {code} is not F32, F16, BF16 or F64")
+        seen.setdefault(module, set()).add(factor)
+    for module in schema.modules:
+        for factor in (LORA_A, LORA_B):
+            if factor not in seen.get(module, set()):
+                raise MissingModuleError(
+                    tensor_name(module, factor), "tensor of the schema is missing"
+                )
+    return seen
+
+
+@dataclass
+class _Factor:
+    """One factor as a module's norm check needs it: its squared Frobenius norm (cheap), and
+    the tensor or its r×r Gram for the exact check when the cheap bound does not settle it."""
+
+    sq_norm: float
+    rows: bool
+    tensor: Tensor | None
+    gram: Tensor | None = None
+
+    @staticmethod
+    def of(tensor: Tensor, *, rows: bool) -> _Factor:
+        flat = tensor.reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        return _Factor(float(torch.dot(flat, flat)), rows, tensor)
+
+    def with_gram(self) -> _Factor:
+        assert self.tensor is not None
+        return _Factor(self.sq_norm, self.rows, None, factor_gram(self.tensor, rows=self.rows))
+
+    def exact_gram(self) -> Tensor:
+        if self.gram is not None:
+            return self.gram
+        assert self.tensor is not None
+        return factor_gram(self.tensor, rows=self.rows)
+
+
+@dataclass
+class _Waiting:
+    factor: str
+    value: _Factor
+    held_bytes: int
+
+    def pair_member(self) -> tuple[str, _Factor]:
+        return self.factor, self.value
+
+
+# The cheap bound must clear the limit by more than its own rounding to stand in for the
+# exact norm.
+_BOUND_MARGIN = 1e-4
+
+
+def check_module_norm(
+    module: str, b: _Factor, a: _Factor, scale: float, bounds: UpdateBounds
+) -> None:
+    """‖s·B·A‖_F ≤ max_update_norm, decided as the exact check would decide it.
+
+    ‖BA‖_F ≤ ‖B‖_F·‖A‖_F: when that product (two dot products, no matrix product) is within
+    the bound, so is the exact norm. Only otherwise are the Grams formed and the exact
+    ‖s·B·A‖_F (:func:`norm_from_grams`) checked, so every verdict is the exact one.
+    """
+    bound = math.sqrt(max(b.sq_norm, 0.0)) * math.sqrt(max(a.sq_norm, 0.0)) * abs(scale)
+    if math.isfinite(bound) and bound * (1 + _BOUND_MARGIN) <= bounds.max_update_norm:
+        return
+    norm = norm_from_grams(b.exact_gram(), a.exact_gram(), scale)
+    check_update_norm(module, norm, bounds.max_update_norm)
+
+
+class StreamingUploadCheck:
+    """:func:`validate_upload`'s checks, run on a payload while it arrives.
+
+    The header is checked as soon as it is complete: names, dtypes and shapes, so a wrong
+    upload is refused at its first chunk. Each tensor is checked as its bytes complete (NaN,
+    Inf and magnitude after scaling). Each module's ‖s·B·A‖_F is checked once both of its
+    factors are in (:func:`check_module_norm`). Nothing is read back; beyond the chunk in
+    hand, at most ``HOLD_BUDGET_BYTES`` of first factors wait for their partners (past that,
+    a first factor leaves only its r×r Gram).
+    """
+
+    HOLD_BUDGET_BYTES = 16 << 20
+
+    def __init__(
+        self,
+        schema: AdapterSchema,
+        rank: int,
+        client_id: str,
+        scale: float,
+        bounds: UpdateBounds,
+        total_bytes: int,
+    ) -> None:
+        check_compute_dtype(bounds.compute_dtype)
+        # The scalar terms validate_update checks (the tensors are checked as they arrive).
+        if not client_id:
+            raise InvalidUpdateError("client_id", "must be non-empty")
+        validate_rank(rank, rank, None)
+        if not math.isfinite(scale) or scale <= 0:
+            raise InvalidUpdateError("scale", f"must be a positive finite number, got {scale}")
+        self.schema, self.rank, self.scale, self.bounds = schema, rank, scale, bounds
+        header_limit = max_upload_bytes(schema, rank)
+        self._splitter = TensorSplitter(total_bytes, header_limit)
+        self._waiting: dict[str, _Waiting] = {}  # modules with one factor in
+        self._held = 0
+        self.checked_modules = 0
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        had_layout = self._splitter.layout is not None
+        try:
+            completed = self._splitter.feed(chunk)
+        except LayoutError as exc:
+            raise InvalidUpdateError("payload", f"not a valid safetensors file: {exc}") from None
+        if not had_layout and self._splitter.layout is not None:
+            self._check_layout(self._splitter.layout)
+        for entry, data in completed:
+            self._check_tensor(entry, data)
+
+    def _check_layout(self, layout: Layout) -> None:
+        _check_names(((e.name, e.dtype) for e in layout.entries), self.schema)
+        r = self.rank
+        found = {e.name: e.shape for e in layout.entries}
+        for module, shape in self.schema.modules.items():  # in validate_update's order
+            for factor, expected in ((LORA_A, (r, shape.d_in)), (LORA_B, (shape.d_out, r))):
+                name = tensor_name(module, factor)
+                if found[name] != expected:
+                    raise ShapeMismatchError(
+                        name, f"shape {found[name]} != expected {expected} for rank {r}"
+                    )
+
+    def _check_tensor(self, entry: TensorEntry, data: memoryview) -> None:
+        module, factor, _ = split_tensor_name(entry.name)
+        tensor = tensor_view(data, ACCEPTED_CODES[entry.dtype], entry.shape)
+        multiplier = self.scale if factor == LORA_B else 1.0
+        check_factor_magnitude(entry.name, tensor, multiplier, self.bounds.compute_dtype)
+        partner = self._waiting.pop(module, None)
+        if partner is None:  # the module's first factor: keep what its partner will need
+            self._waiting[module] = self._keep(factor, tensor, data)
+            return
+        first = dict([partner.pair_member(), (factor, _Factor.of(tensor, rows=factor == LORA_A))])
+        self._held -= partner.held_bytes
+        check_module_norm(module, first[LORA_B], first[LORA_A], self.scale, self.bounds)
+        self.checked_modules += 1
+
+    def _keep(self, factor: str, tensor: Tensor, data: memoryview) -> _Waiting:
+        """The tensor itself while the budget allows (a view: it keeps the received buffer it
+        lies in alive, and its Gram may never be needed), else its Gram now, so what first
+        factors leave for their partners stays bounded."""
+        rows = factor == LORA_A
+        base = data.obj if isinstance(data.obj, (bytes, bytearray)) else data
+        held = max(len(base), tensor.nbytes)
+        if self._held + held <= self.HOLD_BUDGET_BYTES:
+            self._held += held
+            return _Waiting(factor, _Factor.of(tensor, rows=rows), held)
+        return _Waiting(factor, _Factor.of(tensor, rows=rows).with_gram(), 0)
+
+    def close(self) -> Layout:
+        """The layout once every byte is in and every module passed; raises otherwise."""
+        try:
+            layout = self._splitter.close()
+        except LayoutError as exc:
+            raise InvalidUpdateError("payload", f"not a valid safetensors file: {exc}") from None
+        if self.checked_modules != len(self.schema.modules):  # unreachable after the layout
+            raise InvalidUpdateError("payload", "not every module of the schema was checked")
+        return layout
+
+
+def confirm_readable(sink: Any, layout: Layout | None) -> None:
+    """Open the received payload as aggregation will (``sink.tensors()``) and check that it
+    names the tensors the streaming checks saw: the two parsers agree on what was accepted."""
+    if layout is None:
+        raise InvalidUpdateError("payload", "the payload was not checked")
+    with sink.tensors() as reader:
+        found = {(name, reader.dtype_code(name)) for name in reader.keys()}  # noqa: SIM118
+    if found != {(e.name, e.dtype) for e in layout.entries}:
+        raise InvalidUpdateError("payload", "the safetensors header reads differently")
+
+
+def tensor_view(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """A read-only tensor over ``data`` (no copy): only ever read, never written."""
+    if not len(data):
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(data, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
 
 
 def read_factors(reader: TensorReader, schema: AdapterSchema) -> dict[str, FactorPair]:

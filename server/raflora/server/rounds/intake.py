@@ -1,0 +1,174 @@
+"""One push's payload on its way in: written, hashed and checked while it still arrives.
+
+The event loop only receives. Each chunk goes to two lanes that run in worker threads: one
+writes it to the upload's sink (which flushes to disk as it goes), and the other hashes it
+and feeds the streaming validator. Both lanes work on the same bytes at the same time, so
+when the last chunk lands, what is left to do before the acknowledgement is the tail of
+each lane and one fsync. A lane holds a thread only while it has work: a stalled client's
+upload costs no thread, and the shared pool stays free for everyone else. Each lane takes at
+most ``window`` chunks ahead of its worker, which bounds an upload's memory to a few chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from raflora.v1.layout import Layout
+
+from ..storage import UploadSink
+from ..storage.tensorio import StreamingUploadCheck
+
+DEFAULT_WINDOW = 4
+
+
+class SerialLane:
+    """Blocking jobs run in submission order, one at a time, on a shared executor.
+
+    The first job that fails stops the lane: later jobs are skipped and :meth:`submit` and
+    :meth:`drain` raise that error.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor | None,
+        window: int,
+        failed: asyncio.Event | None = None,
+    ) -> None:
+        self._loop = loop
+        self._failed = failed  # set (on the loop) when a job fails
+        self._executor = executor
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._final: Callable[[], None] | None = None
+        self._active = False
+        self._slots = asyncio.Semaphore(window)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.error: BaseException | None = None
+
+    async def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job``; waits while ``window`` jobs are already queued or running."""
+        self.raise_error()
+        await self._slots.acquire()
+        self._jobs.append(job)
+        self._idle.clear()
+        if not self._active:
+            self._start()
+
+    def _start(self) -> None:
+        self._active = True
+        future = self._loop.run_in_executor(self._executor, self._run)
+        future.add_done_callback(self._stopped)
+
+    def _run(self) -> None:  # in a worker thread
+        while True:
+            try:
+                job = self._jobs.popleft()
+            except IndexError:
+                return
+            try:
+                if self.error is None or job is self._final:
+                    job()
+            except BaseException as exc:  # kept for the caller; the lane stops here
+                self.error = exc
+                if self._failed is not None:
+                    self._loop.call_soon_threadsafe(self._failed.set)
+            finally:
+                self._loop.call_soon_threadsafe(self._slots.release)
+
+    def _stopped(self, future: asyncio.Future[None]) -> None:  # on the loop
+        if not future.cancelled() and future.exception() is not None and self.error is None:
+            self.error = future.exception()
+        if self._jobs:  # queued after the worker found the deque empty
+            self._start()
+            return
+        self._active = False
+        self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until every queued job has run; raises the lane's error, if any."""
+        await self._idle.wait()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, final: Callable[[], None]) -> None:
+        """Drop the jobs not yet started and run ``final`` after the one running, if any
+        (even if the lane has failed). Does not wait."""
+        while self._jobs:
+            self._jobs.popleft()
+            self._slots.release()
+        self._final = final
+        self._jobs.append(final)
+        self._idle.clear()
+        if not self._active:
+            self._start()
+
+
+class UploadIntake:
+    """Takes one upload's chunks; :meth:`finish` says whether the whole payload is sound."""
+
+    def __init__(
+        self,
+        sink: UploadSink,
+        check: StreamingUploadCheck | None,
+        executor: Executor | None = None,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.sink = sink
+        self._check = check
+        self._digest = hashlib.sha256()
+        # Set once either lane fails: the receiving loop stops waiting for the next chunk.
+        self.failed = asyncio.Event()
+        self._writer = SerialLane(loop, executor, window, self.failed)
+        self._checker = SerialLane(loop, executor, window, self.failed)
+        self.received = 0
+        self.layout: Layout | None = None  # once finish() has checked the whole payload
+        self._closed = False
+
+    async def put(self, chunk: bytes | memoryview) -> None:
+        """Hand one chunk to both lanes; raises at once if either has found a problem."""
+        if self._closed:
+            raise RuntimeError("the upload's intake is closed")
+        self.raise_error()
+        self.received += len(chunk)
+        await self._writer.submit(lambda: self.sink.write(chunk))
+        await self._checker.submit(lambda: self._inspect(chunk))
+
+    def raise_error(self) -> None:
+        """The first problem either lane found (the checker's first), if any."""
+        self._checker.raise_error()
+        self._writer.raise_error()
+
+    def _inspect(self, chunk: bytes | memoryview) -> None:
+        self._digest.update(chunk)
+        if self._check is not None:
+            self._check.feed(chunk)
+
+    async def finish(self) -> str:
+        """Wait for both lanes; the payload's SHA-256 once every byte is written and checked.
+
+        The checker's verdict comes first: a payload that is not a sound upload is refused as
+        such even if writing it also failed.
+        """
+        await self._checker.drain()
+        await self._writer.drain()
+        if self._check is not None:
+            self.layout = self._check.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop taking bytes; the sink forgets them (a no-op once committed) after any write
+        still running. Idempotent, and it does not wait: safe in a cancelled handler."""
+        if self._closed:
+            return
+        self._closed = True
+        self._checker.close(lambda: None)
+        self._writer.close(self.sink.abort)
