@@ -33,6 +33,7 @@ from raflora.client_sdk import (
     RetryPolicy,
     pb,
 )
+from raflora.client_sdk.payload import PushPayload
 from raflora.server.engine import AdapterSchema, StrategyConfig, make_strategy
 from raflora.server.storage import FileFederationStore
 from raflora.server.testing import (
@@ -165,8 +166,8 @@ def test_client_killed_mid_upload(server: ThreadedServer, tmp_path: Path) -> Non
     manifest = FileFederationStore(data_dir / "federations" / "killed").read_manifest(1)
     by_client = {u.client_id: u.sha256 for u in manifest.uploads}
     assert by_client == {
-        "doomed": hashlib.sha256(save(tensors)).hexdigest(),
-        "survivor": hashlib.sha256(save(acked)).hexdigest(),
+        "doomed": hashlib.sha256(PushPayload(tensors).to_bytes()).hexdigest(),
+        "survivor": hashlib.sha256(PushPayload(acked).to_bytes()).hexdigest(),
     }
 
 
@@ -292,7 +293,10 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
         # temporary directory, and (test hook) sleeps before renaming it into place.
         rounds = data / "federations" / "agg" / "rounds"
         assert wait_until(lambda: any(rounds.glob(".tmp-*/manifest.json")), timeout=30)
-        assert "debug_aggregation_delay_seconds" in first.log_text()
+        # The hook logs as it starts to sleep; the log may trail the file by a moment.
+        assert wait_until(
+            lambda: "debug_aggregation_delay_seconds" in first.log_text(), timeout=10
+        )
         first.kill()
         assert first.process.returncode == -signal.SIGKILL
         assert not (rounds / "00000001").exists()  # nothing half-published
@@ -308,7 +312,9 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
         manifest = store.read_manifest(1)
         assert sorted(u.client_id for u in manifest.uploads) == ["a", "b", "c"]
         for u in manifest.uploads:
-            assert u.sha256 == hashlib.sha256(save(uploads[u.client_id])).hexdigest()
+            assert (
+                u.sha256 == hashlib.sha256(PushPayload(uploads[u.client_id]).to_bytes()).hexdigest()
+            )
         strategy = make_strategy(
             "raflora",
             StrategyConfig(schema=AdapterSchema.from_shapes(AGG_MODULES), max_rank=8),
@@ -397,7 +403,7 @@ def test_disk_full_while_persisting(small_disk: Path) -> None:
             cid: factors(DISK_RANK, i, DISK_MODULES, fan_in_scaled=True)
             for i, cid in enumerate("abc")
         }
-        upload_bytes = len(save(tensors["a"]))
+        upload_bytes = PushPayload(tensors["a"]).total_bytes
         assert clients["a"].push(tensors["a"], round=0, num_examples=4).uploads_in_round == 1
         acked = data_dir / "federations" / "disk" / "uploads" / "00000000" / "a.safetensors"
         acked_sha = hashlib.sha256(acked.read_bytes()).hexdigest()

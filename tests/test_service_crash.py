@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
 from raflora.client_sdk import (
     AdminClient,
@@ -31,6 +30,7 @@ from raflora.client_sdk import (
     lora_state_dict,
     pb,
 )
+from raflora.client_sdk.payload import PushPayload
 from raflora.server.testing import ServerProcess, start_server_process
 
 from .helpers.federations import every_client_spec, spec
@@ -82,8 +82,8 @@ def adapter(
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """What the SDK sends is safetensors bytes of these tensors; serialisation is canonical."""
-    return hashlib.sha256(save_safetensors(tensors)).hexdigest()
+    """What the SDK sends: the safetensors bytes of these tensors, in its own layout."""
+    return hashlib.sha256(PushPayload(tensors).to_bytes()).hexdigest()
 
 
 def federation_dir(data_dir: Path, federation: str = FEDERATION) -> Path:
@@ -153,7 +153,7 @@ def test_acknowledged_uploads_survive_sigkill(launch: Launcher, tmp_path: Path) 
             assert not result.duplicate
             assert result.round == 0
             assert result.uploads_in_round == i + 1
-            assert result.received_bytes == len(save_safetensors(adapter(cid)))
+            assert result.received_bytes == PushPayload(adapter(cid)).total_bytes
         assert clients["c0"].status().uploads == ACKED_BEFORE_CRASH
 
     first.kill()  # before the round closes: N uploads are needed, only 3 are in
@@ -239,7 +239,7 @@ def test_upload_cut_by_sigkill_is_not_counted(launch: Launcher, tmp_path: Path) 
         admin.create_federation(spec(BIG_FEDERATION, BIG_MODULES, max_rank=BIG_RANK, min_clients=3))
     small = adapter("small", 4, BIG_MODULES)
     big = adapter("big", BIG_RANK, BIG_MODULES)
-    big_bytes = len(save_safetensors(big))
+    big_bytes = PushPayload(big).total_bytes
     assert big_bytes > 60 * SMALL_CHUNK
 
     with RafloraClient(first.target, BIG_FEDERATION, "small") as client:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ def payload(tensors: dict[str, Tensor]) -> bytes:
 
 def chunks(data: bytes, size: int = CHUNK) -> list[pb.PushRequest]:
     return [pb.PushRequest(data=c) for c in iter_chunks(data, size)]
+
+
+def trailer(sha256: str) -> pb.PushRequest:
+    return pb.PushRequest(trailer=pb.PushTrailer(sha256=sha256))
 
 
 def rpc_count(url: str, method: str, code: grpc.StatusCode) -> float:
@@ -279,6 +284,7 @@ def _sdk_push(change: Callable[[dict[str, Tensor]], None]) -> Callable[[Federati
 
 
 GOOD_BYTES = payload(factors(BAD_RANK, 999, MODULES))
+GOOD_SHA = sha256_hex(GOOD_BYTES)
 RANK4_BYTES = payload(factors(4, 998, MODULES))
 JUNK = bytes(range(256)) * 3  # 768 bytes whose first 8 announce an absurd header length
 
@@ -312,6 +318,53 @@ CASES: list[Case] = [
         "Push",
         DATA_LOSS,
         "total_bytes",
+    ),
+    # The digest as a trailer (the header's sha256 empty): what the SDK sends.
+    (
+        "trailer-missing",
+        lambda f: f.raw_push([f.header(GOOD_BYTES, sha256=""), *chunks(GOOD_BYTES)]),
+        "Push",
+        INVALID,
+        "trailer",
+    ),
+    (
+        "trailer-mismatch",
+        lambda f: f.raw_push(
+            [f.header(GOOD_BYTES, sha256=""), *chunks(GOOD_BYTES), trailer(sha256_hex(b"x"))]
+        ),
+        "Push",
+        DATA_LOSS,
+        "sha256",
+    ),
+    (
+        "trailer-not-hex",
+        lambda f: f.raw_push(
+            [f.header(GOOD_BYTES, sha256=""), *chunks(GOOD_BYTES), trailer("not-a-digest")]
+        ),
+        "Push",
+        INVALID,
+        "sha256",
+    ),
+    (
+        "trailer-after-a-header-digest",
+        lambda f: f.raw_push([f.header(GOOD_BYTES), *chunks(GOOD_BYTES), trailer(GOOD_SHA)]),
+        "Push",
+        INVALID,
+        "trailer",
+    ),
+    (
+        "data-after-the-trailer",
+        lambda f: f.raw_push(
+            [
+                f.header(GOOD_BYTES, sha256=""),
+                *chunks(GOOD_BYTES)[:-1],
+                trailer(GOOD_SHA),
+                chunks(GOOD_BYTES)[-1],
+            ]
+        ),
+        "Push",
+        INVALID,
+        "trailer",
     ),
     (
         "not-safetensors",
@@ -611,4 +664,35 @@ def test_bad_federation_spec(
             with pytest.raises(NotFoundError):
                 admin.get_federation(fid)
     assert sorted(p.name for p in (fed.data_dir / "federations").iterdir()) == before
+    fed.finish_round()
+
+
+def test_a_wrong_layout_is_refused_at_its_first_chunk(fed: Federation) -> None:
+    """The safetensors header is checked as soon as it has arrived: an upload of the wrong
+    shapes is refused while the rest of it is still unsent (the server holds none of it)."""
+    release = threading.Event()
+    size = 128
+    pieces = chunks(RANK4_BYTES, size)
+    header_end = 8 + int.from_bytes(RANK4_BYTES[:8], "little")
+    sent = -(-header_end // size)  # the chunks that complete the header
+    assert sent < len(pieces)
+
+    def stream() -> Iterator[pb.PushRequest]:
+        yield fed.header(RANK4_BYTES)
+        yield from pieces[:sent]
+        release.wait(30)  # never needed: the refusal comes first
+        yield from pieces[sent:]
+
+    started = time.monotonic()
+    try:
+        assert_refused(
+            fed,
+            lambda: fed.stub.Push(stream(), timeout=60),
+            "Push",
+            INVALID,
+            f"{next(iter(MODULES))}.lora_A.weight",
+        )
+    finally:
+        release.set()
+    assert time.monotonic() - started < 20
     fed.finish_round()

@@ -14,12 +14,11 @@ about to expire, has expired or was revoked, as long as it still holds a valid s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -32,27 +31,29 @@ if TYPE_CHECKING:
 
 from raflora.v1 import aggregation_pb2 as pb
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+from raflora.v1.framing import data_or_message, serializer
 from raflora.v1.wire import (
     DEFAULT_CHUNK_SIZE,
     LORA_A,
     LORA_B,
     MERGE_PREFIX,
     ErrorReason,
-    iter_chunks,
     split_tensor_name,
 )
 
 from .errors import (
     RETRYABLE,
-    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     RafloraError,
     UnavailableError,
     from_rpc_error,
 )
+from .payload import PushPayload, receive_adapter
 
 log = logging.getLogger("raflora.client_sdk")
+_SERVICE = pb.DESCRIPTOR.services_by_name["AggregationService"].full_name
+_ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 REFRESH_MARGIN_SECONDS = 60.0  # join again this long (at most a quarter of its life) before
 # the client token expires
@@ -178,6 +179,17 @@ class RafloraClient:
             else grpc.insecure_channel(target, options)
         )
         self.stub = pb_grpc.AggregationServiceStub(self.channel)
+        # Push and Pull carry data messages encoded and decoded without protobuf's copies.
+        self._push = self.channel.stream_unary(
+            f"/{_SERVICE}/Push",
+            request_serializer=serializer(pb.PushRequest),
+            response_deserializer=pb.PushResponse.FromString,
+        )
+        self._pull = self.channel.unary_stream(
+            f"/{_SERVICE}/Pull",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=data_or_message(pb.PullChunk),
+        )
         self.rank: int | None = None
         self.scale: float | None = None
         self.credential_file = Path(credential_file) if credential_file is not None else None
@@ -359,9 +371,8 @@ class RafloraClient:
         )
 
         def attempt() -> PulledAdapter:
-            stream = self.stub.Pull(request, timeout=self.timeout, metadata=self._token_metadata())
-            header, payload = read_pull_stream(stream, progress)
-            tensors = _load_safetensors(payload)
+            stream = self._pull(request, timeout=self.timeout, metadata=self._token_metadata())
+            header, tensors = receive_adapter(stream, progress)
             merge = {k: v for k, v in tensors.items() if f".{MERGE_PREFIX}" in k}
             lora = {k: v for k, v in tensors.items() if k not in merge}
             return PulledAdapter(
@@ -386,7 +397,7 @@ class RafloraClient:
                 reason=ErrorReason.NOT_JOINED,
                 field="client_id",
             )
-        payload = _save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        payload = PushPayload(tensors)
         header = pb.PushHeader(
             federation_id=self.federation_id,
             client_id=self.client_id,
@@ -394,23 +405,16 @@ class RafloraClient:
             rank=self.rank,
             num_examples=num_examples,
             lora_alpha=lora_alpha,
-            total_bytes=len(payload),
-            sha256=hashlib.sha256(payload).hexdigest(),
+            total_bytes=payload.total_bytes,
+            sha256="",  # the trailer carries it: hashed while it is sent
         )
 
-        def requests() -> Iterator[pb.PushRequest]:
+        def requests() -> Iterator[bytes | pb.PushRequest]:
             yield pb.PushRequest(header=header)
-            sent = 0
-            for chunk in iter_chunks(payload, self.chunk_size):
-                yield pb.PushRequest(data=chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent, len(payload))
+            yield from payload.messages(self.chunk_size, progress)
 
-        response = self._call(
-            lambda: self.stub.Push(
-                requests(), timeout=self.timeout, metadata=self._token_metadata()
-            )
+        response: pb.PushResponse = self._call(
+            lambda: self._push(requests(), timeout=self.timeout, metadata=self._token_metadata())
         )
         return PushResult(
             response.round, response.duplicate, response.received_bytes, response.uploads_in_round
@@ -517,6 +521,11 @@ class AdminClient:
             else grpc.insecure_channel(target, options)
         )
         self.stub = pb_grpc.AdminServiceStub(self.channel)
+        self._export = self.channel.unary_stream(
+            f"/{_ADMIN_SERVICE}/ExportAdapter",
+            request_serializer=pb.ExportAdapterRequest.SerializeToString,
+            response_deserializer=data_or_message(pb.PullChunk),
+        )
         self._metadata = bearer(admin_token)
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -683,10 +692,8 @@ class AdminClient:
         peft_adapter.check_export_target(out)
         spec = self.get_federation(federation_id, timeout=timeout).spec
         request = pb.ExportAdapterRequest(federation_id=federation_id, rank=rank or 0, round=round)
-        header, payload = self._call(
-            lambda: read_pull_stream(
-                self.stub.ExportAdapter(request, timeout=timeout, metadata=self._metadata)
-            )
+        header, tensors = self._call(
+            lambda: receive_adapter(self._export(request, timeout=timeout, metadata=self._metadata))
         )
         rslora = spec.scaling_rule == pb.SCALING_RULE_RSLORA
         alpha = header.lora_alpha or header.scale * (header.rank**0.5 if rslora else header.rank)
@@ -705,7 +712,7 @@ class AdminClient:
             "raflora.scale": repr(header.scale),
             "raflora.strategy": spec.strategy,
         }
-        state = peft_adapter.peft_state_dict(_load_safetensors(payload))
+        state = peft_adapter.peft_state_dict(tensors)
         return peft_adapter.write_peft_adapter(out, state, config, metadata)
 
     def close(self) -> None:
@@ -716,59 +723,6 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def read_pull_stream(
-    stream: Iterable[pb.PullChunk], progress: ProgressCallback | None = None
-) -> tuple[pb.PullHeader, bytes]:
-    """A Pull-shaped stream (Pull, ExportAdapter): its header and payload, checked against
-    the header's size and SHA-256 (DataLossError otherwise).
-
-    Each chunk is hashed as it arrives (overlapping the transfer) and joined once at the end:
-    one copy of the payload instead of a growing buffer plus a bytes() copy of it.
-    """
-    header: pb.PullHeader | None = None
-    parts: list[bytes] = []
-    digest = hashlib.sha256()
-    received = 0
-    for message in stream:
-        if message.WhichOneof("payload") == "header":
-            header = message.header
-            continue
-        data = message.data
-        parts.append(data)
-        digest.update(data)
-        received += len(data)
-        if progress is not None and header is not None:
-            progress(received, header.total_bytes)
-    if header is None or received != header.total_bytes:
-        raise DataLossError(
-            f"data: the stream ended after {received} bytes",
-            reason=ErrorReason.SIZE_MISMATCH,
-            field="data",
-        )
-    if digest.hexdigest() != header.sha256:
-        raise DataLossError(
-            "sha256: the download does not match its checksum",
-            reason=ErrorReason.CHECKSUM_MISMATCH,
-            field="sha256",
-        )
-    return header, b"".join(parts)
-
-
-def _load_safetensors(payload: bytes) -> dict[str, Tensor]:
-    """Imported here: torch loads in seconds, and the admin CLI never needs it for most calls."""
-    from safetensors.torch import load
-
-    tensors: dict[str, Tensor] = load(payload)
-    return tensors
-
-
-def _save_safetensors(tensors: Mapping[str, Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    payload: bytes = save(dict(tensors))
-    return payload
 
 
 def lora_state_dict(factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
