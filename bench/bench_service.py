@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -63,6 +62,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
+from raflora.client_sdk.payload import PushPayload
 from raflora.server.testing import ServerProcess, federation_spec, scrape, start_server_process
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 
@@ -76,6 +76,17 @@ TCP_WINDOW = 4 * MiB
 GOAL_ROUND_TRIP_MIB_S = 500.0
 GOAL_TURNAROUND_S = 1.0
 GOAL_SIZE_MIB = 64
+GOAL_ECHO_CACHED = 0.75  # issue 14: push + cached pull vs the raw grpcio echo
+GOAL_ECHO_FIRST = 0.6
+LOAD_BEFORE = [0.0]  # the 1-minute load average when the run started (main sets it)
+
+
+def contended(busy: float) -> str:
+    """A verdict's suffix when other work shared the machine: the load average before the
+    run (this bench had not started yet) was above 1. ``busy`` is shown beside it."""
+    if LOAD_BEFORE[0] > 1.0:
+        return f" (load {LOAD_BEFORE[0]:.1f}, cores busy {busy:.2f}: contended, rerun quiet)"
+    return ""
 
 
 def log(msg: str) -> None:
@@ -218,6 +229,57 @@ def tcp_copy(payload: bytes, sink: bytearray, upload: bool) -> float:
     return done[0] - start
 
 
+# -- raw grpcio echo (the ceiling for Python gRPC here) ----------------------------------------
+ECHO_CHUNKS = (1 * MiB, 4 * MiB)
+
+
+def grpc_echo(payload: bytes, repeats: int) -> dict[int, list[float]]:
+    """Seconds to echo ``payload`` through a bare grpcio server process (bench/grpc_echo_server),
+    per chunk size: the client streams the chunks up while the server streams them back."""
+    import subprocess
+
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("grpc_echo_server.py"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        options = [("grpc.max_receive_message_length", 16 * MiB)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            call = channel.stream_stream(
+                "/bench.Echo/Echo", request_serializer=None, response_deserializer=None
+            )
+            view = memoryview(payload)
+            out: dict[int, list[float]] = {}
+            for chunk in ECHO_CHUNKS:
+
+                def chunks(size: int = chunk) -> Any:
+                    for start in range(0, len(view), size):
+                        yield bytes(view[start : start + size])
+
+                sum(len(m) for m in call(chunks()))  # warm the channel at this size
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    got = sum(len(m) for m in call(chunks()))
+                    times.append(time.perf_counter() - t0)
+                    if got != len(payload):
+                        raise RuntimeError(f"echo returned {got} of {len(payload)} bytes")
+                out[chunk] = times
+            return out
+    finally:
+        server.kill()
+        server.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # -- payloads ----------------------------------------------------------------------------------
 def make_adapter(modules: int, dim: int, rank: int, seed: int) -> dict[str, Tensor]:
     """PEFT-named fp32 factors, the same rank for every module."""
@@ -241,11 +303,13 @@ def module_shapes(modules: int, dim: int) -> dict[str, tuple[int, int]]:
 class TransferRun:
     repeat: int
     payload_bytes: int
-    client_prep_s: float  # safetensors save + sha256, what push does before its first byte
+    client_prep_s: float  # the SDK's serialisation into one buffer (a push streams it instead)
     push_s: float
     pull_first_s: float
     pull_cached_s: float
     server_push_s: float  # the server's own push histogram: first message to ack
+    server_cpu_s: float = 0.0  # the server process's CPU time over push + both pulls
+    client_cpu_s: float = 0.0
 
 
 @dataclass
@@ -255,6 +319,7 @@ class SizeResult:
     payload_bytes: int
     tcp_up_s: list[float]
     tcp_down_s: list[float]
+    echo_s: dict[int, list[float]]
     runs: list[TransferRun]
     server_idle_rss_mib: float
     server_peak_rss_mib: float
@@ -288,6 +353,9 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
         log(f"raw tcp #{i}: up {n / MiB / up[-1]:.0f} MiB/s, down {n / MiB / down[-1]:.0f} MiB/s")
     del sink
     gc.collect()
+    echo = grpc_echo(payload, repeats)
+    for chunk, times in echo.items():
+        log(f"grpc echo, {chunk // MiB} MiB chunks: {2 * n / MiB / median(times):.0f} MiB/s moved")
 
     server = launch(workdir, f"size-{size_mib}")
     runs: list[TransferRun] = []
@@ -307,14 +375,13 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
         for i in range(repeats):
             gc.collect()
             t0 = time.perf_counter()
-            blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-            hashlib.sha256(blob).hexdigest()
+            PushPayload(tensors).to_bytes()  # what a push serialises, here into one buffer
             prep = time.perf_counter() - t0
-            del blob
             with RafloraClient(server.target, federation, f"client-{i}") as client:
                 # A distinct alpha per client: a distinct scale, hence a cold view per repeat.
                 info = client.join(THROUGHPUT_RANK, num_examples=100, lora_alpha=16.0 + i)
                 before = scrape_sum(metrics_url, push_metric)
+                cpu0, own0 = cpu_seconds(server.pid), time.process_time()
                 t0 = time.perf_counter()
                 result = client.push(tensors, round=info.round, num_examples=100)
                 push = time.perf_counter() - t0
@@ -329,9 +396,11 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
                 t0 = time.perf_counter()
                 second = client.pull()
                 pull_cached = time.perf_counter() - t0
+                cpu = cpu_seconds(server.pid) - cpu0
+                own = time.process_time() - own0
                 del second
                 gc.collect()
-            run = TransferRun(i, n, prep, push, pull_first, pull_cached, server_push)
+            run = TransferRun(i, n, prep, push, pull_first, pull_cached, server_push, cpu, own)
             runs.append(run)
             log(
                 f"service #{i}: push {n / MiB / push:.0f} MiB/s ({push:.2f}s; server side "
@@ -341,7 +410,7 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
         peak, anon = sampler.peak_mib(), sampler.peak_anon_mib()
     stop(server)
     shutil.rmtree(workdir / f"size-{size_mib}", ignore_errors=True)
-    res = SizeResult(size_mib, modules, n, up, down, runs, server.idle_rss_mib, peak, anon)
+    res = SizeResult(size_mib, modules, n, up, down, echo, runs, server.idle_rss_mib, peak, anon)
     res.summary = summarise_size(res)
     return res
 
@@ -355,7 +424,22 @@ def summarise_size(r: SizeResult) -> dict[str, float]:
     rt_cached = median([x.push_s + x.pull_cached_s for x in r.runs])
     rt_first = median([x.push_s + x.pull_first_s for x in r.runs])
     tcp_rt = median([u + d for u, d in zip(r.tcp_up_s, r.tcp_down_s, strict=True)])
+    # Bytes moved per second (each byte up, then down): the unit of the grpc echo.
+    echo_best = min(median(t) for t in r.echo_s.values())
+    echo_mib_s = 2 * mib / echo_best
+    moved = 2 * mib
+    busy = [
+        (x.server_cpu_s + x.client_cpu_s) / (x.push_s + x.pull_first_s + x.pull_cached_s)
+        for x in r.runs
+    ]
     return {
+        "echo_mib_s": echo_mib_s,
+        **{f"echo_{c // MiB}mib_mib_s": 2 * mib / median(t) for c, t in r.echo_s.items()},
+        "moved_cached_mib_s": moved / rt_cached,
+        "moved_cached_vs_echo": moved / rt_cached / echo_mib_s,
+        "moved_first_mib_s": moved / rt_first,
+        "moved_first_vs_echo": moved / rt_first / echo_mib_s,
+        "cores_busy": median(busy),
         "tcp_up_mib_s": mib / tcp_up,
         "tcp_down_mib_s": mib / tcp_down,
         "tcp_round_trip_mib_s": mib / tcp_rt,
@@ -363,6 +447,8 @@ def summarise_size(r: SizeResult) -> dict[str, float]:
         "push_mib_s": mib / push,
         "push_ratio": tcp_up / push,
         "client_prep_s": median([x.client_prep_s for x in r.runs]),
+        "server_cpu_s": median([x.server_cpu_s for x in r.runs]),
+        "client_cpu_s": median([x.client_cpu_s for x in r.runs]),
         "server_push_s": median([x.server_push_s for x in r.runs]),
         "pull_first_s": first,
         "pull_first_mib_s": mib / first,
@@ -592,6 +678,79 @@ def summarise_round(r: RoundRun) -> dict[str, float]:
     }
 
 
+# -- phase 3: memory of a large adapter's round trip ------------------------------------
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def bench_memory(workdir: Path, mib: int) -> list[str]:
+    """A large adapter's round trip: the client's peak increase against the payload and the
+    server's anonymous memory; a memcpy into a fresh buffer is the same-run reference."""
+    log(f"--- memory: a {mib} MiB adapter round trip")
+    per_module = THROUGHPUT_RANK * 2 * MODULE_DIM * 4
+    modules = max(1, round(mib * MiB / per_module))
+    tensors = make_adapter(modules, MODULE_DIM, THROUGHPUT_RANK, seed=1)
+    payload_mib = PushPayload(tensors).total_bytes / MiB
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    t0 = time.perf_counter()
+    copy = flat.clone()  # into a fresh buffer: the page faults are part of it
+    memcpy_s = time.perf_counter() - t0
+    del copy, flat
+    gc.collect()
+    server = launch(workdir, "mem")
+    try:
+        with AdminClient(server.target) as admin:
+            admin.create_federation(
+                federation_spec(
+                    "mem",
+                    module_shapes(modules, MODULE_DIM),
+                    max_rank=THROUGHPUT_RANK,
+                    min_clients=3,
+                )
+            )
+        with RafloraClient(server.target, "mem", "c0", timeout=600) as client:
+            info = client.join(THROUGHPUT_RANK, num_examples=10)
+            client.pull()  # build the round-0 view now: the timed pull only streams it
+            gc.collect()
+            with RssSampler(os.getpid()) as own, RssSampler(server.pid) as srv:
+                base = rss_mib()
+                t0 = time.perf_counter()
+                client.push(tensors, round=info.round, num_examples=10)
+                push_s = time.perf_counter() - t0
+                push_peak = own.max_rss_kib / 1024 - base
+            gc.collect()
+            with RssSampler(os.getpid()) as own2, RssSampler(server.pid) as srv2:
+                base2 = rss_mib()
+                t0 = time.perf_counter()
+                pulled = client.pull()
+                pull_s = time.perf_counter() - t0
+                pull_peak = own2.max_rss_kib / 1024 - base2
+            del pulled
+    finally:
+        stop(server)
+    out = []
+    out.append(f"adapter: {payload_mib:.0f} MiB ({modules} modules {MODULE_DIM}², rank 64, fp32)")
+    out.append(f"memcpy into a fresh buffer: {memcpy_s:.2f} s ({payload_mib / memcpy_s:.0f} MiB/s)")
+    out.append(
+        f"push: {push_s:.2f} s ({payload_mib / push_s:.0f} MiB/s, {memcpy_s / push_s:.2f}× "
+        f"memcpy); client peak increase {push_peak:.0f} MiB = {push_peak / payload_mib:.2f}× "
+        f"the payload; server anonymous peak {srv.peak_anon_mib():.0f} MiB "
+        f"(idle RSS {server.idle_rss_mib:.0f} MiB)"
+    )
+    out.append(
+        f"pull: {pull_s:.2f} s ({payload_mib / pull_s:.0f} MiB/s); client peak increase "
+        f"{pull_peak:.0f} MiB = {pull_peak / payload_mib:.2f}× the payload; server anonymous "
+        f"peak {srv2.peak_anon_mib():.0f} MiB"
+    )
+    worst = max(push_peak, pull_peak) / payload_mib
+    verdict = "PASS" if worst <= 1.2 else "MISS"
+    out.append(f"{verdict}: client peak {worst:.2f}× the payload vs goal <= 1.2×" + contended(1.0))
+    return out
+
+
 # -- report ------------------------------------------------------------------------------------
 def report(sizes: list[SizeResult], round_result: RoundResult | None) -> list[str]:
     out = []
@@ -618,14 +777,30 @@ def report(sizes: list[SizeResult], round_result: RoundResult | None) -> list[st
             )
         out.append("")
         out += [
-            "| adapter | push: client prep (save+sha256) | push: server side | push total |",
-            "|---|---|---|---|",
+            "| adapter | grpc echo, 1 / 4 MiB chunks (bytes moved) | push + cached pull "
+            "| × echo | push + first pull | × echo | cores busy (server + client) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sizes:
+            s = r.summary
+            out.append(
+                f"| {r.payload_bytes / MiB:.1f} MiB | {s['echo_1mib_mib_s']:.0f} / "
+                f"{s['echo_4mib_mib_s']:.0f} MiB/s | {s['moved_cached_mib_s']:.0f} MiB/s "
+                f"| **{s['moved_cached_vs_echo']:.2f}×** | {s['moved_first_mib_s']:.0f} MiB/s "
+                f"| **{s['moved_first_vs_echo']:.2f}×** | {s['cores_busy']:.2f} |"
+            )
+        out.append("")
+        out += [
+            "| adapter | serialise into one buffer (not done by a push) | push: server side "
+            "| push total | CPU per transfer (push + 2 pulls): server / client |",
+            "|---|---|---|---|---|",
         ]
         for r in sizes:
             s = r.summary
             out.append(
                 f"| {r.payload_bytes / MiB:.1f} MiB | {s['client_prep_s']:.2f} s "
-                f"| {s['server_push_s']:.2f} s | {s['push_s']:.2f} s |"
+                f"| {s['server_push_s']:.2f} s | {s['push_s']:.2f} s "
+                f"| {s['server_cpu_s']:.2f} / {s['client_cpu_s']:.2f} s |"
             )
         out.append("")
     if round_result is not None:
@@ -679,6 +854,16 @@ def verdicts(sizes: list[SizeResult], round_result: RoundResult | None) -> list[
                 f"{'PASS' if ok else 'MISS'}: {GOAL_SIZE_MIB} MiB round trip ({label}) "
                 f"{s[key]:.0f} MiB/s vs goal >= {GOAL_ROUND_TRIP_MIB_S:.0f} MiB/s"
             )
+        for label, key, goal_ratio in (
+            ("cached pull", "moved_cached_vs_echo", GOAL_ECHO_CACHED),
+            ("first pull", "moved_first_vs_echo", GOAL_ECHO_FIRST),
+        ):
+            ok = s[key] >= goal_ratio
+            out.append(
+                f"{'PASS' if ok else 'MISS'}: {GOAL_SIZE_MIB} MiB push + {label} {s[key]:.2f}× "
+                f"the grpc echo ({s['echo_mib_s']:.0f} MiB/s moved) vs goal >= {goal_ratio}×"
+                + contended(s["cores_busy"])
+            )
     else:
         out.append(f"n/a: round-trip goal needs --sizes to include {GOAL_SIZE_MIB}")
     if round_result is not None:
@@ -711,6 +896,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
     p.add_argument("--skip-round", action="store_true", help="only the throughput phase")
     p.add_argument(
+        "--memory-mib",
+        type=int,
+        default=0,
+        help="also round-trip an adapter this large and report memory (issue 14: 640)",
+    )
+    p.add_argument(
         "--server-threads",
         type=int,
         default=0,
@@ -726,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="raflora-bench-", dir=args.workdir))
     log(f"data under {workdir}")
     load_before = os.getloadavg()
+    LOAD_BEFORE[0] = load_before[0]
     started = time.perf_counter()
     try:
         size_results = [bench_size(workdir, s, args.repeats) for s in sizes]
@@ -734,6 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.skip_round or args.clients < 1
             else bench_round(workdir, args.clients, args.repeats)
         )
+        memory = bench_memory(workdir, args.memory_mib) if args.memory_mib > 0 else []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.perf_counter() - started
@@ -749,6 +942,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     lines.append("")
     lines += verdicts(size_results, round_result)
+    if memory:
+        lines += ["", *memory]
     print("\n".join(lines))
     if args.json is not None:
         args.json.write_text(

@@ -400,6 +400,12 @@ async def stream_view(
 
     with reader:
         await clock.write(context, pb.PullChunk(header=header))
+        if view.size <= _READ_AHEAD_FROM_BYTES:  # a few chunks: a thread hop costs more
+            while (message := next_message()) is not None:
+                await clock.write(context, message)
+            if digest.hexdigest() != view.sha256:
+                await runtime.discard_view(view)
+            return
         ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
         try:
             while (message := await ahead) is not None:
@@ -413,6 +419,9 @@ async def stream_view(
                 ahead.exception()  # seen: the error that ended the stream is already raised
     if digest.hexdigest() != view.sha256:
         await runtime.discard_view(view)
+
+
+_READ_AHEAD_FROM_BYTES = 4 << 20
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
