@@ -294,9 +294,7 @@ def test_server_killed_during_aggregation(tmp_path: Path) -> None:
         rounds = data / "federations" / "agg" / "rounds"
         assert wait_until(lambda: any(rounds.glob(".tmp-*/manifest.json")), timeout=30)
         # The hook logs as it starts to sleep; the log may trail the file by a moment.
-        assert wait_until(
-            lambda: "debug_aggregation_delay_seconds" in first.log_text(), timeout=10
-        )
+        assert wait_until(lambda: "debug_aggregation_delay_seconds" in first.log_text(), timeout=10)
         first.kill()
         assert first.process.returncode == -signal.SIGKILL
         assert not (rounds / "00000001").exists()  # nothing half-published

@@ -226,3 +226,72 @@ def test_the_intake_stops_at_the_first_bad_byte_and_forgets_the_upload(tmp_path:
     sent = asyncio.run(run())
     assert sent < len(data)  # refused before the payload was through
     assert not (tmp_path / "upload").exists()
+
+
+def test_a_header_is_checked_before_any_buffer_is_sized_from_it() -> None:
+    """A header naming one tensor as large as the payload, with data in the same chunk: it is
+    refused before the splitter gathers (and zero-fills) a buffer of that size."""
+    import json
+    import struct
+    import tracemalloc
+
+    total = 256 << 20
+    header = json.dumps(
+        {
+            tensor_name(Q, LORA_A): {
+                "dtype": "F32",
+                "shape": [total // 4],
+                "data_offsets": [0, total],
+            }
+        }
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    prefix = struct.pack("<Q", len(header)) + header
+    check = StreamingUploadCheck(SCHEMA, RANK, "c", SCALE, BOUNDS, len(prefix) + total)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AggregationError):
+            check.feed(prefix + bytes(64))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes allocated for a refused header"
+
+
+def test_the_cheap_bounds_margin_covers_fp32_rounding() -> None:
+    """fp32 dot products lose small terms after large ones; the margin the cheap bound must
+    clear covers the worst of it, so near the limit the exact check decides.
+
+    B has 64 ones, then 2¹⁸ terms whose squares fall below fp32's resolution of the running
+    sum. The module is rank 1, so ‖BA‖_F = ‖B‖_F‖A‖_F exactly."""
+    from raflora.server.storage.tensorio import _Factor
+
+    n = 64 + (1 << 18)
+    b = torch.full((n, 1), 2.0**-12.5)
+    b[:64] = 1.0
+    a = torch.zeros(1, 4)
+    a[0, 0] = 1.0
+    exact = float((b.double() ** 2).sum())
+    factor = _Factor.of(b, rows=False)
+    assert abs(factor.sq_norm - exact) / exact <= factor.rel_error
+    true_norm = math.sqrt(exact)
+    schema = AdapterSchema.from_shapes({"m": (n, 4)})
+    data = PushPayload({tensor_name("m", LORA_B): b, tensor_name("m", LORA_A): a}).to_bytes()
+    for limit in (true_norm * 0.95, true_norm * 1.05):
+        bounds = UpdateBounds(max_update_norm=limit)
+        verdicts: list[str | None] = []
+        try:
+            with open_bytes(data) as reader:
+                validate_upload(reader, schema, 1, "c", 1.0, bounds)
+            verdicts.append(None)
+        except InvalidUpdateError as exc:
+            verdicts.append(exc.field)
+        check = StreamingUploadCheck(schema, 1, "c", 1.0, bounds, len(data))
+        try:
+            for start in range(0, len(data), 1 << 16):
+                check.feed(memoryview(data)[start : start + (1 << 16)])
+            check.close()
+            verdicts.append(None)
+        except InvalidUpdateError as exc:
+            verdicts.append(exc.field)
+        assert verdicts == ([None, None] if limit > true_norm else ["m", "m"])

@@ -87,7 +87,7 @@ def test_data_framing_matches_protobuf() -> None:
     rng = random.Random(0)
     for size in [0, 1, 127, 128, 300, 16383, 16384, 1 << 20]:
         body = rng.randbytes(size)
-        pieces = [body[: size // 3], memoryview(body)[size // 3 :]]
+        pieces: list[bytes | memoryview] = [body[: size // 3], memoryview(body)[size // 3 :]]
         wire = encode_data(pieces)
         assert pb.PushRequest.FromString(wire).data == body
         assert pb.PullChunk.FromString(wire).data == body

@@ -62,7 +62,10 @@ class PushPayload:
         codes = _codes()
         flat: list[memoryview] = []
         specs = []
-        for name, tensor in tensors.items():
+        # Widest dtype first, as safetensors' own writer does: every tensor then starts on a
+        # multiple of its element size (the server refuses unaligned data).
+        ordered = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+        for name, tensor in ordered:
             t = tensor.detach().contiguous().cpu()
             if t.dtype not in codes:
                 raise ValueError(f"{name}: dtype {t.dtype} has no safetensors code")

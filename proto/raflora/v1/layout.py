@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +115,20 @@ def header_length(first8: bytes | bytearray | memoryview, total_bytes: int, limi
     return int(n)
 
 
+def _unsigned(text: str) -> int:
+    """JSON integers as the format's u64: no sign, at most 2⁶⁴ − 1."""
+    if text.startswith("-") or len(text) > 20 or int(text) >= 1 << 64:
+        raise LayoutError(f"{text[:40]} is not an unsigned 64-bit integer")
+    return int(text)
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LayoutError("a header key is not valid Unicode (a lone surrogate)") from None
         if key in out:
             raise LayoutError(f"header names {key[:200]!r} twice")
         out[key] = value
@@ -160,12 +171,16 @@ def parse_header(prefix: bytes | bytearray | memoryview, total_bytes: int) -> La
     if not blob.startswith(b"{"):
         raise LayoutError("the header does not start with '{'")
     try:
-        raw = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raw = json.loads(
+            blob.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_unsigned
+        )
+    except LayoutError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise LayoutError(f"the header is not UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise LayoutError("the header is not a JSON object")
-    metadata = raw.pop(METADATA_KEY, None) or {}
+    metadata = raw.pop(METADATA_KEY, {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -192,9 +207,17 @@ class TensorSplitter:
     the header and one tensor, whatever the payload's size.
     """
 
-    def __init__(self, total_bytes: int, header_limit: int) -> None:
+    def __init__(
+        self,
+        total_bytes: int,
+        header_limit: int,
+        on_layout: Callable[[Layout], None] | None = None,
+    ) -> None:
+        """``on_layout`` sees the parsed header before any data byte is consumed (and may
+        raise): no buffer is sized from a header it has not accepted."""
         self.total_bytes = total_bytes
         self.header_limit = header_limit
+        self._on_layout = on_layout
         self.layout: Layout | None = None
         self._prefix = bytearray()
         self._position = 0  # bytes of the payload consumed
@@ -250,7 +273,10 @@ class TensorSplitter:
                 continue
             n = header_length(self._prefix, self.total_bytes, self.header_limit)
             if len(self._prefix) == PREFIX_BYTES + n:
-                self.layout = parse_header(self._prefix, self.total_bytes)
+                layout = parse_header(self._prefix, self.total_bytes)
+                if self._on_layout is not None:
+                    self._on_layout(layout)
+                self.layout = layout
                 self._prefix = bytearray()
         return view
 

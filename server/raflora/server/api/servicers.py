@@ -366,6 +366,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                 if kind != "data":
                     raise InvalidArgumentError("header", "only data chunks may follow the header")
                 data = memoryview(message.data)
+            if not len(data):  # nothing to write, hash or check: no thread hop for it
+                continue
             if len(data) > self.chunk_size:
                 raise InvalidArgumentError(
                     "data", f"chunk of {len(data)} bytes exceeds chunk_size {self.chunk_size}"

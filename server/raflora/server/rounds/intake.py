@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from raflora.v1.layout import Layout
 
@@ -23,6 +24,12 @@ from ..storage import UploadSink
 from ..storage.tensorio import StreamingUploadCheck
 
 DEFAULT_WINDOW = 4
+_JOBS_PER_TURN = 8
+# The lanes' own threads: however many uploads stream, commits, joins, view builds and the
+# rest of the server keep the default executor to themselves.
+_LANES = ThreadPoolExecutor(
+    max_workers=min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="raflora-intake"
+)
 
 
 class SerialLane:
@@ -65,7 +72,7 @@ class SerialLane:
         future.add_done_callback(self._stopped)
 
     def _run(self) -> None:  # in a worker thread
-        while True:
+        for _ in range(_JOBS_PER_TURN):  # then give the thread back and queue up again
             try:
                 job = self._jobs.popleft()
             except IndexError:
@@ -101,8 +108,11 @@ class SerialLane:
     def close(self, final: Callable[[], None]) -> None:
         """Drop the jobs not yet started and run ``final`` after the one running, if any
         (even if the lane has failed). Does not wait."""
-        while self._jobs:
-            self._jobs.popleft()
+        while True:
+            try:  # the worker may take the last job between a check and this pop
+                self._jobs.popleft()
+            except IndexError:
+                break
             self._slots.release()
         self._final = final
         self._jobs.append(final)
@@ -122,8 +132,10 @@ class UploadIntake:
         window: int = DEFAULT_WINDOW,
     ) -> None:
         loop = asyncio.get_running_loop()
+        executor = executor or _LANES
         self.sink = sink
         self._check = check
+        self.unchecked = check is None  # only hashed: a possible duplicate of a counted upload
         self._digest = hashlib.sha256()
         # Set once either lane fails: the receiving loop stops waiting for the next chunk.
         self.failed = asyncio.Event()
@@ -170,5 +182,7 @@ class UploadIntake:
         if self._closed:
             return
         self._closed = True
-        self._checker.close(lambda: None)
-        self._writer.close(self.sink.abort)
+        try:
+            self._checker.close(lambda: None)
+        finally:
+            self._writer.close(self.sink.abort)

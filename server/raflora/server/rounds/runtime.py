@@ -370,6 +370,9 @@ class FederationRuntime:
         else:  # the digest follows the data: an ack-lost retry is recognised at the end
             duplicate = False
             open_checks = not self._has_counted(client_id, round_)
+            counted = self.uploads.get(client_id) if round_ == self.state.round else None
+            if counted is not None and counted.size != total_bytes:
+                self._refuse_second_upload(round_)  # it cannot be the same bytes
         if open_checks:
             self._check_round_open(round_)
             self._check_selected(client_id)
@@ -377,7 +380,9 @@ class FederationRuntime:
             self.config, self.schema, joined, rank, num_examples, lora_alpha, total_bytes
         )
         check = None
-        if not duplicate:  # the same bytes as a counted upload passed these checks already
+        # Only the same bytes as a counted upload can succeed past an earlier upload: those
+        # passed the checks already, so its bytes are only hashed.
+        if open_checks:
             check = StreamingUploadCheck(
                 self.schema, rank, client_id, joined.scale, self.bounds, total_bytes
             )
@@ -403,6 +408,15 @@ class FederationRuntime:
             m is not None
             and round_ == m.round - 1
             and any(u.client_id == client_id for u in m.uploads)
+        )
+
+    def _refuse_second_upload(self, round_: int) -> None:
+        """A push that is not a counted upload's duplicate, from a client that has one."""
+        self._check_round_open(round_)  # a closed round says so first
+        raise AlreadyExistsError(
+            "sha256",
+            f"this client already uploaded a different update for round {round_}",
+            ErrorReason.UPLOAD_CONFLICT,
         )
 
     def _already_counted(self, client_id: str, round_: int, sha256: str) -> bool:
@@ -518,6 +532,8 @@ class FederationRuntime:
             return PushOutcome(
                 ticket.round, True, ticket.total_bytes, self._uploads_in(ticket.round)
             )
+        if ticket.intake.unchecked:  # let through only as a possible duplicate: it is not
+            self._refuse_second_upload(ticket.round)
         ticket.sha256 = digest
         # The round may have closed while the payload streamed.
         self._check_round_open(ticket.round)

@@ -58,6 +58,12 @@ _HEADER_SLACK = 1 << 16
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
+def max_header_bytes(schema: AdapterSchema) -> int:
+    """The largest safetensors header a legitimate upload needs: each tensor's entry (name,
+    dtype, shape, offsets) with room to spare, plus metadata slack."""
+    return sum(2 * (len(n) + 200) for n in schema.modules) + _HEADER_SLACK
+
+
 def max_upload_bytes(schema: AdapterSchema, rank: int) -> int:
     """The largest legitimate payload for ``rank``: fp64 tensors plus a generous header."""
     elements = sum(rank * (s.d_in + s.d_out) for s in schema.modules.values())
@@ -194,6 +200,7 @@ class _Factor:
     the tensor or its r×r Gram for the exact check when the cheap bound does not settle it."""
 
     sq_norm: float
+    rel_error: float  # a bound on |computed − exact| / exact of sq_norm
     rows: bool
     tensor: Tensor | None
     gram: Tensor | None = None
@@ -202,12 +209,16 @@ class _Factor:
     def of(tensor: Tensor, *, rows: bool) -> _Factor:
         flat = tensor.reshape(-1)
         if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()
-        return _Factor(float(torch.dot(flat, flat)), rows, tensor)
+            flat = flat.float()  # exact
+        # A dot product of n terms errs by at most about n·u relative (u the unit roundoff,
+        # every term non-negative); twice that leaves room for the summation order.
+        unit = 2.0**-53 if flat.dtype == torch.float64 else 2.0**-24
+        return _Factor(float(torch.dot(flat, flat)), 2 * flat.numel() * unit, rows, tensor)
 
     def with_gram(self) -> _Factor:
         assert self.tensor is not None
-        return _Factor(self.sq_norm, self.rows, None, factor_gram(self.tensor, rows=self.rows))
+        gram = factor_gram(self.tensor, rows=self.rows)
+        return _Factor(self.sq_norm, self.rel_error, self.rows, None, gram)
 
     def exact_gram(self) -> Tensor:
         if self.gram is not None:
@@ -226,9 +237,8 @@ class _Waiting:
         return self.factor, self.value
 
 
-# The cheap bound must clear the limit by more than its own rounding to stand in for the
-# exact norm.
-_BOUND_MARGIN = 1e-4
+# Beyond the dot products' own rounding, what the cheap bound must clear the limit by.
+_BOUND_MARGIN = 1e-6
 
 
 def check_module_norm(
@@ -241,7 +251,8 @@ def check_module_norm(
     ‖s·B·A‖_F (:func:`norm_from_grams`) checked, so every verdict is the exact one.
     """
     bound = math.sqrt(max(b.sq_norm, 0.0)) * math.sqrt(max(a.sq_norm, 0.0)) * abs(scale)
-    if math.isfinite(bound) and bound * (1 + _BOUND_MARGIN) <= bounds.max_update_norm:
+    margin = b.rel_error + a.rel_error + _BOUND_MARGIN  # √ halves each, so this is ample
+    if margin < 0.5 and math.isfinite(bound) and bound * (1 + margin) <= bounds.max_update_norm:
         return
     norm = norm_from_grams(b.exact_gram(), a.exact_gram(), scale)
     check_update_norm(module, norm, bounds.max_update_norm)
@@ -277,25 +288,28 @@ class StreamingUploadCheck:
         if not math.isfinite(scale) or scale <= 0:
             raise InvalidUpdateError("scale", f"must be a positive finite number, got {scale}")
         self.schema, self.rank, self.scale, self.bounds = schema, rank, scale, bounds
-        header_limit = max_upload_bytes(schema, rank)
-        self._splitter = TensorSplitter(total_bytes, header_limit)
+        self._splitter = TensorSplitter(total_bytes, max_header_bytes(schema), self._check_layout)
         self._waiting: dict[str, _Waiting] = {}  # modules with one factor in
         self._held = 0
         self.checked_modules = 0
 
     def feed(self, chunk: bytes | memoryview) -> None:
-        had_layout = self._splitter.layout is not None
         try:
-            completed = self._splitter.feed(chunk)
+            completed = self._splitter.feed(chunk)  # runs _check_layout before any data
         except LayoutError as exc:
             raise InvalidUpdateError("payload", f"not a valid safetensors file: {exc}") from None
-        if not had_layout and self._splitter.layout is not None:
-            self._check_layout(self._splitter.layout)
         for entry, data in completed:
             self._check_tensor(entry, data)
 
     def _check_layout(self, layout: Layout) -> None:
         _check_names(((e.name, e.dtype) for e in layout.entries), self.schema)
+        # Aligned as every safetensors writer aligns (the header padded to 8, each tensor on
+        # its element size): so the aggregation's loader can map each tensor in place.
+        if layout.data_start % 8:
+            raise InvalidUpdateError("payload", "the data section does not start 8-aligned")
+        for e in layout.entries:
+            if e.start % ACCEPTED_CODES[e.dtype].itemsize:
+                raise InvalidUpdateError(e.name, "the tensor's data is not aligned to its dtype")
         r = self.rank
         found = {e.name: e.shape for e in layout.entries}
         for module, shape in self.schema.modules.items():  # in validate_update's order
