@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -405,22 +405,27 @@ async def stream_view(
         if view.size <= _READ_AHEAD_FROM_BYTES:  # a few chunks: a thread hop costs more
             while (message := next_message()) is not None:
                 await clock.write(context, message)
-            if digest.hexdigest() != view.sha256:
-                await runtime.discard_view(view)
-            return
-        ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
-        try:
-            while (message := await ahead) is not None:
-                ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
-                await clock.write(context, message)
-        finally:
-            if not ahead.done():  # the client went away: let the read finish before closing
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(ahead)
-            elif not ahead.cancelled():
-                ahead.exception()  # seen: the error that ended the stream is already raised
+        else:
+            await _write_reading_ahead(context, clock, next_message)
     if digest.hexdigest() != view.sha256:
         await runtime.discard_view(view)
+
+
+async def _write_reading_ahead(
+    context: Any, clock: StreamClock, next_message: Callable[[], bytes | None]
+) -> None:
+    """Send each message while a worker thread produces the next."""
+    ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
+    try:
+        while (message := await ahead) is not None:
+            ahead = asyncio.ensure_future(asyncio.to_thread(next_message))
+            await clock.write(context, message)
+    finally:
+        if not ahead.done():  # the client went away: let the read finish before closing
+            with contextlib.suppress(Exception):
+                await asyncio.shield(ahead)
+        elif not ahead.cancelled():
+            ahead.exception()  # seen: the error that ended the stream is already raised
 
 
 _READ_AHEAD_FROM_BYTES = 4 << 20

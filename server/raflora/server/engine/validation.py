@@ -103,7 +103,7 @@ def factor_gram(tensor: torch.Tensor, *, rows: bool) -> torch.Tensor:
     work = torch.promote_types(tensor.dtype, torch.float32)
     t = tensor.to(work)
     gram = t @ t.T if rows else t.T @ t
-    if not bool(torch.isfinite(gram).all()):
+    if not all_finite(gram):
         t = tensor.double()
         gram = t @ t.T if rows else t.T @ t
     return gram

@@ -4,8 +4,9 @@ The event loop only receives. Each chunk goes to two lanes that run in worker th
 writes it to the upload's sink (which flushes to disk as it goes), and the other hashes it
 and feeds the streaming validator. Both lanes work on the same bytes at the same time, so
 when the last chunk lands, what is left to do before the acknowledgement is the tail of
-each lane and one fsync. A lane holds a thread only while it has work: a stalled client's
-upload costs no thread, and the shared pool stays free for everyone else. Each lane takes at
+each lane and one fsync. A lane holds a thread only while it has work (and gives it back
+every few jobs), on a pool of the lanes' own: a stalled client's upload costs no thread, and
+the server's default executor stays free for commits, joins and views. Each lane takes at
 most ``window`` chunks ahead of its worker, which bounds an upload's memory to a few chunks.
 """
 
@@ -33,7 +34,7 @@ _LANES = ThreadPoolExecutor(
 
 
 class SerialLane:
-    """Blocking jobs run in submission order, one at a time, on a shared executor.
+    """Blocking jobs run in submission order, one at a time, on an executor shared by lanes.
 
     The first job that fails stops the lane: later jobs are skipped and :meth:`submit` and
     :meth:`drain` raise that error.

@@ -7,9 +7,7 @@ so a 200 MB adapter streams through the server in bounded memory.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import struct
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,7 +41,7 @@ from raflora.server.engine.validation import (
     validate_rank,
     validate_update,
 )
-from raflora.v1.layout import Layout, LayoutError, TensorEntry, TensorSplitter
+from raflora.v1.layout import Layout, LayoutError, TensorEntry, TensorSplitter, encode_header
 from raflora.v1.wire import LORA_A, LORA_B, split_tensor_name, tensor_name
 
 ACCEPTED_CODES = {
@@ -406,28 +404,13 @@ def write_safetensors_to(
     ``specs`` fixes the header up front; ``tensors`` must then yield the same names in the
     same order, each produced only when it is written, so at most one tensor is held.
     """
-    header: dict[str, object] = {}
-    offset = 0
-    order = []
-    for name, dtype, shape in specs:
-        nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {
-            "dtype": _CODE_OF[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        order.append((name, dtype, tuple(shape)))
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-    digest = hashlib.sha256()
-    size = 0
-    for piece in (struct.pack("<Q", len(blob)), blob):
-        out.write(piece)
-        digest.update(piece)
-        size += len(piece)
+    order = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+    prefix, _ = encode_header(
+        ((name, _CODE_OF[dtype], shape) for name, dtype, shape in order), dict(metadata or {})
+    )
+    out.write(prefix)
+    digest = hashlib.sha256(prefix)
+    size = len(prefix)
     produced = iter(tensors)
     for name, dtype, shape in order:
         got_name, tensor = next(produced)
