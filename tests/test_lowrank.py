@@ -148,3 +148,36 @@ def test_a_top_direction_the_sketch_cannot_see_is_caught() -> None:
     assert randomized_svd(t, R) is None  # before the tail bound: "certified" with σ₁ = 1.0
     auto = truncated_svd_of_sum(t, R, SvdMethod.RANDOMIZED)
     assert float(auto.S[0]) == pytest.approx(1.1)
+
+
+def test_a_small_but_wide_tail_is_certified_after_one_power_iteration() -> None:
+    """A gap of 30× at R with hundreds of tail values (the 32-client LLaMA round): the
+    probe bound must be tight enough to see the gap, and one power iteration enough."""
+    from raflora.server.engine.lowrank import randomized_svd
+
+    g = torch.Generator().manual_seed(21)
+    d, R, tail = 1024, 16, 400
+    U, _ = torch.linalg.qr(torch.randn(d, R + tail, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(d, R + tail, generator=g))
+    sigma = torch.cat([torch.linspace(2.0, 0.3, R), torch.full((tail,), 0.005)])
+    t = [
+        FactorPair(B=U[:, j : j + 8] * sigma[j : j + 8], A=V[:, j : j + 8].T)
+        for j in range(0, R + tail, 8)
+    ]
+    # ‖tail‖_F = 0.1 is a third of σ_R = 0.3: a bound of 8× a probe norm (α = 10) would not
+    # certify it; 1.6× (α = 2, 36 probes) does.
+    fast = randomized_svd(t, R, power_iterations=1)
+    assert fast is not None
+    exact = truncated_svd_of_sum(t, R, SvdMethod.EXACT)
+    assert torch.allclose(fast.S, exact.S, rtol=1e-5)
+    assert rel_err(fast.dense(), exact.dense()) < 1e-4
+
+
+def test_auto_randomizes_where_it_is_cheaper_at_llama_shapes() -> None:
+    """docs/benchmarks.md: at 4096² and R = 64 the factored path wins at 8 clients (N = 208)
+    and the certified sketch at 32 (N = 732) and 100 (N = 2588)."""
+    from raflora.server.engine.lowrank import worth_randomizing
+
+    assert not worth_randomizing(4096, 4096, 208, 64)
+    assert worth_randomizing(4096, 4096, 732, 64)
+    assert worth_randomizing(4096, 4096, 2588, 64)

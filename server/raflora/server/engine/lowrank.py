@@ -6,7 +6,8 @@ min(d_out, d_in) a dense accumulator is cheaper and its memory no longer grows w
 number of clients; :func:`choose_method` picks by a flop model calibrated on CPU LAPACK.
 Both exact paths grow faster than the uploads when N is large, so for large rounds a
 randomized range finder on the factored operator (linear in N) is tried first; its result is
-kept only if a residual check certifies every triplet, else an exact path runs.
+kept only if it is certified (every triplet's residual, and a bound on what the sketch
+missed), else an exact path runs.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def randomized_svd(
     ΔWᵀu_j = σ_j v_j holds by construction) and no singular value left out can exceed the
     smallest kept one (a probabilistic bound on what the sketch missed, from fresh secret
     probes; it fails with probability 1e-10); otherwise None, and callers use an exact path.
+    The certificate is tried after 1, 2 and ``power_iterations`` power iterations: a round with
+    a clear gap at R stops early, one without pays the full sketch before falling back.
     The random start is seeded, so the result is deterministic.
     """
     B = torch.cat([t.B for t in terms], dim=1)
@@ -116,12 +119,23 @@ def randomized_svd(
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
     omega = torch.randn(d_in, k, generator=gen, dtype=torch.float32).to(B)
     Q, _ = torch.linalg.qr(B @ (A @ omega))
-    for _ in range(power_iterations):
-        Z, _ = torch.linalg.qr(A.T @ (B.T @ Q))
-        Q, _ = torch.linalg.qr(B @ (A @ Z))
+    checkpoints = {min(1, power_iterations), min(2, power_iterations), power_iterations}
+    for done in range(power_iterations + 1):
+        if done:
+            Z, _ = torch.linalg.qr(A.T @ (B.T @ Q))
+            Q, _ = torch.linalg.qr(B @ (A @ Z))
+        if done in checkpoints:
+            certified = _certified(B, A, Q, max_rank, tolerance)
+            if certified is not None:
+                return certified
+    return None
+
+
+def _certified(B: Tensor, A: Tensor, Q: Tensor, max_rank: int, tolerance: float) -> LowRank | None:
+    """The SVD of ΔW restricted to range(Q), if it is certified to be ΔW's top ``max_rank``."""
     QtB = Q.T @ B
     Uc, S_all, Vh = torch.linalg.svd(QtB @ A, full_matrices=False)
-    r = min(max_rank, n, int(S_all.shape[0]))
+    r = min(max_rank, int(B.shape[1]), int(S_all.shape[0]))
     U, S, V = Q @ Uc[:, :r], S_all[:r], Vh[:r].T
     top = float(S[0]) if r else 0.0
     if top == 0.0:
@@ -144,17 +158,21 @@ def randomized_svd(
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
 
 
-PROBES = 10  # a posteriori probes: the bound fails with probability 10^-PROBES
-PROBE_FACTOR = 10 * math.sqrt(2 / math.pi)
+# A posteriori probes (Halko, Martinsson & Tropp 2011, Lemma 4.1): ‖M‖₂ ≤ α √(2/π) max_i
+# ‖M ω_i‖ except with probability α^-PROBES. α = 2 with 36 probes fails with probability
+# 1.5e-11 per certificate (three tries per round: < 1e-10); α = 10 with 10 probes was as safe
+# but 5× looser, too loose to certify rounds whose tail is small but wide (docs/benchmarks.md).
+PROBES = 36
+PROBE_ALPHA = 2.0
+PROBE_FACTOR = PROBE_ALPHA * math.sqrt(2 / math.pi)
 
 
 def residual_norm_bound(C: Tensor, A: Tensor, probes: int = PROBES) -> float:
-    """An upper bound on ‖C A‖₂ that holds except with probability 10^-probes.
+    """An upper bound on ‖C A‖₂ that holds except with probability PROBE_ALPHA^-probes.
 
-    Halko, Martinsson & Tropp (2011), Lemma 4.1: for Gaussian ω_1 … ω_k, ‖M‖₂ ≤ 10 √(2/π)
-    max_i ‖M ω_i‖ except with probability 10^-k. The probes come from the OS's CSPRNG, so no
-    upload can be built orthogonal to them (the sketch's Ω is fixed and public); the cost is
-    k products through the factors, O((d_out + d_in)·N·k): linear in the round's size.
+    The probes come from the OS's CSPRNG, so no upload can be built orthogonal to them (the
+    sketch's Ω is fixed and public); the cost is one product of width ``probes`` through the
+    factors, O((d_out + d_in)·N·probes): linear in the round's size.
     """
     seed = secrets.randbits(63)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -163,12 +181,19 @@ def residual_norm_bound(C: Tensor, A: Tensor, probes: int = PROBES) -> float:
     return PROBE_FACTOR * float(norms.max())
 
 
-def worth_randomizing(d_out: int, d_in: int, n: int, max_rank: int) -> bool:
-    """Randomized pays off once N is several times the sketch width and exact is costly."""
+def randomized_cost(d_out: int, d_in: int, n: int, max_rank: int, iterations: int) -> float:
+    """GEMM-equivalent flops of the sketch up to ``iterations`` power iterations and one
+    certificate (its residual products and the probes)."""
     k = max_rank + OVERSAMPLE
-    sketch = 2.0 * (2 * POWER_ITERATIONS + 3) * (d_out + d_in) * n * k
+    return 2.0 * (d_out + d_in) * n * ((2 * iterations + 3) * k + 2 * PROBES)
+
+
+def worth_randomizing(d_out: int, d_in: int, n: int, max_rank: int) -> bool:
+    """Randomized pays off once N is several times the sketch width and its first certificate
+    (after one power iteration) costs under a third of the cheaper exact path."""
+    k = max_rank + OVERSAMPLE
     exact = min(factored_cost(d_out, d_in, n), dense_cost(d_out, d_in, n))
-    return n >= 4 * k and sketch * 3 < exact
+    return n >= 4 * k and 3 * randomized_cost(d_out, d_in, n, max_rank, 1) < exact
 
 
 def truncated_svd_of_sum(
