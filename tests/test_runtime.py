@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from safetensors.torch import save
 
 from raflora.server.config import FederationConfig
 from raflora.server.engine import AdapterSchema, make_strategy
+from raflora.server.engine.compression import CompressedAggregation
 from raflora.server.errors import (
     AlreadyExistsError,
     DataLossError,
@@ -52,14 +54,19 @@ def config(**overrides: Any) -> FederationConfig:
 class Harness:
     """A runtime on a running event loop, with its in-memory store and an event log."""
 
-    def __init__(self, cfg: FederationConfig, store: MemoryFederationStore | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        store: MemoryFederationStore | None = None,
+        limits: RuntimeLimits | None = None,
+    ) -> None:
         self.config = cfg
         self.store = store or MemoryFederationStore()
         self.executor = ThreadPoolExecutor(1)
         if self.store.config is None:
             self.store.create(cfg.model_dump(mode="json"))
         self.runtime = FederationRuntime(
-            cfg, self.store, ServerMetrics(), self.executor, "cpu", RuntimeLimits()
+            cfg, self.store, ServerMetrics(), self.executor, "cpu", limits or RuntimeLimits()
         )
         self.events: list[EventType] = []
         self.published_rounds: list[int] = []
@@ -102,9 +109,17 @@ class Harness:
         await asyncio.wait_for(wait(), timeout)
 
 
-def run(cfg: FederationConfig, scenario: Callable[[Harness], Awaitable[T]]) -> T:
+# The close reads every upload back instead of using the ones folded as they arrived.
+ONE_SHOT = RuntimeLimits(fold_memory_bytes=0)
+
+
+def run(
+    cfg: FederationConfig,
+    scenario: Callable[[Harness], Awaitable[T]],
+    limits: RuntimeLimits | None = None,
+) -> T:
     async def main() -> T:
-        h = Harness(cfg)
+        h = Harness(cfg, limits=limits)
         await h.start()
         try:
             return await scenario(h)
@@ -137,6 +152,7 @@ def test_a_round_closes_at_quorum_and_equals_the_engine() -> None:
         )
         for m in MODULES:
             assert torch.allclose(h.runtime.state.dense(m), expected.dense(m), atol=1e-5)
+        assert folded_rounds(h) == 1  # the close used the uploads folded as they arrived
         assert h.runtime.manifest is not None
         shares = {u.client_id: u.weight_share for u in h.runtime.manifest.uploads}
         assert shares == pytest.approx({"a": 0.75, "b": 0.25})
@@ -288,8 +304,107 @@ def test_a_corrupt_stored_upload_is_quarantined_and_the_round_goes_on() -> None:
         assert h.runtime.manifest.quarantined == ("b",)
         assert [r.client_id for r, _ in h.store.quarantined] == ["b"]
         assert EventType.QUARANTINED in h.events
+        assert folded_rounds(h) == 0
+
+    run(config(min_clients=3), scenario, ONE_SHOT)
+
+
+def folded_rounds(h: Harness) -> float:
+    value = h.runtime.metrics.registry.get_sample_value(
+        "raflora_rounds_folded_total", {"federation": h.runtime.id}
+    )
+    assert value is not None
+    return value
+
+
+def one_shot_state(
+    specs: list[tuple[str, int, int]], cfg: FederationConfig
+) -> dict[str, torch.Tensor]:
+    strategy = make_strategy(cfg.strategy, cfg.strategy_config("cpu"))
+    updates = [
+        engine_update(c, rank, 10, 16.0, factors(rank, seed, MODULES), MODULES)
+        for c, rank, seed in specs
+    ]
+    state = strategy.aggregate(strategy.initial_state(), updates)
+    return {m: state.dense(m) for m in MODULES}
+
+
+def test_a_bit_flip_at_rest_after_the_fold_never_reaches_the_round() -> None:
+    """The fold read the acknowledged bytes back against their digest; they are the round's."""
+
+    async def scenario(h: Harness) -> None:
+        for c in ("a", "b", "c"):
+            await h.runtime.join(c, 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.push("b", upload(2, 2), rank=2)
+        assert h.runtime.folder is not None
+        await asyncio.wrap_future(h.runtime.folder._futures["b"])
+        record, data = h.store.uploads[0]["b"]
+        h.store.uploads[0]["b"] = (record, data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        assert h.runtime.manifest is not None
+        assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "b", "c"]
+        assert h.runtime.manifest.quarantined == ()
+        expected = one_shot_state([("a", 2, 1), ("b", 2, 2), ("c", 2, 3)], h.config)
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert folded_rounds(h) == 1
 
     run(config(min_clients=3), scenario)
+
+
+def test_an_upload_that_cannot_be_folded_sends_the_close_one_shot() -> None:
+    """A flip before the fold: the fold fails its digest, the close reads everything back,
+    quarantines the damaged upload and publishes the rest."""
+
+    async def scenario(h: Harness) -> None:
+        for c in ("a", "b", "c"):
+            await h.runtime.join(c, 2, 10, 0.0)
+        gate = threading.Event()
+        h.executor.submit(gate.wait, 10)  # the one aggregation thread is busy: no fold runs
+        await h.push("a", upload(2, 1), rank=2)
+        await h.push("b", upload(2, 2), rank=2)
+        record, data = h.store.uploads[0]["b"]
+        h.store.uploads[0]["b"] = (record, data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+        gate.set()
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        assert h.runtime.manifest is not None
+        assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "c"]
+        assert h.runtime.manifest.quarantined == ("b",)
+        expected = one_shot_state([("a", 2, 1), ("c", 2, 3)], h.config)
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert folded_rounds(h) == 0
+
+    run(config(min_clients=3), scenario)
+
+
+def test_a_folded_close_that_fails_is_retried(monkeypatch: Any) -> None:
+    async def scenario(h: Harness) -> None:
+        calls = {"n": 0}
+        original = CompressedAggregation.aggregate
+
+        def flaky(self: CompressedAggregation, updates: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(5, "I/O error")  # the round as a whole, not one upload
+            return original(self, updates)
+
+        monkeypatch.setattr(CompressedAggregation, "aggregate", flaky)
+        monkeypatch.setattr("raflora.server.rounds.runtime._RETRY_INITIAL_SECONDS", 0.05)
+        h.runtime._retry_delay = 0.05
+        await h.runtime.join("a", 2, 10, 0.0)
+        await h.push("a", upload(2, 1), rank=2)
+        await h.published(1, timeout=10)
+        assert EventType.FAILED in h.events and calls["n"] >= 2
+        expected = one_shot_state([("a", 2, 1)], h.config)
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert folded_rounds(h) == 1
+
+    run(config(min_clients=1), scenario)
 
 
 def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any) -> None:
@@ -303,7 +418,7 @@ def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any
                 raise OSError(5, "I/O error")  # the round as a whole, not one upload
             return original(state, updates, private)
 
-        monkeypatch.setattr(h.runtime.strategy, "aggregate", flaky)
+        monkeypatch.setattr(h.runtime.strategy, "aggregate", flaky)  # the one-shot path's
         monkeypatch.setattr("raflora.server.rounds.runtime._RETRY_INITIAL_SECONDS", 0.05)
         h.runtime._retry_delay = 0.05
         await h.runtime.join("a", 2, 10, 0.0)
@@ -311,7 +426,7 @@ def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any
         await h.published(1, timeout=10)
         assert EventType.FAILED in h.events and calls["n"] >= 2
 
-    run(config(min_clients=1), scenario)
+    run(config(min_clients=1), scenario, ONE_SHOT)
 
 
 def test_a_retry_after_a_committed_publication_serves_what_was_stored(monkeypatch: Any) -> None:
@@ -378,6 +493,7 @@ def test_resume_restores_round_clients_and_uploads() -> None:
         assert h.runtime.energy is not None  # from the manifest, not recomputed
         await h.push("b", upload(2, 4), rank=2, round_=1)
         await h.published(2)
+        assert folded_rounds(h) == 1  # a's upload from before the restart was folded again
         await h.stop()
 
     asyncio.run(first())

@@ -2,7 +2,8 @@
 
 Eight clients of ranks {2, 4, 8} (unequal examples and alphas) run five rounds in parallel
 threads, each through its own SDK client and gRPC channel; they wait on the watch stream, never
-poll. Each round's published state is compared with the engine run directly on the same uploads.
+poll. Each round's published state is compared with the engine run directly on the same uploads
+(its one-shot path: the server closes each round from the uploads folded as they arrived).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from raflora.client_sdk import AdminClient, RafloraClient
 from raflora.server.engine import AdapterSchema, StrategyConfig, lora_scaling, make_strategy
 from raflora.server.storage import FileFederationStore
-from raflora.server.testing import threaded_server
+from raflora.server.testing import scrape, threaded_server
 
 from .conftest import rel_err
 from .helpers.adapters import engine_update
@@ -94,6 +95,14 @@ def test_concurrent_clients_match_the_engine(tmp_path: Path, strategy: str) -> N
                 for i, c in enumerate(CLIENTS)
             ]
             seen = [f.result(timeout=300) for f in futures]
+        # Every round closed from the uploads folded as they arrived (docs/design.md §2.10);
+        # the comparison below is against the engine's one-shot path.
+        folded = [
+            line
+            for line in scrape(server.metrics_url).splitlines()
+            if line.startswith(f'raflora_rounds_folded_total{{federation="{fed}"}}')
+        ]
+        assert folded == [f'raflora_rounds_folded_total{{federation="{fed}"}} {float(ROUNDS)}']
     assert all(s == list(range(1, ROUNDS + 1)) for s in seen)
 
     store = FileFederationStore(tmp_path / "federations" / fed)

@@ -71,6 +71,7 @@ class RafloraServer:
             self.device,
             RuntimeLimits(
                 max_pushes_per_round=settings.max_pushes_per_round,
+                fold_memory_bytes=settings.fold_memory_mib << 20,
                 aggregation_delay_seconds=settings.debug_aggregation_delay_seconds,
             ),
         )

@@ -109,6 +109,13 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
+        self.rounds_folded = Counter(
+            "raflora_rounds_folded",
+            "Published rounds whose close aggregated the uploads folded as they arrived "
+            "(the rest read every upload back: docs/design.md §2.10)",
+            ["federation"],
+            registry=r,
+        )
         self.current_round = Gauge(
             "raflora_current_round", "Newest published round", ["federation"], registry=r
         )
@@ -306,6 +313,7 @@ class ServerMetrics:
             self.upload_errors.labels(federation, code)
         for counter in (
             self.rounds,
+            self.rounds_folded,
             self.aggregation_failures,
             self.storage_problems,
             self.quarantined,

@@ -164,6 +164,13 @@ class ServerSettings(BaseSettings):
     max_request_seconds: float = Field(
         default=3600.0, gt=0, description="Longest a single Push or Pull may take"
     )
+    fold_memory_mib: int = Field(
+        default=2048,
+        ge=0,
+        description="Memory each federation's open round may hold for the uploads folded as "
+        "they arrive, so the round closes in a fraction of the time (docs/design.md §2.10); "
+        "past it the round closes one-shot. 0 turns folding off",
+    )
     debug_aggregation_delay_seconds: float = Field(
         default=0.0,
         ge=0,

@@ -32,6 +32,7 @@ from raflora.server.engine import (
 
 from ..config import FederationConfig
 from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
+from .folding import FoldedRound, RoundFolder
 from .privacy import RoundPrivacy, manifest_privacy
 from .published import PublishedRounds
 from .views import ViewCache
@@ -79,6 +80,7 @@ class PublishOutcome:
     state: GlobalState
     manifest: RoundManifest
     quarantined: tuple[Quarantined, ...]
+    folded: bool = False  # aggregated from the uploads folded as they arrived
 
 
 class NothingToAggregateError(Exception):
@@ -143,25 +145,33 @@ class RoundPublisher:
         updates: list[ClientUpdate],
         records: Mapping[str, UploadRecord],
         privacy: RoundPrivacy | None = None,
+        folded: FoldedRound | None = None,
     ) -> tuple[GlobalState | None, list[ClientUpdate], list[float], list[Quarantined]]:
         """Aggregate; if that fails, set aside the uploads that fail alone and retry.
 
         Returns the new state, the updates in it with their shares, and the culprits.
+        ``folded``: the updates are in its bases and it aggregates them.
         """
         culprits: list[Quarantined] = []
         mechanism = privacy.mechanism if privacy is not None else None
+
+        def combine(some: list[ClientUpdate]) -> GlobalState:
+            if folded is not None:
+                return folded.aggregation.aggregate(some)
+            return self.strategy.aggregate(state, some, mechanism)
+
         while updates:
             shares = self.shares([u.num_examples for u in updates])
             try:
                 weighted = self.weighted(updates, shares)
-                new_state = self.strategy.aggregate(state, weighted, mechanism)
+                new_state = combine(weighted)
                 return new_state, updates, shares, culprits
             except Exception as exc:
                 first_error = exc
             found = []
             for u in updates:
                 try:  # never released: a private trial costs no privacy
-                    self.strategy.aggregate(state, [u], mechanism)
+                    combine([u])
                 except Exception as exc:
                     reason = f"aggregation failed on it: {exc}"
                     found.append(Quarantined(records[u.client_id], reason))
@@ -178,10 +188,20 @@ class RoundPublisher:
         records: Sequence[UploadRecord],
         before_commit: Callable[[], None] | None = None,
         privacy: RoundPrivacy | None = None,
+        folder: RoundFolder | None = None,
     ) -> PublishOutcome:
+        """Aggregate and publish one round; with ``folder``, from its folded uploads if it has
+        every one of them (else the uploads are read back, as without it)."""
         by_client = {r.client_id: r for r in records}
-        updates, quarantined = self.load(records)
-        new_state, used, shares, culprits = self.aggregate(state, updates, by_client, privacy)
+        folded = folder.take(state, records) if folder is not None else None
+        quarantined: list[Quarantined] = []
+        if folded is not None:
+            updates = [folded.updates[r.client_id] for r in records]
+        else:
+            updates, quarantined = self.load(records)
+        new_state, used, shares, culprits = self.aggregate(
+            state, updates, by_client, privacy, folded
+        )
         quarantined += culprits
         if new_state is None:
             raise NothingToAggregateError(quarantined)
@@ -217,7 +237,7 @@ class RoundPublisher:
             # The round was already on disk (a retry after a commit whose fsync failed): what
             # is stored was released, so serve that, not this second (for DP: second noise) draw.
             new_state, stored = self.published.load(new_state.round)
-        return PublishOutcome(new_state, stored, tuple(quarantined))
+        return PublishOutcome(new_state, stored, tuple(quarantined), folded is not None)
 
 
 def holder_warnings(manifest: RoundManifest, min_holders: int) -> tuple[str, ...]:

@@ -50,6 +50,7 @@ from ..storage import (
 from ..storage.manifest import Holders
 from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_readable
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
+from .folding import RoundFolder
 from .intake import UploadIntake
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
@@ -80,6 +81,8 @@ class RuntimeLimits:
     aggregation_delay_seconds: float = 0.0  # test hook: sleep before committing a round
     max_views_per_round: int = 64
     watcher_capacity: int = 1024
+    # Memory the open round's folded uploads may hold (docs/design.md §2.10); 0: never fold.
+    fold_memory_bytes: int = 2 << 30
 
 
 class FederationRuntime:
@@ -125,6 +128,7 @@ class FederationRuntime:
         self._join_attempts: dict[str, int] = {}
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_INITIAL_SECONDS
+        self.folder: RoundFolder | None = None  # the open round's folded uploads
 
     # -- lifecycle -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -172,7 +176,13 @@ class FederationRuntime:
         log.error("federation %s is DEGRADED and refuses its RPCs: %s", self.id, reason)
 
     def start(self) -> None:
-        """Arm the deadline and close the round if a crash left it ready to aggregate."""
+        """Arm the deadline and close the round if a crash left it ready to aggregate.
+
+        Uploads acknowledged before a restart are folded again (in the background).
+        """
+        self._new_folder()
+        for record in self.uploads.values():
+            self._submit_fold(record)
         self._open_round()
         self._spawn(self._maybe_close())
 
@@ -571,6 +581,7 @@ class FederationRuntime:
             )
             await asyncio.to_thread(self.store.commit_upload, sink, record)
             self.uploads[ticket.client_id] = record
+            self._submit_fold(record)  # under the lock: queued before any close that needs it
             count = len(self.uploads)
             claimed = self._claim_close()  # the push that completes the quota closes it
         rank = str(ticket.rank)
@@ -583,6 +594,16 @@ class FederationRuntime:
         return PushOutcome(ticket.round, False, ticket.total_bytes, count)
 
     # -- rounds ----------------------------------------------------------------------------
+    def _new_folder(self) -> None:
+        budget = self.limits.fold_memory_bytes
+        self.folder = None
+        if not self.degraded and RoundFolder.enabled(self.strategy, budget):
+            self.folder = RoundFolder(self.strategy, self.store, self.state, budget)
+
+    def _submit_fold(self, record: UploadRecord) -> None:
+        if self.folder is not None:
+            self.folder.track(record.client_id, self.executor.submit(self.folder.fold, record))
+
     def _open_round(self) -> None:
         self._arm_deadline()
         self._select()
@@ -686,7 +707,13 @@ class FederationRuntime:
         loop = asyncio.get_running_loop()
         try:
             outcome = await loop.run_in_executor(
-                self.executor, self.publisher.run, state, uploads, self._debug_delay, privacy
+                self.executor,
+                self.publisher.run,
+                state,
+                uploads,
+                self._debug_delay,
+                privacy,
+                self.folder,
             )
         except NothingToAggregateError as exc:
             await self._after_quarantine(exc.quarantined)
@@ -746,10 +773,13 @@ class FederationRuntime:
             self._join_attempts = {}
             self.phase = Phase.COLLECTING
             self.views.keep_from(new_state.round - 1)
+            self._new_folder()
             self._open_round()
         await asyncio.to_thread(self.store.prune, new_state.round)
         await apply_retention(self.id, self.store, self.views, self.config.keep_rounds)
         self.metrics.record_published(self.id, manifest, elapsed)
+        if outcome.folded:
+            self.metrics.rounds_folded.labels(self.id).inc()
         log.info(
             "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
             self.id,
