@@ -189,3 +189,23 @@ def test_only_strategies_that_see_each_upload_alone_fold(schema: AdapterSchema) 
     assert not can_fold(strategy("raflora", robust=robust))  # type: ignore[arg-type]
     private = PrivacyPolicy(noise_multiplier=1.0, clip_norm=1.0)
     assert not can_fold(strategy("raflora", privacy=private, weighting=Weighting.UNIFORM))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batches", [(5,), (2, 3), (1, 1, 3)])
+def test_uploads_folded_together_give_the_same_round(
+    schema: AdapterSchema, batches: tuple[int, ...]
+) -> None:
+    """The service folds whatever arrived while its executor was busy as one block."""
+    updates = random_updates(schema, CLIENTS, seed=9)
+    config = StrategyConfig(schema=schema, max_rank=R, compute_dtype=torch.float64)
+    strategy = make_strategy("raflora", config)
+    state = strategy.initial_state()
+    bases = RoundBases(schema, state, strategy.dtype, strategy.device)
+    folded: list[ClientUpdate] = []
+    start = 0
+    for size in batches:
+        folded += bases.fold_many(updates[start : start + size])
+        start += size
+    result = CompressedAggregation(strategy, bases, state).aggregate(folded)
+    for m in schema:
+        assert rel_err(result.dense(m), ref.raflora(as_reference(updates), m, R)) < 1e-10

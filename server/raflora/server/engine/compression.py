@@ -59,19 +59,26 @@ class SpanBasis:
         if X.shape[0] != self.dim:
             raise ShapeMismatchError("factors", f"expected {self.dim} rows, got {X.shape[0]}")
         Q = self.Q
-        R = X - Q @ (Q.T @ X)
-        R = R - Q @ (Q.T @ R)  # a second pass: classical Gram–Schmidt loses orthogonality once
-        if self.size < self.dim and R.shape[1] > 0:
-            eps = torch.finfo(X.dtype).eps
-            floor = NEW_DIRECTION_ULPS * eps * float(torch.linalg.vector_norm(X))
-            Ur, Sr, _ = torch.linalg.svd(R, full_matrices=False)
-            new = Ur[:, Sr > floor][:, : self.dim - self.size]
-            if new.shape[1]:
-                # Directions barely above the floor carry ~eps·‖X‖/σ of Q: orthogonalise again.
-                new = new - Q @ (Q.T @ new)
-                new, _ = torch.linalg.qr(new)
-                self._append(new)
-        return self.Q.T @ X
+        C = Q.T @ X
+        R = X - Q @ C
+        C2 = Q.T @ R  # a second pass: classical Gram–Schmidt loses orthogonality once
+        R = R - Q @ C2
+        C = C + C2
+        if self.size == self.dim or R.shape[1] == 0:
+            return C
+        eps = torch.finfo(X.dtype).eps
+        floor = NEW_DIRECTION_ULPS * eps * float(torch.linalg.vector_norm(X))
+        if float(torch.linalg.vector_norm(R)) <= floor:  # no direction can clear the floor
+            return C
+        Ur, Sr, _ = torch.linalg.svd(R, full_matrices=False)
+        new = Ur[:, Sr > floor][:, : self.dim - self.size]
+        if not new.shape[1]:
+            return C
+        # Directions barely above the floor carry ~eps·‖X‖/σ of Q: orthogonalise again.
+        new = new - Q @ (Q.T @ new)
+        new, _ = torch.linalg.qr(new)
+        self._append(new)
+        return torch.cat([C, new.T @ X])
 
     def _append(self, new: Tensor) -> None:
         needed = self.size + int(new.shape[1])
@@ -119,22 +126,31 @@ class RoundBases:
                 self.inp[name].absorb(module.V.to(dtype=dtype, device=device))
 
     def fold(self, update: ClientUpdate) -> ClientUpdate:
-        """Absorb one validated upload; return it in the bases as they now are.
+        """Absorb one validated upload; return it in the bases as they now are."""
+        return self.fold_many([update])[0]
 
-        Its factors become ``B' = Q_Bᵀ B`` (k_B × r) and ``A' = A Q_A`` (r × k_A); the close
-        pads them with zeros to the final widths (later directions are orthogonal to it).
+    def fold_many(self, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """Absorb validated uploads as one block per module (fewer, larger products).
+
+        Each upload's factors become ``B' = Q_Bᵀ B`` (k_B × r) and ``A' = A Q_A`` (r × k_A);
+        the close pads them with zeros to the final widths (later directions are orthogonal
+        to them).
         """
-        factors = {}
+        ranks = [u.rank for u in updates]
+        factors: list[dict[str, FactorPair]] = [{} for _ in updates]
         for name in self.schema:
-            f = update.factors[name]
-            B = f.B.to(dtype=self.dtype, device=self.device)
-            A = f.A.to(dtype=self.dtype, device=self.device)
-            factors[name] = FactorPair(
-                B=self.out[name].absorb(B), A=self.inp[name].absorb(A.T).T.contiguous()
-            )
-        return ClientUpdate(
-            update.client_id, update.rank, update.num_examples, update.scale, factors
-        )
+            B = torch.cat([u.factors[name].B for u in updates], dim=1)
+            A = torch.cat([u.factors[name].A for u in updates], dim=0)
+            B = B.to(dtype=self.dtype, device=self.device)
+            A = A.to(dtype=self.dtype, device=self.device)
+            CB = torch.split(self.out[name].absorb(B), ranks, dim=1)
+            CA = torch.split(self.inp[name].absorb(A.T), ranks, dim=1)
+            for i, (cb, ca) in enumerate(zip(CB, CA, strict=True)):
+                factors[i][name] = FactorPair(B=cb.contiguous(), A=ca.T.contiguous())
+        return [
+            ClientUpdate(u.client_id, u.rank, u.num_examples, u.scale, f)
+            for u, f in zip(updates, factors, strict=True)
+        ]
 
     def compressed_schema(self) -> AdapterSchema:
         for name in self.schema:

@@ -7,7 +7,9 @@ digest, memory over budget, a server restarted mid-round) makes the close fall b
 one-shot path, which reads the uploads back and quarantines what fails.
 
 Folds run on the federation's aggregation executor, submitted under the runtime's lock in
-commit order, so the job that closes a round is queued behind every fold it needs.
+commit order, so the job that closes a round is queued behind every fold it needs. A fold job
+takes every upload queued so far (up to a batch): uploads that arrive while the executor is
+busy are folded together, in fewer and larger products.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from raflora.server.engine import ClientUpdate, GlobalState, Strategy
@@ -24,6 +26,7 @@ from raflora.server.engine.compression import CompressedAggregation, RoundBases,
 from ..storage import FederationStore, UploadRecord
 
 log = logging.getLogger("raflora.server")
+_BATCH = 16  # uploads folded as one block at most: fewer products, a bounded residual SVD
 
 
 @dataclass(frozen=True)
@@ -53,39 +56,55 @@ class RoundFolder:
         self._bases: RoundBases | None = None
         self._folded: dict[str, tuple[str, ClientUpdate]] = {}  # client -> (sha256, folded)
         self._futures: dict[str, Future[None]] = {}
+        self._pending: list[UploadRecord] = []  # committed, not folded yet
         self.gave_up = ""  # why this round no longer folds (the close goes one-shot)
 
     @staticmethod
     def enabled(strategy: Strategy, budget_bytes: int) -> bool:
         return budget_bytes > 0 and can_fold(strategy)
 
-    def track(self, client_id: str, future: Future[None]) -> None:
-        self._futures[client_id] = future
-
-    def fold(self, record: UploadRecord) -> None:
-        """Read one acknowledged upload back (digest checked) and fold it (a worker thread)."""
+    def submit(self, record: UploadRecord, executor: Executor) -> None:
+        """Queue ``record`` for folding (on the loop, under the runtime's lock)."""
         if record.round != self.round:
             return
+        with self._lock:
+            self._pending.append(record)
+        self._futures[record.client_id] = executor.submit(self._fold_through, record)
+
+    def _fold_through(self, record: UploadRecord) -> None:
+        """Fold every upload queued up to ``record`` (a worker thread), in batches."""
+        with self._lock:  # held throughout: a close never sees a batch half folded
+            while record in self._pending:
+                batch = self._pending[:_BATCH]
+                del self._pending[:_BATCH]
+                if not self.gave_up:
+                    self._fold_batch(batch)
+
+    def _fold_batch(self, batch: list[UploadRecord]) -> None:
+        """Read uploads back (digest checked) and fold them as one block per module."""
         try:
-            factors = self.store.read_upload(record, self.strategy.schema)
-            update = ClientUpdate(
-                record.client_id, record.rank, record.num_examples, record.scale, factors
-            )
-            with self._lock:
-                if self.gave_up:
-                    return
-                if self._bases is None:
-                    self._bases = RoundBases(
-                        self.strategy.schema, self.state, self.strategy.dtype, self.strategy.device
-                    )
-                self._folded[record.client_id] = (record.sha256, self._bases.fold(update))
-                if self._memory_bytes() > self.budget:
-                    self._give_up(
-                        f"its bases passed the fold memory budget ({self.budget >> 20} MiB)"
-                    )
-        except Exception as exc:  # the one-shot close reads it again and decides
-            with self._lock:
-                self._give_up(f"the upload of {record.client_id} could not be folded: {exc}")
+            updates = [
+                ClientUpdate(
+                    r.client_id,
+                    r.rank,
+                    r.num_examples,
+                    r.scale,
+                    self.store.read_upload(r, self.strategy.schema),
+                )
+                for r in batch
+            ]
+            if self._bases is None:
+                self._bases = RoundBases(
+                    self.strategy.schema, self.state, self.strategy.dtype, self.strategy.device
+                )
+            for r, folded in zip(batch, self._bases.fold_many(updates), strict=True):
+                self._folded[r.client_id] = (r.sha256, folded)
+        except Exception as exc:  # the one-shot close reads them again and decides
+            names = ", ".join(r.client_id for r in batch)
+            self._give_up(f"the uploads of {names} could not be folded: {exc}")
+            return
+        if self._memory_bytes() > self.budget:
+            self._give_up(f"its bases passed the fold memory budget ({self.budget >> 20} MiB)")
 
     def _give_up(self, reason: str) -> None:
         if not self.gave_up:
@@ -113,7 +132,7 @@ class RoundFolder:
             future = self._futures.get(record.client_id)
             if future is None:  # acknowledged before a restart: never folded
                 return None
-            future.result()  # queued before this job; fold() itself never raises
+            future.result()  # queued before this job; folding itself never raises
         with self._lock:
             if self.gave_up or self._bases is None:
                 return None

@@ -602,7 +602,7 @@ class FederationRuntime:
 
     def _submit_fold(self, record: UploadRecord) -> None:
         if self.folder is not None:
-            self.folder.track(record.client_id, self.executor.submit(self.folder.fold, record))
+            self.folder.submit(record, self.executor)
 
     def _open_round(self) -> None:
         self._arm_deadline()
@@ -775,7 +775,6 @@ class FederationRuntime:
             self.views.keep_from(new_state.round - 1)
             self._new_folder()
             self._open_round()
-        await asyncio.to_thread(self.store.prune, new_state.round)
         await apply_retention(self.id, self.store, self.views, self.config.keep_rounds)
         self.metrics.record_published(self.id, manifest, elapsed)
         if outcome.folded:
@@ -792,6 +791,8 @@ class FederationRuntime:
         for warning in warnings:
             log.warning("federation %s round %d: %s", self.id, new_state.round, warning)
         self._emit(EventType.PUBLISHED, f"round {new_state.round} published", warnings)
+        # The closed round's uploads are no longer read by anyone: drop them after the news.
+        await asyncio.to_thread(self.store.prune, new_state.round)
 
     def _schedule_retry(self) -> None:
         if self._closed:
