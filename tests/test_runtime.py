@@ -637,3 +637,32 @@ async def _eventually(h: Harness, event: EventType, timeout: float = 5) -> bool:
 
     await asyncio.wait_for(wait(), timeout)
     return True
+
+
+def test_a_round_that_fills_the_modules_span_stops_folding_and_closes_one_shot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three rank-64 uploads span 192 of a 256-dimensional module: compressing it would save
+    little, so folding gives up and the close reads the uploads back (same result)."""
+    big = {"q": (256, 256)}
+
+    async def scenario(h: Harness) -> None:
+        for i, c in enumerate(("a", "b", "c")):
+            await h.runtime.join(c, 64, 10 + i, 0.0)
+        for i, c in enumerate(("a", "b", "c")):
+            await h.push(c, save(factors(64, i, big)), rank=64, examples=10 + i)
+        await h.published(1)
+        assert h.runtime.folder is not None and h.runtime.folder.round == 1
+        strategy = make_strategy("raflora", h.config.strategy_config("cpu"))
+        updates = [
+            engine_update(c, 64, 10 + i, 16.0, factors(64, i, big), big)
+            for i, c in enumerate(("a", "b", "c"))
+        ]
+        expected = strategy.aggregate(strategy.initial_state(), updates)
+        assert torch.allclose(h.runtime.state.dense("q"), expected.dense("q"), atol=1e-5)
+        assert folded_rounds(h) == 0
+        assert "too little left to compress" in caplog.text
+
+    cfg = config(modules=[{"name": "q", "d_out": 256, "d_in": 256}], max_rank=64, min_clients=3)
+    caplog.set_level("INFO", logger="raflora.server")
+    run(cfg, scenario)

@@ -27,6 +27,10 @@ from ..storage import FederationStore, UploadRecord
 
 log = logging.getLogger("raflora.server")
 _BATCH = 16  # uploads folded as one block at most: fewer products, a bounded residual SVD
+# Past this share of a module's dimension the compressed close costs nearly what the one-shot
+# close does, and the folds' CPU slows the pushes still arriving (docs/benchmarks.md).
+_MAX_SPAN_FRACTION = 0.5
+_SMALL_DIMENSION = 256  # smaller modules close in microseconds either way: always fold them
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,19 @@ class RoundFolder:
             return
         if self._memory_bytes() > self.budget:
             self._give_up(f"its bases passed the fold memory budget ({self.budget >> 20} MiB)")
+            return
+        for name, (k_b, k_a) in self._bases.widths().items():
+            shape = self.strategy.schema.modules[name]
+            full = [
+                k > d * _MAX_SPAN_FRACTION and d >= _SMALL_DIMENSION
+                for k, d in ((k_b, shape.d_out), (k_a, shape.d_in))
+            ]
+            if any(full):
+                self._give_up(
+                    f"the round spans {k_b}×{k_a} of module {name}'s {shape.d_out}×{shape.d_in}: "
+                    "too little left to compress for folding to pay"
+                )
+                return
 
     def _give_up(self, reason: str) -> None:
         if not self.gave_up:
