@@ -209,3 +209,25 @@ def test_uploads_folded_together_give_the_same_round(
     result = CompressedAggregation(strategy, bases, state).aggregate(folded)
     for m in schema:
         assert rel_err(result.dense(m), ref.raflora(as_reference(updates), m, R)) < 1e-10
+
+
+def test_one_huge_upload_cannot_erase_the_directions_of_the_others() -> None:
+    """A client rescales its factors (B·1e7, A·1e-7: the same product, so every bound holds).
+    Folded in one block with honest uploads, in fp32, their directions must survive: the
+    new-direction floor is per column, not relative to the whole block."""
+    schema = AdapterSchema.from_shapes({"m": (128, 96)})
+    gen = torch.Generator().manual_seed(4)
+
+    def upload(cid: str, scale: float) -> ClientUpdate:
+        B = torch.randn(128, 4, generator=gen) * scale
+        A = torch.randn(4, 96, generator=gen) / scale
+        return ClientUpdate(cid, 4, 10, 0.5, {"m": FactorPair(B=B, A=A)})
+
+    updates = [upload("hostile", 1e7), upload("a", 1.0), upload("b", 1.0), upload("c", 1.0)]
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=16))
+    state = strategy.initial_state()
+    bases = RoundBases(schema, state, torch.float32, torch.device("cpu"))
+    folded = bases.fold_many(updates)
+    assert bases.widths()["m"] == (16, 16)
+    result = CompressedAggregation(strategy, bases, state).aggregate(folded)
+    assert rel_err(result.dense("m"), ref.raflora(as_reference(updates), "m", 16)) < 1e-4

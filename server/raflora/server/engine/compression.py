@@ -50,11 +50,15 @@ class SpanBasis:
     def Q(self) -> Tensor:
         return self._buffer[:, : self.size]
 
+    def held_bytes(self) -> int:
+        return self._buffer.numel() * self._buffer.element_size()
+
     def absorb(self, X: Tensor) -> Tensor:
         """Grow the basis to cover ``X`` (dim × r); return ``C`` with ``X ≈ Q C`` (size × r).
 
-        ``X − Q C`` is at most ``NEW_DIRECTION_ULPS`` ulps of ‖X‖_F per column: the residual
-        that is not added to the basis because it is rounding.
+        Each column ``x_j`` is left with at most ``NEW_DIRECTION_ULPS·√r`` ulps of ‖x_j‖: the
+        residual judged rounding. The floor is per column, so one huge column (an upload
+        with B·c, A/c: the same product) cannot push another upload's directions under it.
         """
         if X.shape[0] != self.dim:
             raise ShapeMismatchError("factors", f"expected {self.dim} rows, got {X.shape[0]}")
@@ -66,11 +70,12 @@ class SpanBasis:
         C = C + C2
         if self.size == self.dim or R.shape[1] == 0:
             return C
-        eps = torch.finfo(X.dtype).eps
-        floor = NEW_DIRECTION_ULPS * eps * float(torch.linalg.vector_norm(X))
-        if float(torch.linalg.vector_norm(R)) <= floor:  # no direction can clear the floor
+        floor = NEW_DIRECTION_ULPS * torch.finfo(X.dtype).eps
+        norms = torch.linalg.vector_norm(X, dim=0)
+        relative = R * torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        if float(torch.linalg.vector_norm(relative)) <= floor:  # nothing can clear the floor
             return C
-        Ur, Sr, _ = torch.linalg.svd(R, full_matrices=False)
+        Ur, Sr, _ = torch.linalg.svd(relative, full_matrices=False)
         new = Ur[:, Sr > floor][:, : self.dim - self.size]
         if not new.shape[1]:
             return C

@@ -6,8 +6,8 @@ optimisation, never a requirement: an upload that cannot be folded (unreadable, 
 digest, memory over budget, a server restarted mid-round) makes the close fall back to the
 one-shot path, which reads the uploads back and quarantines what fails.
 
-Folds run on the federation's aggregation executor, submitted under the runtime's lock in
-commit order, so the job that closes a round is queued behind every fold it needs. A fold job
+Folds run on a thread of their own (:data:`FOLDS`), submitted under the runtime's lock in
+commit order; the close, on the aggregation thread, waits for its round's folds. A fold job
 takes every upload queued so far (up to a batch): uploads that arrive while the executor is
 busy are folded together, in fewer and larger products.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from raflora.server.engine import ClientUpdate, GlobalState, Strategy
@@ -26,11 +26,21 @@ from raflora.server.engine.compression import CompressedAggregation, RoundBases,
 from ..storage import FederationStore, UploadRecord
 
 log = logging.getLogger("raflora.server")
+# One thread for every federation's folds: closes, on the aggregation thread, never queue
+# behind them, and a close waits only for the folds of its own round.
+FOLDS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-fold")
 _BATCH = 16  # uploads folded as one block at most: fewer products, a bounded residual SVD
 # Past this share of a module's dimension the compressed close costs nearly what the one-shot
 # close does, and the folds' CPU slows the pushes still arriving (docs/benchmarks.md).
-_MAX_SPAN_FRACTION = 0.5
-_SMALL_DIMENSION = 256  # smaller modules close in microseconds either way: always fold them
+MAX_SPAN_FRACTION = 0.25
+SMALL_DIMENSION = 256  # smaller modules close in microseconds either way: always fold them
+# Folding costs O(d·N²) over a round and the compressed close still scales with N: it pays only
+# if the uploads share directions. Judged once 4·max_rank ranks are folded: past half a
+# direction per folded rank it stops (measured at LLaMA-7B shapes, 32 clients whose uploads
+# each add their own: 68 s of folds and a 2.7 s close after the last one's 8.5 s fold, against
+# a 9.6 s one-shot close; docs/benchmarks.md).
+JUDGE_AFTER_RANKS = 4
+MAX_SPAN_PER_RANK = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,12 +66,14 @@ class RoundFolder:
         self.state = state
         self.round = state.round
         self.budget = memory_budget_bytes
-        self._lock = threading.Lock()  # folds may run on a multi-threaded executor
+        self._lock = threading.Lock()  # the bases and what was folded: worker threads only
+        self._queue_lock = threading.Lock()  # _pending: held briefly, also on the event loop
         self._bases: RoundBases | None = None
         self._folded: dict[str, tuple[str, ClientUpdate]] = {}  # client -> (sha256, folded)
         self._futures: dict[str, Future[None]] = {}
         self._pending: list[UploadRecord] = []  # committed, not folded yet
         self.gave_up = ""  # why this round no longer folds (the close goes one-shot)
+        self.closing = False  # the round's close is claimed: it waits for at most one batch
 
     @staticmethod
     def enabled(strategy: Strategy, budget_bytes: int) -> bool:
@@ -71,16 +83,25 @@ class RoundFolder:
         """Queue ``record`` for folding (on the loop, under the runtime's lock)."""
         if record.round != self.round:
             return
-        with self._lock:
+        with self._queue_lock:
             self._pending.append(record)
         self._futures[record.client_id] = executor.submit(self._fold_through, record)
 
     def _fold_through(self, record: UploadRecord) -> None:
         """Fold every upload queued up to ``record`` (a worker thread), in batches."""
         with self._lock:  # held throughout: a close never sees a batch half folded
-            while record in self._pending:
-                batch = self._pending[:_BATCH]
-                del self._pending[:_BATCH]
+            while True:
+                with self._queue_lock:
+                    if record not in self._pending:
+                        return
+                    backlog = len(self._pending)
+                    batch = self._pending[:_BATCH]
+                    del self._pending[:_BATCH]
+                if self.closing and backlog > _BATCH and not self.gave_up:
+                    self._give_up(
+                        f"the close found {backlog} uploads still to fold; it reads them "
+                        "back rather than wait"
+                    )
                 if not self.gave_up:
                     self._fold_batch(batch)
 
@@ -105,15 +126,19 @@ class RoundFolder:
                 self._folded[r.client_id] = (r.sha256, folded)
         except Exception as exc:  # the one-shot close reads them again and decides
             names = ", ".join(r.client_id for r in batch)
+            log.warning(
+                "round %d: the uploads of %s could not be folded", self.round, names, exc_info=True
+            )
             self._give_up(f"the uploads of {names} could not be folded: {exc}")
             return
         if self._memory_bytes() > self.budget:
             self._give_up(f"its bases passed the fold memory budget ({self.budget >> 20} MiB)")
             return
+        folded_rank = sum(u.rank for _, u in self._folded.values())
         for name, (k_b, k_a) in self._bases.widths().items():
             shape = self.strategy.schema.modules[name]
             full = [
-                k > d * _MAX_SPAN_FRACTION and d >= _SMALL_DIMENSION
+                k > d * MAX_SPAN_FRACTION and d >= SMALL_DIMENSION
                 for k, d in ((k_b, shape.d_out), (k_a, shape.d_in))
             ]
             if any(full):
@@ -122,6 +147,22 @@ class RoundFolder:
                     "too little left to compress for folding to pay"
                 )
                 return
+            judged = folded_rank >= JUDGE_AFTER_RANKS * self.strategy.config.max_rank
+            if (
+                judged
+                and max(k_b, k_a) > MAX_SPAN_PER_RANK * folded_rank
+                and (max(shape.d_out, shape.d_in) >= SMALL_DIMENSION)
+            ):
+                self._give_up(
+                    f"every upload adds its own directions (module {name} spans {max(k_b, k_a)} "
+                    f"of {folded_rank} folded ranks): the close would cost what it does one-shot"
+                )
+                return
+
+    def close_claimed(self, closing: bool = True) -> None:
+        """The round closes (on the loop): from now on a long fold backlog is not waited for.
+        ``False``: the close failed and the round collects again."""
+        self.closing = closing
 
     def _give_up(self, reason: str) -> None:
         if not self.gave_up:
@@ -133,10 +174,9 @@ class RoundFolder:
     def _memory_bytes(self) -> int:
         assert self._bases is not None
         item = self.strategy.compute_scalar(0).element_size()
-        total = 0
-        for name, (k_b, k_a) in self._bases.widths().items():
-            shape = self.strategy.schema.modules[name]
-            total += (shape.d_out * k_b + shape.d_in * k_a) * item
+        total = 0  # the bases' buffers (with their spare capacity) and the folded uploads
+        for name in self.strategy.schema:
+            total += self._bases.out[name].held_bytes() + self._bases.inp[name].held_bytes()
         for _, u in self._folded.values():
             total += sum(f.B.numel() + f.A.numel() for f in u.factors.values()) * item
         return total
@@ -147,9 +187,8 @@ class RoundFolder:
             return None
         for record in records:
             future = self._futures.get(record.client_id)
-            if future is None:  # acknowledged before a restart: never folded
+            if future is None or future.exception() is not None:  # never queued, or broken
                 return None
-            future.result()  # queued before this job; folding itself never raises
         with self._lock:
             if self.gave_up or self._bases is None:
                 return None

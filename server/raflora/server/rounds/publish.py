@@ -193,16 +193,15 @@ class RoundPublisher:
         """Aggregate and publish one round; with ``folder``, from its folded uploads if it has
         every one of them (else the uploads are read back, as without it)."""
         by_client = {r.client_id: r for r in records}
-        folded = folder.take(state, records) if folder is not None else None
-        quarantined: list[Quarantined] = []
-        if folded is not None:
-            updates = [folded.updates[r.client_id] for r in records]
+        outcome = self._from_folded(state, records, by_client, folder)
+        new_state: GlobalState | None
+        if outcome is not None:
+            new_state, used, shares, quarantined, folded = *outcome, True
         else:
             updates, quarantined = self.load(records)
-        new_state, used, shares, culprits = self.aggregate(
-            state, updates, by_client, privacy, folded
-        )
-        quarantined += culprits
+            new_state, used, shares, culprits = self.aggregate(state, updates, by_client, privacy)
+            quarantined += culprits
+            folded = False
         if new_state is None:
             raise NothingToAggregateError(quarantined)
         used_records = [by_client[u.client_id] for u in used]
@@ -237,7 +236,38 @@ class RoundPublisher:
             # The round was already on disk (a retry after a commit whose fsync failed): what
             # is stored was released, so serve that, not this second (for DP: second noise) draw.
             new_state, stored = self.published.load(new_state.round)
-        return PublishOutcome(new_state, stored, tuple(quarantined), folded is not None)
+        return PublishOutcome(new_state, stored, tuple(quarantined), folded)
+
+    def _from_folded(
+        self,
+        state: GlobalState,
+        records: Sequence[UploadRecord],
+        by_client: Mapping[str, UploadRecord],
+        folder: RoundFolder | None,
+    ) -> tuple[GlobalState, list[ClientUpdate], list[float], list[Quarantined]] | None:
+        """The round from its folded uploads; None (the one-shot path decides) if it has none
+        or anything goes wrong there: only the one-shot path quarantines an upload."""
+        if folder is None:
+            return None
+        try:
+            folded = folder.take(state, records)
+            if folded is None:
+                return None
+            updates = [folded.updates[r.client_id] for r in records]
+            new_state, used, shares, culprits = self.aggregate(
+                state, updates, by_client, None, folded
+            )
+        except Exception:
+            log.warning("the folded close failed; the round is aggregated one-shot", exc_info=True)
+            return None
+        if new_state is None or culprits:
+            names = ", ".join(q.record.client_id for q in culprits)
+            log.warning(
+                "the folded close failed on the uploads of %s; the round is aggregated one-shot",
+                names,
+            )
+            return None
+        return new_state, used, shares, []
 
 
 def holder_warnings(manifest: RoundManifest, min_holders: int) -> tuple[str, ...]:

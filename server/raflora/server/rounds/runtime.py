@@ -50,7 +50,7 @@ from ..storage import (
 from ..storage.manifest import Holders
 from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_readable
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
-from .folding import RoundFolder
+from .folding import FOLDS, RoundFolder
 from .intake import UploadIntake
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
@@ -94,6 +94,7 @@ class FederationRuntime:
         executor: Executor,
         device: str,
         limits: RuntimeLimits | None = None,
+        fold_executor: Executor | None = None,
     ) -> None:
         self.config = config
         self.id = config.federation_id
@@ -129,6 +130,7 @@ class FederationRuntime:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_INITIAL_SECONDS
         self.folder: RoundFolder | None = None  # the open round's folded uploads
+        self.fold_executor = fold_executor or FOLDS
 
     # -- lifecycle -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -600,9 +602,13 @@ class FederationRuntime:
         if not self.degraded and RoundFolder.enabled(self.strategy, budget):
             self.folder = RoundFolder(self.strategy, self.store, self.state, budget)
 
+    def _reopen_folder(self) -> None:
+        if self.folder is not None:
+            self.folder.close_claimed(False)
+
     def _submit_fold(self, record: UploadRecord) -> None:
         if self.folder is not None:
-            self.folder.submit(record, self.executor)
+            self.folder.submit(record, self.fold_executor)
 
     def _open_round(self) -> None:
         self._arm_deadline()
@@ -687,6 +693,8 @@ class FederationRuntime:
         if not self._ready():
             return None
         self.phase = Phase.AGGREGATING
+        if self.folder is not None:
+            self.folder.close_claimed()
         # m̄: the quota, fixed before any upload (two pushes may both land before the close:
         # then the count, also public; each term stays bounded by C/m̄ either way).
         denominator = max(self._quota(), len(self.uploads))
@@ -719,6 +727,7 @@ class FederationRuntime:
             await self._after_quarantine(exc.quarantined)
             async with self.lock:
                 self.phase = Phase.COLLECTING
+                self._reopen_folder()
             self._emit(EventType.FAILED, f"aggregation failed: {exc}")
             return
         except Exception as exc:  # keep collecting; the operator sees it in logs and metrics
@@ -758,6 +767,7 @@ class FederationRuntime:
         self.metrics.aggregation_failures.labels(self.id).inc()
         async with self.lock:
             self.phase = Phase.COLLECTING
+            self._reopen_folder()
         self._emit(EventType.FAILED, f"aggregation failed: {exc}")
         if io_error:  # I/O: try again later
             self._schedule_retry()
@@ -791,8 +801,11 @@ class FederationRuntime:
         for warning in warnings:
             log.warning("federation %s round %d: %s", self.id, new_state.round, warning)
         self._emit(EventType.PUBLISHED, f"round {new_state.round} published", warnings)
-        # The closed round's uploads are no longer read by anyone: drop them after the news.
-        await asyncio.to_thread(self.store.prune, new_state.round)
+        # The closed round's uploads are no longer read by anyone: drop them after the news, on
+        # the aggregation thread, where no publication of the next round can be writing.
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.store.prune, new_state.round
+        )
 
     def _schedule_retry(self) -> None:
         if self._closed:
