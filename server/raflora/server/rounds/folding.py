@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from raflora.server.engine import ClientUpdate, GlobalState, Strategy
 from raflora.server.engine.compression import CompressedAggregation, RoundBases, can_fold
+from raflora.server.engine.lowrank import one_shot_cost
 
 from ..storage import FederationStore, UploadRecord
 
@@ -73,7 +74,7 @@ class RoundFolder:
         self._futures: dict[str, Future[None]] = {}
         self._pending: list[UploadRecord] = []  # committed, not folded yet
         self.gave_up = ""  # why this round no longer folds (the close goes one-shot)
-        self.closing = False  # the round's close is claimed: it waits for at most one batch
+        self.closing = False  # the round's close is claimed: it waits only for a short backlog
 
     @staticmethod
     def enabled(strategy: Strategy, budget_bytes: int) -> bool:
@@ -97,10 +98,10 @@ class RoundFolder:
                     backlog = len(self._pending)
                     batch = self._pending[:_BATCH]
                     del self._pending[:_BATCH]
-                if self.closing and backlog > _BATCH and not self.gave_up:
+                if self.closing and not self.gave_up and self._backlog_too_long(batch):
                     self._give_up(
-                        f"the close found {backlog} uploads still to fold; it reads them "
-                        "back rather than wait"
+                        f"the close found {backlog} uploads still to fold, more work than "
+                        "half the one-shot close; it reads them back rather than wait"
                     )
                 if not self.gave_up:
                     self._fold_batch(batch)
@@ -158,6 +159,22 @@ class RoundFolder:
                     f"of {folded_rank} folded ranks): the close would cost what it does one-shot"
                 )
                 return
+
+    def _backlog_too_long(self, batch: list[UploadRecord]) -> bool:
+        """Whether folding what is queued (``batch`` and the rest) would cost the close more
+        than half of what the one-shot close costs, by the engine's flop models."""
+        with self._queue_lock:
+            queued = [*batch, *self._pending]
+        if self._bases is None:
+            return False
+        rank = sum(r.rank for r in queued)
+        total = rank + sum(u.rank for _, u in self._folded.values())
+        fold = one_shot = 0.0
+        for name, (k_b, k_a) in self._bases.widths().items():
+            shape = self.strategy.schema.modules[name]
+            fold += 8.0 * (shape.d_out * k_b + shape.d_in * k_a) * rank
+            one_shot += one_shot_cost(shape.d_out, shape.d_in, total, self.strategy.config.max_rank)
+        return fold > 0.5 * one_shot
 
     def close_claimed(self, closing: bool = True) -> None:
         """The round closes (on the loop): from now on a long fold backlog is not waited for.
