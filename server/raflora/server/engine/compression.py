@@ -73,8 +73,8 @@ class SpanBasis:
         floor = NEW_DIRECTION_ULPS * torch.finfo(X.dtype).eps
         norms = torch.linalg.vector_norm(X, dim=0)
         relative = R * torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-        if float(torch.linalg.vector_norm(relative)) <= floor:  # nothing can clear the floor
-            return C
+        if float(torch.linalg.vector_norm(relative, dim=0).max()) <= floor:
+            return C  # every column is within its floor already: nothing new to add
         Ur, Sr, _ = torch.linalg.svd(relative, full_matrices=False)
         new = Ur[:, Sr > floor][:, : self.dim - self.size]
         if not new.shape[1]:

@@ -196,12 +196,10 @@ def worth_randomizing(d_out: int, d_in: int, n: int, max_rank: int) -> bool:
     return n >= 4 * k and 3 * randomized_cost(d_out, d_in, n, max_rank, 1) < exact
 
 
-def one_shot_cost(d_out: int, d_in: int, n: int, max_rank: int) -> float:
-    """GEMM-equivalent flops of what AUTO would run on such a round (its first try)."""
-    exact = min(factored_cost(d_out, d_in, n), dense_cost(d_out, d_in, n))
-    if worth_randomizing(d_out, d_in, n, max_rank):
-        return randomized_cost(d_out, d_in, n, max_rank, 1)
-    return exact
+def exact_cost(d_out: int, d_in: int, n: int) -> float:
+    """GEMM-equivalent flops of the cheaper exact path: what a round costs when no sketch can
+    be certified (the randomized path's fallback)."""
+    return min(factored_cost(d_out, d_in, n), dense_cost(d_out, d_in, n))
 
 
 def truncated_svd_of_sum(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from raflora.server.engine import ClientUpdate, GlobalState, Strategy
 from raflora.server.engine.compression import CompressedAggregation, RoundBases, can_fold
-from raflora.server.engine.lowrank import one_shot_cost
+from raflora.server.engine.lowrank import exact_cost
 
 from ..storage import FederationStore, UploadRecord
 
@@ -162,7 +162,8 @@ class RoundFolder:
 
     def _backlog_too_long(self, batch: list[UploadRecord]) -> bool:
         """Whether folding what is queued (``batch`` and the rest) would cost the close more
-        than half of what the one-shot close costs, by the engine's flop models."""
+        than half of what an exact one-shot close costs, by the engine's flop models. (Rounds
+        whose uploads share no directions stop folding earlier, on their span.)"""
         with self._queue_lock:
             queued = [*batch, *self._pending]
         if self._bases is None:
@@ -173,7 +174,7 @@ class RoundFolder:
         for name, (k_b, k_a) in self._bases.widths().items():
             shape = self.strategy.schema.modules[name]
             fold += 8.0 * (shape.d_out * k_b + shape.d_in * k_a) * rank
-            one_shot += one_shot_cost(shape.d_out, shape.d_in, total, self.strategy.config.max_rank)
+            one_shot += exact_cost(shape.d_out, shape.d_in, total)
         return fold > 0.5 * one_shot
 
     def close_claimed(self, closing: bool = True) -> None:
