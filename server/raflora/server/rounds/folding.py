@@ -201,8 +201,8 @@ class RoundFolder:
 
     def take(self, state: GlobalState, records: Sequence[UploadRecord]) -> FoldedRound | None:
         """At the close (a worker thread): the folded round if it covers exactly ``records``."""
-        if state.round != self.round or state is not self.state:
-            return None
+        if state.round != self.round or state is not self.state or self.gave_up:
+            return None  # (a round that gave up does not wait for its fold jobs to drain)
         for record in records:
             future = self._futures.get(record.client_id)
             if future is None or future.exception() is not None:  # never queued, or broken
