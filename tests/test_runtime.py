@@ -684,7 +684,7 @@ def test_a_close_does_not_wait_for_a_long_fold_backlog(
     batch is folded; then the round is closing and (with a one-shot close priced at nothing)
     the rest would cost more than it, so the close reads everything back instead."""
     clients = [f"c{i:02d}" for i in range(18)]
-    monkeypatch.setattr("raflora.server.rounds.folding.one_shot_cost", lambda *_: 0.0)
+    monkeypatch.setattr("raflora.server.rounds.folding.exact_cost", lambda *_: 0.0)
 
     async def scenario(h: Harness) -> None:
         for c in clients:
