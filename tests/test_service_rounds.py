@@ -123,3 +123,53 @@ def test_concurrent_clients_match_the_engine(tmp_path: Path, strategy: str) -> N
         manifest = store.read_manifest(t + 1)
         assert sorted(u.client_id for u in manifest.uploads) == sorted(c[0] for c in CLIENTS)
         state = published
+
+
+def test_a_rescaled_upload_cannot_erase_the_others_in_a_folded_round(tmp_path: Path) -> None:
+    """An attacker sends its own directions as B·1e6, A·1e-6 (the same product, so every
+    bound holds); three honest clients train in one shared subspace, so the round folds.
+    Through the real server, the folded round must be the engine's one-shot result over all
+    four (the per-column floor that keeps a batch-mate's directions is unit-tested in
+    tests/test_folding.py)."""
+    from raflora.client_sdk import lora_state_dict
+
+    modules = {"layers.0.q": (256, 192)}
+    fed, rank = "rescaled", 8
+    g = torch.Generator().manual_seed(12)
+    shared_B = torch.randn(256, rank, generator=g) * 0.01
+    shared_A = torch.randn(rank, 192, generator=g) * 0.01
+
+    def adapter(scale: float, own: bool) -> dict[str, torch.Tensor]:
+        if own:  # directions nobody else has
+            B, A = torch.randn(256, rank, generator=g) * 0.01, torch.randn(rank, 192, generator=g)
+        else:  # the shared subspace, mixed differently by each client
+            B = shared_B @ torch.randn(rank, rank, generator=g)
+            A = torch.randn(rank, rank, generator=g) @ shared_A
+        return lora_state_dict({"layers.0.q": (B * scale, A / scale)})
+
+    uploads = {"attacker": adapter(1e6, True), **{c: adapter(1.0, False) for c in "abc"}}
+    with threaded_server(tmp_path) as server:
+        AdminClient(server.target).create_federation(
+            every_client_spec(fed, modules, len(uploads), max_rank=rank, init_seed=3)
+        )
+        for cid, tensors in uploads.items():
+            with RafloraClient(server.target, fed, cid) as client:
+                client.join(rank=rank, num_examples=10, lora_alpha=16.0)
+                client.push(tensors, round=0, num_examples=10)
+        with RafloraClient(server.target, fed, "a") as client:
+            client.wait_for_round(0, timeout=60)
+        folded = [
+            line
+            for line in scrape(server.metrics_url).splitlines()
+            if line.startswith(f'raflora_rounds_folded_total{{federation="{fed}"}}')
+        ]
+    assert folded == [f'raflora_rounds_folded_total{{federation="{fed}"}} 1.0']
+    schema = AdapterSchema.from_shapes(modules)
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=rank, seed=3))
+    expected = strategy.aggregate(
+        strategy.initial_state(),
+        [engine_update(c, rank, 10, 16.0, t, modules) for c, t in sorted(uploads.items())],
+    )
+    store = FileFederationStore(tmp_path / "federations" / fed)
+    published = store.load_published(1, schema)[0]
+    assert rel_err(published.dense("layers.0.q"), expected.dense("layers.0.q")) < 1e-4
