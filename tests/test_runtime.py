@@ -293,16 +293,21 @@ def test_push_attempts_are_bounded_per_round() -> None:
     run(config(), scenario)
 
 
+def flip_stored_bit(h: Harness, client: str) -> None:
+    """A bit flip at rest in an acknowledged upload of round 0."""
+    record, data = h.store.uploads[0][client]
+    flipped = bytearray(data)
+    flipped[-3] ^= 1
+    h.store.uploads[0][client] = (record, bytes(flipped))
+
+
 def test_a_corrupt_stored_upload_is_quarantined_and_the_round_goes_on() -> None:
     async def scenario(h: Harness) -> None:
         for c in ("a", "b", "c"):
             await h.runtime.join(c, 2, 10, 0.0)
         await h.push("a", upload(2, 1), rank=2)
         await h.push("b", upload(2, 2), rank=2)
-        record, data = h.store.uploads[0]["b"]
-        flipped = bytearray(data)
-        flipped[-3] ^= 1
-        h.store.uploads[0]["b"] = (record, bytes(flipped))  # a bit flip at rest
+        flip_stored_bit(h, "b")
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
         assert h.runtime.manifest is not None
@@ -345,8 +350,7 @@ def test_a_bit_flip_at_rest_after_the_fold_never_reaches_the_round() -> None:
         await h.push("b", upload(2, 2), rank=2)
         assert h.runtime.folder is not None
         await asyncio.wrap_future(h.runtime.folder._futures["b"])
-        record, data = h.store.uploads[0]["b"]
-        h.store.uploads[0]["b"] = (record, data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+        flip_stored_bit(h, "b")
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
         assert h.runtime.manifest is not None
@@ -371,8 +375,7 @@ def test_an_upload_that_cannot_be_folded_sends_the_close_one_shot() -> None:
         h.executor.submit(gate.wait, 10)  # the one aggregation thread is busy: no fold runs
         await h.push("a", upload(2, 1), rank=2)
         await h.push("b", upload(2, 2), rank=2)
-        record, data = h.store.uploads[0]["b"]
-        h.store.uploads[0]["b"] = (record, data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+        flip_stored_bit(h, "b")
         gate.set()
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
