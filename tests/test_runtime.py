@@ -683,29 +683,33 @@ def test_a_round_that_fills_the_modules_span_stops_folding_and_closes_one_shot(
 def test_a_close_does_not_wait_for_a_long_fold_backlog(
     monkeypatch: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """18 uploads land while the aggregation thread is busy. When it frees up, the first
-    batch is folded; then the round is closing and (with a one-shot close priced at nothing)
-    the rest would cost more than it, so the close reads everything back instead."""
+    """18 uploads of a 256² module land while the aggregation thread is busy. When it frees
+    up, the first batch is folded; then the round is closing and (with an exact close priced
+    at one flop) the rest would cost more than half of it, so the close reads everything
+    back instead of waiting."""
+    big = {"q": (256, 256)}
     clients = [f"c{i:02d}" for i in range(18)]
-    monkeypatch.setattr("raflora.server.rounds.folding.exact_cost", lambda *_: 0.0)
+    monkeypatch.setattr("raflora.server.rounds.folding.exact_cost", lambda *_: 1.0)
 
     async def scenario(h: Harness) -> None:
         for c in clients:
             await h.runtime.join(c, 2, 10, 0.0)
         gate = threading.Event()
         h.executor.submit(gate.wait, 10)
-        for i, c in enumerate(clients):
-            await h.push(c, upload(2, i), rank=2)
+        for c in clients:  # one shared adapter: the span stays 2, so only the backlog stops it
+            await h.push(c, save(factors(2, 0, big)), rank=2)
         gate.set()
         await h.published(1)
-        expected = one_shot_state([(c, 2, i) for i, c in enumerate(clients)], h.config)
-        for m in MODULES:
-            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        strategy = make_strategy("raflora", h.config.strategy_config("cpu"))
+        updates = [engine_update(c, 2, 10, 16.0, factors(2, 0, big), big) for c in clients]
+        expected = strategy.aggregate(strategy.initial_state(), updates)
+        assert torch.allclose(h.runtime.state.dense("q"), expected.dense("q"), atol=1e-5)
         assert folded_rounds(h) == 0
         assert "2 uploads still to fold" in caplog.text
 
     caplog.set_level("INFO", logger="raflora.server")
-    run(config(min_clients=len(clients)), scenario)
+    cfg = config(modules=[{"name": "q", "d_out": 256, "d_in": 256}], min_clients=len(clients))
+    run(cfg, scenario)
 
 
 def test_folding_stops_past_its_memory_budget(caplog: pytest.LogCaptureFixture) -> None:

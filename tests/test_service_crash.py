@@ -209,11 +209,22 @@ def test_acknowledged_uploads_survive_sigkill(launch: Launcher, tmp_path: Path) 
     base_state, base_manifest = published(baseline)
     assert manifest["uploads"] == base_manifest["uploads"]
     assert state.keys() == base_state.keys()
-    for key, tensor in state.items():
-        assert torch.allclose(tensor, base_state[key], rtol=1e-5, atol=1e-7), key
+    # To fp32 rounding, not bit for bit: the restarted server folded the uploads in another
+    # order (docs/design.md §2.10). Singular vectors of close singular values move by
+    # eps/gap, so the adapters are compared as products (and the singular values).
+    for m in MODULES:
+        S, base_S = state[f"{m}::S"], base_state[f"{m}::S"]
+        assert torch.allclose(S, base_S, rtol=1e-5, atol=1e-7), m
+        product = (state[f"{m}::U"] * S) @ state[f"{m}::V"].T
+        base = (base_state[f"{m}::U"] * base_S) @ base_state[f"{m}::V"].T
+        assert torch.allclose(product, base, rtol=1e-5, atol=1e-6), m
     assert crashed_pull.tensors.keys() == baseline_pull.tensors.keys()
-    for key, tensor in crashed_pull.tensors.items():
-        assert torch.allclose(tensor, baseline_pull.tensors[key], rtol=1e-5, atol=1e-7), key
+    for m in MODULES:
+        pulled = [
+            p.tensors[f"{m}.lora_B.weight"] @ p.tensors[f"{m}.lora_A.weight"]
+            for p in (crashed_pull, baseline_pull)
+        ]
+        assert torch.allclose(pulled[0], pulled[1], rtol=1e-5, atol=1e-6), m
     assert crashed_pull.scale == baseline_pull.scale
     # Not trivially equal: the round moved the adapter away from round 0's B = 0.
     assert any(t.abs().max() > 0 for k, t in crashed_pull.tensors.items() if "lora_B" in k)

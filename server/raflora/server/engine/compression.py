@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import ShapeMismatchError
+from .lowrank import canonical_signs
 from .strategies import Strategy, make_strategy
 from .strategies.spectral import SpectralStrategy
 from .types import (
@@ -200,8 +201,8 @@ class RoundBases:
         for name in self.schema:
             m = compressed.modules[name]
             assert isinstance(m, LowRank)
-            modules[name] = LowRank(
-                (self.out[name].Q @ m.U).contiguous(), m.S, (self.inp[name].Q @ m.V).contiguous()
+            modules[name] = canonical_signs(
+                LowRank(self.out[name].Q @ m.U, m.S, self.inp[name].Q @ m.V)
             )
         return _with_modules(compressed, modules)
 

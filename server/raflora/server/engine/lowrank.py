@@ -42,6 +42,21 @@ POWER_ITERATIONS = 4
 CERTIFY_TOLERANCE = 1e-5
 
 
+def canonical_signs(result: LowRank) -> LowRank:
+    """Each pair (u_j, v_j) signed so that u_j's entry of largest magnitude is positive.
+
+    An SVD fixes singular vectors only up to a joint sign; different paths (or the bases of
+    folded rounds, docs/design.md §2.10) would otherwise publish the same adapter as factors
+    that differ in sign, and a restarted server would not reproduce the factors it served.
+    """
+    if result.rank == 0:
+        return result
+    rows = result.U.abs().argmax(dim=0)
+    signs = torch.sign(result.U.gather(0, rows[None, :])).squeeze(0)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return LowRank((result.U * signs).contiguous(), result.S, (result.V * signs).contiguous())
+
+
 def factored_cost(d_out: int, d_in: int, n: int) -> float:
     """GEMM-equivalent flops of the QR-of-stacked-factors path."""
     k_b, k_a = min(d_out, n), min(d_in, n)
@@ -215,13 +230,13 @@ def truncated_svd_of_sum(
     ):
         certified = randomized_svd(terms, max_rank)
         if certified is not None:
-            return certified
+            return canonical_signs(certified)
         method = SvdMethod.EXACT
     if method in (SvdMethod.AUTO, SvdMethod.EXACT):
         method = choose_method(d_out, d_in, n)
     if method is SvdMethod.FACTORED:
-        return factored_svd(terms, max_rank)
-    return dense_svd(terms, max_rank)
+        return canonical_signs(factored_svd(terms, max_rank))
+    return canonical_signs(dense_svd(terms, max_rank))
 
 
 def singular_values_of_product(B: Tensor, A: Tensor) -> Tensor:

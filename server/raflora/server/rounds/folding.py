@@ -173,6 +173,8 @@ class RoundFolder:
         fold = one_shot = 0.0
         for name, (k_b, k_a) in self._bases.widths().items():
             shape = self.strategy.schema.modules[name]
+            if max(shape.d_out, shape.d_in) < SMALL_DIMENSION:
+                continue  # folded in microseconds either way
             fold += 8.0 * (shape.d_out * k_b + shape.d_in * k_a) * rank
             one_shot += exact_cost(shape.d_out, shape.d_in, total)
         return fold > 0.5 * one_shot
