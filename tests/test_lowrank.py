@@ -181,3 +181,19 @@ def test_auto_randomizes_where_it_is_cheaper_at_llama_shapes() -> None:
     assert not worth_randomizing(4096, 4096, 208, 64)
     assert worth_randomizing(4096, 4096, 732, 64)
     assert worth_randomizing(4096, 4096, 2588, 64)
+
+
+def test_every_path_publishes_the_same_signs() -> None:
+    """Singular vectors are fixed only up to a joint sign: the engine picks one (largest entry
+    of each u_j positive), so the paths, and a restarted server, serve the same factors."""
+    from raflora.server.engine.lowrank import canonical_signs
+
+    t = low_rank_plus_noise(96, 6, 12, 6, 1e-3, seed=8)
+    results = [truncated_svd_of_sum(t, 6, m) for m in (SvdMethod.FACTORED, SvdMethod.DENSE)]
+    for r in results:
+        top = r.U.gather(0, r.U.abs().argmax(dim=0)[None, :])
+        assert bool((top > 0).all())
+    assert torch.allclose(results[0].U, results[1].U, atol=1e-8)
+    assert torch.allclose(results[0].V, results[1].V, atol=1e-8)
+    flipped = canonical_signs(type(results[0])(-results[0].U, results[0].S, -results[0].V))
+    assert torch.equal(flipped.U, results[0].U) and torch.equal(flipped.V, results[0].V)
