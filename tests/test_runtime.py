@@ -293,6 +293,14 @@ def test_push_attempts_are_bounded_per_round() -> None:
     run(config(), scenario)
 
 
+async def join_three_push_two(h: Harness) -> None:
+    """a, b and c join at rank 2; a and b push (seeds 1 and 2); c's push will close the round."""
+    for c in ("a", "b", "c"):
+        await h.runtime.join(c, 2, 10, 0.0)
+    await h.push("a", upload(2, 1), rank=2)
+    await h.push("b", upload(2, 2), rank=2)
+
+
 def flip_stored_bit(h: Harness, client: str) -> None:
     """A bit flip at rest in an acknowledged upload of round 0."""
     record, data = h.store.uploads[0][client]
@@ -303,10 +311,7 @@ def flip_stored_bit(h: Harness, client: str) -> None:
 
 def test_a_corrupt_stored_upload_is_quarantined_and_the_round_goes_on() -> None:
     async def scenario(h: Harness) -> None:
-        for c in ("a", "b", "c"):
-            await h.runtime.join(c, 2, 10, 0.0)
-        await h.push("a", upload(2, 1), rank=2)
-        await h.push("b", upload(2, 2), rank=2)
+        await join_three_push_two(h)
         flip_stored_bit(h, "b")
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
@@ -344,10 +349,7 @@ def test_a_bit_flip_at_rest_after_the_fold_never_reaches_the_round() -> None:
     """The fold read the acknowledged bytes back against their digest; they are the round's."""
 
     async def scenario(h: Harness) -> None:
-        for c in ("a", "b", "c"):
-            await h.runtime.join(c, 2, 10, 0.0)
-        await h.push("a", upload(2, 1), rank=2)
-        await h.push("b", upload(2, 2), rank=2)
+        await join_three_push_two(h)
         assert h.runtime.folder is not None
         await asyncio.wrap_future(h.runtime.folder._futures["b"])
         flip_stored_bit(h, "b")

@@ -193,7 +193,7 @@ class RoundBases:
                 m.S.to(dtype=self.dtype, device=self.device),
                 self.inp[name].Q.T @ V,
             )
-        return _with_modules(state, modules)
+        return replace(state, modules=modules)
 
     def lift(self, compressed: GlobalState) -> GlobalState:
         """The compressed aggregate in the full space: U = Q_B U', V = Q_A V'."""
@@ -204,22 +204,10 @@ class RoundBases:
             modules[name] = canonical_signs(
                 LowRank(self.out[name].Q @ m.U, m.S, self.inp[name].Q @ m.V)
             )
-        return _with_modules(compressed, modules)
+        return replace(compressed, modules=modules)
 
     def widths(self) -> Mapping[str, tuple[int, int]]:
         return {name: (self.out[name].size, self.inp[name].size) for name in self.schema}
-
-
-def _with_modules(state: GlobalState, modules: Mapping[str, LowRank]) -> GlobalState:
-    return GlobalState(
-        round=state.round,
-        modules=dict(modules),
-        participant_ranks=state.participant_ranks,
-        weights=state.weights,
-        clip=state.clip,
-        trust=state.trust,
-        privacy=state.privacy,
-    )
 
 
 def can_fold(strategy: Strategy) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from raflora.server.engine import ClientUpdate, GlobalState, Strategy
+from raflora.server.engine import ClientUpdate, GlobalState, ModuleShape, Strategy
 from raflora.server.engine.compression import CompressedAggregation, RoundBases, can_fold
 from raflora.server.engine.lowrank import exact_cost
 
@@ -42,6 +42,10 @@ SMALL_DIMENSION = 256  # smaller modules close in microseconds either way: alway
 # a 9.6 s one-shot close; docs/benchmarks.md).
 JUDGE_AFTER_RANKS = 4
 MAX_SPAN_PER_RANK = 0.5
+
+
+def _large(shape: ModuleShape) -> bool:
+    return max(shape.d_out, shape.d_in) >= SMALL_DIMENSION
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class RoundFolder:
         self._folded: dict[str, tuple[str, ClientUpdate]] = {}  # client -> (sha256, folded)
         self._futures: dict[str, Future[None]] = {}
         self._pending: list[UploadRecord] = []  # committed, not folded yet
+        self._folded_rank = 0  # Σ r of the folded uploads
+        self._folded_bytes = 0  # what their compressed factors hold
         self.gave_up = ""  # why this round no longer folds (the close goes one-shot)
         self.closing = False  # the round's close is claimed: it waits only for a short backlog
 
@@ -124,7 +130,10 @@ class RoundFolder:
                     self.strategy.schema, self.state, self.strategy.dtype, self.strategy.device
                 )
             for r, folded in zip(batch, self._bases.fold_many(updates), strict=True):
+                if r.client_id in self._folded:  # pushed again after a failed close
+                    self._count(self._folded[r.client_id][1], -1)
                 self._folded[r.client_id] = (r.sha256, folded)
+                self._count(folded, 1)
         except Exception as exc:  # the one-shot close reads them again and decides
             names = ", ".join(r.client_id for r in batch)
             log.warning(
@@ -132,33 +141,39 @@ class RoundFolder:
             )
             self._give_up(f"the uploads of {names} could not be folded: {exc}")
             return
+        reason = self._why_stop()
+        if reason:
+            self._give_up(reason)
+
+    def _count(self, folded: ClientUpdate, sign: int) -> None:
+        self._folded_rank += sign * folded.rank
+        self._folded_bytes += sign * sum(
+            (f.B.numel() + f.A.numel()) * f.B.element_size() for f in folded.factors.values()
+        )
+
+    def _why_stop(self) -> str:
+        """Why folding no longer pays for this round, after a batch ("" while it does)."""
+        assert self._bases is not None
         if self._memory_bytes() > self.budget:
-            self._give_up(f"its bases passed the fold memory budget ({self.budget >> 20} MiB)")
-            return
-        folded_rank = sum(u.rank for _, u in self._folded.values())
+            return f"its bases passed the fold memory budget ({self.budget >> 20} MiB)"
+        judged = self._folded_rank >= JUDGE_AFTER_RANKS * self.strategy.config.max_rank
         for name, (k_b, k_a) in self._bases.widths().items():
             shape = self.strategy.schema.modules[name]
-            full = [
+            if any(
                 k > d * MAX_SPAN_FRACTION and d >= SMALL_DIMENSION
                 for k, d in ((k_b, shape.d_out), (k_a, shape.d_in))
-            ]
-            if any(full):
-                self._give_up(
+            ):
+                return (
                     f"the round spans {k_b}×{k_a} of module {name}'s {shape.d_out}×{shape.d_in}: "
                     "too little left to compress for folding to pay"
                 )
-                return
-            judged = folded_rank >= JUDGE_AFTER_RANKS * self.strategy.config.max_rank
-            if (
-                judged
-                and max(k_b, k_a) > MAX_SPAN_PER_RANK * folded_rank
-                and (max(shape.d_out, shape.d_in) >= SMALL_DIMENSION)
-            ):
-                self._give_up(
-                    f"every upload adds its own directions (module {name} spans {max(k_b, k_a)} "
-                    f"of {folded_rank} folded ranks): the close would cost what it does one-shot"
+            if judged and _large(shape) and max(k_b, k_a) > MAX_SPAN_PER_RANK * self._folded_rank:
+                return (
+                    f"every upload adds its own directions (module {name} spans "
+                    f"{max(k_b, k_a)} of {self._folded_rank} folded ranks): the close would "
+                    "cost what it does one-shot"
                 )
-                return
+        return ""
 
     def _backlog_too_long(self, batch: list[UploadRecord]) -> bool:
         """Whether folding what is queued (``batch`` and the rest) would cost the close more
@@ -169,11 +184,11 @@ class RoundFolder:
         if self._bases is None:
             return False
         rank = sum(r.rank for r in queued)
-        total = rank + sum(u.rank for _, u in self._folded.values())
+        total = rank + self._folded_rank
         fold = one_shot = 0.0
         for name, (k_b, k_a) in self._bases.widths().items():
             shape = self.strategy.schema.modules[name]
-            if max(shape.d_out, shape.d_in) < SMALL_DIMENSION:
+            if not _large(shape):
                 continue  # folded in microseconds either way
             fold += 8.0 * (shape.d_out * k_b + shape.d_in * k_a) * rank
             one_shot += exact_cost(shape.d_out, shape.d_in, total)
@@ -190,16 +205,16 @@ class RoundFolder:
         self.gave_up = reason
         self._bases = None
         self._folded = {}
+        self._folded_rank = self._folded_bytes = 0
 
     def _memory_bytes(self) -> int:
+        """The bases' buffers (with their spare capacity) and the folded uploads."""
         assert self._bases is not None
-        item = self.strategy.compute_scalar(0).element_size()
-        total = 0  # the bases' buffers (with their spare capacity) and the folded uploads
-        for name in self.strategy.schema:
-            total += self._bases.out[name].held_bytes() + self._bases.inp[name].held_bytes()
-        for _, u in self._folded.values():
-            total += sum(f.B.numel() + f.A.numel() for f in u.factors.values()) * item
-        return total
+        bases = sum(
+            self._bases.out[name].held_bytes() + self._bases.inp[name].held_bytes()
+            for name in self.strategy.schema
+        )
+        return bases + self._folded_bytes
 
     def take(self, state: GlobalState, records: Sequence[UploadRecord]) -> FoldedRound | None:
         """At the close (a worker thread): the folded round if it covers exactly ``records``."""

@@ -32,7 +32,7 @@ from raflora.server.engine import (
 
 from ..config import FederationConfig
 from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
-from .folding import FoldedRound, RoundFolder
+from .folding import RoundFolder
 from .privacy import RoundPrivacy, manifest_privacy
 from .published import PublishedRounds
 from .views import ViewCache
@@ -141,25 +141,14 @@ class RoundPublisher:
 
     def aggregate(
         self,
-        state: GlobalState,
         updates: list[ClientUpdate],
         records: Mapping[str, UploadRecord],
-        privacy: RoundPrivacy | None = None,
-        folded: FoldedRound | None = None,
+        combine: Callable[[list[ClientUpdate]], GlobalState],
     ) -> tuple[GlobalState | None, list[ClientUpdate], list[float], list[Quarantined]]:
-        """Aggregate; if that fails, set aside the uploads that fail alone and retry.
-
-        Returns the new state, the updates in it with their shares, and the culprits.
-        ``folded``: the updates are in its bases and it aggregates them.
+        """Aggregate with ``combine``; if that fails, set aside the uploads that fail alone and
+        retry. Returns the new state, the updates in it with their shares, and the culprits.
         """
         culprits: list[Quarantined] = []
-        mechanism = privacy.mechanism if privacy is not None else None
-
-        def combine(some: list[ClientUpdate]) -> GlobalState:
-            if folded is not None:
-                return folded.aggregation.aggregate(some)
-            return self.strategy.aggregate(state, some, mechanism)
-
         while updates:
             shares = self.shares([u.num_examples for u in updates])
             try:
@@ -199,7 +188,10 @@ class RoundPublisher:
             new_state, used, shares, quarantined, folded = *outcome, True
         else:
             updates, quarantined = self.load(records)
-            new_state, used, shares, culprits = self.aggregate(state, updates, by_client, privacy)
+            mechanism = privacy.mechanism if privacy is not None else None
+            new_state, used, shares, culprits = self.aggregate(
+                updates, by_client, lambda some: self.strategy.aggregate(state, some, mechanism)
+            )
             quarantined += culprits
             folded = False
         if new_state is None:
@@ -255,7 +247,7 @@ class RoundPublisher:
                 return None
             updates = [folded.updates[r.client_id] for r in records]
             new_state, used, shares, culprits = self.aggregate(
-                state, updates, by_client, None, folded
+                updates, by_client, folded.aggregation.aggregate
             )
         except Exception:
             log.warning("the folded close failed; the round is aggregated one-shot", exc_info=True)
