@@ -75,7 +75,10 @@ ROUND_DIM = 1024
 TCP_WINDOW = 4 * MiB
 GOAL_ROUND_TRIP_MIB_S = 500.0
 GOAL_TURNAROUND_S = 0.1  # issue 14: last ack -> PUBLISHED at 64 clients
-ROUND_PATHS = {"folded": {}, "one-shot": {"RAFLORA_FOLD_MEMORY_MIB": "0"}}
+ROUND_PATHS = {
+    "folded": {"RAFLORA_FOLD_MEMORY_MIB": "2048"},
+    "one-shot": {"RAFLORA_FOLD_MEMORY_MIB": "0"},
+}
 GOAL_SIZE_MIB = 64
 GOAL_ECHO_CACHED = 0.75  # issue 14: push + cached pull vs the raw grpcio echo
 GOAL_ECHO_FIRST = 0.6
@@ -927,8 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--round-paths",
         default="folded,one-shot",
-        help="round closes to measure: folded (uploads folded as they arrive, the default "
-        "server) and/or one-shot (folding off: the reference)",
+        help="round closes to measure: folded (uploads folded as they arrive, "
+        "fold_memory_mib = 2048) and/or one-shot (folding off: the default server, the reference)",
     )
     p.add_argument(
         "--round-uploads",

@@ -115,8 +115,10 @@ class Harness:
         await asyncio.wait_for(wait(), timeout)
 
 
-# The close reads every upload back instead of using the ones folded as they arrived.
-ONE_SHOT = RuntimeLimits(fold_memory_bytes=0)
+# The close reads every upload back instead of using the ones folded as they arrived (the
+# default); FOLDING turns folding on, as the ``fold_memory_mib`` setting does.
+ONE_SHOT = RuntimeLimits()
+FOLDING = RuntimeLimits(fold_memory_bytes=2 << 30)
 
 
 def run(
@@ -164,7 +166,7 @@ def test_a_round_closes_at_quorum_and_equals_the_engine() -> None:
         assert shares == pytest.approx({"a": 0.75, "b": 0.25})
         assert EventType.PUBLISHED in h.events
 
-    run(config(), scenario)
+    run(config(), scenario, FOLDING)
 
 
 def test_deadline_closes_a_round_with_min_clients() -> None:
@@ -363,7 +365,7 @@ def test_a_bit_flip_at_rest_after_the_fold_never_reaches_the_round() -> None:
             assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
         assert folded_rounds(h) == 1
 
-    run(config(min_clients=3), scenario)
+    run(config(min_clients=3), scenario, FOLDING)
 
 
 def test_an_upload_that_cannot_be_folded_sends_the_close_one_shot() -> None:
@@ -389,7 +391,7 @@ def test_an_upload_that_cannot_be_folded_sends_the_close_one_shot() -> None:
             assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
         assert folded_rounds(h) == 0
 
-    run(config(min_clients=3), scenario)
+    run(config(min_clients=3), scenario, FOLDING)
 
 
 def test_a_folded_close_that_fails_falls_back_to_one_shot(
@@ -417,7 +419,7 @@ def test_a_folded_close_that_fails_falls_back_to_one_shot(
         assert "the folded close failed" in caplog.text
 
     caplog.set_level("WARNING", logger="raflora.server")
-    run(config(min_clients=2), scenario)
+    run(config(min_clients=2), scenario, FOLDING)
 
 
 def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any) -> None:
@@ -498,7 +500,7 @@ def test_resume_restores_round_clients_and_uploads() -> None:
         await h.stop()
 
     async def second() -> None:
-        h = Harness(cfg, store)
+        h = Harness(cfg, store, FOLDING)
         await h.start()
         assert h.runtime.state.round == 1
         assert sorted(h.runtime.clients) == ["a", "b"]
@@ -679,7 +681,7 @@ def test_a_round_that_fills_the_modules_span_stops_folding_and_closes_one_shot(
 
     cfg = config(modules=[{"name": "q", "d_out": 256, "d_in": 256}], max_rank=64, min_clients=3)
     caplog.set_level("INFO", logger="raflora.server")
-    run(cfg, scenario)
+    run(cfg, scenario, FOLDING)
 
 
 def test_a_close_does_not_wait_for_a_long_fold_backlog(
@@ -711,7 +713,7 @@ def test_a_close_does_not_wait_for_a_long_fold_backlog(
 
     caplog.set_level("INFO", logger="raflora.server")
     cfg = config(modules=[{"name": "q", "d_out": 256, "d_in": 256}], min_clients=len(clients))
-    run(cfg, scenario)
+    run(cfg, scenario, FOLDING)
 
 
 def test_folding_stops_past_its_memory_budget(caplog: pytest.LogCaptureFixture) -> None:
@@ -749,4 +751,4 @@ def test_folding_stops_when_every_upload_brings_its_own_directions(
 
     caplog.set_level("INFO", logger="raflora.server")
     cfg = config(modules=[{"name": "q", "d_out": 256, "d_in": 256}], max_rank=4, min_clients=4)
-    run(cfg, scenario)
+    run(cfg, scenario, FOLDING)

@@ -55,7 +55,11 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
     started: list[ServerProcess] = []
 
     def start(data_dir: Path, name: str) -> ServerProcess:
-        handle = start_server_process(data_dir, tmp_path / f"{name}.log")
+        # Folding on (it is off by default), so a restarted server folds again what it had
+        # acknowledged (docs/design.md §2.10).
+        handle = start_server_process(
+            data_dir, tmp_path / f"{name}.log", env={"RAFLORA_FOLD_MEMORY_MIB": "2048"}
+        )
         started.append(handle)
         return handle
 

@@ -83,7 +83,7 @@ def test_concurrent_clients_match_the_engine(tmp_path: Path, strategy: str) -> N
     fed = f"fed-{strategy}"
     uploads: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     lock = threading.Lock()
-    with threaded_server(tmp_path) as server:
+    with threaded_server(tmp_path, fold_memory_mib=2048) as server:
         AdminClient(server.target).create_federation(
             every_client_spec(
                 fed, MODULES, len(CLIENTS), strategy=strategy, max_rank=8, init_seed=7
@@ -148,7 +148,7 @@ def test_a_rescaled_upload_cannot_erase_the_others_in_a_folded_round(tmp_path: P
         return lora_state_dict({"layers.0.q": (B * scale, A / scale)})
 
     uploads = {"attacker": adapter(1e6, True), **{c: adapter(1.0, False) for c in "abc"}}
-    with threaded_server(tmp_path) as server:
+    with threaded_server(tmp_path, fold_memory_mib=2048) as server:
         AdminClient(server.target).create_federation(
             every_client_spec(fed, modules, len(uploads), max_rank=rank, init_seed=3)
         )

@@ -165,11 +165,12 @@ class ServerSettings(BaseSettings):
         default=3600.0, gt=0, description="Longest a single Push or Pull may take"
     )
     fold_memory_mib: int = Field(
-        default=2048,
+        default=0,
         ge=0,
         description="Memory each federation's open round may hold for the uploads folded as "
-        "they arrive, so the round closes in a fraction of the time (docs/design.md §2.10); "
-        "past it the round closes one-shot. 0 turns folding off",
+        "they arrive (docs/design.md §2.10). Folding pays only when clients' uploads share "
+        "directions; on independent uploads it slows the round, so 0 (off) is the default. "
+        "Past the budget the round closes one-shot",
     )
     debug_aggregation_delay_seconds: float = Field(
         default=0.0,

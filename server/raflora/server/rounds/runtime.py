@@ -81,8 +81,9 @@ class RuntimeLimits:
     aggregation_delay_seconds: float = 0.0  # test hook: sleep before committing a round
     max_views_per_round: int = 64
     watcher_capacity: int = 1024
-    # Memory the open round's folded uploads may hold (docs/design.md §2.10); 0: never fold.
-    fold_memory_bytes: int = 2 << 30
+    # Memory the open round's folded uploads may hold (docs/design.md §2.10); 0: never fold,
+    # the default, because folding slows rounds whose uploads share no directions.
+    fold_memory_bytes: int = 0
 
 
 class FederationRuntime:
