@@ -275,7 +275,7 @@ def test_retention_never_deletes_a_round_being_streamed(server: ThreadedServer) 
 
         view, reader = server.run(open_pull(2))  # a pull of round 2, its stream open
         push_round(c, 2)  # publishes 3: round 2 is kept while it streams
-        rounds_dir = server.server.storage.federations_dir / "fed" / "rounds"
+        rounds_dir = server.server.settings.data_dir / "federations" / "fed" / "rounds"
         assert sorted(p.name for p in rounds_dir.iterdir()) == ["00000002", "00000003"]
         assert len(reader.read(-1)) == view.size  # the stream completes
         reader.close()

@@ -148,9 +148,22 @@ def test_base_dependencies_are_the_sdks_and_the_server_extra_has_the_rest() -> N
 
 
 def third_party_imports(path: Path) -> set[str]:
-    """Top-level names of the non-stdlib, non-raflora modules a file imports (lazily too)."""
+    """Top-level names of the non-stdlib, non-raflora modules a file imports (lazily too; not
+    those under ``if TYPE_CHECKING:``, which only the type checker reads)."""
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -181,8 +194,9 @@ def closure(reqs: dict[str, Requirement]) -> set[str]:
         ("client_sdk", (), {"peft_adapter.py"}),
         ("client_sdk", ("peft",), set()),
         ("proto", (), set()),
-        # testing.py is the test harness (cryptography for make_pki: a dev dependency).
-        ("server", ("server",), {"testing.py"}),
+        # testing*.py are the test harness (cryptography for make_pki, boto3 for SeaweedFS:
+        # dev dependencies).
+        ("server", ("server", "s3"), {"testing.py", "testing_s3.py"}),
     ],
 )
 def test_imports_are_covered_by_the_declared_dependencies(
@@ -203,11 +217,14 @@ def test_imports_are_covered_by_the_declared_dependencies(
 
 
 def test_container_constraints_pin_the_servers_dependencies() -> None:
-    """deploy/docker/constraints.txt pins every direct dependency of raflora[server] but torch
-    (the Dockerfile's TORCH_VERSION), exactly and within pyproject.toml's ranges."""
+    """deploy/docker/constraints.txt pins every direct dependency of raflora[server,s3] but
+    torch (the Dockerfile's TORCH_VERSION), exactly and within pyproject.toml's ranges."""
     table = project()
-    wanted = requirements(table["dependencies"]) | requirements(
-        table["optional-dependencies"]["server"]
+    extras = table["optional-dependencies"]
+    wanted = (
+        requirements(table["dependencies"])
+        | requirements(extras["server"])
+        | requirements(extras["s3"])
     )
     pins = {}
     for line in CONSTRAINTS.read_text().splitlines():
@@ -224,7 +241,7 @@ def test_container_constraints_pin_the_servers_dependencies() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name])
     assert "torch" not in pins
     dockerfile = (ROOT / "deploy/docker/Dockerfile").read_text()
-    assert "-c constraints.txt" in dockerfile and '".[server]"' in dockerfile
+    assert "-c constraints.txt" in dockerfile and '".[server,s3]"' in dockerfile
 
 
 # -- Python 3.10 ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""One contract, two stores: the filesystem store and the in-memory twin behave the same.
+"""One contract, three stores: the filesystem store, the in-memory twin and the S3 store (on a
+real SeaweedFS server) behave the same.
 
 The pattern of Flower's linkstate tests: every test takes a ``store`` fixture parametrised over
-both implementations, so the runtime unit tests (in-memory) mean what the service (on disk)
-does. Filesystem-only damage (bit flips, deleted manifests) is tested at the end.
+every implementation, so the runtime unit tests (in-memory) mean what the service (on disk or
+in a bucket) does. Damage specific to one backend (bit flips, deleted manifests, leftovers of
+a crash) is tested at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from raflora.server.storage import (
     FileFederationStore,
     FileStorage,
     ManifestUpload,
-    MemoryFederationStore,
     MemoryStorage,
     ResumeReport,
     RoundManifest,
@@ -39,20 +40,23 @@ MODULES = {"q": (6, 5), "v": (4, 5)}
 SCHEMA = AdapterSchema.from_shapes(MODULES)
 
 
-@pytest.fixture(params=["file", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> FederationStore:
-    s: FederationStore = (
-        FileFederationStore(tmp_path / "fed")
-        if request.param == "file"
-        else MemoryFederationStore()
-    )
-    s.create({"federation_id": "fed"})
-    return s
+STORES = ["file", "memory", "s3"]
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=STORES)
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    s: Storage = FileStorage(tmp_path / "data") if request.param == "file" else MemoryStorage()
+    if request.param == "file":
+        return FileStorage(tmp_path / "data")
+    if request.param == "memory":
+        return MemoryStorage()
+    s3: Storage = request.getfixturevalue("s3_storage")  # a real SeaweedFS bucket
+    return s3
+
+
+@pytest.fixture
+def store(storage: Storage) -> FederationStore:
+    s = storage.federation("fed")
+    s.create({"federation_id": "fed"})
     return s
 
 

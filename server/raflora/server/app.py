@@ -44,7 +44,7 @@ from .settings import (
     load_settings,
     unknown_environment,
 )
-from .storage import FileStorage
+from .storage import FileStorage, Storage
 
 log = logging.getLogger("raflora.server")
 
@@ -52,6 +52,32 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
     pb.DESCRIPTOR.services_by_name["AggregationService"].full_name,
 )
+
+
+def open_storage(settings: ServerSettings) -> Storage:
+    """The durable store the settings name: the data directory, or a bucket (issue 13)."""
+    if settings.storage == "file":
+        return FileStorage(settings.data_dir)
+    from .storage.s3 import BucketUnreachableError, connect
+
+    assert settings.s3_bucket is not None  # the settings validator requires it
+    if settings.token_key_file is None:
+        log.warning(
+            "storage is s3 but token_key_file is unset: the token key stays in %s, so a "
+            "replacement server signs new tokens and clients must authenticate again; mount "
+            "the key from a Secret (docs/operations.md)",
+            settings.data_dir,
+        )
+    try:
+        return connect(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            scratch=settings.data_dir,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+    except BucketUnreachableError as exc:
+        raise ConfigError(f"s3_bucket: cannot use {exc}") from None
 
 
 class RafloraServer:
@@ -64,7 +90,7 @@ class RafloraServer:
         self.heartbeat = Heartbeat(settings.health_heartbeat_timeout_seconds)
         self.health_port = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self.storage = FileStorage(settings.data_dir)
+        self.storage = open_storage(settings)
         self.hub = FederationHub(
             self.storage,
             self.metrics,

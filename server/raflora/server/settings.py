@@ -47,6 +47,27 @@ class ServerSettings(BaseSettings):
         default=Path("raflora-data"),
         description="Durable federation state: uploads, rounds, credentials (created if absent)",
     )
+    storage: Literal["file", "s3"] = Field(
+        default="file",
+        description="Where durable state lives: file (data_dir) or s3 (an S3-compatible bucket; "
+        "data_dir then holds only scratch files and pull views). docs/operations.md, "
+        "'Object-store mode'",
+    )
+    s3_bucket: str | None = Field(
+        default=None, description="storage=s3: the bucket (it must exist)"
+    )
+    s3_prefix: str = Field(
+        default="raflora",
+        description="storage=s3: key prefix of this server's objects; two servers that must "
+        "not share federations use two prefixes",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="storage=s3: endpoint of an S3-compatible service (unset: AWS). "
+        "Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a mounted "
+        "AWS_SHARED_CREDENTIALS_FILE, never from these settings",
+    )
+    s3_region: str | None = Field(default=None, description="storage=s3: the bucket's region")
     device: str = Field(
         default="auto",
         description="Aggregation device: auto (CUDA when present), cpu, cuda, cuda:N",
@@ -192,6 +213,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("admin_token must have at least 16 characters")
         if self.require_auth and self.admin_token is None and self.admin_token_file is None:
             raise ValueError("require_auth is set but no admin_token or admin_token_file is")
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("storage is s3 but s3_bucket is not set")
         if self.max_message_bytes < self.chunk_size + (16 << 10):
             raise ValueError("max_message_bytes must exceed chunk_size by at least 16 KiB")
         return self
