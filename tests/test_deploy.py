@@ -56,8 +56,9 @@ OPERATIONS = ROOT / "docs/operations.md"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute"}
 # Oldest and newest Kubernetes minor versions the manifests are validated against.
 K8S_VERSIONS = ("1.29", "1.37")
-# "edge": the cpu overlay with the gateway and ingress-nginx components.
-OVERLAYS = ("cpu", "gpu", "tls", "edge")
+# "edge": the cpu overlay with the gateway and ingress-nginx components; "object-store": the cpu
+# overlay in object-store mode (storage = s3) with its Secret filled.
+OVERLAYS = ("cpu", "gpu", "tls", "edge", "object-store")
 NAMESPACE = "raflora"
 
 
@@ -82,6 +83,25 @@ def tls_overlay(root: Path) -> Path:
         "  - name: raflora-tls\n"
         "    behavior: replace\n"
         "    files: [tls.crt, tls.key, ca.crt, admin-token]\n"
+    )
+    return overlay
+
+
+def object_store_overlay(root: Path) -> Path:
+    """docs/operations.md's object-store mode: the component and the real Secret from local
+    files (never committed)."""
+    overlay = root / "object-store"
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "AWS_ACCESS_KEY_ID").write_text("an-access-key")
+    (overlay / "AWS_SECRET_ACCESS_KEY").write_text("a-secret-key")
+    (overlay / "token.key").write_text("ab" * 32 + "\n")
+    rel = Path(os.path.relpath(KUSTOMIZE, overlay))
+    (overlay / "kustomization.yaml").write_text(
+        f"resources:\n  - {rel / 'overlays/object-store'}\n"
+        "secretGenerator:\n"
+        "  - name: raflora-object-store\n"
+        "    behavior: replace\n"
+        "    files: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, token.key]\n"
     )
     return overlay
 
@@ -140,6 +160,8 @@ def render(overlay: str, workdir: Path) -> tuple[dict[str, Any], ...]:
         path = second_instance_overlay(workdir)
     elif overlay == "edge":
         path = edge_overlay(workdir)
+    elif overlay == "object-store":
+        path = object_store_overlay(workdir)
     elif overlay == "second-namespace":
         path = second_namespace_overlay(workdir)
     elif overlay == "namespace":
@@ -358,15 +380,25 @@ def test_statefulset_probes_storage_security(rendered: tuple[dict[str, Any], ...
     pod = sts["spec"]["template"]["spec"]
     c = container(rendered)
     assert sts["spec"]["replicas"] == 1
-    # The data directory is a PersistentVolumeClaim per pod.
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
-    assert claim["spec"]["resources"]["requests"]["storage"]
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     data_dir = settings_of(rendered)["RAFLORA_DATA_DIR"]
-    assert mounts[claim["metadata"]["name"]]["mountPath"] == data_dir
+    if settings_of(rendered).get("RAFLORA_STORAGE") == "s3":
+        # Object-store mode: the data directory is node-local scratch, nothing is claimed.
+        assert "volumeClaimTemplates" not in sts["spec"]
+        (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+        assert data["emptyDir"]["sizeLimit"] and mounts["data"]["mountPath"] == data_dir
+    else:
+        # The data directory is a PersistentVolumeClaim per pod.
+        (claim,) = sts["spec"]["volumeClaimTemplates"]
+        assert claim["spec"]["resources"]["requests"]["storage"]
+        assert mounts[claim["metadata"]["name"]]["mountPath"] == data_dir
     # The TLS/credentials Secret is mounted read-only at /etc/raflora/tls.
     secret = one(rendered, "Secret", "raflora-tls")
-    (tls_volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (tls_volume,) = [
+        v
+        for v in pod["volumes"]
+        if v.get("secret", {}).get("secretName", "").startswith("raflora-tls")
+    ]
     assert tls_volume["secret"]["secretName"] == secret["metadata"]["name"]
     assert mounts[tls_volume["name"]] == {
         "name": tls_volume["name"],
@@ -524,6 +556,19 @@ def test_settings_are_valid_server_settings(rendered: tuple[dict[str, Any], ...]
     federations = one(rendered, "ConfigMap", "raflora-federations-")["data"]
     for raw in json.loads(federations[settings.federations_file.name]):
         FederationConfig.parse(raw)
+    if settings.storage == "s3":  # the bucket's credentials and the token key from the Secret
+        assert settings.s3_bucket and settings.token_key_file is not None
+        assert str(settings.token_key_file.parent) in mounts
+        env_from_secret = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in container(rendered).get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        store_secret = one(rendered, "Secret", "raflora-object-store")
+        assert {k: v["name"] for k, v in env_from_secret.items()} == {
+            "AWS_ACCESS_KEY_ID": store_secret["metadata"]["name"],
+            "AWS_SECRET_ACCESS_KEY": store_secret["metadata"]["name"],
+        }
     # Paths the TLS component sets all point into the mounted Secret.
     for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "admin_token_file"):
         value = getattr(settings, key, None)
