@@ -174,6 +174,14 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.aggregation_queue_seconds = Histogram(
+            "raflora_aggregation_queue_seconds",
+            "Time a closed round waited for an aggregation worker (aggregation_workers) before "
+            "its aggregation started",
+            ["federation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.aggregation_failures = Counter(
             "raflora_aggregation_failures",
             "Rounds whose aggregation failed",

@@ -185,6 +185,15 @@ class ServerSettings(BaseSettings):
     max_request_seconds: float = Field(
         default=3600.0, gt=0, description="Longest a single Push or Pull may take"
     )
+    aggregation_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Rounds of different federations aggregated at once. One aggregation "
+        "already uses every core, so 1 suits one busy federation; raise it (with CPU or GPUs "
+        "to match) so that many federations do not queue behind a heavy one "
+        "(raflora_aggregation_queue_seconds shows the wait)",
+    )
     fold_memory_mib: int = Field(
         default=0,
         ge=0,

@@ -55,8 +55,12 @@ class FederationHub:
         self.metrics = metrics
         self.device = device
         self.limits = limits or RuntimeLimits()
-        # One aggregation at a time: torch already spreads one over all cores.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-aggregate")
+        # A bounded pool: torch spreads one aggregation over all cores, so the default is one
+        # at a time; more workers let federations close rounds without queueing behind a heavy
+        # one (each federation's own jobs still run one at a time, in order).
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.limits.aggregation_workers, thread_name_prefix="raflora-aggregate"
+        )
         self.federations: dict[str, FederationRuntime] = {}
         self._create_lock = asyncio.Lock()
 
@@ -131,9 +135,9 @@ class FederationHub:
             runtime = self.federations.pop(federation_id, None)
             if runtime is not None:
                 await runtime.retire()
-                # The aggregation thread runs jobs in order: once this no-op ran, a publication
-                # of this federation submitted before it has finished writing.
-                await asyncio.get_running_loop().run_in_executor(self.executor, _nothing)
+                # A federation's jobs run in order: once this no-op ran, a publication of this
+                # federation submitted before it has finished writing.
+                await runtime.run_job(_nothing)
             elif federation_id not in await asyncio.to_thread(self.storage.federation_ids):
                 raise NotFoundError("federation_id", f"no federation {echo_id(federation_id)}")
             archived = await asyncio.to_thread(

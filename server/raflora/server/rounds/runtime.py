@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from raflora.server.engine import (
     GlobalState,
@@ -68,6 +68,7 @@ from .tickets import PushOutcome, PushTicket
 from .views import RoundContent, View, ViewCache, ViewReader
 
 log = logging.getLogger("raflora.server")
+T = TypeVar("T")
 # A round whose publication failed on I/O (disk full) is retried with this backoff.
 _RETRY_INITIAL_SECONDS = 1.0
 _RETRY_MAX_SECONDS = 60.0
@@ -81,6 +82,7 @@ class RuntimeLimits:
     aggregation_delay_seconds: float = 0.0  # test hook: sleep before committing a round
     max_views_per_round: int = 64
     watcher_capacity: int = 1024
+    aggregation_workers: int = 1  # aggregations of different federations that may run at once
     # Memory the open round's folded uploads may hold (docs/design.md §2.10); 0: never fold,
     # the default, because folding slows rounds whose uploads share no directions.
     fold_memory_bytes: int = 0
@@ -132,6 +134,9 @@ class FederationRuntime:
         self._retry_delay = _RETRY_INITIAL_SECONDS
         self.folder: RoundFolder | None = None  # the open round's folded uploads
         self.fold_executor = fold_executor or FOLDS
+        # This federation's jobs on the (shared, bounded) aggregation pool run one at a time and
+        # in order: a prune never races the next round's publication.
+        self._jobs = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     def resume(self) -> None:
@@ -712,17 +717,9 @@ class FederationRuntime:
         self, state: GlobalState, uploads: list[UploadRecord], privacy: RoundPrivacy | None
     ) -> None:
         self._emit(EventType.AGGREGATING, f"aggregating {len(uploads)} uploads")
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(
-                self.executor,
-                self.publisher.run,
-                state,
-                uploads,
-                self._debug_delay,
-                privacy,
-                self.folder,
+            outcome, queued, elapsed = await self.run_job(
+                self.publisher.run, state, uploads, self._debug_delay, privacy, self.folder
             )
         except NothingToAggregateError as exc:
             await self._after_quarantine(exc.quarantined)
@@ -734,7 +731,23 @@ class FederationRuntime:
         except Exception as exc:  # keep collecting; the operator sees it in logs and metrics
             await self._aggregation_failed(state.round, exc)
             return
-        await self._published(outcome, len(uploads), time.perf_counter() - started)
+        self.metrics.aggregation_queue_seconds.labels(self.id).observe(queued)
+        await self._published(outcome, len(uploads), elapsed)
+
+    async def run_job(self, fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+        """``fn(*args)`` on the aggregation pool after this federation's earlier jobs; returns
+        its result, the seconds it waited (for this federation's lane and for a free worker)
+        and the seconds it ran."""
+        asked = time.perf_counter()
+        times: list[float] = []
+
+        def job() -> T:
+            times.append(time.perf_counter())
+            return fn(*args)
+
+        async with self._jobs:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        return result, times[0] - asked, time.perf_counter() - times[0]
 
     async def _after_quarantine(self, quarantined: Sequence[Quarantined]) -> None:
         async with self.lock:
@@ -804,9 +817,7 @@ class FederationRuntime:
         self._emit(EventType.PUBLISHED, f"round {new_state.round} published", warnings)
         # The closed round's uploads are no longer read by anyone: drop them after the news, on
         # the aggregation thread, where no publication of the next round can be writing.
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.store.prune, new_state.round
-        )
+        await self.run_job(self.store.prune, new_state.round)
 
     def _schedule_retry(self) -> None:
         if self._closed:
