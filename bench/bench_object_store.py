@@ -1,0 +1,168 @@
+"""Push and pull through the real server on the local disk vs on an S3 bucket (issue 13, part 6).
+
+One sitting, three measurements of the same adapter bytes:
+
+* the bucket itself: a boto3 PUT and GET of the payload against the same SeaweedFS
+  (the reference: what the object store can move here);
+* ``raflora-server`` with ``storage = file``: push + first pull + cached pull via the SDK;
+* ``raflora-server`` with ``storage = s3`` on that SeaweedFS: the same.
+
+Prints MiB/s (2 × payload / (push + pull)) and the s3/file ratio, with the load average and
+cores busy. Run alone: nothing else on the machine.
+
+    .venv/bin/python bench/bench_object_store.py [--size-mib 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench_service import (
+    LOAD_BEFORE,
+    MODULE_DIM,
+    THROUGHPUT_RANK,
+    MiB,
+    contended,
+    cpu_seconds,
+    log,
+    make_adapter,
+    median,
+    module_shapes,
+)
+from safetensors.torch import save as save_safetensors
+
+from raflora.client_sdk import AdminClient, RafloraClient
+from raflora.server.testing import federation_spec, start_server_process
+from raflora.server.testing_s3 import create_bucket, seaweedfs
+
+BUCKET = "raflora-bench"
+
+
+def through_server(
+    workdir: Path, name: str, env: dict[str, str], modules: int, repeats: int
+) -> dict[str, list[float]]:
+    tensors = make_adapter(modules, MODULE_DIM, THROUGHPUT_RANK, seed=1)
+    handle = start_server_process(workdir / name, workdir / f"{name}.log", env=env)
+    times: dict[str, list[float]] = {"push": [], "first": [], "cached": [], "busy": []}
+    try:
+        with AdminClient(handle.target) as admin:
+            admin.create_federation(
+                federation_spec(
+                    "tp",
+                    module_shapes(modules, MODULE_DIM),
+                    max_rank=THROUGHPUT_RANK,
+                    min_clients=repeats + 2,
+                )
+            )
+        for i in range(repeats):
+            with RafloraClient(handle.target, "tp", f"client-{i}") as client:
+                info = client.join(THROUGHPUT_RANK, num_examples=100, lora_alpha=16.0 + i)
+                cpu0, own0, t0 = cpu_seconds(handle.pid), time.process_time(), time.perf_counter()
+                client.push(tensors, round=info.round, num_examples=100)
+                t1 = time.perf_counter()
+                client.pull()
+                t2 = time.perf_counter()
+                client.pull()
+                t3 = time.perf_counter()
+                busy = (cpu_seconds(handle.pid) - cpu0 + time.process_time() - own0) / (t3 - t0)
+            times["push"].append(t1 - t0)
+            times["first"].append(t2 - t1)
+            times["cached"].append(t3 - t2)
+            times["busy"].append(busy)
+            log(
+                f"{name} #{i}: push {t1 - t0:.2f}s, first pull {t2 - t1:.2f}s, "
+                f"cached pull {t3 - t2:.2f}s (server + client {busy:.2f} cores busy)"
+            )
+    finally:
+        handle.terminate()
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    modules = max(1, round(args.size_mib * MiB / (THROUGHPUT_RANK * 2 * MODULE_DIM * 4)))
+    payload = save_safetensors(make_adapter(modules, MODULE_DIM, THROUGHPUT_RANK, seed=1))
+    n = len(payload)
+    load_before = os.getloadavg()[0]
+    LOAD_BEFORE[0] = load_before
+    workdir = Path(tempfile.mkdtemp(prefix="raflora-bench-s3-"))
+    try:
+        with seaweedfs(workdir / "seaweedfs") as server:
+            create_bucket(server, BUCKET)
+            client = server.client()
+            put, get = [], []
+            for i in range(args.repeats):
+                key = f"raw/{uuid.uuid4().hex}"
+                t0 = time.perf_counter()
+                client.put_object(Bucket=BUCKET, Key=key, Body=payload)
+                t1 = time.perf_counter()
+                got = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+                t2 = time.perf_counter()
+                assert len(got) == n
+                put.append(t1 - t0)
+                get.append(t2 - t1)
+                log(f"bucket #{i}: PUT {t1 - t0:.2f}s, GET {t2 - t1:.2f}s")
+            file_times = through_server(workdir, "file", {}, modules, args.repeats)
+            s3_env = {
+                **server.env,
+                "RAFLORA_STORAGE": "s3",
+                "RAFLORA_S3_BUCKET": BUCKET,
+                "RAFLORA_S3_PREFIX": "bench",
+                "RAFLORA_S3_ENDPOINT_URL": server.endpoint_url,
+            }
+            s3_times = through_server(workdir, "s3", s3_env, modules, args.repeats)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def rate(push: list[float], pull: list[float]) -> float:
+        return 2 * n / MiB / (median(push) + median(pull))
+
+    bucket = rate(put, get)
+    rows = [
+        ("bucket: boto3 PUT + GET (reference)", bucket, None),
+        (
+            "server, storage=file: push + cached pull",
+            rate(file_times["push"], file_times["cached"]),
+            median(file_times["busy"]),
+        ),
+        (
+            "server, storage=file: push + first pull",
+            rate(file_times["push"], file_times["first"]),
+            None,
+        ),
+        (
+            "server, storage=s3: push + cached pull",
+            rate(s3_times["push"], s3_times["cached"]),
+            median(s3_times["busy"]),
+        ),
+        ("server, storage=s3: push + first pull", rate(s3_times["push"], s3_times["first"]), None),
+    ]
+    print(f"\nObject store vs local disk, {n / MiB:.0f} MiB adapter, median of {args.repeats}")
+    print("| path | MiB/s moved | vs bucket | cores busy |")
+    print("|---|---:|---:|---:|")
+    for label, value, busy in rows:
+        cores = f"{busy:.2f}{contended(busy)}" if busy is not None else ""
+        print(f"| {label} | {value:.0f} | {value / bucket:.2f}× | {cores} |")
+    ratio = rate(s3_times["push"], s3_times["cached"]) / rate(
+        file_times["push"], file_times["cached"]
+    )
+    print(
+        f"\nstorage=s3 / storage=file (push + cached pull): {ratio:.2f}×; push p50 "
+        f"{median(s3_times['push']):.2f}s vs {median(file_times['push']):.2f}s. "
+        f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
