@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ from safetensors.torch import save
 
 from raflora.server.engine import AdapterSchema
 from raflora.server.storage import CorruptDataError, ResumeReport, UploadRecord
-from raflora.server.storage.s3 import S3FederationStore, S3Storage
+from raflora.server.storage.s3 import BucketError, S3FederationStore, S3Storage
 from raflora.server.testing_s3 import SeaweedFS
 from tests.helpers.adapters import factors
 from tests.test_store_contract import SCHEMA, manifest, payload, receive, state
@@ -90,8 +90,13 @@ def test_a_larger_upload_goes_up_in_parts_and_reads_back(fed: S3FederationStore)
         sink.write(big[start : start + (1 << 20)])
     record = UploadRecord("c1", 0, 256, 10, 16.0, 8.0, hashlib.sha256(big).hexdigest(), len(big))
     fed.commit_upload(sink, record)
-    assert fed.load_uploads(0, ResumeReport()) == {"c1": record}
-    loaded = fed.read_upload(record, AdapterSchema.from_shapes(modules))
+    fresh = S3Storage(fed.bucket).federation("fed")  # no cached payload key: reads the record
+    assert fresh.load_uploads(0, ResumeReport()) == {"c1": record}
+    loaded = (
+        S3Storage(fed.bucket)
+        .federation("fed")
+        .read_upload(record, AdapterSchema.from_shapes(modules))
+    )
     assert torch.equal(loaded["q"].B, factors(256, 0, modules)["q.lora_B.weight"])
 
 
@@ -124,7 +129,9 @@ def test_a_record_naming_another_federations_payload_is_refused(
     assert other.load_uploads(0, ResumeReport()) != {}  # the other federation keeps its own
 
 
-def test_a_receive_cut_by_a_crash_leaves_nothing_after_resume(fed: S3FederationStore) -> None:
+def test_a_receive_cut_by_a_crash_leaves_nothing_after_resume(
+    fed: S3FederationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A multipart upload begun but never completed, and a payload whose record was never
     written (a crash between the two), are not uploads: resume removes both."""
     cut = fed.open_upload(0)
@@ -137,7 +144,11 @@ def test_a_receive_cut_by_a_crash_leaves_nothing_after_resume(fed: S3FederationS
         Bucket=fed.bucket.name, Prefix=f"{fed.base}/uploads/"
     )
     assert listing.get("Uploads")
-    assert fed.load_uploads(0, ResumeReport()) == {}
+    young = S3Storage(fed.bucket).federation("fed")
+    assert young.load_uploads(0, ResumeReport()) == {}
+    assert len(keys(fed, "uploads/")) == 1  # young: perhaps another server's, left alone
+    monkeypatch.setattr("raflora.server.storage.s3.ORPHAN_GRACE_SECONDS", -1.0)
+    assert S3Storage(fed.bucket).federation("fed").load_uploads(0, ResumeReport()) == {}
     listing = fed.bucket.client.list_multipart_uploads(
         Bucket=fed.bucket.name, Prefix=f"{fed.base}/uploads/"
     )
@@ -176,7 +187,9 @@ def test_a_publication_cut_before_its_manifest_is_not_a_round(fed: S3FederationS
     with pytest.raises(KeyboardInterrupt):
         fed.publish(state(2), manifest(2), before_commit=crash)
     assert fed.latest_round(ResumeReport()) == 1
-    assert keys(fed, "rounds/00000002/") == []  # the orphan state is gone
+    # The orphan state stays while young (a server being replaced may be about to commit it);
+    # prune removes it once it is older than the grace period.
+    assert len(keys(fed, "rounds/00000002/")) == 1
     fed.publish(state(2), manifest(2))
     assert fed.latest_round(ResumeReport()) == 2
     fed.load_published(2, SCHEMA)
@@ -238,3 +251,60 @@ def test_a_replacement_server_with_an_empty_disk_reads_everything(
     store.load_published(1, SCHEMA)
     assert store.load_uploads(0, ResumeReport()) == {"c1": record}
     store.read_upload(record, SCHEMA)
+
+
+class FlakyClient:
+    """The real client, except that GETs time out (a slow or partitioned bucket)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "get_object":
+
+            def timeout(**_: Any) -> Any:
+                from botocore.exceptions import ReadTimeoutError
+
+                raise ReadTimeoutError(endpoint_url="http://bucket")
+
+            return timeout
+        return getattr(self._real, name)
+
+
+def test_a_timeout_is_not_damage_and_deletes_nothing(fed: S3FederationStore) -> None:
+    """A bucket that times out at start must not roll the federation back: the error
+    propagates as transient (an OSError, retried by the rounds layer) and every round stays."""
+    fed.publish(state(1), manifest(1))
+    fed.publish(state(2), manifest(2))
+    before = keys(fed, "rounds/")
+    flaky_client: Any = FlakyClient(fed.bucket.client)
+    flaky = S3Storage(dataclasses.replace(fed.bucket, client=flaky_client))
+    store = flaky.federation("fed")
+    with pytest.raises(BucketError):
+        store.latest_round(ResumeReport())
+    with pytest.raises(BucketError):
+        store.load_published(2, SCHEMA)
+    with pytest.raises(BucketError):  # a retried publication must not replace the winner
+        store.publish(state(2), manifest(2))
+    assert keys(fed, "rounds/") == before
+    assert fed.latest_round(ResumeReport()) == 2
+
+
+def test_prune_removes_uploads_and_old_orphans_only(
+    fed: S3FederationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed(fed)
+    fed.publish(state(1), manifest(1))
+
+    def crash() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fed.publish(state(2), manifest(2), before_commit=crash)
+    fed.prune(3)
+    assert keys(fed, "uploads/") == []
+    assert len(keys(fed, "rounds/00000002/")) == 1  # young orphan kept
+    monkeypatch.setattr("raflora.server.storage.s3.ORPHAN_GRACE_SECONDS", -1.0)
+    fed.prune(3)
+    assert keys(fed, "rounds/00000002/") == []
+    assert fed.published_rounds() == [1]

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from raflora.server.engine import AdapterSchema, FactorPair, GlobalState
 
+from .fs import disk_full_guard
 from .manifest import ManifestError, RoundManifest
 from .records import ClientRecord, UploadRecord
 from .store import (
@@ -49,7 +51,13 @@ from .store import (
     read_state,
     state_tensors,
 )
-from .tensorio import TensorReader, open_file, read_factors, write_safetensors
+from .tensorio import (
+    TensorReader,
+    max_upload_bytes,
+    open_file,
+    read_factors,
+    write_safetensors,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -61,25 +69,52 @@ _MAX_JSON_BYTES = 16 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _PAYLOAD_NAME = re.compile(r"\.payload-[0-9a-f]{32}\.safetensors")
 _DOWNLOAD_BLOCK = 1 << 20
+# A manifest-less round or a record-less payload younger than this may belong to a server that
+# is still publishing or committing it (a failover overlap): left alone until then.
+ORPHAN_GRACE_SECONDS = 3600.0
 
 
 def _round_name(t: int) -> str:
     return f"{t:0{_ROUND_DIGITS}d}"
 
 
-def _missing(exc: Exception) -> bool:
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    return code in {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+def _code(exc: BaseException) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def _precondition_failed(exc: Exception) -> bool:
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    return code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+class BucketError(OSError):
+    """The bucket could not be reached or answered with an error (a timeout, a 5xx, access
+    denied): transient as far as the rounds layer is concerned, never evidence of damage. An
+    OSError, so that a publication failing on it is retried like one failing on a full disk."""
+
+
+class PreconditionFailedError(Exception):
+    """A conditional create found the object already there."""
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """botocore's errors as the store's: absent → FileNotFoundError, 412 →
+    PreconditionFailedError, anything else from the client or the transport → BucketError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = _code(exc)
+        if code in {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}:
+            raise FileNotFoundError(what) from None
+        if code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+            raise PreconditionFailedError(what) from None
+        raise BucketError(f"{what}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise BucketError(f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
 class Bucket:
-    """One bucket and key prefix, with the local scratch folder for spools and views."""
+    """One bucket and key prefix, with the local scratch folder for spools and views. Every
+    call translates botocore's errors (:func:`_translated`)."""
 
     client: S3Client
     name: str
@@ -98,104 +133,124 @@ class Bucket:
             raise ValueError(f"{key} nests too deeply to be a record") from None
 
     def get_bytes(self, key: str, max_bytes: int) -> bytes:
-        try:
+        with _translated(key):
             obj = self.client.get_object(Bucket=self.name, Key=key)
-        except self.client.exceptions.ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(key) from None
-            raise
-        body = obj["Body"]
-        try:
-            if obj["ContentLength"] > max_bytes:
-                raise ValueError(f"{key} is larger than {max_bytes} bytes")
-            return body.read(max_bytes + 1)
-        finally:
-            body.close()
+            body = obj["Body"]
+            try:
+                if obj["ContentLength"] > max_bytes:
+                    raise ValueError(f"{key} is larger than {max_bytes} bytes")
+                return body.read(max_bytes + 1)
+            finally:
+                body.close()
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        with _translated(key):
+            if create_only:
+                self.client.put_object(Bucket=self.name, Key=key, Body=data, IfNoneMatch="*")
+            else:
+                self.client.put_object(Bucket=self.name, Key=key, Body=data)
 
     def put_json(self, key: str, value: Any, *, create_only: bool = False) -> None:
         data = json.dumps(value, indent=2, sort_keys=True).encode()
-        if create_only:
-            self.client.put_object(Bucket=self.name, Key=key, Body=data, IfNoneMatch="*")
-        else:
-            self.client.put_object(Bucket=self.name, Key=key, Body=data)
+        self.put(key, data, create_only=create_only)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        with _translated(key):
+            self.client.upload_file(str(path), self.name, key)
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.name, Key=key)
-        except self.client.exceptions.ClientError as exc:
-            if _missing(exc):
-                return False
-            raise
+            with _translated(key):
+                self.client.head_object(Bucket=self.name, Key=key)
+        except FileNotFoundError:
+            return False
         return True
 
-    def list_keys(self, prefix: str) -> list[str]:
-        out: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.name, Prefix=prefix
-        ):
-            out.extend(obj["Key"] for obj in page.get("Contents", []))
+    def list_objects(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, age in seconds) of every object under ``prefix``."""
+        out: list[tuple[str, float]] = []
+        now = time.time()
+        with _translated(prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=prefix
+            ):
+                out.extend(
+                    (obj["Key"], now - obj["LastModified"].timestamp())
+                    for obj in page.get("Contents", [])
+                )
         return out
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [key for key, _ in self.list_objects(prefix)]
 
     def list_dirs(self, prefix: str) -> list[str]:
         """The names one level below ``prefix`` (which ends with ``/``)."""
         out: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.name, Prefix=prefix, Delimiter="/"
-        ):
-            out.extend(
-                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
-            )
+        with _translated(prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=prefix, Delimiter="/"
+            ):
+                out.extend(
+                    p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+                )
         return out
 
     def has_objects(self, prefix: str) -> bool:
         """Whether any object lies under ``prefix`` (some stores list emptied folders)."""
-        page = self.client.list_objects_v2(Bucket=self.name, Prefix=prefix, MaxKeys=1)
+        with _translated(prefix):
+            page = self.client.list_objects_v2(Bucket=self.name, Prefix=prefix, MaxKeys=1)
         return bool(page.get("Contents"))
 
     def delete_keys(self, keys: Iterable[str]) -> None:
         batch = list(keys)
         for start in range(0, len(batch), 1000):
-            self.client.delete_objects(
-                Bucket=self.name,
-                Delete={
-                    "Objects": [{"Key": k} for k in batch[start : start + 1000]],
-                    "Quiet": True,
-                },
-            )
+            with _translated(batch[start]):
+                self.client.delete_objects(
+                    Bucket=self.name,
+                    Delete={
+                        "Objects": [{"Key": k} for k in batch[start : start + 1000]],
+                        "Quiet": True,
+                    },
+                )
 
     def copy(self, source: str, target: str) -> None:
-        self.client.copy({"Bucket": self.name, "Key": source}, self.name, target)
+        with _translated(source):
+            self.client.copy({"Bucket": self.name, "Key": source}, self.name, target)
 
-    def abort_multipart(self, prefix: str) -> None:
-        """Abort the unfinished multipart uploads under ``prefix`` (a crashed receive)."""
-        listing = self.client.list_multipart_uploads(Bucket=self.name, Prefix=prefix)
-        for upload in listing.get("Uploads", []):
-            try:
-                self.client.abort_multipart_upload(
-                    Bucket=self.name, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
-            except self.client.exceptions.ClientError as exc:
-                if not _missing(exc):
-                    raise
+    def abort_multipart(self, prefix: str, older_than: float = 0.0) -> None:
+        """Abort the unfinished multipart uploads under ``prefix`` begun more than
+        ``older_than`` seconds ago (receives cut short by a crash; a younger one may still be
+        streaming on another server during a failover)."""
+        now = time.time()
+        with _translated(prefix):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.name, Prefix=prefix
+            ):
+                for upload in page.get("Uploads", []):
+                    if now - upload["Initiated"].timestamp() < older_than:
+                        continue
+                    with suppress(FileNotFoundError), _translated(upload["Key"]):
+                        self.client.abort_multipart_upload(
+                            Bucket=self.name, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
 
     def download(self, key: str, path: Path, max_bytes: int) -> tuple[int, str]:
-        """Copy an object to a local file, hashing it; at most ``max_bytes + 1`` are read."""
-        try:
-            obj = self.client.get_object(Bucket=self.name, Key=key)
-        except self.client.exceptions.ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(key) from None
-            raise
+        """Copy an object to a local file, hashing it; refused unless it has at most
+        ``max_bytes`` (checked before a byte is read)."""
         digest, size = hashlib.sha256(), 0
-        body = obj["Body"]
-        try:
-            with path.open("wb") as out:
-                while size <= max_bytes and (block := body.read(_DOWNLOAD_BLOCK)):
-                    out.write(block)
-                    digest.update(block)
-                    size += len(block)
-        finally:
-            body.close()
+        with _translated(key):
+            obj = self.client.get_object(Bucket=self.name, Key=key)
+            body = obj["Body"]
+            try:
+                if obj["ContentLength"] > max_bytes:
+                    return obj["ContentLength"], "(not read: larger than recorded)"
+                with disk_full_guard("reading from the bucket"), path.open("wb") as out:
+                    while size <= max_bytes and (block := body.read(_DOWNLOAD_BLOCK)):
+                        out.write(block)
+                        digest.update(block)
+                        size += len(block)
+            finally:
+                body.close()
         return size, digest.hexdigest()
 
     @contextmanager
@@ -236,7 +291,8 @@ class S3UploadSink:
     def write(self, chunk: bytes | memoryview) -> None:
         if self._file is None:
             raise ValueError("upload sink is closed")
-        self._file.write(chunk)
+        with disk_full_guard("receiving an upload"):
+            self._file.write(chunk)
         self._received += len(chunk)
         while self._received - self._sent >= self.PART_BYTES:
             self._send_part(self.PART_BYTES)
@@ -245,13 +301,16 @@ class S3UploadSink:
         assert self._file is not None
         self._file.flush()
         client, name = self._bucket.client, self._bucket.name
-        if self._upload_id is None:
-            self._upload_id = client.create_multipart_upload(Bucket=name, Key=self.key)["UploadId"]
         data = os.pread(self._file.fileno(), size, self._sent)
         number = len(self._parts) + 1
-        part = client.upload_part(
-            Bucket=name, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=data
-        )
+        with _translated(self.key):
+            if self._upload_id is None:
+                self._upload_id = client.create_multipart_upload(Bucket=name, Key=self.key)[
+                    "UploadId"
+                ]
+            part = client.upload_part(
+                Bucket=name, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=data
+            )
         self._parts.append({"ETag": part["ETag"], "PartNumber": number})
         self._sent += size
 
@@ -270,16 +329,17 @@ class S3UploadSink:
         if self._upload_id is None:
             self._file.flush()
             self._file.seek(0)
-            client.put_object(Bucket=name, Key=self.key, Body=self._file.read())
+            self._bucket.put(self.key, self._file.read())
         else:
             if self._received > self._sent:
                 self._send_part(self._received - self._sent)
-            client.complete_multipart_upload(
-                Bucket=name,
-                Key=self.key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
-            )
+            with _translated(self.key):
+                client.complete_multipart_upload(
+                    Bucket=name,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
+                )
         self._committed = True
         self._close_spool()
 
@@ -294,10 +354,14 @@ class S3UploadSink:
         if self._upload_id is not None and not self._committed:
             upload_id, self._upload_id = self._upload_id, None
             try:
-                self._bucket.client.abort_multipart_upload(
-                    Bucket=self._bucket.name, Key=self.key, UploadId=upload_id
-                )
-            except Exception as exc:  # best effort: resume aborts what is left over
+                with _translated(self.key):
+                    self._bucket.client.abort_multipart_upload(
+                        Bucket=self._bucket.name, Key=self.key, UploadId=upload_id
+                    )
+            except (
+                OSError,
+                PreconditionFailedError,
+            ) as exc:  # best effort: resume aborts what is left over
                 log.warning("could not abort the multipart upload of %s: %s", self.key, exc)
 
 
@@ -310,7 +374,10 @@ class S3FederationStore:
         self.base = bucket.key("federations", federation_id)
         # Views are disposable: kept on the local scratch disk, never in the bucket.
         self._local = FileFederationStore(bucket.scratch / "views" / federation_id)
+        # Filled by commits (the intake's threads) and resume, emptied by prune (the
+        # aggregation pool): guarded.
         self._payload_keys: dict[tuple[int, str], str] = {}
+        self._payload_lock = threading.Lock()
 
     def _key(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -319,6 +386,7 @@ class S3FederationStore:
     def create(self, config: Mapping[str, Any]) -> None:
         if not self.bucket.exists(self._key("federation.json")):
             # What an interrupted deletion left behind must not become the new federation's.
+            self.bucket.abort_multipart(self.base + "/")
             self.bucket.delete_keys(self.bucket.list_keys(self.base + "/"))
         self.bucket.put_json(self._key("federation.json"), dict(config))
 
@@ -390,7 +458,8 @@ class S3FederationStore:
         except BaseException:  # not committed: the record is the commit point
             self.bucket.delete_keys([sink.key])
             raise
-        self._payload_keys[(record.round, record.client_id)] = sink.key
+        with self._payload_lock:
+            self._payload_keys[(record.round, record.client_id)] = sink.key
 
     def _read_commit(self, key: str, round_: int) -> tuple[UploadRecord, str]:
         raw = self.bucket.get_json(key)
@@ -411,8 +480,11 @@ class S3FederationStore:
 
     def load_uploads(self, round_: int, report: ResumeReport) -> dict[str, UploadRecord]:
         prefix = self._uploads(round_)
-        self.bucket.abort_multipart(prefix)  # receives cut short by a crash
-        keys = set(self.bucket.list_keys(prefix))
+        # Receives cut short by a crash. Only old ones: during a failover the server being
+        # replaced may still be finishing one (docs/design.md §5.1).
+        self.bucket.abort_multipart(prefix, older_than=ORPHAN_GRACE_SECONDS)
+        ages = dict(self.bucket.list_objects(prefix))
+        keys = set(ages)
         out: dict[str, UploadRecord] = {}
         referenced: set[str] = set()
         for key in sorted(k for k in keys if k.endswith(".json")):
@@ -426,13 +498,20 @@ class S3FederationStore:
             referenced.add(payload)
             if payload in keys:
                 out[record.client_id] = record
-                self._payload_keys[(round_, record.client_id)] = payload
-        # Payloads whose record was never written were never acknowledged.
-        self.bucket.delete_keys(k for k in keys if not k.endswith(".json") and k not in referenced)
+                with self._payload_lock:
+                    self._payload_keys[(round_, record.client_id)] = payload
+        # Payloads whose record was never written were never acknowledged (old ones only, as
+        # above; the prune of the round removes the rest).
+        self.bucket.delete_keys(
+            k
+            for k in keys
+            if not k.endswith(".json") and k not in referenced and ages[k] > ORPHAN_GRACE_SECONDS
+        )
         return out
 
     def _payload_key(self, record: UploadRecord) -> str:
-        key = self._payload_keys.get((record.round, record.client_id))
+        with self._payload_lock:
+            key = self._payload_keys.get((record.round, record.client_id))
         if key is None:
             commit = self._uploads(record.round) + f"{record.client_id}.json"
             try:
@@ -450,6 +529,8 @@ class S3FederationStore:
             key = self._payload_key(record)
         except FileNotFoundError:
             raise CorruptDataError(what, "upload record is missing") from None
+        if record.size > max_upload_bytes(schema, record.rank):
+            raise CorruptDataError(what, f"record claims {record.size} bytes, over the bound")
         with self.bucket.spool("read") as path:
             try:
                 size, digest = self.bucket.download(key, path, record.size)
@@ -470,7 +551,8 @@ class S3FederationStore:
         with suppress(FileNotFoundError, CorruptDataError):
             moves.append((self._payload_key(record), ".safetensors"))
         self._move_to_quarantine(record.round, record.client_id, moves, reason)
-        self._payload_keys.pop((record.round, record.client_id), None)
+        with self._payload_lock:
+            self._payload_keys.pop((record.round, record.client_id), None)
 
     def _move_to_quarantine(
         self, round_: int, name: str, moves: list[tuple[str, str]], reason: str
@@ -480,17 +562,10 @@ class S3FederationStore:
         folder = self._key("quarantine", _round_name(round_))
         stamp = uuid.uuid4().hex[:8]
         for key, suffix in moves:
-            try:
+            with suppress(FileNotFoundError):
                 self.bucket.copy(key, f"{folder}/{name}.{stamp}{suffix}")
-            except self.bucket.client.exceptions.ClientError as exc:
-                if not _missing(exc):
-                    raise
             self.bucket.delete_keys([key])
-        self.bucket.client.put_object(
-            Bucket=self.bucket.name,
-            Key=f"{folder}/{name}.{stamp}.reason.txt",
-            Body=(reason + "\n").encode(),
-        )
+        self.bucket.put(f"{folder}/{name}.{stamp}.reason.txt", (reason + "\n").encode())
 
     # -- published rounds ------------------------------------------------------------------
     def _round(self, round_: int) -> str:
@@ -502,23 +577,33 @@ class S3FederationStore:
         return f"{self._round(round_)}state-{sha256}.safetensors"
 
     def latest_round(self, report: ResumeReport) -> int:
+        """Newest first. A BucketError (timeout, 5xx) propagates: an unreachable round is not
+        a damaged one, and resume fails loudly rather than roll a federation back."""
         for t in sorted(self._round_numbers(), reverse=True):
-            manifest = self._round(t) + "manifest.json"
             try:
                 self.read_manifest(t)
-            except FileNotFoundError:  # a publication cut short before its commit point
-                self.bucket.delete_keys(self.bucket.list_keys(self._round(t)))
+            except FileNotFoundError:
+                # A publication cut short before its commit point, or one a server being
+                # replaced is about to commit: not a round; prune removes it once old.
                 continue
-            except (OSError, ManifestError, ValueError, TypeError, KeyError) as exc:
+            except BucketError:
+                raise
+            except (ManifestError, ValueError, TypeError, KeyError) as exc:
                 report.problems.append(f"round {t} is incomplete ({exc}); set aside")
-                aside = self._key("rounds", f".damaged-{_round_name(t)}-{uuid.uuid4().hex}")
-                for key in self.bucket.list_keys(self._round(t)):
-                    self.bucket.copy(key, aside + key[len(self._round(t)) - 1 :])
-                self.bucket.delete_keys([manifest])  # the commit point first
-                self.bucket.delete_keys(self.bucket.list_keys(self._round(t)))
+                self._set_aside(t)
                 continue
             return t
         return 0
+
+    def _set_aside(self, round_: int) -> None:
+        """Move a round whose manifest does not parse to ``rounds/.damaged-<t>-<uuid>/``."""
+        prefix = self._round(round_)
+        aside = self._key("rounds", f".damaged-{_round_name(round_)}-{uuid.uuid4().hex}")
+        keys = self.bucket.list_keys(prefix)
+        for key in keys:
+            self.bucket.copy(key, f"{aside}/{key[len(prefix) :]}")
+        self.bucket.delete_keys([prefix + "manifest.json"])  # the commit point first
+        self.bucket.delete_keys(keys)
 
     def _round_numbers(self) -> list[int]:
         base = self._key("rounds") + "/"
@@ -533,12 +618,11 @@ class S3FederationStore:
     ) -> RoundManifest:
         with self.bucket.spool("state") as path:
             tensors = state_tensors(state)
-            size, digest = write_safetensors(
-                path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors], iter(tensors)
-            )
-            self.bucket.client.upload_file(
-                str(path), self.bucket.name, self._state_key(state.round, digest)
-            )
+            with disk_full_guard(f"publishing round {state.round}"):
+                size, digest = write_safetensors(
+                    path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors], iter(tensors)
+                )
+            self.bucket.upload_file(path, self._state_key(state.round, digest))
         complete = replace(manifest, state_sha256=digest, state_bytes=size)
         if before_commit is not None:
             before_commit()
@@ -546,20 +630,23 @@ class S3FederationStore:
         for _ in range(2):
             try:
                 self.bucket.put_json(key, complete.to_json(), create_only=True)
-            except self.bucket.client.exceptions.ClientError as exc:
-                if not _precondition_failed(exc):
-                    raise
+            except PreconditionFailedError:
+                pass
             else:
                 return complete
-            try:  # published before (a retry after a crash): keep the first publication
+            try:  # published before (a retry, a failover overlap): the first publication wins
                 existing = self.read_manifest(state.round)
-            except (OSError, ManifestError, ValueError, TypeError, KeyError):
-                self.bucket.delete_keys([key])  # damaged: replace it
+            except FileNotFoundError:  # deleted meanwhile (retention): try again
                 continue
-            if existing.state_sha256 != digest:
+            except (ManifestError, ValueError, TypeError, KeyError):
+                self._set_aside(state.round)  # damaged: set aside, then replace it
+                continue
+            if existing.state_sha256 != digest and self.bucket.exists(
+                self._state_key(state.round, existing.state_sha256)
+            ):
                 self.bucket.delete_keys([self._state_key(state.round, digest)])
             return existing
-        raise RuntimeError(f"round {state.round}: its manifest could not be written")
+        raise BucketError(f"round {state.round}: its manifest could not be written")
 
     def published_rounds(self) -> list[int]:
         return sorted(self._round_numbers())
@@ -584,14 +671,16 @@ class S3FederationStore:
         try:
             manifest = self.read_manifest(round_)
             key = self._state_key(round_, manifest.state_sha256)
-        except FileNotFoundError:
+        except (FileNotFoundError, BucketError):
             raise
-        except (OSError, ManifestError, ValueError, TypeError, KeyError) as exc:
+        except (ManifestError, ValueError, TypeError, KeyError) as exc:
             raise CorruptDataError(what, f"manifest unreadable: {exc}") from None
         with self.bucket.spool("state") as path:
             try:
                 size, digest = self.bucket.download(key, path, manifest.state_bytes)
             except FileNotFoundError:
+                if not self.bucket.exists(self._round(round_) + "manifest.json"):
+                    raise  # deleted by retention meanwhile: gone, not damaged
                 raise CorruptDataError(what, "state object is missing") from None
             if size != manifest.state_bytes or digest != manifest.state_sha256:
                 raise CorruptDataError(what, "state does not match the digest in its manifest")
@@ -623,12 +712,28 @@ class S3FederationStore:
         self._local.delete_view(view)
 
     def prune(self, keep_round: int) -> None:
+        """Uploads of rounds before ``keep_round``; multipart uploads and manifest-less rounds
+        only once older than ORPHAN_GRACE_SECONDS (a receive of the round just closed may still
+        be streaming: a client retrying an acknowledged upload gets its duplicate ack)."""
         base = self._key("uploads") + "/"
         for name in self.bucket.list_dirs(base):
             if name.isdigit() and int(name) < keep_round:
-                self.bucket.abort_multipart(f"{base}{name}/")
                 self.bucket.delete_keys(self.bucket.list_keys(f"{base}{name}/"))
-        self._payload_keys = {k: v for k, v in self._payload_keys.items() if k[0] >= keep_round}
+        self.bucket.abort_multipart(base, older_than=ORPHAN_GRACE_SECONDS)
+        rounds = self._key("rounds") + "/"
+        by_round: dict[str, list[tuple[str, float]]] = {}
+        for key, age in self.bucket.list_objects(rounds):
+            by_round.setdefault(key[len(rounds) :].split("/", 1)[0], []).append((key, age))
+        for name, objects in by_round.items():
+            if not name.isdigit() or int(name) >= keep_round:
+                continue
+            keys = [k for k, _ in objects]
+            if f"{rounds}{name}/manifest.json" not in keys and all(
+                age > ORPHAN_GRACE_SECONDS for _, age in objects
+            ):
+                self.bucket.delete_keys(keys)
+        with self._payload_lock:
+            self._payload_keys = {k: v for k, v in self._payload_keys.items() if k[0] >= keep_round}
         self._local.prune(keep_round)
 
 
@@ -647,7 +752,8 @@ class S3Storage:
                 folder
             ):
                 log.info("removing %s, a federation whose deletion was interrupted", name)
-                self.bucket.delete_keys(self.bucket.list_keys(f"{self._federations}{name}/"))
+                self.bucket.delete_keys(self.bucket.list_keys(folder))
+                self.bucket.abort_multipart(folder)
 
     def federation(self, federation_id: str) -> S3FederationStore:
         return S3FederationStore(self.bucket, federation_id)
@@ -677,6 +783,7 @@ class S3Storage:
                 self.bucket.copy(key, f"{archive_dir}{name}/{key[len(source) :]}")
         self.bucket.delete_keys([config])  # the commit point: no longer resumed
         self.bucket.delete_keys(k for k in keys if k != config)
+        self.bucket.abort_multipart(source)
         self._drop_local(federation_id)
         return name
 
