@@ -48,8 +48,8 @@ from .store import (
     StoredView,
     TensorSpec,
     UploadSink,
-    read_state,
     state_tensors,
+    verified_state,
 )
 from .tensorio import (
     TensorReader,
@@ -682,17 +682,7 @@ class S3FederationStore:
                 if not self.bucket.exists(self._round(round_) + "manifest.json"):
                     raise  # deleted by retention meanwhile: gone, not damaged
                 raise CorruptDataError(what, "state object is missing") from None
-            if size != manifest.state_bytes or digest != manifest.state_sha256:
-                raise CorruptDataError(what, "state does not match the digest in its manifest")
-            try:
-                with open_file(path) as reader:
-                    modules = read_state(reader, schema)
-            except (ValueError, KeyError) as exc:
-                raise CorruptDataError(what, f"state unreadable: {exc}") from None
-        state = GlobalState(
-            round=round_, modules=modules, participant_ranks=manifest.participant_ranks
-        )
-        return state, manifest
+            return verified_state(path, size, digest, manifest, schema), manifest
 
     # -- views (local scratch) -------------------------------------------------------------
     def write_view(

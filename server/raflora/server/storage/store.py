@@ -544,17 +544,7 @@ class FileFederationStore:
             size, digest = file_digest(path)
         except FileNotFoundError:
             raise CorruptDataError(what, "state file is missing") from None
-        if size != manifest.state_bytes or digest != manifest.state_sha256:
-            raise CorruptDataError(what, "state file does not match the digest in its manifest")
-        try:
-            with open_file(path) as reader:
-                modules = read_state(reader, schema)
-        except (ValueError, KeyError) as exc:
-            raise CorruptDataError(what, f"state file unreadable: {exc}") from None
-        state = GlobalState(
-            round=round_, modules=modules, participant_ranks=manifest.participant_ranks
-        )
-        return state, manifest
+        return verified_state(path, size, digest, manifest, schema), manifest
 
     # -- views -----------------------------------------------------------------------------
     def write_view(
@@ -612,6 +602,22 @@ def state_tensors(state: GlobalState) -> list[tuple[str, Tensor]]:
         for key, tensor in parts.items():
             out.append((f"{name}::{key}", tensor.detach().to("cpu", torch.float32).contiguous()))
     return out
+
+
+def verified_state(
+    path: Path, size: int, digest: str, manifest: RoundManifest, schema: AdapterSchema
+) -> GlobalState:
+    """The published state in ``path`` (of ``size`` bytes hashing to ``digest``), once they
+    match its manifest; CorruptDataError otherwise. Every store's load_published ends here."""
+    what = f"published round {manifest.round}"
+    if size != manifest.state_bytes or digest != manifest.state_sha256:
+        raise CorruptDataError(what, "state does not match the digest in its manifest")
+    try:
+        with open_file(path) as reader:
+            modules = read_state(reader, schema)
+    except (ValueError, KeyError) as exc:
+        raise CorruptDataError(what, f"state unreadable: {exc}") from None
+    return GlobalState(manifest.round, modules, manifest.participant_ranks)
 
 
 def read_state(reader: TensorReader, schema: AdapterSchema) -> dict[str, ModuleState]:
