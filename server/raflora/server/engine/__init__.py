@@ -23,7 +23,15 @@ from .errors import (
 from .initialization import orthogonal_fresh_rows, shared_init_rows
 from .lowrank import SvdMethod, choose_method, dense_svd, factored_svd, truncated_svd_of_sum
 from .privacy import PrivacyOutcome, PrivacyPolicy, PrivateRound
-from .strategies import STRATEGIES, Strategy, StrategyConfig, make_strategy
+from .strategies import (
+    STRATEGIES,
+    ModuleJob,
+    ModuleMap,
+    Strategy,
+    StrategyConfig,
+    make_strategy,
+    run_here,
+)
 from .types import (
     AdapterSchema,
     ClientAdapter,
@@ -54,6 +62,8 @@ __all__ = [
     "InvalidUpdateError",
     "LowRank",
     "MissingModuleError",
+    "ModuleJob",
+    "ModuleMap",
     "ModuleShape",
     "ModuleState",
     "NonFiniteError",
@@ -82,6 +92,7 @@ __all__ = [
     "orthogonal_fresh_rows",
     "partition_holders",
     "rank_partitions",
+    "run_here",
     "shared_init_rows",
     "spectrum_energy",
     "split_lowrank",

@@ -15,6 +15,11 @@ class AggregationError(ValueError):
         self.field = field
         self.detail = message
 
+    def __reduce__(self) -> tuple[type[AggregationError], tuple[str, str]]:
+        # Pickled whole, so that a refusal raised in another process (a Ray worker) arrives
+        # as the same typed error with its field.
+        return type(self), (self.field, self.detail)
+
 
 class ShapeMismatchError(AggregationError):
     """A factor's shape does not match the schema or the declared rank."""

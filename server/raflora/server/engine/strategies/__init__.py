@@ -1,6 +1,14 @@
 """Aggregation strategies behind one interface, selected by name."""
 
-from .base import PreparedRound, Strategy, StrategyConfig, resolve_device
+from .base import (
+    ModuleJob,
+    ModuleMap,
+    PreparedRound,
+    Strategy,
+    StrategyConfig,
+    resolve_device,
+    run_here,
+)
 from .factor_level import RBLA, FedIT, HetLoRA
 from .registry import STRATEGIES, make_strategy
 from .spectral import FlexLoRA, HolderAwareRaFLoRA, RaFLoRA, SpectralStrategy
@@ -14,6 +22,8 @@ __all__ = [
     "FlexLoRA",
     "HetLoRA",
     "HolderAwareRaFLoRA",
+    "ModuleJob",
+    "ModuleMap",
     "PreparedRound",
     "RaFLoRA",
     "SpectralStrategy",
@@ -21,4 +31,5 @@ __all__ = [
     "StrategyConfig",
     "make_strategy",
     "resolve_device",
+    "run_here",
 ]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..distribution import FactorSplit
-from ..errors import ConfigError, EmptyRoundError
+from ..errors import AggregationError, ConfigError, EmptyRoundError
 from ..initialization import shared_init_rows
 from ..lowrank import SvdMethod
 from ..privacy import PrivacyPolicy, PrivateRound
@@ -82,6 +82,32 @@ class PreparedRound:
     robust: RobustOutcome | None = None  # what the federation's defences did, if any
 
 
+@dataclass(frozen=True)
+class ModuleJob:
+    """One module's aggregation holding only what it reads: the module's previous state and
+    the round with that module's factors alone, so it can run in another process as it is.
+
+    Each module's aggregation is independent of every other's (docs/design.md §5.2), so a
+    round is the same whether its jobs run here one by one or anywhere in any order.
+    """
+
+    strategy: Strategy
+    name: str
+    state: GlobalState
+    round: PreparedRound
+
+    def run(self) -> Any:
+        return self.strategy._aggregate_module(self.name, self.state, self.round)
+
+
+#: Runs a round's module jobs and returns their results in order (in-process: one by one).
+ModuleMap = Callable[[Sequence[ModuleJob]], Sequence[Any]]
+
+
+def run_here(jobs: Sequence[ModuleJob]) -> list[Any]:
+    return [job.run() for job in jobs]
+
+
 class Strategy(ABC):
     """Give the global adapter to a client; turn a round's uploads into the next state."""
 
@@ -145,18 +171,30 @@ class Strategy(ABC):
         state: GlobalState,
         updates: Sequence[ClientUpdate],
         private: PrivateRound | None = None,
+        map_modules: ModuleMap | None = None,
     ) -> GlobalState:
         """Validate the round's uploads, then combine them into the next global state.
 
         A private federation's round needs ``private`` (its fixed denominator and secret noise
-        seed); other federations ignore it.
+        seed); other federations ignore it. ``map_modules`` runs the per-module work (on a Ray
+        cluster, say); a private round's noise is drawn from one stream across modules, so it
+        always runs here.
         """
         prepared = self.prepare(updates)
         if self.config.privacy.active:
             if private is None:
                 raise ConfigError("privacy", "a private federation's round needs a PrivateRound")
             return self._aggregate_private(state, prepared, private)
-        modules = {name: self._aggregate_module(name, state, prepared) for name in self.schema}
+        if map_modules is None:
+            modules = {name: self._aggregate_module(name, state, prepared) for name in self.schema}
+        else:
+            jobs = self.module_jobs(state, prepared)
+            results = list(map_modules(jobs))
+            if len(results) != len(jobs):
+                raise AggregationError(
+                    "map_modules", f"returned {len(results)} results for {len(jobs)} modules"
+                )
+            modules = {job.name: result for job, result in zip(jobs, results, strict=True)}
         robust = prepared.robust
         return GlobalState(
             round=state.round + 1,
@@ -175,6 +213,22 @@ class Strategy(ABC):
     @abstractmethod
     def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> Any:
         """One module's next state from a prepared round."""
+
+    def module_jobs(self, state: GlobalState, round_: PreparedRound) -> list[ModuleJob]:
+        """The round cut into one self-contained job per module (see :class:`ModuleJob`)."""
+        jobs = []
+        for name in self.schema:
+            only = GlobalState(
+                round=state.round,
+                modules={name: state.modules[name]},
+                participant_ranks=state.participant_ranks,
+            )
+            updates = [
+                ClientUpdate(u.client_id, u.rank, u.num_examples, u.scale, {name: u.factors[name]})
+                for u in round_.updates
+            ]
+            jobs.append(ModuleJob(self, name, only, replace(round_, updates=updates)))
+        return jobs
 
     # -- shared plumbing -------------------------------------------------------------------
     @property
