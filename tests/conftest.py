@@ -20,6 +20,7 @@ from raflora.server.engine import (
     lora_scaling,
 )
 from raflora.server.storage.s3 import S3Storage, connect
+from raflora.server.testing_ray import RayCluster, ray_binary, ray_cluster
 from raflora.server.testing_s3 import SeaweedFS, create_bucket, seaweedfs, weed_binary
 
 SHAPES = {"layers.0.q_proj": (24, 18), "layers.0.v_proj": (14, 30)}
@@ -119,3 +120,32 @@ def s3_storage(s3_env: dict[str, str], tmp_path: Path) -> S3Storage:
         scratch=tmp_path / "scratch",
         endpoint_url=s3_env["RAFLORA_S3_ENDPOINT_URL"],
     )
+
+
+# -- a real Ray cluster (one head node, 2 CPUs), one per test session ------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayCluster]:
+    """``ray start --head`` on loopback for the whole session (a few seconds), joined by this
+    process: the in-process servers of the tests use it. CI must have Ray (the dev extra);
+    elsewhere its absence skips the Ray tests."""
+    if ray_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("ray is not installed: the Ray aggregation tests cannot run")
+        pytest.skip("ray is not installed")
+    import logging
+
+    import ray
+
+    with ray_cluster(cpus=2) as cluster:
+        ray.init(
+            address=cluster.gcs_address,
+            namespace="raflora",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()

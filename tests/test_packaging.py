@@ -196,7 +196,7 @@ def closure(reqs: dict[str, Requirement]) -> set[str]:
         ("proto", (), set()),
         # testing*.py are the test harness (cryptography for make_pki, boto3 for SeaweedFS:
         # dev dependencies).
-        ("server", ("server", "s3"), {"testing.py", "testing_s3.py"}),
+        ("server", ("server", "s3", "ray"), {"testing.py", "testing_s3.py"}),
     ],
 )
 def test_imports_are_covered_by_the_declared_dependencies(
@@ -217,7 +217,7 @@ def test_imports_are_covered_by_the_declared_dependencies(
 
 
 def test_container_constraints_pin_the_servers_dependencies() -> None:
-    """deploy/docker/constraints.txt pins every direct dependency of raflora[server,s3] but
+    """deploy/docker/constraints.txt pins every direct dependency of raflora[server,s3,ray] but
     torch (the Dockerfile's TORCH_VERSION), exactly and within pyproject.toml's ranges."""
     table = project()
     extras = table["optional-dependencies"]
@@ -225,6 +225,7 @@ def test_container_constraints_pin_the_servers_dependencies() -> None:
         requirements(table["dependencies"])
         | requirements(extras["server"])
         | requirements(extras["s3"])
+        | requirements(extras["ray"])
     )
     pins = {}
     for line in CONSTRAINTS.read_text().splitlines():
@@ -241,7 +242,7 @@ def test_container_constraints_pin_the_servers_dependencies() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name])
     assert "torch" not in pins
     dockerfile = (ROOT / "deploy/docker/Dockerfile").read_text()
-    assert "-c constraints.txt" in dockerfile and '".[server,s3]"' in dockerfile
+    assert "-c constraints.txt" in dockerfile and '".[server,s3,ray]"' in dockerfile
 
 
 # -- Python 3.10 ---------------------------------------------------------------------------------

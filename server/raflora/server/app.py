@@ -30,6 +30,7 @@ from raflora.v1 import aggregation_pb2 as pb
 from .api import AdminService, AggregationService, Limits, ServiceInterceptor, add_services
 from .api.admission import Admission, AdmissionLimits
 from .auth import Authority, load_or_create_key
+from .cluster.ray_modules import RayModuleMap, RayUnavailableError
 from .config import FederationConfig
 from .errors import ServiceError
 from .metrics import Heartbeat, ServerMetrics
@@ -80,6 +81,24 @@ def open_storage(settings: ServerSettings) -> Storage:
         raise ConfigError(f"s3_bucket: cannot use {exc}") from None
 
 
+def open_module_map(settings: ServerSettings, metrics: ServerMetrics) -> RayModuleMap | None:
+    """The Ray cluster of ``ray_address``, joined and checked; None: aggregate in process."""
+    if settings.ray_address is None:
+        return None
+    module_map = RayModuleMap(
+        settings.ray_address,
+        task_timeout_seconds=settings.ray_task_timeout_seconds,
+        on_tasks=metrics.ray_tasks.inc,
+        on_fallback=lambda _reason: metrics.ray_fallbacks.inc(),
+    )
+    try:
+        summary = module_map.connect()
+    except RayUnavailableError as exc:
+        raise ConfigError(f"ray_address: cannot use {exc}") from None
+    log.info("aggregating modules on the Ray cluster %s", summary)
+    return module_map
+
+
 class RafloraServer:
     """The aggregation service: gRPC API, health, reflection and /metrics."""
 
@@ -91,6 +110,7 @@ class RafloraServer:
         self.health_port = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.storage = open_storage(settings)
+        self.module_map = open_module_map(settings, self.metrics)
         self.hub = FederationHub(
             self.storage,
             self.metrics,
@@ -101,6 +121,7 @@ class RafloraServer:
                 aggregation_workers=settings.aggregation_workers,
                 aggregation_delay_seconds=settings.debug_aggregation_delay_seconds,
             ),
+            self.module_map,
         )
         admin_token = settings.resolved_admin_token()
         key = None
@@ -260,6 +281,8 @@ class RafloraServer:
         if self._server is not None:
             await self._server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.hub.close()
+        if self.module_map is not None:
+            self.module_map.close()
         self.metrics.close()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()

@@ -182,6 +182,16 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ray_tasks = Counter(
+            "raflora_ray_tasks",
+            "Module aggregations submitted to the Ray cluster (ray_address)",
+            registry=r,
+        )
+        self.ray_fallbacks = Counter(
+            "raflora_ray_fallbacks",
+            "Rounds aggregated in process because the Ray cluster (ray_address) failed them",
+            registry=r,
+        )
         self.aggregation_failures = Counter(
             "raflora_aggregation_failures",
             "Rounds whose aggregation failed",

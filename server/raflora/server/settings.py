@@ -194,6 +194,20 @@ class ServerSettings(BaseSettings):
         "to match) so that many federations do not queue behind a heavy one "
         "(raflora_aggregation_queue_seconds shows the wait)",
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="Aggregate each round's modules as tasks on this Ray cluster "
+        "(docs/operations.md): ray://HEAD:10001 (Ray Client, for a server outside the "
+        "cluster), HOST:6379 (a server on a cluster node) or local (a one-machine cluster "
+        "started by the server, for trials). Unset: in process. The workers must run this "
+        "raflora; private federations always aggregate in process",
+    )
+    ray_task_timeout_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="A round whose Ray tasks take longer is aggregated in process instead "
+        "(raflora_ray_fallbacks_total counts it)",
+    )
     fold_memory_mib: int = Field(
         default=0,
         ge=0,

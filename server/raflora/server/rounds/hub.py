@@ -8,7 +8,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from raflora.server.engine import lora_scaling
+from raflora.server.engine import ModuleMap, lora_scaling
 from raflora.v1.wire import ErrorReason
 
 from ..config import FederationConfig, echo_id
@@ -50,8 +50,10 @@ class FederationHub:
         metrics: ServerMetrics,
         device: str,
         limits: RuntimeLimits | None = None,
+        map_modules: ModuleMap | None = None,
     ) -> None:
         self.storage = storage
+        self.map_modules = map_modules  # None: in process; else e.g. on Ray (cluster/)
         self.metrics = metrics
         self.device = device
         self.limits = limits or RuntimeLimits()
@@ -72,6 +74,7 @@ class FederationHub:
             self.executor,
             self.device,
             self.limits,
+            map_modules=self.map_modules,
         )
 
     def resume_all(self) -> None:

@@ -23,6 +23,7 @@ from raflora.server.engine import (
     ClientUpdate,
     FactorPair,
     GlobalState,
+    ModuleMap,
     Strategy,
     Weighting,
     adapter_energy,
@@ -98,11 +99,13 @@ class RoundPublisher:
         strategy: Strategy,
         store: FederationStore,
         published: PublishedRounds | None = None,
+        map_modules: ModuleMap | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
         self.store = store
         self.published = published
+        self.map_modules = map_modules  # None: every module here, one by one
 
     def load(self, records: Sequence[UploadRecord]) -> tuple[list[ClientUpdate], list[Quarantined]]:
         """Read every upload back, checked against its digest; corrupt ones are set aside."""
@@ -190,7 +193,9 @@ class RoundPublisher:
             updates, quarantined = self.load(records)
             mechanism = privacy.mechanism if privacy is not None else None
             new_state, used, shares, culprits = self.aggregate(
-                updates, by_client, lambda some: self.strategy.aggregate(state, some, mechanism)
+                updates,
+                by_client,
+                lambda some: self.strategy.aggregate(state, some, mechanism, self.map_modules),
             )
             quarantined += culprits
             folded = False

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from raflora.server.engine import (
     GlobalState,
+    ModuleMap,
     RankEnergy,
     Strategy,
     make_strategy,
@@ -98,6 +99,7 @@ class FederationRuntime:
         device: str,
         limits: RuntimeLimits | None = None,
         fold_executor: Executor | None = None,
+        map_modules: ModuleMap | None = None,
     ) -> None:
         self.config = config
         self.id = config.federation_id
@@ -109,7 +111,7 @@ class FederationRuntime:
         self.schema = self.strategy.schema
         self.bounds = UpdateBounds(self.strategy.dtype, config.max_update_norm)
         self.published = PublishedRounds(self.id, self.strategy, store, metrics)
-        self.publisher = RoundPublisher(config, self.strategy, store, self.published)
+        self.publisher = RoundPublisher(config, self.strategy, store, self.published, map_modules)
         self.views = ViewCache(self.strategy, store, self.limits.max_views_per_round)
         self.events = EventBus(self.limits.watcher_capacity)
         self.lock = asyncio.Lock()

@@ -1,0 +1,174 @@
+"""Module-sharded aggregation on a Ray cluster (docs/design.md §5.2).
+
+Every module of a round is one Ray task: the server's aggregation thread validates the round,
+ships each task its module's slice (:meth:`Strategy.module_jobs`) and gathers the results in
+order. Ray re-runs a task whose worker died (``max_retries``). Anything else going wrong with
+the cluster (unreachable, too slow, a worker that cannot unpickle the job) makes that round
+run in process instead: an outage slows rounds down and never loses one, and only the
+in-process engine ever decides that an upload is at fault (and so is quarantined).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from raflora.server.engine import AggregationError, GlobalState, ModuleJob, Strategy, run_here
+from raflora.server.engine.strategies import PreparedRound
+
+log = logging.getLogger("raflora.server")
+
+#: ``ray_address`` meaning "start a Ray cluster inside this server" (one machine; trials).
+LOCAL = "local"
+
+
+class RayUnavailableError(RuntimeError):
+    """The Ray cluster named by ``ray_address`` cannot be used; the message says why."""
+
+
+def unreachable(address: str, timeout_seconds: float = 5.0) -> str | None:
+    """Why ``address`` (HOST:PORT or ray://HOST:PORT) takes no TCP connection, if it does not.
+
+    ray.init waits minutes on an address nobody listens at; this answers in seconds.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # "auto" and the like: Ray resolves them itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_seconds):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {target}: {exc}"
+
+
+def raflora_aggregate_module(
+    strategy: Strategy, name: str, state: GlobalState, round_: PreparedRound
+) -> Any:
+    """The task body (its name is the worker's process title while it runs: ray::raflora_…)."""
+    return ModuleJob(strategy, name, state, round_).run()
+
+
+def raflora_version() -> str:
+    """What a worker has installed: the cluster must run the server's own engine."""
+    return importlib.metadata.version("raflora")
+
+
+class RayModuleMap:
+    """A :data:`~raflora.server.engine.ModuleMap` that runs module jobs as Ray tasks."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        task_timeout_seconds: float = 900.0,
+        max_retries: int = 3,
+        cpus_per_task: float = 1.0,
+        on_tasks: Callable[[int], None] | None = None,
+        on_fallback: Callable[[str], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.task_timeout_seconds = task_timeout_seconds
+        self.max_retries = max_retries
+        self.cpus_per_task = cpus_per_task
+        self.on_tasks = on_tasks
+        self.on_fallback = on_fallback
+        self.tasks = 0  # submitted to the cluster
+        self.fallbacks = 0  # rounds run in process instead
+        self._started_here = False
+        self._task: Any = None
+        self._lock = threading.Lock()
+
+    def connect(self, timeout_seconds: float = 60.0) -> str:
+        """Join the cluster and check that its workers run this raflora; returns a summary."""
+        try:
+            import ray
+        except ImportError:
+            raise RayUnavailableError(
+                "the ray package is not installed (pip install 'raflora[ray]')"
+            ) from None
+        options: dict[str, Any] = {
+            "namespace": "raflora",
+            "logging_level": logging.WARNING,
+            "log_to_driver": False,
+        }
+        if not ray.is_initialized() and self.address != LOCAL:
+            problem = unreachable(self.address)
+            if problem is not None:
+                raise RayUnavailableError(f"{self.address}: {problem}")
+        try:
+            if not ray.is_initialized():
+                if self.address == LOCAL:
+                    ray.init(include_dashboard=False, **options)
+                else:
+                    ray.init(address=self.address, **options)
+                self._started_here = True
+            self._task = ray.remote(
+                num_cpus=self.cpus_per_task, max_retries=self.max_retries, retry_exceptions=False
+            )(raflora_aggregate_module)
+            probe = ray.remote(num_cpus=0)(raflora_version)
+            theirs = ray.get(probe.remote(), timeout=timeout_seconds)
+        except Exception as exc:
+            raise RayUnavailableError(f"{self.address}: {type(exc).__name__}: {exc}") from None
+        ours = raflora_version()
+        if theirs != ours:
+            raise RayUnavailableError(
+                f"{self.address}: its workers run raflora {theirs}, this server {ours}; run "
+                "the server's image on the cluster"
+            )
+        cpus = ray.cluster_resources().get("CPU", 0)  # type: ignore[no-untyped-call]
+        return f"{self.address} ({cpus:g} CPUs, raflora {ours})"
+
+    def close(self) -> None:
+        if self._started_here:
+            import ray
+
+            ray.shutdown()
+            self._started_here = False
+
+    def __call__(self, jobs: Sequence[ModuleJob]) -> list[Any]:
+        if not jobs:
+            return []
+        import ray
+        from ray.exceptions import GetTimeoutError, RayTaskError
+
+        refs: list[Any] = []
+        try:
+            strategies = {id(job.strategy): ray.put(job.strategy) for job in jobs}
+            refs = [
+                self._task.remote(strategies[id(job.strategy)], job.name, job.state, job.round)
+                for job in jobs
+            ]
+            with self._lock:
+                self.tasks += len(refs)
+            if self.on_tasks is not None:
+                self.on_tasks(len(refs))
+            return list(ray.get(refs, timeout=self.task_timeout_seconds))
+        except RayTaskError as exc:
+            cause = exc.as_instanceof_cause()  # type: ignore[no-untyped-call]
+            if isinstance(cause, AggregationError):
+                raise cause from None  # the engine refused the data: the same here or there
+            reason = f"a task failed: {type(exc.cause).__name__}: {exc.cause}"
+        except GetTimeoutError:
+            reason = f"the tasks took longer than {self.task_timeout_seconds:g} s"
+        except Exception as exc:  # the cluster itself: connection lost, workers gone, ...
+            reason = f"{type(exc).__name__}: {exc}"
+        for ref in refs:  # best effort: the round goes on in process anyway
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        with self._lock:
+            self.fallbacks += 1
+        log.warning(
+            "aggregation on Ray (%s) failed (%s); the round's %d modules run in process",
+            self.address,
+            reason,
+            len(jobs),
+        )
+        if self.on_fallback is not None:
+            self.on_fallback(reason)
+        return run_here(jobs)
