@@ -53,12 +53,13 @@ from .helpers.deploy import (
 
 DOCKERFILE = DEPLOY / "docker/Dockerfile"
 OPERATIONS = ROOT / "docs/operations.md"
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute", "RayCluster"}
 # Oldest and newest Kubernetes minor versions the manifests are validated against.
 K8S_VERSIONS = ("1.29", "1.37")
 # "edge": the cpu overlay with the gateway and ingress-nginx components; "object-store": the cpu
-# overlay in object-store mode (storage = s3) with its Secret filled.
-OVERLAYS = ("cpu", "gpu", "tls", "edge", "object-store")
+# overlay in object-store mode (storage = s3) with its Secret filled; "ray": the cpu overlay
+# aggregating on a KubeRay RayCluster.
+OVERLAYS = ("cpu", "gpu", "tls", "edge", "object-store", "ray")
 NAMESPACE = "raflora"
 
 
@@ -479,7 +480,9 @@ def test_services_and_disruption_budget_select_the_pod(
 
 def test_network_policy(rendered: tuple[dict[str, Any], ...]) -> None:
     """gRPC and health open, /metrics only from the monitoring namespace, nothing else in."""
-    policy = one(rendered, "NetworkPolicy")
+    (policy,) = (
+        d for d in rendered if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "raflora"
+    )
     spec = policy["spec"]
     pod_labels = one(rendered, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -495,6 +498,70 @@ def test_network_policy(rendered: tuple[dict[str, Any], ...]) -> None:
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
     assert set(opened) == container_ports
+
+
+def test_ray_cluster_runs_the_servers_image_and_takes_only_the_server(
+    workdir: Path, tmp_path: Path
+) -> None:
+    """overlays/ray: the RayCluster's pods validate strictly as Pods, run the server's image at
+    the pinned Ray version, and the server dials the head Service KubeRay creates; only the
+    server and the Ray pods may reach the Ray pods (a Ray cluster runs what drivers send)."""
+    docs = render("ray", workdir)
+    cluster = one(docs, "RayCluster", "raflora-ray")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "deploy/docker/constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    assert spec["rayVersion"] == pins["ray"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    assert set(spec) <= {
+        "rayVersion",
+        "enableInTreeAutoscaling",
+        "headGroupSpec",
+        "workerGroupSpecs",
+    }
+    server_image = container(docs)["image"]
+    pods = []
+    for group in groups:
+        template = group["template"]
+        (ray_container,) = template["spec"]["containers"]
+        assert ray_container["image"] == server_image
+        assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "raflora-ray"
+        assert set(group["rayStartParams"]) <= {
+            "num-cpus",
+            "include-dashboard",
+            "disable-usage-stats",
+        }
+        pods.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": ray_container["name"], **template["metadata"]},
+                "spec": template["spec"],
+            }
+        )
+    worker = spec["workerGroupSpecs"][0]
+    cpus = worker["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+    assert worker["rayStartParams"]["num-cpus"] == cpus  # one task per CPU it is given
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs none
+    assert validate(pods, tmp_path / "ray-pods.yaml") == "rc=0\n"
+    settings = settings_of(docs)
+    head_service = f"{cluster['metadata']['name']}-head-svc"
+    assert settings["RAFLORA_RAY_ADDRESS"] == f"ray://{head_service}:10001"
+    policy = next(
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "raflora-ray"
+    )
+    ray_labels = spec["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= ray_labels.items()
+    server_labels = one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    (rule,) = policy["spec"]["ingress"]
+    allowed = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespace, no IP
+    assert [a.items() <= server_labels.items() for a in allowed] == [True, False]
+    assert allowed[1].items() <= ray_labels.items()
 
 
 def test_gateway_and_ingress_route_grpc_to_the_service(workdir: Path) -> None:
