@@ -20,7 +20,7 @@ from raflora.server.engine import (
     lora_scaling,
 )
 from raflora.server.storage.s3 import S3Storage, connect
-from raflora.server.testing_ray import RayCluster, ray_binary, ray_cluster
+from raflora.server.testing_ray import RAY_ENV, RayCluster, ray_binary, ray_cluster
 from raflora.server.testing_s3 import SeaweedFS, create_bucket, seaweedfs, weed_binary
 
 SHAPES = {"layers.0.q_proj": (24, 18), "layers.0.v_proj": (14, 30)}
@@ -138,6 +138,8 @@ def ray_head() -> Iterator[RayCluster]:
 
     import ray
 
+    saved = {name: os.environ.get(name) for name in RAY_ENV}
+    os.environ.update(RAY_ENV)  # for this process's driver and the server processes it starts
     with ray_cluster(cpus=2) as cluster:
         ray.init(
             address=cluster.gcs_address,
@@ -149,3 +151,8 @@ def ray_head() -> Iterator[RayCluster]:
             yield cluster
         finally:
             ray.shutdown()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

@@ -34,7 +34,7 @@ from raflora.server.engine import (
     make_strategy,
 )
 from raflora.server.testing import ThreadedServer, scrape, start_server_process, threaded_server
-from raflora.server.testing_ray import RayCluster, running_tasks
+from raflora.server.testing_ray import RAY_ENV, RayCluster, running_tasks
 
 from .helpers.federations import every_client_spec
 
@@ -223,7 +223,7 @@ def test_a_worker_killed_mid_round_is_retried_and_the_round_is_right(
     server = start_server_process(
         tmp_path / "ray",
         tmp_path / "ray.log",
-        env={"RAFLORA_RAY_ADDRESS": ray_head.gcs_address},
+        env={**RAY_ENV, "RAFLORA_RAY_ADDRESS": ray_head.gcs_address},
         timeout=120,
     )
     watcher = threading.Thread(target=killer, daemon=True)
@@ -272,3 +272,23 @@ def test_a_server_that_cannot_reach_its_ray_cluster_says_so(tmp_path: Path) -> N
     log = (tmp_path / "server.log").read_text()
     assert f"ray_address: cannot use {address}: nothing answers at {address}" in log, log
     assert "Traceback" not in log
+
+
+def test_local_mode_starts_a_cluster_inside_the_server(tmp_path: Path) -> None:
+    """``ray_address = local``: the server starts a one-machine cluster of its own (for trying
+    the mode), aggregates on it, and takes it down when it stops."""
+    token = Path.home() / ".ray" / "auth_token"
+    before = token.stat().st_mtime_ns if token.exists() else None
+    env = {**RAY_ENV, "RAFLORA_RAY_ADDRESS": "local"}
+    server = start_server_process(tmp_path / "d", tmp_path / "local.log", env=env, timeout=120)
+    with ExitStack() as stack:
+        stack.callback(server.stop)
+        for client in run_round(server.target, "fed", MODULES, RANKS):
+            stack.callback(client.close)
+        assert counter(server.metrics_url, "raflora_ray_tasks_total") == len(MODULES)
+        assert counter(server.metrics_url, "raflora_ray_fallbacks_total") == 0
+    log = (tmp_path / "local.log").read_text()
+    assert "aggregating modules on the Ray cluster local" in log, log[-2000:]
+    assert not running_tasks()
+    after = token.stat().st_mtime_ns if token.exists() else None
+    assert after == before  # nothing written to $HOME/.ray

@@ -23,6 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Ray 2.60 turns token authentication on whenever ~/.ray/auth_token exists (a local
+#: ``ray.init()`` writes one), for the head but not for a driver that does not look: a test
+#: cluster and its drivers say explicitly that it is off, so nothing left in $HOME changes them.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
 #: The process title of a worker while it runs a module job (Ray titles workers ray::<task>).
 TASK_TITLE = "ray::raflora_aggregate_module"
 
@@ -81,7 +86,7 @@ def ray_cluster(
         "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **RAY_ENV}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
