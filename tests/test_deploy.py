@@ -693,6 +693,7 @@ def test_alert_rules_unit_tests_cover_every_alert() -> None:
         "RafloraRoundsStalled",
         "RafloraUploadErrorRatioHigh",
         "RafloraAggregationFailed",
+        "RafloraRayFallback",
         "RafloraServerDown",
     }
     cases = [

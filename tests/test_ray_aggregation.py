@@ -118,10 +118,13 @@ def test_the_engines_refusal_comes_back_as_it_is(ray_map: RayModuleMap) -> None:
     """FedIT refuses mixed ranks inside a module's job: the same RankError as in process (so
     the publisher's quarantine logic sees what it would in process), and no fallback."""
     strategy = make_strategy("fedit", StrategyConfig(schema=SCHEMA, max_rank=8))
-    with pytest.raises(RankError, match="one rank for all clients"):
-        strategy.aggregate(
-            strategy.initial_state(), uploads(SCHEMA, [2, 4], 3), map_modules=ray_map
-        )
+    mixed = uploads(SCHEMA, [2, 4], 3)
+    with pytest.raises(RankError) as here:
+        strategy.aggregate(strategy.initial_state(), mixed)
+    with pytest.raises(RankError) as there:
+        strategy.aggregate(strategy.initial_state(), mixed, map_modules=ray_map)
+    assert type(there.value) is RankError and there.value.field == "rank"
+    assert str(there.value) == str(here.value)  # no worker traceback, pid or path in it
     assert ray_map.fallbacks == 0 and ray_map.tasks == len(SCHEMA)
 
 
@@ -136,6 +139,11 @@ def test_a_cluster_too_slow_to_answer_costs_time_not_the_round(ray_head: RayClus
     want = strategy.aggregate(strategy.initial_state(), round1)
     assert relative_gap(got, want) == 0.0  # run here, in this process, as `want` was
     assert slow.fallbacks == 1 and "took longer than" in reasons[0], reasons
+    # Rested: the next round runs in process at once, without waiting on the cluster again.
+    tasks = slow.tasks
+    again = strategy.aggregate(strategy.initial_state(), round1, map_modules=slow)
+    assert relative_gap(again, want) == 0.0
+    assert slow.tasks == tasks and slow.fallbacks == 2 and "left alone" in reasons[1], reasons
 
 
 # -- through the real server -----------------------------------------------------------------
@@ -204,9 +212,11 @@ def test_a_federation_on_ray_publishes_the_in_process_round(
 def test_a_worker_killed_mid_round_is_retried_and_the_round_is_right(
     ray_head: RayCluster, tmp_path: Path
 ) -> None:
-    """A server process of its own joins the cluster (its real ray_address path); while the
-    round's tasks run, one worker is SIGKILLed. Ray re-runs the task: round 1 is published
-    once, equal to the in-process round, and no round fell back to in-process."""
+    """A server process of its own joins the cluster through Ray Client (ray://, the
+    Kubernetes layout); while the round's tasks run, one worker is SIGKILLed. Ray re-runs the
+    task: round 1 is published once, equal to the in-process round, and no round fell back
+    to in-process. (That the kill lands before the task's result is stored is likely, the
+    tasks take ~1 s, but not proven: the assertions hold either way.)"""
     heavy = {f"layers.{i}.q": (1536, 1536) for i in range(4)}
     ranks = (64, 32, 64, 16, 64, 64)
     killed: list[int] = []
@@ -214,7 +224,7 @@ def test_a_worker_killed_mid_round_is_retried_and_the_round_is_right(
 
     def killer() -> None:
         while not stop.is_set() and not killed:
-            for pid in running_tasks():
+            for pid in running_tasks(ray_head):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -223,7 +233,7 @@ def test_a_worker_killed_mid_round_is_retried_and_the_round_is_right(
     server = start_server_process(
         tmp_path / "ray",
         tmp_path / "ray.log",
-        env={**RAY_ENV, "RAFLORA_RAY_ADDRESS": ray_head.gcs_address},
+        env={**RAY_ENV, "RAFLORA_RAY_ADDRESS": ray_head.client_address},
         timeout=120,
     )
     watcher = threading.Thread(target=killer, daemon=True)
@@ -289,6 +299,18 @@ def test_local_mode_starts_a_cluster_inside_the_server(tmp_path: Path) -> None:
         assert counter(server.metrics_url, "raflora_ray_fallbacks_total") == 0
     log = (tmp_path / "local.log").read_text()
     assert "aggregating modules on the Ray cluster local" in log, log[-2000:]
-    assert not running_tasks()
+    assert not running_tasks()  # the server's own cluster went with it
     after = token.stat().st_mtime_ns if token.exists() else None
     assert after == before  # nothing written to $HOME/.ray
+
+
+def test_ray_needs_the_cpu_device(tmp_path: Path) -> None:
+    """Module tasks run on the workers' CPUs: a GPU server with ray_address is refused at
+    start with one line naming the setting, before any cluster is contacted."""
+    from raflora.server.app import open_module_map
+    from raflora.server.metrics import ServerMetrics
+    from raflora.server.settings import ConfigError, ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, device="cuda:0", ray_address="127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"^ray_address: .*set device=cpu"):
+        open_module_map(settings, ServerMetrics(0.9))

@@ -142,11 +142,13 @@ def _signal_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def running_tasks() -> list[int]:
-    """PIDs of this machine's Ray workers running a module job right now."""
+def running_tasks(cluster: RayCluster | None = None) -> list[int]:
+    """PIDs of Ray workers running a module job right now: ``cluster``'s (its workers share
+    the head's session), else any on this machine."""
     pids = []
+    mine = set(_session(cluster.pid)) if cluster is not None else None
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or (mine is not None and int(entry.name) not in mine):
             continue
         try:
             title = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]

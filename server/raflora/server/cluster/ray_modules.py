@@ -15,6 +15,7 @@ import importlib.metadata
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,6 +92,7 @@ class RayModuleMap:
         task_timeout_seconds: float = 900.0,
         max_retries: int = 3,
         cpus_per_task: float = 1.0,
+        retry_after_seconds: float = 60.0,
         on_tasks: Callable[[int], None] | None = None,
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
@@ -98,6 +100,7 @@ class RayModuleMap:
         self.task_timeout_seconds = task_timeout_seconds
         self.max_retries = max_retries
         self.cpus_per_task = cpus_per_task
+        self.retry_after_seconds = retry_after_seconds
         self.on_tasks = on_tasks
         self.on_fallback = on_fallback
         self.tasks = 0  # submitted to the cluster
@@ -105,6 +108,10 @@ class RayModuleMap:
         self._started_here = False
         self._task: Any = None
         self._lock = threading.Lock()
+        # After a failure the cluster is left alone until then (rounds run in process), so an
+        # outage costs each round nothing rather than a timeout; then it is joined afresh.
+        self._resting_until = 0.0
+        self._rejoin = False
 
     def connect(self, timeout_seconds: float = 60.0) -> str:
         """Join the cluster and check that its workers run this raflora; returns a summary."""
@@ -126,7 +133,8 @@ class RayModuleMap:
         try:
             if not ray.is_initialized():
                 if self.address == LOCAL:
-                    ray.init(include_dashboard=False, **options)
+                    # "local": a cluster of its own, never one RAY_ADDRESS or /tmp/ray names
+                    ray.init(address="local", include_dashboard=False, **options)
                 else:
                     ray.init(address=self.address, **options)
                 self._started_here = True
@@ -157,13 +165,44 @@ class RayModuleMap:
             ray.shutdown()
             self._started_here = False
 
+    def _available(self) -> tuple[str, bool] | None:
+        """None when the cluster may be used now; else why the round runs in process, and
+        whether that is a new failure (which starts another rest)."""
+        with self._lock:
+            resting = time.monotonic() < self._resting_until
+            rejoin, self._rejoin = (False, self._rejoin) if resting else (self._rejoin, False)
+        if resting:
+            return "the cluster failed a recent round and is left alone for a while", False
+        if rejoin and self._started_here:  # e.g. a Ray Client whose reconnect window ran out
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            self._started_here = False
+            try:
+                log.info("rejoined the Ray cluster %s", self.connect(timeout_seconds=30.0))
+            except RayUnavailableError as exc:
+                return f"rejoining it failed: {exc}", True
+        return None
+
+    def _rest(self, rejoin: bool) -> None:
+        with self._lock:
+            self._resting_until = time.monotonic() + self.retry_after_seconds
+            self._rejoin = self._rejoin or rejoin
+            self.fallbacks += 1
+
     def __call__(self, jobs: Sequence[ModuleJob]) -> list[Any]:
         if not jobs:
             return []
+        unavailable = self._available()
+        if unavailable is not None:
+            reason, failed = unavailable
+            return self._in_process(jobs, reason, failed=failed, rejoin=True)
         import ray
         from ray.exceptions import GetTimeoutError, RayTaskError
 
         refs: list[Any] = []
+        rejoin = False
         try:
             strategies = {id(job.strategy): ray.put(job.strategy) for job in jobs}
             refs = [
@@ -176,25 +215,43 @@ class RayModuleMap:
                 self.on_tasks(len(refs))
             return list(ray.get(refs, timeout=self.task_timeout_seconds))
         except RayTaskError as exc:
-            cause = exc.as_instanceof_cause()  # type: ignore[no-untyped-call]
-            if isinstance(cause, AggregationError):
-                raise cause from None  # the engine refused the data: the same here or there
+            if isinstance(exc.cause, AggregationError):
+                self._cancel(refs)
+                # the engine refused the data, as it would here: its own error and message
+                raise exc.cause from None
             reason = f"a task failed: {type(exc.cause).__name__}: {exc.cause}"
         except GetTimeoutError:
             reason = f"the tasks took longer than {self.task_timeout_seconds:g} s"
         except Exception as exc:  # the cluster itself: connection lost, workers gone, ...
             reason = f"{type(exc).__name__}: {exc}"
-        for ref in refs:  # best effort: the round goes on in process anyway
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        with self._lock:
-            self.fallbacks += 1
+            rejoin = True
+        self._cancel(refs)
+        return self._in_process(jobs, reason, failed=True, rejoin=rejoin)
+
+    def _in_process(
+        self, jobs: Sequence[ModuleJob], reason: str, *, failed: bool, rejoin: bool
+    ) -> list[Any]:
+        if failed:
+            self._rest(rejoin)
+        else:
+            with self._lock:
+                self.fallbacks += 1
         log.warning(
-            "aggregation on Ray (%s) failed (%s); the round's %d modules run in process",
+            "aggregation on Ray (%s) is not used for this round (%s); its %d modules run in "
+            "process; the cluster is tried again once %g s have passed since it failed",
             self.address,
             reason,
             len(jobs),
+            self.retry_after_seconds,
         )
         if self.on_fallback is not None:
             self.on_fallback(reason)
         return run_here(jobs)
+
+    @staticmethod
+    def _cancel(refs: Sequence[Any]) -> None:
+        import ray
+
+        for ref in refs:  # best effort: the round goes on anyway
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)

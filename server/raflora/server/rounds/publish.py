@@ -147,10 +147,13 @@ class RoundPublisher:
         updates: list[ClientUpdate],
         records: Mapping[str, UploadRecord],
         combine: Callable[[list[ClientUpdate]], GlobalState],
+        alone: Callable[[list[ClientUpdate]], GlobalState] | None = None,
     ) -> tuple[GlobalState | None, list[ClientUpdate], list[float], list[Quarantined]]:
-        """Aggregate with ``combine``; if that fails, set aside the uploads that fail alone and
-        retry. Returns the new state, the updates in it with their shares, and the culprits.
+        """Aggregate with ``combine``; if that fails, set aside the uploads that fail alone
+        (tried with ``alone``, default ``combine``) and retry. Returns the new state, the
+        updates in it with their shares, and the culprits.
         """
+        alone = alone or combine
         culprits: list[Quarantined] = []
         while updates:
             shares = self.shares([u.num_examples for u in updates])
@@ -163,7 +166,7 @@ class RoundPublisher:
             found = []
             for u in updates:
                 try:  # never released: a private trial costs no privacy
-                    combine([u])
+                    alone([u])
                 except Exception as exc:
                     reason = f"aggregation failed on it: {exc}"
                     found.append(Quarantined(records[u.client_id], reason))
@@ -196,6 +199,8 @@ class RoundPublisher:
                 updates,
                 by_client,
                 lambda some: self.strategy.aggregate(state, some, mechanism, self.map_modules),
+                # Which upload is at fault is decided here, never by a remote cluster.
+                lambda one: self.strategy.aggregate(state, one, mechanism),
             )
             quarantined += culprits
             folded = False
