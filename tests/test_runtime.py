@@ -427,11 +427,11 @@ def test_a_failed_aggregation_is_retried_when_the_round_changes(monkeypatch: Any
         calls = {"n": 0}
         original = h.runtime.strategy.aggregate
 
-        def flaky(state: Any, updates: Any, private: Any = None) -> Any:
+        def flaky(state: Any, updates: Any, private: Any = None, map_modules: Any = None) -> Any:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise OSError(5, "I/O error")  # the round as a whole, not one upload
-            return original(state, updates, private)
+            return original(state, updates, private, map_modules=map_modules)
 
         monkeypatch.setattr(h.runtime.strategy, "aggregate", flaky)  # the one-shot path's
         monkeypatch.setattr("raflora.server.rounds.runtime._RETRY_INITIAL_SECONDS", 0.05)

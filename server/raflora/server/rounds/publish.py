@@ -198,7 +198,9 @@ class RoundPublisher:
             new_state, used, shares, culprits = self.aggregate(
                 updates,
                 by_client,
-                lambda some: self.strategy.aggregate(state, some, mechanism, self.map_modules),
+                lambda some: self.strategy.aggregate(
+                    state, some, mechanism, map_modules=self.map_modules
+                ),
                 # Which upload is at fault is decided here, never by a remote cluster.
                 lambda one: self.strategy.aggregate(state, one, mechanism),
             )
