@@ -62,22 +62,21 @@ T = TypeVar("T")
 MIB = 1 << 20
 
 
-def busy_jiffies() -> tuple[float, float]:
-    """(non-idle, total) CPU time of the whole machine, in seconds, from /proc/stat."""
+def busy_seconds() -> float:
+    """Non-idle CPU time of the whole machine so far, in seconds, from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [float(x) for x in f.readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / hz, sum(fields) / hz
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float, float]:
     """fn's result, wall seconds, and cores busy machine-wide meanwhile."""
-    busy0, _ = busy_jiffies()
+    busy0 = busy_seconds()
     start = time.perf_counter()
     out = fn()
     wall = time.perf_counter() - start
-    busy1, _ = busy_jiffies()
+    busy1 = busy_seconds()
     return out, wall, (busy1 - busy0) / wall
 
 

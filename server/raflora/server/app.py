@@ -85,10 +85,11 @@ def open_module_map(settings: ServerSettings, metrics: ServerMetrics) -> RayModu
     """The Ray cluster of ``ray_address``, joined and checked; None: aggregate in process."""
     if settings.ray_address is None:
         return None
-    if resolve_device(settings.device).type != "cpu":
+    device = resolve_device(settings.device)
+    if device.type != "cpu":
         raise ConfigError(
             f"ray_address: module tasks run on the Ray workers' CPUs, but device resolves to "
-            f"{resolve_device(settings.device)}; set device=cpu (or unset ray_address)"
+            f"{device}; set device=cpu (or unset ray_address)"
         )
     module_map = RayModuleMap(
         settings.ray_address,

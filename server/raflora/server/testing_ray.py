@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .testing import free_port
+
 #: Ray 2.60 turns token authentication on whenever ~/.ray/auth_token exists (a local
 #: ``ray.init()`` writes one), for the head but not for a driver that does not look: a test
 #: cluster and its drivers say explicitly that it is off, so nothing left in $HOME changes them.
@@ -45,12 +47,6 @@ def ray_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -69,7 +65,7 @@ def ray_cluster(
         raise RuntimeError("ray is not installed (pip install 'raflora[ray]')")
     # Ray's socket paths must stay under 108 bytes: a short folder of its own under /tmp.
     temp = Path(tempfile.mkdtemp(prefix="raflora-ray-", dir="/tmp"))
-    gcs, client = _free_port(), _free_port()
+    gcs, client = free_port(), free_port()
     log = temp / "head.log"
     cmd = [
         binary,

@@ -189,7 +189,6 @@ class RayModuleMap:
         with self._lock:
             self._resting_until = time.monotonic() + self.retry_after_seconds
             self._rejoin = self._rejoin or rejoin
-            self.fallbacks += 1
 
     def __call__(self, jobs: Sequence[ModuleJob]) -> list[Any]:
         if not jobs:
@@ -204,7 +203,9 @@ class RayModuleMap:
         refs: list[Any] = []
         rejoin = False
         try:
-            strategies = {id(job.strategy): ray.put(job.strategy) for job in jobs}
+            # one copy of each strategy in the object store, however many modules use it
+            unique = {id(job.strategy): job.strategy for job in jobs}
+            strategies = {key: ray.put(strategy) for key, strategy in unique.items()}
             refs = [
                 self._task.remote(strategies[id(job.strategy)], job.name, job.state, job.round)
                 for job in jobs
@@ -233,9 +234,8 @@ class RayModuleMap:
     ) -> list[Any]:
         if failed:
             self._rest(rejoin)
-        else:
-            with self._lock:
-                self.fallbacks += 1
+        with self._lock:
+            self.fallbacks += 1
         log.warning(
             "aggregation on Ray (%s) is not used for this round (%s); its %d modules run in "
             "process; the cluster is tried again once %g s have passed since it failed",

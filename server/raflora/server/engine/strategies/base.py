@@ -185,16 +185,13 @@ class Strategy(ABC):
             if private is None:
                 raise ConfigError("privacy", "a private federation's round needs a PrivateRound")
             return self._aggregate_private(state, prepared, private)
-        if map_modules is None:
-            modules = {name: self._aggregate_module(name, state, prepared) for name in self.schema}
-        else:
-            jobs = self.module_jobs(state, prepared)
-            results = list(map_modules(jobs))
-            if len(results) != len(jobs):
-                raise AggregationError(
-                    "map_modules", f"returned {len(results)} results for {len(jobs)} modules"
-                )
-            modules = {job.name: result for job, result in zip(jobs, results, strict=True)}
+        jobs = self.module_jobs(state, prepared)
+        results = list((map_modules or run_here)(jobs))
+        if len(results) != len(jobs):
+            raise AggregationError(
+                "map_modules", f"returned {len(results)} results for {len(jobs)} modules"
+            )
+        modules = {job.name: result for job, result in zip(jobs, results, strict=True)}
         robust = prepared.robust
         return GlobalState(
             round=state.round + 1,
