@@ -37,6 +37,10 @@ from raflora.server.testing import ThreadedServer, scrape, start_server_process,
 from raflora.server.testing_ray import RAY_ENV, RayCluster, running_tasks
 
 from .helpers.federations import every_client_spec
+from .test_trust_boundary import POISON, POISON_TRUST, Attack, run_attack
+from .test_trust_boundary import (
+    test_a_whale_is_capped_at_max_weight_share as whale_is_capped,
+)
 
 SCHEMA = AdapterSchema.from_shapes({"q": (48, 32), "v": (32, 64), "o": (40, 40)})
 STRATEGIES = ["raflora", "flexlora", "raflora_ha", "hetlora", "rbla", "flora"]
@@ -314,3 +318,37 @@ def test_ray_needs_the_cpu_device(tmp_path: Path) -> None:
     settings = ServerSettings(data_dir=tmp_path, device="cuda:0", ray_address="127.0.0.1:1")
     with pytest.raises(ConfigError, match=r"^ray_address: .*set device=cpu"):
         open_module_map(settings, ServerMetrics(0.9))
+
+
+# -- hostile clients of a federation that aggregates on Ray ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_server(
+    ray_head: RayCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ThreadedServer]:
+    with threaded_server(
+        tmp_path_factory.mktemp("ray-hostile"),
+        ray_address=ray_head.gcs_address,
+        max_pushes_per_round=64,
+    ) as handle:
+        yield handle
+
+
+@pytest.mark.parametrize("attack", POISON, ids=[a.name for a in POISON])
+def test_a_poisoned_upload_is_refused_before_the_cluster_and_the_round_goes_on(
+    ray_server: ThreadedServer, attack: Attack
+) -> None:
+    """The trust-boundary suite's attacks (NaN, Inf, overflow, norm past the bound, absurd
+    examples or alpha) against a server that aggregates on Ray: each is refused at intake with
+    its documented status, and the honest clients' round is published through the cluster."""
+    tasks = counter(ray_server.metrics_url, "raflora_ray_tasks_total")
+    run_attack(ray_server, f"ray-{attack.name}", attack, POISON_TRUST)
+    assert counter(ray_server.metrics_url, "raflora_ray_tasks_total") > tasks
+    assert counter(ray_server.metrics_url, "raflora_ray_fallbacks_total") == 0
+
+
+def test_a_whale_on_ray_is_capped_at_its_share(ray_server: ThreadedServer) -> None:
+    tasks = counter(ray_server.metrics_url, "raflora_ray_tasks_total")
+    whale_is_capped(ray_server)
+    assert counter(ray_server.metrics_url, "raflora_ray_tasks_total") > tasks
