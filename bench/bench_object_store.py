@@ -5,10 +5,13 @@ One sitting, three measurements of the same adapter bytes:
 * the bucket itself: a boto3 PUT and GET of the payload against the same SeaweedFS
   (the reference: what the object store can move here);
 * ``raflora-server`` with ``storage = file``: push + first pull + cached pull via the SDK;
-* ``raflora-server`` with ``storage = s3`` on that SeaweedFS: the same.
+* ``raflora-server`` with ``storage = s3`` on that SeaweedFS: the same;
+* the same server with a ``data_plane = direct`` federation: the SDK posts the payload to the
+  bucket and gets it back with pre-signed URLs; the server reads the upload back once to check
+  it and puts each pull view into the bucket once.
 
-Prints MiB/s (2 × payload / (push + pull)) and the s3/file ratio, with the load average and
-cores busy. Run alone: nothing else on the machine.
+Prints MiB/s (2 × payload / (push + pull)), the ratios, the server's own CPU seconds per
+round trip, with the load average and cores busy. Run alone: nothing else on the machine.
 
     .venv/bin/python bench/bench_object_store.py [--size-mib 64] [--repeats 3]
 """
@@ -38,7 +41,7 @@ from bench_service import (
 )
 from safetensors.torch import save as save_safetensors
 
-from raflora.client_sdk import AdminClient, RafloraClient
+from raflora.client_sdk import AdminClient, RafloraClient, pb
 from raflora.server.testing import federation_spec, start_server_process
 from raflora.server.testing_s3 import create_bucket, seaweedfs
 
@@ -46,11 +49,24 @@ BUCKET = "raflora-bench"
 
 
 def through_server(
-    workdir: Path, name: str, env: dict[str, str], modules: int, repeats: int
+    workdir: Path,
+    name: str,
+    env: dict[str, str],
+    modules: int,
+    repeats: int,
+    data_plane: int = pb.DATA_PLANE_GRPC,
 ) -> dict[str, list[float]]:
     tensors = make_adapter(modules, MODULE_DIM, THROUGHPUT_RANK, seed=1)
     handle = start_server_process(workdir / name, workdir / f"{name}.log", env=env)
-    times: dict[str, list[float]] = {"push": [], "first": [], "cached": [], "busy": []}
+    times: dict[str, list[float]] = {
+        "push": [],
+        "first": [],
+        "cached": [],
+        "busy": [],
+        "server push": [],
+        "server first pull": [],
+        "server cached pull": [],
+    }
     try:
         with AdminClient(handle.target) as admin:
             admin.create_federation(
@@ -59,6 +75,7 @@ def through_server(
                     module_shapes(modules, MODULE_DIM),
                     max_rank=THROUGHPUT_RANK,
                     min_clients=repeats + 2,
+                    data_plane=data_plane,
                 )
             )
         for i in range(repeats):
@@ -66,12 +83,15 @@ def through_server(
                 info = client.join(THROUGHPUT_RANK, num_examples=100, lora_alpha=16.0 + i)
                 cpu0, own0, t0 = cpu_seconds(handle.pid), time.process_time(), time.perf_counter()
                 client.push(tensors, round=info.round, num_examples=100)
-                t1 = time.perf_counter()
+                cpu1, t1 = cpu_seconds(handle.pid), time.perf_counter()
                 client.pull()
-                t2 = time.perf_counter()
+                cpu2, t2 = cpu_seconds(handle.pid), time.perf_counter()
                 client.pull()
-                t3 = time.perf_counter()
-                busy = (cpu_seconds(handle.pid) - cpu0 + time.process_time() - own0) / (t3 - t0)
+                cpu3, t3 = cpu_seconds(handle.pid), time.perf_counter()
+                busy = (cpu3 - cpu0 + time.process_time() - own0) / (t3 - t0)
+            times["server push"].append(cpu1 - cpu0)
+            times["server first pull"].append(cpu2 - cpu1)
+            times["server cached pull"].append(cpu3 - cpu2)
             times["push"].append(t1 - t0)
             times["first"].append(t2 - t1)
             times["cached"].append(t3 - t2)
@@ -121,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "RAFLORA_S3_ENDPOINT_URL": server.endpoint_url,
             }
             s3_times = through_server(workdir, "s3", s3_env, modules, args.repeats)
+            direct_env = {**s3_env, "RAFLORA_S3_PREFIX": "bench-direct"}
+            direct_times = through_server(
+                workdir, "direct", direct_env, modules, args.repeats, pb.DATA_PLANE_DIRECT
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -146,6 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             median(s3_times["busy"]),
         ),
         ("server, storage=s3: push + first pull", rate(s3_times["push"], s3_times["first"]), None),
+        (
+            "server, storage=s3, data_plane=direct: push + cached pull",
+            rate(direct_times["push"], direct_times["cached"]),
+            median(direct_times["busy"]),
+        ),
+        (
+            "server, storage=s3, data_plane=direct: push + first pull",
+            rate(direct_times["push"], direct_times["first"]),
+            None,
+        ),
     ]
     print(f"\nObject store vs local disk, {n / MiB:.0f} MiB adapter, median of {args.repeats}")
     print("| path | MiB/s moved | vs bucket | cores busy |")
@@ -153,9 +187,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, value, busy in rows:
         cores = f"{busy:.2f}{contended(busy)}" if busy is not None else ""
         print(f"| {label} | {value:.0f} | {value / bucket:.2f}× | {cores} |")
+    print("\nThe server's own CPU seconds (median), per")
+    print("| storage, data plane | push | first pull | cached pull |")
+    print("|---|---:|---:|---:|")
+    for label, times in (
+        ("file, grpc", file_times),
+        ("s3, grpc", s3_times),
+        ("s3, direct", direct_times),
+    ):
+        phases = ("server push", "server first pull", "server cached pull")
+        print(f"| {label} | " + " | ".join(f"{median(times[p]):.3f}" for p in phases) + " |")
     ratio = rate(s3_times["push"], s3_times["cached"]) / rate(
         file_times["push"], file_times["cached"]
     )
+    direct_ratio = rate(direct_times["push"], direct_times["cached"]) / rate(
+        s3_times["push"], s3_times["cached"]
+    )
+    print(f"\ndata_plane=direct / grpc on storage=s3 (push + cached pull): {direct_ratio:.2f}×")
     print(
         f"\nstorage=s3 / storage=file (push + cached pull): {ratio:.2f}×; push p50 "
         f"{median(s3_times['push']):.2f}s vs {median(file_times['push']):.2f}s. "

@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -41,6 +41,7 @@ from raflora.v1.wire import (
     split_tensor_name,
 )
 
+from .direct import get_payload, post_payload
 from .errors import (
     RETRYABLE,
     DeadlineExceededError,
@@ -192,6 +193,8 @@ class RafloraClient:
         )
         self.rank: int | None = None
         self.scale: float | None = None
+        # From the federation's spec at join: DIRECT moves payloads through the bucket.
+        self.data_plane: int = pb.DATA_PLANE_GRPC
         self.credential_file = Path(credential_file) if credential_file is not None else None
         if self.credential_file is not None and self.credential_file.exists():
             enrolment_secret = self.credential_file.read_text().strip() or enrolment_secret
@@ -253,8 +256,8 @@ class RafloraClient:
                 return fn()
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-            except _StreamEndedError as ended:
-                error = ended
+            except UnavailableError as unavailable:  # a watch that ended; the bucket (direct)
+                error = unavailable
             recent = last_rejoin is not None and time.monotonic() - last_rejoin < 60.0
             if not recent and _needs_rejoin(error) and self._can_rejoin():
                 last_rejoin = time.monotonic()
@@ -303,6 +306,7 @@ class RafloraClient:
             lambda: self.stub.Join(request, timeout=self.timeout, metadata=secret)
         )
         self.rank, self.scale = rank, response.scale
+        self.data_plane = response.spec.data_plane or pb.DATA_PLANE_GRPC
         self._join_args = (rank, num_examples, lora_alpha, observer)
         if response.client_credential:  # first join under open enrolment: keep the id's own
             self._keep_credential(response.client_credential)
@@ -371,7 +375,14 @@ class RafloraClient:
         )
 
         def attempt() -> PulledAdapter:
-            stream = self._pull(request, timeout=self.timeout, metadata=self._token_metadata())
+            stream: Iterable[Any]
+            if self.data_plane == pb.DATA_PLANE_DIRECT:
+                download = self.stub.DirectPull(
+                    request, timeout=self.timeout, metadata=self._token_metadata()
+                )
+                stream = get_payload(download, self.timeout)
+            else:
+                stream = self._pull(request, timeout=self.timeout, metadata=self._token_metadata())
             header, tensors = receive_adapter(stream, progress)
             merge = {k: v for k, v in tensors.items() if f".{MERGE_PREFIX}" in k}
             lora = {k: v for k, v in tensors.items() if k not in merge}
@@ -413,9 +424,30 @@ class RafloraClient:
             yield pb.PushRequest(header=header)
             yield from payload.messages(self.chunk_size, progress)
 
-        response: pb.PushResponse = self._call(
-            lambda: self._push(requests(), timeout=self.timeout, metadata=self._token_metadata())
-        )
+        def direct() -> pb.PushResponse:
+            """Grant, POST to the bucket, commit: retried as a whole from a fresh grant."""
+            metadata = self._token_metadata()
+            grant = self.stub.BeginDirectPush(header, timeout=self.timeout, metadata=metadata)
+            digest = post_payload(
+                grant, payload.pieces, payload.total_bytes, self.timeout, progress
+            )
+            signed = pb.PushHeader()
+            signed.CopyFrom(header)
+            signed.sha256 = digest
+            commit = pb.CommitDirectPushRequest(header=signed, upload_id=grant.upload_id)
+            response: pb.PushResponse = self.stub.CommitDirectPush(
+                commit, timeout=self.timeout, metadata=metadata
+            )
+            return response
+
+        if self.data_plane == pb.DATA_PLANE_DIRECT:
+            response: pb.PushResponse = self._call(direct)
+        else:
+            response = self._call(
+                lambda: self._push(
+                    requests(), timeout=self.timeout, metadata=self._token_metadata()
+                )
+            )
         return PushResult(
             response.round, response.duplicate, response.received_bytes, response.uploads_in_round
         )
@@ -505,6 +537,7 @@ class AdminClient:
         "scaling_rule": "SCALING_RULE_",
         "weighting": "WEIGHTING_",
         "factor_split": "FACTOR_SPLIT_",
+        "data_plane": "DATA_PLANE_",
     }
 
     def __init__(

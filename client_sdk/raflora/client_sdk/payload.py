@@ -75,6 +75,11 @@ class PushPayload:
         self._pieces = [memoryview(self.prefix), *flat]
         self.total_bytes = self.layout.total_bytes
 
+    @property
+    def pieces(self) -> list[memoryview]:
+        """The payload as its header and each tensor's memory, in order."""
+        return list(self._pieces)
+
     def to_bytes(self) -> bytes:
         """The whole payload in one buffer (what ``messages`` streams; for tools and tests)."""
         return b"".join(self._pieces)

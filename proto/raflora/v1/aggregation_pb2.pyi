@@ -116,6 +116,38 @@ FACTOR_SPLIT_BALANCED: FactorSplit.ValueType  # 2
 """B = U diag(sqrt(s/scale)), A = diag(sqrt(s/scale)) V^T"""
 Global___FactorSplit: _TypeAlias = FactorSplit  # noqa: Y015
 
+class _DataPlane:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataPlaneEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataPlane.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_PLANE_UNSPECIFIED: _DataPlane.ValueType  # 0
+    """grpc"""
+    DATA_PLANE_GRPC: _DataPlane.ValueType  # 1
+    """payloads stream through Push and Pull"""
+    DATA_PLANE_DIRECT: _DataPlane.ValueType  # 2
+    """Payloads move between the client and the server's bucket over pre-signed HTTP
+    (BeginDirectPush / CommitDirectPush, DirectPull); only on a server with storage = s3.
+    Push and Pull keep working for such a federation.
+    """
+
+class DataPlane(_DataPlane, metaclass=_DataPlaneEnumTypeWrapper):
+    """How an adapter's bytes travel (docs/design.md §5.3). The control plane (Join, the headers, the
+    checksum, the acknowledgement) is gRPC either way.
+    """
+
+DATA_PLANE_UNSPECIFIED: DataPlane.ValueType  # 0
+"""grpc"""
+DATA_PLANE_GRPC: DataPlane.ValueType  # 1
+"""payloads stream through Push and Pull"""
+DATA_PLANE_DIRECT: DataPlane.ValueType  # 2
+"""Payloads move between the client and the server's bucket over pre-signed HTTP
+(BeginDirectPush / CommitDirectPush, DirectPull); only on a server with storage = s3.
+Push and Pull keep working for such a federation.
+"""
+Global___DataPlane: _TypeAlias = DataPlane  # noqa: Y015
+
 class _RoundPhase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -312,6 +344,7 @@ class FederationSpec(_message.Message):
     PARTICIPATION_FIELD_NUMBER: _builtins.int
     ROBUST_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    DATA_PLANE_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     strategy: _builtins.str
     """raflora_ha (default), raflora, flexlora, hetlora, rbla, flora, fedit"""
@@ -324,6 +357,7 @@ class FederationSpec(_message.Message):
     init_seed: _builtins.int
     min_partition_holders: _builtins.int
     """Warn (round events, logs) when a rank partition is held by fewer clients (0: default 2)."""
+    data_plane: Global___DataPlane.ValueType
     @_builtins.property
     def modules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModuleSpec]: ...
     @_builtins.property
@@ -362,10 +396,11 @@ class FederationSpec(_message.Message):
         participation: Global___ParticipationPolicy | None = ...,
         robust: Global___RobustPolicy | None = ...,
         privacy: Global___PrivacyPolicy | None = ...,
+        data_plane: Global___DataPlane.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["participation", b"participation", "privacy", b"privacy", "robust", b"robust", "round_policy", b"round_policy", "trust", b"trust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "privacy", b"privacy", "robust", b"robust", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ranks", b"allowed_ranks", "data_plane", b"data_plane", "factor_split", b"factor_split", "federation_id", b"federation_id", "init_seed", b"init_seed", "lora_alpha", b"lora_alpha", "max_rank", b"max_rank", "min_partition_holders", b"min_partition_holders", "modules", b"modules", "participation", b"participation", "privacy", b"privacy", "robust", b"robust", "round_policy", b"round_policy", "scaling_rule", b"scaling_rule", "strategy", b"strategy", "strategy_options", b"strategy_options", "trust", b"trust", "weighting", b"weighting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1373,6 +1408,121 @@ class PushResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushResponse: _TypeAlias = PushResponse  # noqa: Y015
+
+@_typing.final
+class DirectUpload(_message.Message):
+    """BeginDirectPush's answer: where to send the payload. An HTML-form POST to `url` with `fields`
+    (in any order) and then the payload as the form's `file` part: a pre-signed S3 POST policy
+    that accepts exactly PushHeader.total_bytes, for this client's own staging key only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    """names the staged object in CommitDirectPush"""
+    url: _builtins.str
+    expires_unix: _builtins.float
+    """the POST is refused after this"""
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        expires_unix: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix", b"expires_unix", "fields", b"fields", "upload_id", b"upload_id", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectUpload: _TypeAlias = DirectUpload  # noqa: Y015
+
+@_typing.final
+class CommitDirectPushRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    @_builtins.property
+    def header(self) -> Global___PushHeader:
+        """BeginDirectPush's header with sha256 set (the client hashes while it posts). The server
+        copies the staged object where the client cannot write, then reads, hashes and checks it
+        exactly as a Push's stream before it acknowledges: the PushResponse means what Push's does.
+        """
+
+    def __init__(
+        self,
+        *,
+        header: Global___PushHeader | None = ...,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitDirectPushRequest: _TypeAlias = CommitDirectPushRequest  # noqa: Y015
+
+@_typing.final
+class DirectDownload(_message.Message):
+    """DirectPull's answer: the PullHeader a Pull would send first, and where to GET the bytes.
+    The client checks total_bytes and sha256 itself, as it does for a Pull's stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """a pre-signed GET of exactly those bytes"""
+    expires_unix: _builtins.float
+    @_builtins.property
+    def header(self) -> Global___PullHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___PullHeader | None = ...,
+        url: _builtins.str = ...,
+        expires_unix: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix", b"expires_unix", "header", b"header", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectDownload: _TypeAlias = DirectDownload  # noqa: Y015
 
 @_typing.final
 class GetRoundRequest(_message.Message):

@@ -447,6 +447,21 @@ class AggregationServiceStub:
                 request_serializer=raflora_dot_v1_dot_aggregation__pb2.WatchRoundsRequest.SerializeToString,
                 response_deserializer=raflora_dot_v1_dot_aggregation__pb2.RoundEvent.FromString,
                 _registered_method=True)
+        self.BeginDirectPush = channel.unary_unary(
+                '/raflora.v1.AggregationService/BeginDirectPush',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.PushHeader.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.DirectUpload.FromString,
+                _registered_method=True)
+        self.CommitDirectPush = channel.unary_unary(
+                '/raflora.v1.AggregationService/CommitDirectPush',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.CommitDirectPushRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.PushResponse.FromString,
+                _registered_method=True)
+        self.DirectPull = channel.unary_unary(
+                '/raflora.v1.AggregationService/DirectPull',
+                request_serializer=raflora_dot_v1_dot_aggregation__pb2.PullRequest.SerializeToString,
+                response_deserializer=raflora_dot_v1_dot_aggregation__pb2.DirectDownload.FromString,
+                _registered_method=True)
 
 
 class AggregationServiceServicer:
@@ -482,6 +497,27 @@ class AggregationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginDirectPush(self, request, context):
+        """DATA_PLANE_DIRECT federations only (else FAILED_PRECONDITION, DIRECT_DISABLED). The same
+        checks as a Push's header (and one push attempt counted); the payload then goes to the
+        bucket and CommitDirectPush asks for its acknowledgement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitDirectPush(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DirectPull(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -509,6 +545,21 @@ def add_AggregationServiceServicer_to_server(servicer, server):
                     servicer.WatchRounds,
                     request_deserializer=raflora_dot_v1_dot_aggregation__pb2.WatchRoundsRequest.FromString,
                     response_serializer=raflora_dot_v1_dot_aggregation__pb2.RoundEvent.SerializeToString,
+            ),
+            'BeginDirectPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginDirectPush,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.PushHeader.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.DirectUpload.SerializeToString,
+            ),
+            'CommitDirectPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitDirectPush,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.CommitDirectPushRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.PushResponse.SerializeToString,
+            ),
+            'DirectPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.DirectPull,
+                    request_deserializer=raflora_dot_v1_dot_aggregation__pb2.PullRequest.FromString,
+                    response_serializer=raflora_dot_v1_dot_aggregation__pb2.DirectDownload.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -646,6 +697,87 @@ class AggregationService:
             '/raflora.v1.AggregationService/WatchRounds',
             raflora_dot_v1_dot_aggregation__pb2.WatchRoundsRequest.SerializeToString,
             raflora_dot_v1_dot_aggregation__pb2.RoundEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginDirectPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AggregationService/BeginDirectPush',
+            raflora_dot_v1_dot_aggregation__pb2.PushHeader.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.DirectUpload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitDirectPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AggregationService/CommitDirectPush',
+            raflora_dot_v1_dot_aggregation__pb2.CommitDirectPushRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DirectPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raflora.v1.AggregationService/DirectPull',
+            raflora_dot_v1_dot_aggregation__pb2.PullRequest.SerializeToString,
+            raflora_dot_v1_dot_aggregation__pb2.DirectDownload.FromString,
             options,
             channel_credentials,
             insecure,

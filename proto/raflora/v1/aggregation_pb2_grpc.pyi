@@ -210,6 +210,13 @@ class AggregationServiceStub:
     Push: _grpc.StreamUnaryMultiCallable[_aggregation_pb2.PushRequest, _aggregation_pb2.PushResponse]
     GetRound: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetRoundRequest, _aggregation_pb2.RoundStatus]
     WatchRounds: _grpc.UnaryStreamMultiCallable[_aggregation_pb2.WatchRoundsRequest, _aggregation_pb2.RoundEvent]
+    BeginDirectPush: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.PushHeader, _aggregation_pb2.DirectUpload]
+    """DATA_PLANE_DIRECT federations only (else FAILED_PRECONDITION, DIRECT_DISABLED). The same
+    checks as a Push's header (and one push attempt counted); the payload then goes to the
+    bucket and CommitDirectPush asks for its acknowledgement.
+    """
+    CommitDirectPush: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.CommitDirectPushRequest, _aggregation_pb2.PushResponse]
+    DirectPull: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.PullRequest, _aggregation_pb2.DirectDownload]
 
 @_typing.type_check_only
 class AggregationServiceAsyncStub(AggregationServiceStub):
@@ -219,6 +226,13 @@ class AggregationServiceAsyncStub(AggregationServiceStub):
     Push: _aio.StreamUnaryMultiCallable[_aggregation_pb2.PushRequest, _aggregation_pb2.PushResponse]  # type: ignore[assignment]
     GetRound: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetRoundRequest, _aggregation_pb2.RoundStatus]  # type: ignore[assignment]
     WatchRounds: _aio.UnaryStreamMultiCallable[_aggregation_pb2.WatchRoundsRequest, _aggregation_pb2.RoundEvent]  # type: ignore[assignment]
+    BeginDirectPush: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.PushHeader, _aggregation_pb2.DirectUpload]  # type: ignore[assignment]
+    """DATA_PLANE_DIRECT federations only (else FAILED_PRECONDITION, DIRECT_DISABLED). The same
+    checks as a Push's header (and one push attempt counted); the payload then goes to the
+    bucket and CommitDirectPush asks for its acknowledgement.
+    """
+    CommitDirectPush: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.CommitDirectPushRequest, _aggregation_pb2.PushResponse]  # type: ignore[assignment]
+    DirectPull: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.PullRequest, _aggregation_pb2.DirectDownload]  # type: ignore[assignment]
 
 class AggregationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -255,5 +269,30 @@ class AggregationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _aggregation_pb2.WatchRoundsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_aggregation_pb2.RoundEvent], _abc.AsyncIterator[_aggregation_pb2.RoundEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def BeginDirectPush(
+        self,
+        request: _aggregation_pb2.PushHeader,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.DirectUpload, _abc.Awaitable[_aggregation_pb2.DirectUpload]]:
+        """DATA_PLANE_DIRECT federations only (else FAILED_PRECONDITION, DIRECT_DISABLED). The same
+        checks as a Push's header (and one push attempt counted); the payload then goes to the
+        bucket and CommitDirectPush asks for its acknowledgement.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitDirectPush(
+        self,
+        request: _aggregation_pb2.CommitDirectPushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.PushResponse, _abc.Awaitable[_aggregation_pb2.PushResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DirectPull(
+        self,
+        request: _aggregation_pb2.PullRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.DirectDownload, _abc.Awaitable[_aggregation_pb2.DirectDownload]]: ...
 
 def add_AggregationServiceServicer_to_server(servicer: AggregationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

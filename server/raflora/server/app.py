@@ -76,6 +76,7 @@ def open_storage(settings: ServerSettings) -> Storage:
             scratch=settings.data_dir,
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
+            public_endpoint_url=settings.s3_public_endpoint_url,
         )
     except BucketUnreachableError as exc:
         raise ConfigError(f"s3_bucket: cannot use {exc}") from None
@@ -172,6 +173,7 @@ class RafloraServer:
             s.idle_stream_timeout_seconds,
             s.max_request_seconds,
             s.push_header_timeout_seconds,
+            s.direct_url_seconds,
         )
         add_services(
             server,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -135,6 +135,9 @@ class FederationConfig(BaseModel):
     keep_rounds: int = Field(default=0, ge=0)
     init_seed: int = Field(default=0, ge=0)
     min_partition_holders: int = Field(default=2, ge=1)
+    # How payloads travel: "grpc" through Push/Pull, or "direct" between the client and the
+    # server's bucket over pre-signed URLs (storage = s3 only; docs/design.md §5.3).
+    data_plane: Literal["grpc", "direct"] = "grpc"
     # -- trust (docs/security.md) ----------------------------------------------------------
     max_update_norm: float = Field(
         default=1e6, gt=0, description="Largest ‖s·B·A‖_F of one module in an upload"

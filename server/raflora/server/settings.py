@@ -68,6 +68,17 @@ class ServerSettings(BaseSettings):
         "AWS_SHARED_CREDENTIALS_FILE, never from these settings",
     )
     s3_region: str | None = Field(default=None, description="storage=s3: the bucket's region")
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="storage=s3, data_plane=direct federations: the endpoint clients reach the "
+        "bucket at, which pre-signed URLs name (unset: s3_endpoint_url)",
+    )
+    direct_url_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        le=7 * 86400,
+        description="data_plane=direct: how long a pre-signed upload or download URL works",
+    )
     device: str = Field(
         default="auto",
         description="Aggregation device: auto (CUDA when present), cpu, cuda, cuda:N",

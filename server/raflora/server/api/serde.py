@@ -34,6 +34,7 @@ _EVENTS = {
     EventType.QUARANTINED: pb.ROUND_EVENT_TYPE_QUARANTINED,
     EventType.SELECTED: pb.ROUND_EVENT_TYPE_SELECTED,
 }
+_DATA_PLANES = {"grpc": pb.DATA_PLANE_GRPC, "direct": pb.DATA_PLANE_DIRECT}
 _TRUST_FIELDS = ("max_update_norm", "max_examples_per_client", "max_weight_share", "max_clients")
 
 
@@ -51,6 +52,11 @@ def config_from_proto(spec: pb.FederationSpec) -> FederationConfig:
         "deadline_seconds": policy.deadline_seconds,
         "keep_rounds": policy.keep_rounds,
     }
+    if spec.data_plane:
+        planes = [k for k, v in _DATA_PLANES.items() if v == spec.data_plane]
+        if not planes:
+            raise ConfigError("data_plane", f"unknown enum value {spec.data_plane}")
+        data["data_plane"] = planes[0]
     if spec.strategy:
         data["strategy"] = spec.strategy
     if spec.max_rank:
@@ -112,6 +118,7 @@ def config_to_proto(c: FederationConfig) -> pb.FederationSpec:
         ),
         init_seed=c.init_seed,
         min_partition_holders=c.min_partition_holders,
+        data_plane=_DATA_PLANES[c.data_plane],
         trust=pb.TrustPolicy(**{name: getattr(c, name) for name in _TRUST_FIELDS}),
         participation=pb.ParticipationPolicy(
             clients_per_round=c.participation.clients_per_round,

@@ -31,6 +31,7 @@ from ..rounds import (
     RoundEvent,
     View,
     WatcherLaggedError,
+    direct,
 )
 from ..rounds.terms import check_sha256
 from ..rounds.tickets import PushTicket
@@ -56,6 +57,7 @@ class Limits:
     idle_stream_timeout_seconds: float = 60.0
     max_request_seconds: float = 3600.0
     header_timeout_seconds: float = 10.0  # a Push must name itself this soon
+    direct_url_seconds: float = 900.0  # how long a direct transfer's pre-signed URL works
 
 
 def _metadata(context: Any) -> Any:
@@ -326,8 +328,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             task.add_done_callback(_retrieve)
             outcome = await asyncio.shield(task)
         except Exception as exc:
-            if federation in self.hub.federations:
-                self.metrics.upload_errors.labels(federation, refusal_of(exc).code.name).inc()
+            self._count_upload_error(federation, exc)
             raise
         self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
         return pb.PushResponse(
@@ -336,6 +337,92 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             received_bytes=outcome.size,
             uploads_in_round=outcome.uploads_in_round,
         )
+
+    async def BeginDirectPush(self, request: pb.PushHeader, context: Any) -> pb.DirectUpload:
+        refuse_malformed(request)
+        h = request
+        try:
+            claims = self.authority.authenticate(_metadata(context))
+            self.authority.authorize(claims, h.federation_id, h.client_id, h.rank)
+            runtime = self.hub.get(h.federation_id)
+            grant = direct.begin_push(
+                runtime,
+                self.limits.direct_url_seconds,
+                h.client_id,
+                h.round,
+                h.rank,
+                h.num_examples,
+                h.lora_alpha,
+                h.total_bytes,
+            )
+        except Exception as exc:
+            self._count_upload_error(h.federation_id, exc)
+            raise
+        return pb.DirectUpload(
+            upload_id=grant.upload_id,
+            url=grant.url,
+            fields=grant.fields,
+            expires_unix=grant.expires_unix,
+        )
+
+    async def CommitDirectPush(
+        self, request: pb.CommitDirectPushRequest, context: Any
+    ) -> pb.PushResponse:
+        started = time.perf_counter()
+        refuse_malformed(request)
+        h = request.header
+        try:
+            claims = self.authority.authenticate(_metadata(context))
+            self.authority.authorize(claims, h.federation_id, h.client_id, h.rank)
+            runtime = self.hub.get(h.federation_id)
+            # Like a Push past its last chunk: a client that hangs up does not interrupt it.
+            task = asyncio.ensure_future(
+                direct.commit_push(
+                    runtime,
+                    request.upload_id,
+                    h.client_id,
+                    h.round,
+                    h.rank,
+                    h.num_examples,
+                    h.lora_alpha,
+                    h.total_bytes,
+                    h.sha256,
+                )
+            )
+            task.add_done_callback(_retrieve)
+            outcome = await asyncio.shield(task)
+        except Exception as exc:
+            self._count_upload_error(h.federation_id, exc)
+            raise
+        self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
+        return pb.PushResponse(
+            round=outcome.round,
+            duplicate=outcome.duplicate,
+            received_bytes=outcome.size,
+            uploads_in_round=outcome.uploads_in_round,
+        )
+
+    async def DirectPull(self, request: pb.PullRequest, context: Any) -> pb.DirectDownload:
+        started = time.perf_counter()
+        refuse_malformed(request)
+        claims = self.authority.client(_metadata(context), request.federation_id, request.client_id)
+        runtime = self.hub.get(request.federation_id)
+        self.authority.authorize(
+            claims, runtime.id, request.client_id, runtime.client(request.client_id).rank
+        )
+        requested = request.round if request.HasField("round") else None
+        view, grant = await direct.pull(
+            runtime, self.limits.direct_url_seconds, request.client_id, requested
+        )
+        self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
+        self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)
+        return pb.DirectDownload(
+            header=pull_header(view), url=grant.url, expires_unix=grant.expires_unix
+        )
+
+    def _count_upload_error(self, federation: str, exc: Exception) -> None:
+        if federation in self.hub.federations:
+            self.metrics.upload_errors.labels(federation, refusal_of(exc).code.name).inc()
 
     async def _receive(
         self, stream: AsyncIterator[Any], clock: StreamClock, ticket: PushTicket, digest_first: bool

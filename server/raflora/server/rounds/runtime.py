@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from raflora.server.engine import (
     GlobalState,
@@ -47,8 +47,10 @@ from ..storage import (
     ResumeReport,
     RoundManifest,
     UploadRecord,
+    UploadSink,
 )
 from ..storage.manifest import Holders
+from ..storage.s3_direct import DirectStore
 from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_readable
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
 from .folding import FOLDS, RoundFolder
@@ -65,7 +67,7 @@ from .publish import (
 from .published import PublishedRounds
 from .selection import Selection, select
 from .terms import check_push_terms, check_sha256, join_terms
-from .tickets import PushOutcome, PushTicket
+from .tickets import HeaderVerdict, PushOutcome, PushTicket
 from .views import RoundContent, View, ViewCache, ViewReader
 
 log = logging.getLogger("raflora.server")
@@ -108,6 +110,17 @@ class FederationRuntime:
         self.executor = executor
         self.limits = limits or RuntimeLimits()
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_config(device))
+        # The store again, when it has a direct data plane (the object store's; §5.3).
+        self.direct: DirectStore | None = (
+            cast("DirectStore", store) if getattr(store, "direct", None) is not None else None
+        )
+        if config.data_plane == "direct" and self.direct is None:
+            raise InvalidArgumentError(
+                "data_plane",
+                "direct transfers go through an object store: this server keeps its state on "
+                "a local disk (storage = file); use data_plane grpc, or a server with "
+                "storage = s3",
+            )
         self.schema = self.strategy.schema
         self.bounds = UpdateBounds(self.strategy.dtype, config.max_update_norm)
         self.published = PublishedRounds(self.id, self.strategy, store, metrics)
@@ -374,6 +387,25 @@ class FederationRuntime:
         sha256: str,
     ) -> PushTicket:
         """Check a push's header; the ticket's sink then takes the payload."""
+        verdict = self.check_push_header(
+            client_id, round_, rank, num_examples, lora_alpha, total_bytes, sha256
+        )
+        return self.ticket(verdict, self.store.open_upload(round_))
+
+    def check_push_header(
+        self,
+        client_id: str,
+        round_: int,
+        rank: int,
+        num_examples: int,
+        lora_alpha: float,
+        total_bytes: int,
+        sha256: str,
+        *,
+        count_attempt: bool = True,
+    ) -> HeaderVerdict:
+        """Everything a push's header must pass before a byte of its payload is taken
+        (``count_attempt``: it counts towards ``max_pushes_per_round``)."""
         self.check_serving()
         joined = self.client(client_id)
         if joined.observer:
@@ -382,7 +414,8 @@ class FederationRuntime:
                 f"client {echo_id(client_id)} joined as an observer: it pulls, never pushes",
                 ErrorReason.OBSERVER,
             )
-        self._count_push_attempt(client_id)
+        if count_attempt:
+            self._count_push_attempt(client_id)
         if sha256:
             check_sha256(sha256)
             duplicate = self._already_counted(client_id, round_, sha256)
@@ -406,18 +439,29 @@ class FederationRuntime:
             check = StreamingUploadCheck(
                 self.schema, rank, client_id, joined.scale, self.bounds, total_bytes
             )
+        return HeaderVerdict(
+            client_id, round_, rank, num_examples, joined, total_bytes, sha256, check, duplicate
+        )
+
+    def ticket(self, verdict: HeaderVerdict, sink: UploadSink) -> PushTicket:
+        """A push whose header passed: its payload flows into ``sink``."""
+        joined = verdict.joined
         return PushTicket(
-            client_id,
-            round_,
-            rank,
-            num_examples,
+            verdict.client_id,
+            verdict.round,
+            verdict.rank,
+            verdict.num_examples,
             joined.lora_alpha,
             joined.scale,
-            total_bytes,
-            sha256,
-            UploadIntake(self.store.open_upload(round_), check),
-            duplicate,
+            verdict.total_bytes,
+            verdict.sha256,
+            UploadIntake(sink, verdict.check),
+            verdict.duplicate,
         )
+
+    def uploads_in(self, round_: int) -> int:
+        """Acknowledged uploads of ``round_`` (the open one, or the one just closed)."""
+        return self._uploads_in(round_)
 
     def _has_counted(self, client_id: str, round_: int) -> bool:
         """Has ``client_id`` an acknowledged upload in ``round_`` (open or just closed)?"""

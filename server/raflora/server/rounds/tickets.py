@@ -7,7 +7,24 @@ from dataclasses import dataclass
 from raflora.v1.wire import ErrorReason
 
 from ..errors import DataLossError
+from ..storage import ClientRecord
+from ..storage.tensorio import StreamingUploadCheck
 from .intake import UploadIntake
+
+
+@dataclass(frozen=True)
+class HeaderVerdict:
+    """A push header that passed every check, and how its payload is to be checked."""
+
+    client_id: str
+    round: int
+    rank: int
+    num_examples: int
+    joined: ClientRecord
+    total_bytes: int
+    sha256: str
+    check: StreamingUploadCheck | None  # None: only hashed (a possible duplicate)
+    duplicate: bool
 
 
 @dataclass

@@ -41,6 +41,7 @@ from raflora.server.engine import AdapterSchema, FactorPair, GlobalState
 from .fs import disk_full_guard
 from .manifest import ManifestError, RoundManifest
 from .records import ClientRecord, UploadRecord
+from .s3_direct import S3DirectPlane
 from .store import (
     CorruptDataError,
     FileFederationStore,
@@ -114,12 +115,14 @@ def _translated(what: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class Bucket:
     """One bucket and key prefix, with the local scratch folder for spools and views. Every
-    call translates botocore's errors (:func:`_translated`)."""
+    call translates botocore's errors (:func:`_translated`). ``presigner`` signs the direct
+    data plane's URLs for the endpoint clients reach (``s3_public_endpoint_url``)."""
 
     client: S3Client
     name: str
     prefix: str
     scratch: Path
+    presigner: S3Client
 
     def key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -157,6 +160,19 @@ class Bucket:
     def upload_file(self, path: Path, key: str) -> None:
         with _translated(key):
             self.client.upload_file(str(path), self.name, key)
+
+    def upload_fileobj(self, source: Any, key: str) -> None:
+        with _translated(key):
+            self.client.upload_fileobj(source, self.name, key)
+
+    def size(self, key: str) -> int:
+        with _translated(key):
+            return int(self.client.head_object(Bucket=self.name, Key=key)["ContentLength"])
+
+    def open_body(self, key: str) -> Any:
+        """A streaming GET's body (``read(n)``, ``close()``)."""
+        with _translated(key):
+            return self.client.get_object(Bucket=self.name, Key=key)["Body"]
 
     def exists(self, key: str) -> bool:
         try:
@@ -365,6 +381,34 @@ class S3UploadSink:
                 log.warning("could not abort the multipart upload of %s: %s", self.key, exc)
 
 
+class S3AdoptedSink(S3UploadSink):
+    """A payload already at its key (a direct upload, copied there by
+    :meth:`S3DirectPlane.adopt`): the bytes the server reads back from it are only spooled
+    for the checks; commit writes nothing, abort deletes the object."""
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self._file is None:
+            raise ValueError("upload sink is closed")
+        with disk_full_guard("checking a direct upload"):
+            self._file.write(chunk)
+        self._received += len(chunk)
+
+    def commit(self) -> None:
+        if self._file is None:
+            raise ValueError("upload sink is closed")
+        self._committed = True
+        self._close_spool()
+
+    def abort(self) -> None:
+        self._close_spool()
+        if not self._committed:
+            self._committed = True  # idempotent: deleted once
+            try:
+                self._bucket.delete_keys([self.key])
+            except OSError as exc:  # the prune of the round removes it later
+                log.warning("could not delete the direct upload %s: %s", self.key, exc)
+
+
 class S3FederationStore:
     """One federation's objects under ``<prefix>/federations/<id>/``."""
 
@@ -378,6 +422,7 @@ class S3FederationStore:
         # aggregation pool): guarded.
         self._payload_keys: dict[tuple[int, str], str] = {}
         self._payload_lock = threading.Lock()
+        self.direct = S3DirectPlane(bucket, self.base)
 
     def _key(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -444,9 +489,19 @@ class S3FederationStore:
         return self._key("uploads", _round_name(round_)) + "/"
 
     def open_upload(self, round_: int) -> S3UploadSink:
-        return S3UploadSink(
-            self.bucket, f"{self._uploads(round_)}.payload-{uuid.uuid4().hex}.safetensors"
-        )
+        return S3UploadSink(self.bucket, self._new_payload_key(round_))
+
+    def _new_payload_key(self, round_: int) -> str:
+        return f"{self._uploads(round_)}.payload-{uuid.uuid4().hex}.safetensors"
+
+    def adopt_direct_upload(
+        self, round_: int, client_id: str, upload_id: str, size: int
+    ) -> tuple[S3AdoptedSink, Iterator[bytes]]:
+        """A direct upload copied to a payload key of its round, as a sink to check and
+        commit, and the copy's bytes to feed it (see :class:`S3DirectPlane`)."""
+        key = self._new_payload_key(round_)
+        self.direct.adopt(round_, client_id, upload_id, key, size)
+        return S3AdoptedSink(self.bucket, key), self.direct.read_blocks(key, size)
 
     def commit_upload(self, sink: UploadSink, record: UploadRecord) -> None:
         if not isinstance(sink, S3UploadSink):
@@ -656,6 +711,7 @@ class S3FederationStore:
         self.bucket.delete_keys([prefix + "manifest.json"])  # the commit point first
         self.bucket.delete_keys(self.bucket.list_keys(prefix))
         self._local.delete_round(round_)
+        self.direct.delete_round(round_)
 
     def read_manifest(self, round_: int) -> RoundManifest:
         raw = self.bucket.get_json(self._round(round_) + "manifest.json")
@@ -725,6 +781,7 @@ class S3FederationStore:
         with self._payload_lock:
             self._payload_keys = {k: v for k, v in self._payload_keys.items() if k[0] >= keep_round}
         self._local.prune(keep_round)
+        self.direct.prune(keep_round)
 
 
 class S3Storage:
@@ -792,6 +849,7 @@ def connect(
     scratch: Path,
     endpoint_url: str | None = None,
     region: str | None = None,
+    public_endpoint_url: str | None = None,
 ) -> S3Storage:
     """An :class:`S3Storage` on a bucket that must already exist. Credentials come from the
     environment or a mounted credentials file (boto3's usual chain), never from settings."""
@@ -809,10 +867,17 @@ def connect(
             max_pool_connections=32,
         ),
     )
+    # Signing happens locally: this client never sends a request of its own.
+    presigner = boto3.client(
+        "s3",
+        endpoint_url=public_endpoint_url or endpoint_url,
+        region_name=region,
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
     try:
         client.head_bucket(Bucket=bucket)
     except (BotoCoreError, ClientError) as exc:
         raise BucketUnreachableError(
             f"bucket {bucket!r} at {endpoint_url or 'AWS'}: {exc}"
         ) from None
-    return S3Storage(Bucket(client, bucket, prefix.strip("/"), scratch))
+    return S3Storage(Bucket(client, bucket, prefix.strip("/"), scratch, presigner))
