@@ -100,6 +100,38 @@ def test_a_larger_upload_goes_up_in_parts_and_reads_back(fed: S3FederationStore)
     assert torch.equal(loaded["q"].B, factors(256, 0, modules)["q.lora_B.weight"])
 
 
+def test_a_part_failing_in_the_background_fails_the_upload_and_leaves_nothing(
+    fed: S3FederationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts go up while the writer spools on; one the bucket refuses (a 500) surfaces at a
+    later write or at commit as a BucketError, and abort leaves no multipart upload behind."""
+    from botocore.exceptions import ClientError
+
+    sink = fed.open_upload(0)
+    sink.PART_BYTES = 5 << 20
+    real = fed.bucket.client.upload_part
+    numbers: list[int] = []
+
+    def flaky(**kwargs: Any) -> Any:
+        numbers.append(kwargs["PartNumber"])
+        if kwargs["PartNumber"] == 2:
+            raise ClientError({"Error": {"Code": "InternalError"}}, "UploadPart")
+        return real(**kwargs)
+
+    monkeypatch.setattr(fed.bucket.client, "upload_part", flaky)
+    with pytest.raises(BucketError, match="InternalError"):
+        for _ in range(16):
+            sink.write(b"\1" * (1 << 20))
+        sink.commit()
+    sink.abort()
+    assert 2 in numbers
+    listing = fed.bucket.client.list_multipart_uploads(
+        Bucket=fed.bucket.name, Prefix=f"{fed.base}/uploads/"
+    )
+    assert not listing.get("Uploads")
+    assert keys(fed, "uploads/") == []
+
+
 def test_a_garbage_upload_record_is_quarantined_not_fatal(
     fed: S3FederationStore, raw: S3Client
 ) -> None:

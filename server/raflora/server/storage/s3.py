@@ -28,7 +28,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +72,8 @@ _MAX_JSON_BYTES = 16 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _PAYLOAD_NAME = re.compile(r"\.payload-[0-9a-f]{32}\.safetensors")
 _DOWNLOAD_BLOCK = 1 << 20
+# Multipart parts of every upload in flight go up from here, off the intake's writer lane.
+_PART_SENDERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="raflora-s3-part")
 # A manifest-less round or a record-less payload younger than this may belong to a server that
 # is still publishing or committing it (a failover overlap): left alone until then.
 ORPHAN_GRACE_SECONDS = 3600.0
@@ -283,9 +287,14 @@ class Bucket:
 
 class S3UploadSink:
     """An upload spooled to local scratch (where the checks read it back) and sent to the
-    bucket as a multipart upload while it arrives; the object appears only at commit."""
+    bucket as a multipart upload while it arrives; the object appears only at commit.
+
+    Parts go up from a pool of their own, at most ``PARTS_IN_FLIGHT`` at a time per upload,
+    while the intake's writer keeps spooling: the bucket's PUTs overlap the receive instead of
+    each one holding it up. A part that failed surfaces at the next write or at commit."""
 
     PART_BYTES = 8 << 20  # S3's smallest part is 5 MiB (the last one excepted)
+    PARTS_IN_FLIGHT = 2  # per upload: memory is this many parts, the receive never waits long
 
     def __init__(self, bucket: Bucket, key: str) -> None:
         self._bucket = bucket
@@ -295,8 +304,9 @@ class S3UploadSink:
         self._path = folder / f"upload-{uuid.uuid4().hex}"
         self._file: BinaryIO | None = self._path.open("w+b")
         self._received = 0
-        self._sent = 0
+        self._queued = 0  # bytes handed to part uploads
         self._upload_id: str | None = None
+        self._in_flight: deque[Future[dict[str, Any]]] = deque()
         self._parts: list[dict[str, Any]] = []
         self._committed = False
 
@@ -310,25 +320,49 @@ class S3UploadSink:
         with disk_full_guard("receiving an upload"):
             self._file.write(chunk)
         self._received += len(chunk)
-        while self._received - self._sent >= self.PART_BYTES:
-            self._send_part(self.PART_BYTES)
+        while self._received - self._queued >= self.PART_BYTES:
+            self._queue_part(self.PART_BYTES)
 
-    def _send_part(self, size: int) -> None:
+    def _queue_part(self, size: int) -> None:
         assert self._file is not None
-        self._file.flush()
-        client, name = self._bucket.client, self._bucket.name
-        data = os.pread(self._file.fileno(), size, self._sent)
-        number = len(self._parts) + 1
+        self._file.flush()  # the part's bytes are in the file before its thread reads them
+        if self._upload_id is None:
+            with _translated(self.key):
+                created = self._bucket.client.create_multipart_upload(
+                    Bucket=self._bucket.name, Key=self.key
+                )
+            self._upload_id = created["UploadId"]
+        while len(self._in_flight) >= self.PARTS_IN_FLIGHT:
+            self._parts.append(self._in_flight.popleft().result())  # raises its BucketError
+        number = len(self._parts) + len(self._in_flight) + 1
+        self._in_flight.append(
+            _PART_SENDERS.submit(self._send_part, self._upload_id, number, self._queued, size)
+        )
+        self._queued += size
+
+    def _send_part(self, upload_id: str, number: int, offset: int, size: int) -> dict[str, Any]:
+        assert self._file is not None  # closed only once no part is in flight
+        data = os.pread(self._file.fileno(), size, offset)
         with _translated(self.key):
-            if self._upload_id is None:
-                self._upload_id = client.create_multipart_upload(Bucket=name, Key=self.key)[
-                    "UploadId"
-                ]
-            part = client.upload_part(
-                Bucket=name, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=data
+            part = self._bucket.client.upload_part(
+                Bucket=self._bucket.name,
+                Key=self.key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
             )
-        self._parts.append({"ETag": part["ETag"], "PartNumber": number})
-        self._sent += size
+        return {"ETag": part["ETag"], "PartNumber": number}
+
+    def _settle(self) -> None:
+        """Wait for every part in flight; the first failure is raised after all are done."""
+        error: BaseException | None = None
+        while self._in_flight:
+            try:
+                self._parts.append(self._in_flight.popleft().result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     @contextmanager
     def tensors(self) -> Iterator[TensorReader]:
@@ -347,8 +381,9 @@ class S3UploadSink:
             self._file.seek(0)
             self._bucket.put(self.key, self._file.read())
         else:
-            if self._received > self._sent:
-                self._send_part(self._received - self._sent)
+            if self._received > self._queued:
+                self._queue_part(self._received - self._queued)
+            self._settle()
             with _translated(self.key):
                 client.complete_multipart_upload(
                     Bucket=name,
@@ -366,6 +401,8 @@ class S3UploadSink:
         self._path.unlink(missing_ok=True)
 
     def abort(self) -> None:
+        with suppress(Exception):  # their errors no longer matter; their reads must end
+            self._settle()
         self._close_spool()
         if self._upload_id is not None and not self._committed:
             upload_id, self._upload_id = self._upload_id, None
