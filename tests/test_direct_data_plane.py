@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import math
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -25,7 +26,14 @@ import pytest
 import torch
 from botocore.config import Config
 
-from raflora.client_sdk import AdminClient, RafloraClient, RafloraError, lora_state_dict, pb
+from raflora.client_sdk import (
+    AdminClient,
+    RafloraClient,
+    RafloraError,
+    RetryPolicy,
+    lora_state_dict,
+    pb,
+)
 from raflora.client_sdk.errors import from_rpc_error
 from raflora.client_sdk.payload import PushPayload
 from raflora.server.api.serde import config_from_proto, config_to_proto
@@ -420,3 +428,145 @@ def test_the_data_plane_is_a_spec_field_like_any_other() -> None:
     assert FederationConfig.parse(mapping).data_plane == "grpc"
     with pytest.raises(Exception, match="data_plane"):
         FederationConfig.parse({**mapping, "data_plane": "carrier-pigeon"})
+
+
+# -- the review's cases: concurrency, attempts, sizes, bucket faults, damaged views ----------
+
+
+def test_one_commit_at_a_time_and_each_is_an_attempt(
+    s3_server: ThreadedServer, seaweed: SeaweedFS
+) -> None:
+    """Eight commits of one posted upload at once: one is counted, the others are refused as
+    a commit already running or answered as its duplicate; one payload object in the bucket.
+    A commit while the server holds one of the client's is refused before any I/O."""
+    fid = "direct-commits"
+    with ExitStack() as stack:
+        mallory = Federation(stack, s3_server, fid, **DIRECT).client("mallory", 2)
+        payload = PushPayload(adapter(2, 1))
+        data = payload.to_bytes()
+        h = header(mallory, payload)
+        grant = begin(mallory, h)
+        assert post(grant, data) in (200, 201, 204)
+        h.sha256 = sha(data)
+        runtime = s3_server.server.hub.get(fid)
+        runtime.direct_commits.add("mallory")  # as if one were running
+        error = refused(lambda: commit(mallory, h, grant.upload_id))
+        check(error, C.RESOURCE_EXHAUSTED, R.TOO_MANY_STREAMS, "upload_id")
+        runtime.direct_commits.discard("mallory")
+
+        outcomes: list[object] = []
+
+        def one() -> None:
+            try:
+                outcomes.append(commit(mallory, h, grant.upload_id).duplicate)
+            except grpc.RpcError as exc:
+                outcomes.append(from_rpc_error(exc).reason)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert outcomes.count(False) == 1, outcomes  # counted once
+        assert set(outcomes) <= {False, True, R.TOO_MANY_STREAMS, R.PUSH_LIMIT}, outcomes
+        assert mallory.status().uploads == 1
+        payloads = [k for k in bucket_keys(seaweed, s3_server, fid, "uploads") if ".payload-" in k]
+        assert len(payloads) == 1, payloads
+
+
+def test_commits_count_towards_the_attempt_limit(s3_server: ThreadedServer) -> None:
+    with ExitStack() as stack:
+        mallory = Federation(stack, s3_server, "direct-commit-limit", **DIRECT).client("m", 2)
+        h = header(mallory, PushPayload(adapter(2, 1)))
+        grant = begin(mallory, h)  # attempt 1
+        h.sha256 = "0" * 64
+        limit = s3_server.server.settings.max_pushes_per_round
+        for _ in range(limit - 1):  # attempts 2..limit: nothing was posted
+            error = refused(lambda: commit(mallory, h, grant.upload_id))
+            check(error, C.DATA_LOSS, R.UPLOAD_MISSING, "upload_id")
+        error = refused(lambda: commit(mallory, h, grant.upload_id))
+        check(error, C.RESOURCE_EXHAUSTED, R.PUSH_LIMIT, "round")
+
+
+def test_the_server_checks_the_size_itself(s3_server: ThreadedServer, seaweed: SeaweedFS) -> None:
+    """A bucket that ignored the POST policy: an object of another size at the staging key is
+    refused by the server (SIZE_MISMATCH) and its copy removed."""
+    fid = "direct-size"
+    with ExitStack() as stack:
+        mallory = Federation(stack, s3_server, fid, **DIRECT).client("mallory", 2)
+        payload = PushPayload(adapter(2, 1))
+        h = header(mallory, payload)
+        grant = begin(mallory, h)
+        longer = payload.to_bytes() + b"\0" * 64
+        seaweed.client().put_object(Bucket=S3_BUCKET, Key=grant.fields["key"], Body=longer)
+        h.sha256 = sha(longer)
+        error = refused(lambda: commit(mallory, h, grant.upload_id))
+        check(error, C.DATA_LOSS, R.SIZE_MISMATCH, "total_bytes")
+        assert bucket_keys(seaweed, s3_server, fid, "uploads") == []
+        assert bucket_keys(seaweed, s3_server, fid, "staging") == []
+        assert mallory.status().uploads == 0
+
+
+def test_a_bucket_fault_is_unavailable_and_the_sdk_resumes_without_a_new_grant(
+    s3_server: ThreadedServer, seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's copy fails once with a 503: the commit is UNAVAILABLE (STORAGE_UNAVAILABLE),
+    the posted object is kept, and the SDK's retry commits it again: one grant, one POST."""
+    from botocore.exceptions import ClientError
+
+    fid = "direct-fault"
+    with ExitStack() as stack:
+        federation = Federation(stack, s3_server, fid, **DIRECT)
+        credential = federation.admin.issue_client_credential(fid, "a")
+        client = stack.enter_context(
+            RafloraClient(
+                s3_server.target,
+                fid,
+                "a",
+                enrolment_secret=credential,
+                retry=RetryPolicy(attempts=3, initial_backoff=0.05),
+            )
+        )
+        client.join(rank=2, num_examples=10)
+        bucket_client = s3_server.server.hub.get(fid).store.bucket.client  # type: ignore[attr-defined]
+        real_copy = bucket_client.copy
+        faults = [ClientError({"Error": {"Code": "SlowDown"}}, "CopyObject")]
+
+        def flaky_copy(*args: Any, **kwargs: Any) -> Any:
+            if faults:
+                raise faults.pop()
+            return real_copy(*args, **kwargs)
+
+        monkeypatch.setattr(bucket_client, "copy", flaky_copy)
+        assert not client.push(adapter(2, 1), round=0, num_examples=10).duplicate
+        assert not faults
+        url = s3_server.metrics_url
+        assert metric(url, "raflora_rpcs_total", method="BeginDirectPush", code="OK") == 1
+        assert metric(url, "raflora_rpcs_total", method="CommitDirectPush", code="UNAVAILABLE") == 1
+        assert metric(url, "raflora_rpcs_total", method="CommitDirectPush", code="OK") == 1
+        assert client.status().uploads == 1
+        assert bucket_keys(seaweed, s3_server, fid, "staging") == []
+
+
+def test_a_view_damaged_on_the_servers_disk_never_reaches_the_bucket(
+    s3_server: ThreadedServer, seaweed: SeaweedFS, tmp_path: Path
+) -> None:
+    fid = "direct-view"
+    with ExitStack() as stack:
+        client = Federation(stack, s3_server, fid, clients=1, **DIRECT).client("a", 2)
+        client.push(adapter(2, 1), round=0, num_examples=10)
+        client.wait_for_round(0, timeout=30)
+        runtime = s3_server.server.hub.get(fid)
+        view = s3_server.run(runtime.view_for("a"))
+        local = list((tmp_path / "scratch" / "views" / fid).rglob(f"{view.stored.key}*"))
+        assert len(local) == 1, local
+        damaged = bytearray(local[0].read_bytes())
+        damaged[-3] ^= 0x10
+        local[0].write_bytes(bytes(damaged))
+        pulled = client.pull()  # rebuilt, then published
+        assert pulled.round == 1
+        assert all(bool(torch.isfinite(t).all()) for t in pulled.tensors.values())
+        views = bucket_keys(seaweed, s3_server, fid, "views")
+        assert views == [f"00000001/{view.stored.key}-{view.sha256}.safetensors"], views
+        problems = metric(s3_server.metrics_url, "raflora_storage_problems_total", federation=fid)
+        assert problems == 1

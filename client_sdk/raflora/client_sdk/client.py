@@ -14,11 +14,12 @@ about to expire, has expired or was revoked, as long as it still holds a valid s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -54,6 +55,8 @@ from .payload import PushPayload, receive_adapter
 
 log = logging.getLogger("raflora.client_sdk")
 _SERVICE = pb.DESCRIPTOR.services_by_name["AggregationService"].full_name
+# A direct push asks for a new grant this long before its URL expires (a slow POST still fits).
+_GRANT_MARGIN_SECONDS = 120.0
 _ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 REFRESH_MARGIN_SECONDS = 60.0  # join again this long (at most a quarter of its life) before
@@ -375,15 +378,15 @@ class RafloraClient:
         )
 
         def attempt() -> PulledAdapter:
-            stream: Iterable[Any]
             if self.data_plane == pb.DATA_PLANE_DIRECT:
                 download = self.stub.DirectPull(
                     request, timeout=self.timeout, metadata=self._token_metadata()
                 )
-                stream = get_payload(download, self.timeout)
+                with contextlib.closing(get_payload(download, self.timeout)) as body:
+                    header, tensors = receive_adapter(body, progress)
             else:
                 stream = self._pull(request, timeout=self.timeout, metadata=self._token_metadata())
-            header, tensors = receive_adapter(stream, progress)
+                header, tensors = receive_adapter(stream, progress)
             merge = {k: v for k, v in tensors.items() if f".{MERGE_PREFIX}" in k}
             lora = {k: v for k, v in tensors.items() if k not in merge}
             return PulledAdapter(
@@ -424,20 +427,38 @@ class RafloraClient:
             yield pb.PushRequest(header=header)
             yield from payload.messages(self.chunk_size, progress)
 
+        # A direct push's retries resume where the last try stopped: the grant is reused
+        # until it nears expiry (each grant is one of the round's push attempts), a payload
+        # already posted is not posted again, and only a commit that found nothing posts anew.
+        grant: pb.DirectUpload | None = None
+        digest: str | None = None
+
         def direct() -> pb.PushResponse:
-            """Grant, POST to the bucket, commit: retried as a whole from a fresh grant."""
+            nonlocal grant, digest
             metadata = self._token_metadata()
-            grant = self.stub.BeginDirectPush(header, timeout=self.timeout, metadata=metadata)
-            digest = post_payload(
-                grant, payload.pieces, payload.total_bytes, self.timeout, progress
-            )
+            if grant is None or time.time() > grant.expires_unix - _GRANT_MARGIN_SECONDS:
+                grant = self.stub.BeginDirectPush(header, timeout=self.timeout, metadata=metadata)
+                digest = None
+            if digest is None:
+                digest = post_payload(
+                    grant, payload.pieces, payload.total_bytes, self.timeout, progress
+                )
             signed = pb.PushHeader()
             signed.CopyFrom(header)
             signed.sha256 = digest
             commit = pb.CommitDirectPushRequest(header=signed, upload_id=grant.upload_id)
-            response: pb.PushResponse = self.stub.CommitDirectPush(
-                commit, timeout=self.timeout, metadata=metadata
-            )
+            try:
+                response: pb.PushResponse = self.stub.CommitDirectPush(
+                    commit, timeout=self.timeout, metadata=metadata
+                )
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if error.reason != ErrorReason.UPLOAD_MISSING:
+                    raise
+                digest = None  # the bucket lost it (or it expired): post again, once more
+                raise UnavailableError(
+                    error.details, reason=error.reason, field=error.field
+                ) from None
             return response
 
         if self.data_plane == pb.DATA_PLANE_DIRECT:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from raflora.v1 import aggregation_pb2 as pb
@@ -103,7 +103,9 @@ def post_payload(
     return digest.hexdigest()
 
 
-def get_payload(download: pb.DirectDownload, timeout: float) -> Iterator[pb.PullChunk | memoryview]:
+def get_payload(
+    download: pb.DirectDownload, timeout: float
+) -> Generator[pb.PullChunk | memoryview, None, None]:
     """The download as a Pull-shaped stream (its header, then data chunks) for the SDK's
     usual receiver, which checks the size and the digest. Never reads past the declared size."""
     total = download.header.total_bytes

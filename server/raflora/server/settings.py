@@ -75,8 +75,8 @@ class ServerSettings(BaseSettings):
     )
     direct_url_seconds: float = Field(
         default=900.0,
-        gt=0,
-        le=7 * 86400,
+        ge=1,
+        le=86400,
         description="data_plane=direct: how long a pre-signed upload or download URL works",
     )
     device: str = Field(

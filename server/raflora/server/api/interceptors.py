@@ -32,6 +32,7 @@ from raflora.v1.wire import ERROR_DOMAIN, FIELD_METADATA_KEY, ErrorReason
 
 from ..errors import ServiceError, is_disk_full
 from ..metrics import ServerMetrics
+from ..storage.s3 import BucketError
 from .admission import Admission, Ticket
 from .streams import refuse_malformed
 
@@ -85,6 +86,13 @@ def refusal_of(exc: BaseException) -> Refusal:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "storage: disk full on the server",
             ErrorReason.DISK_FULL,
+            "storage",
+        )
+    if isinstance(exc, BucketError):  # a timeout, a 5xx, throttling: try again
+        return Refusal(
+            grpc.StatusCode.UNAVAILABLE,
+            "storage: the object store did not answer; try again",
+            ErrorReason.STORAGE_UNAVAILABLE,
             "storage",
         )
     return Refusal(

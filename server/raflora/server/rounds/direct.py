@@ -6,12 +6,22 @@ its payload the same streaming checks, digest and commit: only the route of the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from raflora.v1.wire import ErrorReason
 
-from ..errors import DataLossError, FailedPreconditionError, InvalidArgumentError
+from ..config import echo_id
+from ..errors import (
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from ..storage.s3_direct import (
     UPLOAD_ID,
     DamagedViewError,
@@ -23,9 +33,14 @@ from ..storage.s3_direct import (
 )
 from .runtime import FederationRuntime
 from .tickets import PushOutcome
-from .views import View
+from .views import View, ViewReader
 
 log = logging.getLogger("raflora.server")
+# Copies, read-backs and view uploads of direct transfers: bounded, and off the default
+# executor that commits, joins and view builds of every federation share.
+_BUCKET = ThreadPoolExecutor(
+    max_workers=min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="raflora-direct"
+)
 
 
 def _store(runtime: FederationRuntime) -> DirectStore:
@@ -67,56 +82,101 @@ async def commit_push(
     total_bytes: int,
     sha256: str,
 ) -> PushOutcome:
-    """Adopt a posted payload, read it back through the push checks, and acknowledge it."""
+    """Adopt a posted payload, read it back through the push checks, and acknowledge it.
+
+    One commit per client at a time, each a push attempt of the round: a client cannot make
+    the server copy and read its upload over and over, or many times at once."""
     store = _store(runtime)
     if not sha256:
         raise InvalidArgumentError("header.sha256", "CommitDirectPush needs the payload's digest")
     if not UPLOAD_ID.fullmatch(upload_id):
         raise InvalidArgumentError("upload_id", "not an upload id this server issued")
+    if client_id in runtime.direct_commits:
+        raise ResourceExhaustedError(
+            "upload_id",
+            f"a commit of client {echo_id(client_id)} is already running; wait for its answer",
+            ErrorReason.TOO_MANY_STREAMS,
+        )
+    runtime.direct_commits.add(client_id)
+    try:
+        return await _commit(
+            runtime,
+            store,
+            upload_id,
+            client_id,
+            round_,
+            rank,
+            num_examples,
+            lora_alpha,
+            total_bytes,
+            sha256,
+        )
+    finally:
+        runtime.direct_commits.discard(client_id)
+
+
+async def _commit(
+    runtime: FederationRuntime,
+    store: DirectStore,
+    upload_id: str,
+    client_id: str,
+    round_: int,
+    rank: int,
+    num_examples: int,
+    lora_alpha: float,
+    total_bytes: int,
+    sha256: str,
+) -> PushOutcome:
+    loop = asyncio.get_running_loop()
     verdict = runtime.check_push_header(
-        client_id, round_, rank, num_examples, lora_alpha, total_bytes, sha256, count_attempt=False
+        client_id, round_, rank, num_examples, lora_alpha, total_bytes, sha256
     )
     if verdict.duplicate:  # an ack-lost retry: the bytes were checked and counted before
-        await asyncio.to_thread(store.direct.forget_staged, round_, client_id, upload_id)
-        return PushOutcome(round_, True, total_bytes, runtime.uploads_in(round_))
-    try:
-        sink, blocks = await asyncio.to_thread(
-            store.adopt_direct_upload, round_, client_id, upload_id, total_bytes
+        await loop.run_in_executor(
+            _BUCKET, store.direct.forget_staged, round_, client_id, upload_id
         )
-    except StagedUploadMissingError:
-        raise DataLossError(
-            "upload_id",
-            f"no payload was posted for upload {upload_id} (or it was removed): begin again",
-            ErrorReason.UPLOAD_MISSING,
-        ) from None
-    except StagedSizeError as exc:
-        raise DataLossError("total_bytes", str(exc), ErrorReason.SIZE_MISMATCH) from None
-    ticket = runtime.ticket(verdict, sink)
+        return PushOutcome(round_, True, total_bytes, runtime.uploads_in(round_))
+    runtime.refuse_if_counted(client_id, round_)  # before a byte is read, not after
+    decided = True  # the staged object is dropped unless the bucket did not answer
     try:
-        await _feed(ticket.write, blocks, ticket.intake.raise_error)
-    except BaseException:
-        runtime.abort_push(ticket)  # the sink deletes the copy
+        try:
+            sink, blocks = await loop.run_in_executor(
+                _BUCKET, store.adopt_direct_upload, round_, client_id, upload_id, total_bytes
+            )
+        except StagedUploadMissingError:
+            raise DataLossError(
+                "upload_id",
+                f"no payload was posted for upload {upload_id} (or it was removed): begin again",
+                ErrorReason.UPLOAD_MISSING,
+            ) from None
+        except StagedSizeError as exc:
+            raise DataLossError("total_bytes", str(exc), ErrorReason.SIZE_MISMATCH) from None
+        ticket = runtime.ticket(verdict, sink)
+        try:
+            while (block := await loop.run_in_executor(_BUCKET, next, blocks, None)) is not None:
+                ticket.intake.raise_error()  # a bad chunk stops the read at once
+                await ticket.write(block)
+        except BaseException:
+            runtime.abort_push(ticket)  # the sink deletes the copy
+            raise
+        finally:
+            await loop.run_in_executor(_BUCKET, _close, blocks)
+        return await runtime.finish_push(ticket)
+    except OSError:  # the bucket (or the disk) did not answer: the client may commit again
+        decided = False
         raise
     finally:
-        await asyncio.to_thread(_close, blocks)
-    return await runtime.finish_push(ticket)
-
-
-async def _feed(
-    write: Callable[[bytes], Awaitable[None]],
-    blocks: Iterator[bytes],
-    raise_error: Callable[[], None],
-) -> None:
-    """Each block read in a worker thread, then handed to the ticket (which checks it)."""
-    while (block := await asyncio.to_thread(next, blocks, None)) is not None:
-        raise_error()  # a bad chunk stops the read at once
-        await write(block)
+        if decided:
+            await loop.run_in_executor(
+                _BUCKET, store.direct.forget_staged, round_, client_id, upload_id
+            )
 
 
 def _close(blocks: Iterator[bytes]) -> None:
     close = getattr(blocks, "close", None)
     if close is not None:
-        close()
+        with contextlib.suppress(ValueError):  # still running in a thread (loop shutdown)
+            close()
 
 
 async def pull(
@@ -125,17 +185,31 @@ async def pull(
     """A GET URL of the client's view (put into the bucket on first use). A local view found
     damaged on the way up is discarded and built again once."""
     plane = _store(runtime).direct
+    loop = asyncio.get_running_loop()
     for attempt in range(2):
         view, reader = await runtime.open_view(client_id, round_)
-        with reader:  # pins the round against retention while it is copied up
-            try:
-                grant = await asyncio.to_thread(plane.grant_download, view.stored, reader, ttl)
-            except DamagedViewError:
-                if attempt:
-                    raise DataLossError(
-                        "view", "the pull view was damaged twice on the server's disk"
-                    ) from None
-                await runtime.discard_view(view)
-                continue
+
+        async def publish(reader: ViewReader = reader, view: View = view) -> DownloadGrant:
+            with reader:  # pins the round against retention until the copy is up
+                return await loop.run_in_executor(
+                    _BUCKET, plane.grant_download, view.stored, reader, ttl
+                )
+
+        task = asyncio.ensure_future(publish())
+        task.add_done_callback(_seen)
+        try:  # a caller that goes away does not close the reader under the thread reading it
+            grant = await asyncio.shield(task)
+        except DamagedViewError:
+            if attempt:
+                raise DataLossError(
+                    "view", "the pull view was damaged twice on the server's disk"
+                ) from None
+            await runtime.discard_view(view)
+            continue
         return view, grant
     raise AssertionError("unreachable")
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

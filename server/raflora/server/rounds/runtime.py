@@ -144,6 +144,7 @@ class FederationRuntime:
         self._closed = False
         self.deleted = False  # DeleteFederation: every RPC that still reaches it is NOT_FOUND
         self._push_attempts: dict[str, int] = {}  # client id -> attempts in the open round
+        self.direct_commits: set[str] = set()  # clients with a CommitDirectPush running
         self._join_attempts: dict[str, int] = {}
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_INITIAL_SECONDS
@@ -458,6 +459,12 @@ class FederationRuntime:
             UploadIntake(sink, verdict.check),
             verdict.duplicate,
         )
+
+    def refuse_if_counted(self, client_id: str, round_: int) -> None:
+        """ALREADY_EXISTS for a client whose upload of ``round_`` is counted (a different
+        one: an identical one is a duplicate and never gets here)."""
+        if self._has_counted(client_id, round_):
+            self._refuse_second_upload(round_)
 
     def uploads_in(self, round_: int) -> int:
         """Acknowledged uploads of ``round_`` (the open one, or the one just closed)."""

@@ -111,6 +111,7 @@ class S3DirectPlane:
         self.bucket = bucket
         self.base = base
         self._published_views: set[str] = set()
+        self._view_gates: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def _key(self, *parts: str) -> str:
@@ -139,16 +140,15 @@ class S3DirectPlane:
         )
 
     def adopt(self, round_: int, client_id: str, upload_id: str, target: str, size: int) -> None:
-        """Copy the staged object to ``target`` (a payload key no client can write) and drop
-        the staged one; the copy must have ``size`` bytes. On failure nothing is left at
-        ``target``."""
+        """Copy the staged object to ``target`` (a payload key no client can write); the copy
+        must have ``size`` bytes. On failure nothing is left at ``target``. The staged object
+        stays: the caller drops it once the commit is decided (a bucket that did not answer
+        decides nothing, and the client may commit again)."""
         staged = self.staging_key(round_, client_id, upload_id)
         try:
             self.bucket.copy(staged, target)
         except FileNotFoundError:
             raise StagedUploadMissingError(upload_id) from None
-        finally:
-            self._delete_quietly(staged)
         try:
             actual = self.bucket.size(target)
             if actual != size:
@@ -162,7 +162,8 @@ class S3DirectPlane:
         self._delete_quietly(self.staging_key(round_, client_id, upload_id))
 
     def read_blocks(self, key: str, max_bytes: int) -> Iterator[bytes]:
-        """The object's bytes in blocks, never more than ``max_bytes`` of them."""
+        """The object's bytes in blocks, stopping at the first block past ``max_bytes`` (the
+        ticket refuses it)."""
         body = self.bucket.open_body(key)
         try:
             read = 0
@@ -184,23 +185,43 @@ class S3DirectPlane:
 
     def grant_download(self, view: StoredView, source: Readable, ttl: float) -> DownloadGrant:
         """A GET URL of ``view``'s bytes, put into the bucket from ``source`` first unless they
-        are there already. The bytes are hashed on the way up: a local view damaged at rest
-        raises :class:`DamagedViewError` and is not left in the bucket."""
+        are there already. One upload per view at a time (other pulls wait for it); the bytes
+        go to a temporary key, hashed on the way, and only bytes that match the view's digest
+        are copied to its content-addressed key. A local view damaged at rest raises
+        :class:`DamagedViewError` and never reaches that key."""
         key = self.view_key(view)
         with self._lock:
-            published = key in self._published_views
-        if not published and not self.bucket.exists(key):
-            reader = _HashingReader(source)
-            self.bucket.upload_fileobj(reader, key)
-            if reader.size != view.size or reader.digest.hexdigest() != view.sha256:
-                self._delete_quietly(key)
-                raise DamagedViewError(f"view {view.key} of round {view.round}")
-        with self._lock:
-            self._published_views.add(key)
+            gate = self._view_gates.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                published = key in self._published_views
+            if not published and not self._holds(key, view.size):
+                self._publish_view(view, source, key)
+            with self._lock:
+                self._published_views.add(key)
         url = self.bucket.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=int(ttl)
         )
         return DownloadGrant(url, time.time() + ttl)
+
+    def _holds(self, key: str, size: int) -> bool:
+        """Is an object of ``size`` bytes at ``key``? (Only this plane writes there, and only
+        verified bytes; the size check catches an object someone else truncated.)"""
+        try:
+            return self.bucket.size(key) == size
+        except FileNotFoundError:
+            return False
+
+    def _publish_view(self, view: StoredView, source: Readable, key: str) -> None:
+        staging = self._key("views", _round_name(view.round), f".up-{uuid.uuid4().hex}")
+        reader = _HashingReader(source)
+        try:
+            self.bucket.upload_fileobj(reader, staging)
+            if reader.size != view.size or reader.digest.hexdigest() != view.sha256:
+                raise DamagedViewError(f"view {view.key} of round {view.round}")
+            self.bucket.copy(staging, key)
+        finally:
+            self._delete_quietly(staging)
 
     # -- retention -------------------------------------------------------------------------
     def prune(self, keep_round: int) -> None:
@@ -215,12 +236,18 @@ class S3DirectPlane:
             self._published_views = {
                 k for k in self._published_views if self._round_of(k) >= keep_round - 1
             }
+            self._view_gates = {
+                k: v for k, v in self._view_gates.items() if self._round_of(k) >= keep_round - 1
+            }
 
     def delete_round(self, round_: int) -> None:
         prefix = self._key("views", _round_name(round_)) + "/"
         self.bucket.delete_keys(self.bucket.list_keys(prefix))
         with self._lock:
             self._published_views = {k for k in self._published_views if not k.startswith(prefix)}
+            self._view_gates = {
+                k: v for k, v in self._view_gates.items() if not k.startswith(prefix)
+            }
 
     def _round_of(self, key: str) -> int:
         name = key[len(self._key("views")) + 1 :].split("/", 1)[0]
