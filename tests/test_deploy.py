@@ -562,6 +562,15 @@ def test_ray_cluster_runs_the_servers_image_and_takes_only_the_server(
     assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespace, no IP
     assert [a.items() <= server_labels.items() for a in allowed] == [True, False]
     assert allowed[1].items() <= ray_labels.items()
+    # Ray's token authentication: every Ray pod and the server present the one token of a
+    # Secret the overlay renders (an empty placeholder: Ray refuses to start without a token).
+    secret = one(docs, "Secret", "raflora-ray-auth")
+    assert set(secret["stringData"]) == {"RAY_AUTH_TOKEN"}
+    for member in [*(g["template"]["spec"]["containers"][0] for g in groups), container(docs)]:
+        env = {e["name"]: e for e in member.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", member["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "raflora-ray-auth", "key": "RAY_AUTH_TOKEN"}, member["name"]
 
 
 def test_gateway_and_ingress_route_grpc_to_the_service(workdir: Path) -> None:

@@ -34,7 +34,7 @@ from raflora.server.engine import (
     make_strategy,
 )
 from raflora.server.testing import ThreadedServer, scrape, start_server_process, threaded_server
-from raflora.server.testing_ray import RAY_ENV, RayCluster, running_tasks
+from raflora.server.testing_ray import RAY_ENV, RayCluster, ray_cluster, running_tasks
 
 from .helpers.federations import every_client_spec
 from .test_trust_boundary import POISON, POISON_TRUST, Attack, run_attack
@@ -286,6 +286,40 @@ def test_a_server_that_cannot_reach_its_ray_cluster_says_so(tmp_path: Path) -> N
     log = (tmp_path / "server.log").read_text()
     assert f"ray_address: cannot use {address}: nothing answers at {address}" in log, log
     assert "Traceback" not in log
+
+
+def test_a_cluster_with_token_authentication_takes_only_a_server_with_its_token(
+    tmp_path: Path,
+) -> None:
+    """components/ray turns on Ray's token authentication (RAY_AUTH_MODE=token): a server
+    with the cluster's token joins it through Ray Client and runs its probe task there; one
+    without is refused at start with one line naming ray_address."""
+    token = os.urandom(32).hex()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    with ray_cluster(cpus=1, env=auth) as cluster:
+        address = {"RAFLORA_RAY_ADDRESS": cluster.client_address}
+        with start_server_process(
+            tmp_path / "with", tmp_path / "with.log", env={**address, **auth}, timeout=90
+        ) as server:
+            assert server.running
+        joined = (tmp_path / "with.log").read_text()
+        assert f"aggregating modules on the Ray cluster {cluster.client_address}" in joined
+        with pytest.raises(RuntimeError):
+            start_server_process(
+                tmp_path / "without",
+                tmp_path / "without.log",
+                # An empty HOME: no ~/.ray/auth_token of an earlier local run stands in.
+                env={
+                    **address,
+                    "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": "",
+                    "HOME": str(tmp_path / "home"),
+                },
+                timeout=90,
+            )
+    refused = (tmp_path / "without.log").read_text()
+    assert f"ray_address: cannot use {cluster.client_address}" in refused, refused
+    assert "AuthenticationError" in refused and "Traceback" not in refused, refused
 
 
 def test_local_mode_starts_a_cluster_inside_the_server(tmp_path: Path) -> None:

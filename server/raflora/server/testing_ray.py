@@ -57,9 +57,13 @@ def _answers(port: int) -> bool:
 
 @contextmanager
 def ray_cluster(
-    cpus: int = 2, object_store_mib: int = 512, timeout_seconds: float = 90.0
+    cpus: int = 2,
+    object_store_mib: int = 512,
+    timeout_seconds: float = 90.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[RayCluster]:
-    """A head node with ``cpus`` CPUs; yields once its GCS and Ray Client ports answer."""
+    """A head node with ``cpus`` CPUs; yields once its GCS and Ray Client ports answer.
+    ``env`` overrides :data:`RAY_ENV` (e.g. ``RAY_AUTH_MODE=token`` and its token)."""
     binary = ray_binary()
     if binary is None:
         raise RuntimeError("ray is not installed (pip install 'raflora[ray]')")
@@ -82,10 +86,10 @@ def ray_cluster(
         "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]
-    env = {**os.environ, **RAY_ENV}
+    head_env = {**os.environ, **RAY_ENV, **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=head_env, start_new_session=True
         )
     try:
         deadline = time.monotonic() + timeout_seconds
