@@ -11,6 +11,7 @@ SIGSTOP makes the probe's request time out.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -107,6 +108,22 @@ def object_store_overlay(root: Path) -> Path:
     return overlay
 
 
+def ray_overlay(root: Path) -> Path:
+    """docs/operations.md's Ray mode: the overlay and the real Ray token from a local file."""
+    overlay = root / "ray"
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "RAY_AUTH_TOKEN").write_text("cd" * 32)
+    rel = Path(os.path.relpath(KUSTOMIZE, overlay))
+    (overlay / "kustomization.yaml").write_text(
+        f"resources:\n  - {rel / 'overlays/ray'}\n"
+        "secretGenerator:\n"
+        "  - name: raflora-ray-auth\n"
+        "    behavior: replace\n"
+        "    files: [RAY_AUTH_TOKEN]\n"
+    )
+    return overlay
+
+
 def second_instance_overlay(root: Path) -> Path:
     """docs/operations.md's second instance: its own namespace, no second copy of the rules."""
     overlay = root / "raflora-b"
@@ -163,6 +180,8 @@ def render(overlay: str, workdir: Path) -> tuple[dict[str, Any], ...]:
         path = edge_overlay(workdir)
     elif overlay == "object-store":
         path = object_store_overlay(workdir)
+    elif overlay == "ray":
+        path = ray_overlay(workdir)
     elif overlay == "second-namespace":
         path = second_namespace_overlay(workdir)
     elif overlay == "namespace":
@@ -562,15 +581,15 @@ def test_ray_cluster_runs_the_servers_image_and_takes_only_the_server(
     assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespace, no IP
     assert [a.items() <= server_labels.items() for a in allowed] == [True, False]
     assert allowed[1].items() <= ray_labels.items()
-    # Ray's token authentication: every Ray pod and the server present the one token of a
-    # Secret the overlay renders (an empty placeholder: Ray refuses to start without a token).
+    # Ray's token authentication: every Ray pod and the server present the one token of the
+    # Secret the operator's overlay generates (docs/operations.md), whatever it is named.
     secret = one(docs, "Secret", "raflora-ray-auth")
-    assert set(secret["stringData"]) == {"RAY_AUTH_TOKEN"}
+    assert base64.b64decode(secret["data"]["RAY_AUTH_TOKEN"]) == b"cd" * 32
     for member in [*(g["template"]["spec"]["containers"][0] for g in groups), container(docs)]:
         env = {e["name"]: e for e in member.get("env", [])}
         assert env["RAY_AUTH_MODE"]["value"] == "token", member["name"]
         ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": "raflora-ray-auth", "key": "RAY_AUTH_TOKEN"}, member["name"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "RAY_AUTH_TOKEN"}, member
 
 
 def test_gateway_and_ingress_route_grpc_to_the_service(workdir: Path) -> None:

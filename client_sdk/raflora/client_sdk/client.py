@@ -55,7 +55,8 @@ from .payload import PushPayload, receive_adapter
 
 log = logging.getLogger("raflora.client_sdk")
 _SERVICE = pb.DESCRIPTOR.services_by_name["AggregationService"].full_name
-# A direct push asks for a new grant this long before its URL expires (a slow POST still fits).
+# A direct push asks for a new grant this long before its URL expires (a slow POST still fits),
+# or a quarter of the URL's life when that is shorter.
 _GRANT_MARGIN_SECONDS = 120.0
 _ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -427,19 +428,23 @@ class RafloraClient:
             yield pb.PushRequest(header=header)
             yield from payload.messages(self.chunk_size, progress)
 
-        # A direct push's retries resume where the last try stopped: the grant is reused
-        # until it nears expiry (each grant is one of the round's push attempts), a payload
-        # already posted is not posted again, and only a commit that found nothing posts anew.
+        # A direct push's retries resume where the last try stopped: a payload already posted
+        # is only committed again (a commit still running on the server answers the retry),
+        # a grant is reused for another POST until it nears expiry (each grant is one of the
+        # round's push attempts), and only a commit that found nothing posts anew.
         grant: pb.DirectUpload | None = None
+        renew_after = 0.0
         digest: str | None = None
 
         def direct() -> pb.PushResponse:
-            nonlocal grant, digest
+            nonlocal grant, digest, renew_after
             metadata = self._token_metadata()
-            if grant is None or time.time() > grant.expires_unix - _GRANT_MARGIN_SECONDS:
+            if digest is None and (grant is None or time.time() > renew_after):
                 grant = self.stub.BeginDirectPush(header, timeout=self.timeout, metadata=metadata)
-                digest = None
-            if digest is None:
+                life = grant.expires_unix - time.time()
+                renew_after = grant.expires_unix - min(_GRANT_MARGIN_SECONDS, life / 4)
+            assert grant is not None
+            if digest is None:  # once posted, the URL's expiry no longer matters
                 digest = post_payload(
                     grant, payload.pieces, payload.total_bytes, self.timeout, progress
                 )

@@ -3,7 +3,7 @@ bucket with the pre-signed POST that BeginDirectPush returned, and comes back wi
 pre-signed GET of DirectPull. Standard library only: a training job needs nothing new.
 
 Errors map onto the SDK's own: a bucket that cannot be reached, answers 5xx, or refuses an
-expired URL is ``UnavailableError`` (the call is retried from a fresh grant); any other
+expired URL is ``UnavailableError`` (the call is retried: the SDK reuses what it can); any other
 refusal is ``FailedPreconditionError`` carrying the bucket's own words.
 """
 

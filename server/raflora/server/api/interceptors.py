@@ -88,7 +88,7 @@ def refusal_of(exc: BaseException) -> Refusal:
             ErrorReason.DISK_FULL,
             "storage",
         )
-    if isinstance(exc, BucketError):  # a timeout, a 5xx, throttling: try again
+    if isinstance(exc, BucketError) and not exc.refused:  # a timeout, a 5xx: try again
         return Refusal(
             grpc.StatusCode.UNAVAILABLE,
             "storage: the object store did not answer; try again",

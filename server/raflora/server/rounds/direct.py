@@ -91,15 +91,18 @@ async def commit_push(
         raise InvalidArgumentError("header.sha256", "CommitDirectPush needs the payload's digest")
     if not UPLOAD_ID.fullmatch(upload_id):
         raise InvalidArgumentError("upload_id", "not an upload id this server issued")
-    if client_id in runtime.direct_commits:
-        raise ResourceExhaustedError(
-            "upload_id",
-            f"a commit of client {echo_id(client_id)} is already running; wait for its answer",
-            ErrorReason.TOO_MANY_STREAMS,
-        )
-    runtime.direct_commits.add(client_id)
-    try:
-        return await _commit(
+    terms = (upload_id, round_, rank, num_examples, lora_alpha, total_bytes, sha256)
+    running = runtime.direct_commits.get(client_id)
+    if running is not None:
+        if running[0] != terms:
+            raise ResourceExhaustedError(
+                "upload_id",
+                f"a commit of client {echo_id(client_id)} is already running; wait for its answer",
+                ErrorReason.TOO_MANY_STREAMS,
+            )
+        return await asyncio.shield(running[1])  # a retry of it (a lost answer): its outcome
+    task = asyncio.ensure_future(
+        _commit(
             runtime,
             store,
             upload_id,
@@ -111,8 +114,11 @@ async def commit_push(
             total_bytes,
             sha256,
         )
-    finally:
-        runtime.direct_commits.discard(client_id)
+    )
+    runtime.direct_commits[client_id] = (terms, task)
+    task.add_done_callback(lambda _: runtime.direct_commits.pop(client_id, None))
+    task.add_done_callback(_seen)
+    return await asyncio.shield(task)
 
 
 async def _commit(
@@ -162,8 +168,12 @@ async def _commit(
         finally:
             await loop.run_in_executor(_BUCKET, _close, blocks)
         return await runtime.finish_push(ticket)
-    except OSError:  # the bucket (or the disk) did not answer: the client may commit again
-        decided = False
+    except (OSError, asyncio.CancelledError):  # the bucket did not answer, or a shutdown:
+        decided = False  # the client may commit the same object again
+        runtime.check_live()  # deleted meanwhile: NOT_FOUND, not the I/O error it caused
+        raise
+    except Exception:
+        runtime.check_live()
         raise
     finally:
         if decided:
@@ -188,12 +198,27 @@ async def pull(
     loop = asyncio.get_running_loop()
     for attempt in range(2):
         view, reader = await runtime.open_view(client_id, round_)
+        if plane.published(view.stored):  # the usual case: a signature, no I/O
+            reader.close()
+            return view, plane.sign_download(view.stored, ttl)
+        key = plane.view_key(view.stored)
+        gate = runtime.view_uploads.setdefault(key, asyncio.Lock())
 
-        async def publish(reader: ViewReader = reader, view: View = view) -> DownloadGrant:
-            with reader:  # pins the round against retention until the copy is up
-                return await loop.run_in_executor(
-                    _BUCKET, plane.grant_download, view.stored, reader, ttl
-                )
+        async def publish(
+            reader: ViewReader = reader,
+            view: View = view,
+            gate: asyncio.Lock = gate,
+            key: str = key,
+        ) -> DownloadGrant:
+            try:
+                with reader:  # pins the round against retention until the copy is up
+                    async with gate:  # pulls of a view on its way up wait here, no thread
+                        return await loop.run_in_executor(
+                            _BUCKET, plane.grant_download, view.stored, reader, ttl
+                        )
+            finally:
+                if runtime.view_uploads.get(key) is gate and not gate.locked():
+                    del runtime.view_uploads[key]  # nobody took it after us
 
         task = asyncio.ensure_future(publish())
         task.add_done_callback(_seen)

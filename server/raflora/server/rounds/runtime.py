@@ -144,7 +144,9 @@ class FederationRuntime:
         self._closed = False
         self.deleted = False  # DeleteFederation: every RPC that still reaches it is NOT_FOUND
         self._push_attempts: dict[str, int] = {}  # client id -> attempts in the open round
-        self.direct_commits: set[str] = set()  # clients with a CommitDirectPush running
+        # Clients with a CommitDirectPush running: its terms and its task (a retry joins it).
+        self.direct_commits: dict[str, tuple[tuple[object, ...], asyncio.Future[Any]]] = {}
+        self.view_uploads: dict[str, asyncio.Lock] = {}  # direct pulls: one upload per view
         self._join_attempts: dict[str, int] = {}
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_INITIAL_SECONDS

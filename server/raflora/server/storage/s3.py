@@ -90,7 +90,28 @@ def _code(exc: BaseException) -> str:
 class BucketError(OSError):
     """The bucket could not be reached or answered with an error (a timeout, a 5xx, access
     denied): transient as far as the rounds layer is concerned, never evidence of damage. An
-    OSError, so that a publication failing on it is retried like one failing on a full disk."""
+    OSError, so that a publication failing on it is retried like one failing on a full disk.
+    ``refused``: the bucket refused the server itself (credentials, policy, no such bucket),
+    which retrying a client's call will not change."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+# Answers that say the server's own access is wrong, not that the bucket is busy.
+_REFUSED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AuthorizationHeaderMalformed",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+        "NoSuchBucket",
+        "SignatureDoesNotMatch",
+        "403",
+    }
+)
 
 
 class PreconditionFailedError(Exception):
@@ -111,7 +132,7 @@ def _translated(what: str) -> Iterator[None]:
             raise FileNotFoundError(what) from None
         if code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
             raise PreconditionFailedError(what) from None
-        raise BucketError(f"{what}: {exc}") from exc
+        raise BucketError(f"{what}: {exc}", refused=code in _REFUSED_CODES) from exc
     except BotoCoreError as exc:
         raise BucketError(f"{what}: {exc}") from exc
 
@@ -173,10 +194,22 @@ class Bucket:
         with _translated(key):
             return int(self.client.head_object(Bucket=self.name, Key=key)["ContentLength"])
 
-    def open_body(self, key: str) -> Any:
-        """A streaming GET's body (``read(n)``, ``close()``)."""
+    def read_blocks(self, key: str, block: int, max_bytes: int) -> Iterator[bytes]:
+        """The object's bytes in blocks of ``block``, stopping at the first block past
+        ``max_bytes``; a transfer error mid-body is a BucketError like any other."""
         with _translated(key):
-            return self.client.get_object(Bucket=self.name, Key=key)["Body"]
+            body = self.client.get_object(Bucket=self.name, Key=key)["Body"]
+        try:
+            read = 0
+            while read <= max_bytes:
+                with _translated(key):
+                    data = body.read(block)
+                if not data:
+                    return
+                read += len(data)
+                yield data
+        finally:
+            body.close()
 
     def exists(self, key: str) -> bool:
         try:

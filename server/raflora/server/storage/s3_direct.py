@@ -164,14 +164,7 @@ class S3DirectPlane:
     def read_blocks(self, key: str, max_bytes: int) -> Iterator[bytes]:
         """The object's bytes in blocks, stopping at the first block past ``max_bytes`` (the
         ticket refuses it)."""
-        body = self.bucket.open_body(key)
-        try:
-            read = 0
-            while read <= max_bytes and (block := body.read(_READ_BLOCK)):
-                read += len(block)
-                yield block
-        finally:
-            body.close()
+        return self.bucket.read_blocks(key, _READ_BLOCK, max_bytes)
 
     def _delete_quietly(self, key: str) -> None:
         try:
@@ -182,6 +175,19 @@ class S3DirectPlane:
     # -- downloads -------------------------------------------------------------------------
     def view_key(self, view: StoredView) -> str:
         return self._key("views", _round_name(view.round), f"{view.key}-{view.sha256}.safetensors")
+
+    def published(self, view: StoredView) -> bool:
+        """Known to be in the bucket already (no I/O)."""
+        with self._lock:
+            return self.view_key(view) in self._published_views
+
+    def sign_download(self, view: StoredView, ttl: float) -> DownloadGrant:
+        url = self.bucket.presigner.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket.name, "Key": self.view_key(view)},
+            ExpiresIn=int(ttl),
+        )
+        return DownloadGrant(url, time.time() + ttl)
 
     def grant_download(self, view: StoredView, source: Readable, ttl: float) -> DownloadGrant:
         """A GET URL of ``view``'s bytes, put into the bucket from ``source`` first unless they
@@ -199,10 +205,7 @@ class S3DirectPlane:
                 self._publish_view(view, source, key)
             with self._lock:
                 self._published_views.add(key)
-        url = self.bucket.presigner.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=int(ttl)
-        )
-        return DownloadGrant(url, time.time() + ttl)
+        return self.sign_download(view, ttl)
 
     def _holds(self, key: str, size: int) -> bool:
         """Is an object of ``size`` bytes at ``key``? (Only this plane writes there, and only
