@@ -153,6 +153,17 @@ def post(grant: pb.DirectUpload, data: bytes) -> int:
         connection.close()
 
 
+def posted(client: RafloraClient, tensors: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """An honest upload granted and posted: its header (digest set) and its grant."""
+    payload = PushPayload(tensors)
+    data = payload.to_bytes()
+    h = header(client, payload)
+    grant = begin(client, h)
+    assert post(grant, data) in (200, 201, 204)
+    h.sha256 = sha(data)
+    return h, grant
+
+
 def commit(client: RafloraClient, h: pb.PushHeader, upload_id: str) -> pb.PushResponse:
     request = pb.CommitDirectPushRequest(header=h, upload_id=upload_id)
     response: pb.PushResponse = client.stub.CommitDirectPush(
@@ -444,12 +455,7 @@ def test_one_commit_at_a_time_and_each_is_an_attempt(
     fid = "direct-commits"
     with ExitStack() as stack:
         mallory = Federation(stack, s3_server, fid, **DIRECT).client("mallory", 2)
-        payload = PushPayload(adapter(2, 1))
-        data = payload.to_bytes()
-        h = header(mallory, payload)
-        grant = begin(mallory, h)
-        assert post(grant, data) in (200, 201, 204)
-        h.sha256 = sha(data)
+        h, grant = posted(mallory, adapter(2, 1))
         runtime = s3_server.server.hub.get(fid)
         running: asyncio.Future[Any] = asyncio.Future(loop=s3_server.loop)  # another commit
         runtime.direct_commits["mallory"] = (("another upload",), running)
@@ -591,12 +597,7 @@ def test_a_retried_commit_joins_the_one_still_running(
     fid = "direct-join"
     with ExitStack() as stack:
         client = Federation(stack, s3_server, fid, **DIRECT).client("a", 2)
-        payload = PushPayload(adapter(2, 1))
-        data = payload.to_bytes()
-        h = header(client, payload)
-        grant = begin(client, h)
-        assert post(grant, data) in (200, 201, 204)
-        h.sha256 = sha(data)
+        h, grant = posted(client, adapter(2, 1))
         store = s3_server.server.hub.get(fid).store
         real_adopt = store.adopt_direct_upload  # type: ignore[attr-defined]
         release = threading.Event()
@@ -631,12 +632,7 @@ def test_a_bucket_that_refuses_the_server_is_an_internal_error_not_a_retry(
     fid = "direct-denied"
     with ExitStack() as stack:
         client = Federation(stack, s3_server, fid, **DIRECT).client("a", 2)
-        payload = PushPayload(adapter(2, 1))
-        data = payload.to_bytes()
-        h = header(client, payload)
-        grant = begin(client, h)
-        assert post(grant, data) in (200, 201, 204)
-        h.sha256 = sha(data)
+        h, grant = posted(client, adapter(2, 1))
         bucket_client = s3_server.server.hub.get(fid).store.bucket.client  # type: ignore[attr-defined]
 
         def denied(*args: Any, **kwargs: Any) -> Any:

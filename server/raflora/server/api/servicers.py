@@ -34,7 +34,7 @@ from ..rounds import (
     direct,
 )
 from ..rounds.terms import check_sha256
-from ..rounds.tickets import PushTicket
+from ..rounds.tickets import PushOutcome, PushTicket
 from ..rounds.views import ViewReader
 from .interceptors import refusal_of
 from .serde import (
@@ -331,12 +331,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             self._count_upload_error(federation, exc)
             raise
         self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
-        return pb.PushResponse(
-            round=outcome.round,
-            duplicate=outcome.duplicate,
-            received_bytes=outcome.size,
-            uploads_in_round=outcome.uploads_in_round,
-        )
+        return _push_response(outcome)
 
     async def BeginDirectPush(self, request: pb.PushHeader, context: Any) -> pb.DirectUpload:
         refuse_malformed(request)
@@ -395,12 +390,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             self._count_upload_error(h.federation_id, exc)
             raise
         self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
-        return pb.PushResponse(
-            round=outcome.round,
-            duplicate=outcome.duplicate,
-            received_bytes=outcome.size,
-            uploads_in_round=outcome.uploads_in_round,
-        )
+        return _push_response(outcome)
 
     async def DirectPull(self, request: pb.PullRequest, context: Any) -> pb.DirectDownload:
         started = time.perf_counter()
@@ -516,6 +506,15 @@ async def _write_reading_ahead(
 
 
 _READ_AHEAD_FROM_BYTES = 4 << 20
+
+
+def _push_response(outcome: PushOutcome) -> pb.PushResponse:
+    return pb.PushResponse(
+        round=outcome.round,
+        duplicate=outcome.duplicate,
+        received_bytes=outcome.size,
+        uploads_in_round=outcome.uploads_in_round,
+    )
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
