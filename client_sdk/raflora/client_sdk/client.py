@@ -428,15 +428,31 @@ class RafloraClient:
             yield pb.PushRequest(header=header)
             yield from payload.messages(self.chunk_size, progress)
 
-        # A direct push's retries resume where the last try stopped: a payload already posted
-        # is only committed again (a commit still running on the server answers the retry),
-        # a grant is reused for another POST until it nears expiry (each grant is one of the
-        # round's push attempts), and only a commit that found nothing posts anew.
+        if self.data_plane == pb.DATA_PLANE_DIRECT:
+            response: pb.PushResponse = self._push_direct(header, payload, progress)
+        else:
+            response = self._call(
+                lambda: self._push(
+                    requests(), timeout=self.timeout, metadata=self._token_metadata()
+                )
+            )
+        return PushResult(
+            response.round, response.duplicate, response.received_bytes, response.uploads_in_round
+        )
+
+    def _push_direct(
+        self, header: pb.PushHeader, payload: PushPayload, progress: ProgressCallback | None
+    ) -> pb.PushResponse:
+        """Grant, POST to the bucket, commit. Retries resume where the last try stopped: a
+        payload already posted is only committed again (a commit still running on the server
+        answers the retry), a grant is reused for another POST until it nears expiry (each
+        grant is one of the round's push attempts), and only a commit that found nothing
+        posts anew."""
         grant: pb.DirectUpload | None = None
         renew_after = 0.0
         digest: str | None = None
 
-        def direct() -> pb.PushResponse:
+        def attempt() -> pb.PushResponse:
             nonlocal grant, digest, renew_after
             metadata = self._token_metadata()
             if digest is None and (grant is None or time.time() > renew_after):
@@ -448,10 +464,8 @@ class RafloraClient:
                 digest = post_payload(
                     grant, payload.pieces, payload.total_bytes, self.timeout, progress
                 )
-            signed = pb.PushHeader()
-            signed.CopyFrom(header)
-            signed.sha256 = digest
-            commit = pb.CommitDirectPushRequest(header=signed, upload_id=grant.upload_id)
+            commit = pb.CommitDirectPushRequest(header=header, upload_id=grant.upload_id)
+            commit.header.sha256 = digest
             try:
                 response: pb.PushResponse = self.stub.CommitDirectPush(
                     commit, timeout=self.timeout, metadata=metadata
@@ -466,17 +480,7 @@ class RafloraClient:
                 ) from None
             return response
 
-        if self.data_plane == pb.DATA_PLANE_DIRECT:
-            response: pb.PushResponse = self._call(direct)
-        else:
-            response = self._call(
-                lambda: self._push(
-                    requests(), timeout=self.timeout, metadata=self._token_metadata()
-                )
-            )
-        return PushResult(
-            response.round, response.duplicate, response.received_bytes, response.uploads_in_round
-        )
+        return self._call(attempt)
 
     def wait_for_round(self, after_round: int, timeout: float | None = None) -> pb.RoundStatus:
         """Block until a round newer than ``after_round`` is published (watch stream, no polling).

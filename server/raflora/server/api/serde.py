@@ -10,7 +10,9 @@ from raflora.v1 import aggregation_pb2 as pb
 from ..config import FederationConfig
 from ..rounds import EventType, FederationRuntime, Phase, PrivacyStatus, RoundEvent, Snapshot, View
 from ..rounds.hub import ClientInfo
+from ..rounds.tickets import PushOutcome
 from ..storage.manifest import Holders
+from ..storage.s3_direct import DownloadGrant, UploadGrant
 
 _SCALING = {
     ScalingRule.STANDARD: pb.SCALING_RULE_STANDARD,
@@ -240,6 +242,30 @@ def pull_header(view: View) -> pb.PullHeader:
         sha256=view.sha256,
         has_merge=view.has_merge,
         energy=energy_proto(view.energy, view.holders),
+    )
+
+
+def push_response(outcome: PushOutcome) -> pb.PushResponse:
+    return pb.PushResponse(
+        round=outcome.round,
+        duplicate=outcome.duplicate,
+        received_bytes=outcome.size,
+        uploads_in_round=outcome.uploads_in_round,
+    )
+
+
+def direct_upload_proto(grant: UploadGrant) -> pb.DirectUpload:
+    return pb.DirectUpload(
+        upload_id=grant.upload_id,
+        url=grant.url,
+        fields=grant.fields,
+        expires_unix=grant.expires_unix,
+    )
+
+
+def direct_download_proto(view: View, grant: DownloadGrant) -> pb.DirectDownload:
+    return pb.DirectDownload(
+        header=pull_header(view), url=grant.url, expires_unix=grant.expires_unix
     )
 
 

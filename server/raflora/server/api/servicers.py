@@ -34,16 +34,19 @@ from ..rounds import (
     direct,
 )
 from ..rounds.terms import check_sha256
-from ..rounds.tickets import PushOutcome, PushTicket
+from ..rounds.tickets import PushTicket, retrieve
 from ..rounds.views import ViewReader
 from .interceptors import refusal_of
 from .serde import (
     client_info_proto,
     config_from_proto,
     config_to_proto,
+    direct_download_proto,
+    direct_upload_proto,
     event_proto,
     federation_proto,
     pull_header,
+    push_response,
     status_proto,
 )
 from .streams import StreamClock, refuse_malformed
@@ -325,23 +328,20 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             # From here the upload is the server's business: a client that hangs up now does
             # not interrupt validation and commit half-way.
             task = asyncio.ensure_future(runtime.finish_push(ticket, trailer))
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(retrieve)
             outcome = await asyncio.shield(task)
         except Exception as exc:
             self._count_upload_error(federation, exc)
             raise
         self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
-        return _push_response(outcome)
+        return push_response(outcome)
 
     async def BeginDirectPush(self, request: pb.PushHeader, context: Any) -> pb.DirectUpload:
         refuse_malformed(request)
         h = request
         try:
-            claims = self.authority.authenticate(_metadata(context))
-            self.authority.authorize(claims, h.federation_id, h.client_id, h.rank)
-            runtime = self.hub.get(h.federation_id)
             grant = direct.begin_push(
-                runtime,
+                self._pusher(context, h),
                 self.limits.direct_url_seconds,
                 h.client_id,
                 h.round,
@@ -353,12 +353,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         except Exception as exc:
             self._count_upload_error(h.federation_id, exc)
             raise
-        return pb.DirectUpload(
-            upload_id=grant.upload_id,
-            url=grant.url,
-            fields=grant.fields,
-            expires_unix=grant.expires_unix,
-        )
+        return direct_upload_proto(grant)
 
     async def CommitDirectPush(
         self, request: pb.CommitDirectPushRequest, context: Any
@@ -367,30 +362,23 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         refuse_malformed(request)
         h = request.header
         try:
-            claims = self.authority.authenticate(_metadata(context))
-            self.authority.authorize(claims, h.federation_id, h.client_id, h.rank)
-            runtime = self.hub.get(h.federation_id)
-            # Like a Push past its last chunk: a client that hangs up does not interrupt it.
-            task = asyncio.ensure_future(
-                direct.commit_push(
-                    runtime,
-                    request.upload_id,
-                    h.client_id,
-                    h.round,
-                    h.rank,
-                    h.num_examples,
-                    h.lora_alpha,
-                    h.total_bytes,
-                    h.sha256,
-                )
+            runtime = self._pusher(context, h)
+            commit = direct.DirectCommit(
+                request.upload_id,
+                h.client_id,
+                h.round,
+                h.rank,
+                h.num_examples,
+                h.lora_alpha,
+                h.total_bytes,
+                h.sha256,
             )
-            task.add_done_callback(_retrieve)
-            outcome = await asyncio.shield(task)
+            outcome = await direct.commit_push(runtime, commit)  # shielded inside
         except Exception as exc:
             self._count_upload_error(h.federation_id, exc)
             raise
         self.metrics.push_seconds.labels(runtime.id).observe(time.perf_counter() - started)
-        return _push_response(outcome)
+        return push_response(outcome)
 
     async def DirectPull(self, request: pb.PullRequest, context: Any) -> pb.DirectDownload:
         started = time.perf_counter()
@@ -406,9 +394,13 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         )
         self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
         self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)
-        return pb.DirectDownload(
-            header=pull_header(view), url=grant.url, expires_unix=grant.expires_unix
-        )
+        return direct_download_proto(view, grant)
+
+    def _pusher(self, context: Any, h: pb.PushHeader) -> FederationRuntime:
+        """The federation of a direct push whose credential is bound to its header's terms."""
+        claims = self.authority.authenticate(_metadata(context))
+        self.authority.authorize(claims, h.federation_id, h.client_id, h.rank)
+        return self.hub.get(h.federation_id)
 
     def _count_upload_error(self, federation: str, exc: Exception) -> None:
         if federation in self.hub.federations:
@@ -506,21 +498,6 @@ async def _write_reading_ahead(
 
 
 _READ_AHEAD_FROM_BYTES = 4 << 20
-
-
-def _push_response(outcome: PushOutcome) -> pb.PushResponse:
-    return pb.PushResponse(
-        round=outcome.round,
-        duplicate=outcome.duplicate,
-        received_bytes=outcome.size,
-        uploads_in_round=outcome.uploads_in_round,
-    )
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a shielded task's exception as seen (its caller may have gone away)."""
-    if not task.cancelled():
-        task.exception()
 
 
 __all__ = ["AdminService", "AggregationService", "Limits"]

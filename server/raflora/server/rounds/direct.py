@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
 
 from raflora.v1.wire import ErrorReason
 
@@ -32,7 +33,7 @@ from ..storage.s3_direct import (
     UploadGrant,
 )
 from .runtime import FederationRuntime
-from .tickets import PushOutcome
+from .tickets import PushOutcome, retrieve
 from .views import View, ViewReader
 
 log = logging.getLogger("raflora.server")
@@ -71,88 +72,73 @@ def begin_push(
     return store.direct.grant_upload(round_, client_id, total_bytes, ttl)
 
 
-async def commit_push(
-    runtime: FederationRuntime,
-    upload_id: str,
-    client_id: str,
-    round_: int,
-    rank: int,
-    num_examples: int,
-    lora_alpha: float,
-    total_bytes: int,
-    sha256: str,
-) -> PushOutcome:
+@dataclass(frozen=True)
+class DirectCommit:
+    """What a CommitDirectPush asks for: a retry of a running commit names the same."""
+
+    upload_id: str
+    client_id: str
+    round: int
+    rank: int
+    num_examples: int
+    lora_alpha: float
+    total_bytes: int
+    sha256: str
+
+
+async def commit_push(runtime: FederationRuntime, commit: DirectCommit) -> PushOutcome:
     """Adopt a posted payload, read it back through the push checks, and acknowledge it.
 
     One commit per client at a time, each a push attempt of the round: a client cannot make
-    the server copy and read its upload over and over, or many times at once."""
+    the server copy and read its upload over and over, or many times at once. The commit runs
+    shielded: a client that hangs up does not interrupt it half-way."""
     store = _store(runtime)
-    if not sha256:
+    if not commit.sha256:
         raise InvalidArgumentError("header.sha256", "CommitDirectPush needs the payload's digest")
-    if not UPLOAD_ID.fullmatch(upload_id):
+    if not UPLOAD_ID.fullmatch(commit.upload_id):
         raise InvalidArgumentError("upload_id", "not an upload id this server issued")
-    terms = (upload_id, round_, rank, num_examples, lora_alpha, total_bytes, sha256)
+    client_id = commit.client_id
     running = runtime.direct_commits.get(client_id)
     if running is not None:
-        if running[0] != terms:
+        if running[0] != commit:
             raise ResourceExhaustedError(
                 "upload_id",
                 f"a commit of client {echo_id(client_id)} is already running; wait for its answer",
                 ErrorReason.TOO_MANY_STREAMS,
             )
         return await asyncio.shield(running[1])  # a retry of it (a lost answer): its outcome
-    task = asyncio.ensure_future(
-        _commit(
-            runtime,
-            store,
-            upload_id,
-            client_id,
-            round_,
-            rank,
-            num_examples,
-            lora_alpha,
-            total_bytes,
-            sha256,
-        )
-    )
-    runtime.direct_commits[client_id] = (terms, task)
+    task = asyncio.ensure_future(_commit(runtime, store, commit))
+    runtime.direct_commits[client_id] = (commit, task)
     task.add_done_callback(lambda _: runtime.direct_commits.pop(client_id, None))
-    task.add_done_callback(_seen)
+    task.add_done_callback(retrieve)
     return await asyncio.shield(task)
 
 
-async def _commit(
-    runtime: FederationRuntime,
-    store: DirectStore,
-    upload_id: str,
-    client_id: str,
-    round_: int,
-    rank: int,
-    num_examples: int,
-    lora_alpha: float,
-    total_bytes: int,
-    sha256: str,
-) -> PushOutcome:
+async def _commit(runtime: FederationRuntime, store: DirectStore, c: DirectCommit) -> PushOutcome:
     loop = asyncio.get_running_loop()
     verdict = runtime.check_push_header(
-        client_id, round_, rank, num_examples, lora_alpha, total_bytes, sha256
+        c.client_id, c.round, c.rank, c.num_examples, c.lora_alpha, c.total_bytes, c.sha256
     )
+    forget = functools.partial(store.direct.forget_staged, c.round, c.client_id, c.upload_id)
     if verdict.duplicate:  # an ack-lost retry: the bytes were checked and counted before
-        await loop.run_in_executor(
-            _BUCKET, store.direct.forget_staged, round_, client_id, upload_id
-        )
-        return PushOutcome(round_, True, total_bytes, runtime.uploads_in(round_))
-    runtime.refuse_if_counted(client_id, round_)  # before a byte is read, not after
+        await loop.run_in_executor(_BUCKET, forget)
+        return PushOutcome(c.round, True, c.total_bytes, runtime.uploads_in(c.round))
+    runtime.refuse_if_counted(c.client_id, c.round)  # before a byte is read, not after
     decided = True  # the staged object is dropped unless the bucket did not answer
     try:
         try:
             sink, blocks = await loop.run_in_executor(
-                _BUCKET, store.adopt_direct_upload, round_, client_id, upload_id, total_bytes
+                _BUCKET,
+                store.adopt_direct_upload,
+                c.round,
+                c.client_id,
+                c.upload_id,
+                c.total_bytes,
             )
         except StagedUploadMissingError:
             raise DataLossError(
                 "upload_id",
-                f"no payload was posted for upload {upload_id} (or it was removed): begin again",
+                f"no payload was posted for upload {c.upload_id} (or it was removed): begin again",
                 ErrorReason.UPLOAD_MISSING,
             ) from None
         except StagedSizeError as exc:
@@ -177,16 +163,12 @@ async def _commit(
         raise
     finally:
         if decided:
-            await loop.run_in_executor(
-                _BUCKET, store.direct.forget_staged, round_, client_id, upload_id
-            )
+            await loop.run_in_executor(_BUCKET, forget)
 
 
-def _close(blocks: Iterator[bytes]) -> None:
-    close = getattr(blocks, "close", None)
-    if close is not None:
-        with contextlib.suppress(ValueError):  # still running in a thread (loop shutdown)
-            close()
+def _close(blocks: Generator[bytes, None, None]) -> None:
+    with contextlib.suppress(ValueError):  # still running in a thread (loop shutdown)
+        blocks.close()
 
 
 async def pull(
@@ -221,7 +203,7 @@ async def pull(
                     del runtime.view_uploads[key]  # nobody took it after us
 
         task = asyncio.ensure_future(publish())
-        task.add_done_callback(_seen)
+        task.add_done_callback(retrieve)
         try:  # a caller that goes away does not close the reader under the thread reading it
             grant = await asyncio.shield(task)
         except DamagedViewError:
@@ -233,8 +215,3 @@ async def pull(
             continue
         return view, grant
     raise AssertionError("unreachable")
-
-
-def _seen(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -145,7 +145,7 @@ class FederationRuntime:
         self.deleted = False  # DeleteFederation: every RPC that still reaches it is NOT_FOUND
         self._push_attempts: dict[str, int] = {}  # client id -> attempts in the open round
         # Clients with a CommitDirectPush running: its terms and its task (a retry joins it).
-        self.direct_commits: dict[str, tuple[tuple[object, ...], asyncio.Future[Any]]] = {}
+        self.direct_commits: dict[str, tuple[Any, asyncio.Future[Any]]] = {}
         self.view_uploads: dict[str, asyncio.Lock] = {}  # direct pulls: one upload per view
         self._join_attempts: dict[str, int] = {}
         self._retry_handle: asyncio.TimerHandle | None = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from raflora.v1.wire import ErrorReason
 
@@ -59,3 +61,9 @@ class PushOutcome:
     duplicate: bool
     size: int
     uploads_in_round: int
+
+
+def retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded task's exception as seen (its caller may have gone away)."""
+    if not task.cancelled():
+        task.exception()

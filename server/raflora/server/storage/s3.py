@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -194,7 +194,7 @@ class Bucket:
         with _translated(key):
             return int(self.client.head_object(Bucket=self.name, Key=key)["ContentLength"])
 
-    def read_blocks(self, key: str, block: int, max_bytes: int) -> Iterator[bytes]:
+    def read_blocks(self, key: str, block: int, max_bytes: int) -> Generator[bytes, None, None]:
         """The object's bytes in blocks of ``block``, stopping at the first block past
         ``max_bytes``; a transfer error mid-body is a BucketError like any other."""
         with _translated(key):
@@ -327,6 +327,7 @@ class S3UploadSink:
     each one holding it up. A part that failed surfaces at the next write or at commit."""
 
     PART_BYTES = 8 << 20  # S3's smallest part is 5 MiB (the last one excepted)
+    SENDS_PARTS = True  # False: the bytes are in the bucket already (S3AdoptedSink)
     PARTS_IN_FLIGHT = 2  # per upload: memory is this many parts, the receive never waits long
 
     def __init__(self, bucket: Bucket, key: str) -> None:
@@ -353,7 +354,7 @@ class S3UploadSink:
         with disk_full_guard("receiving an upload"):
             self._file.write(chunk)
         self._received += len(chunk)
-        while self._received - self._queued >= self.PART_BYTES:
+        while self.SENDS_PARTS and self._received - self._queued >= self.PART_BYTES:
             self._queue_part(self.PART_BYTES)
 
     def _queue_part(self, size: int) -> None:
@@ -456,12 +457,7 @@ class S3AdoptedSink(S3UploadSink):
     :meth:`S3DirectPlane.adopt`): the bytes the server reads back from it are only spooled
     for the checks; commit writes nothing, abort deletes the object."""
 
-    def write(self, chunk: bytes | memoryview) -> None:
-        if self._file is None:
-            raise ValueError("upload sink is closed")
-        with disk_full_guard("checking a direct upload"):
-            self._file.write(chunk)
-        self._received += len(chunk)
+    SENDS_PARTS = False
 
     def commit(self) -> None:
         if self._file is None:
@@ -566,7 +562,7 @@ class S3FederationStore:
 
     def adopt_direct_upload(
         self, round_: int, client_id: str, upload_id: str, size: int
-    ) -> tuple[S3AdoptedSink, Iterator[bytes]]:
+    ) -> tuple[S3AdoptedSink, Generator[bytes, None, None]]:
         """A direct upload copied to a payload key of its round, as a sink to check and
         commit, and the copy's bytes to feed it (see :class:`S3DirectPlane`)."""
         key = self._new_payload_key(round_)

@@ -21,12 +21,11 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import suppress
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .store import StoredView, UploadSink
+from .store import StoredView, UploadSink, _round_name
 
 if TYPE_CHECKING:
     from .s3 import Bucket
@@ -78,11 +77,7 @@ class DirectStore(Protocol):
 
     def adopt_direct_upload(
         self, round_: int, client_id: str, upload_id: str, size: int
-    ) -> tuple[UploadSink, Iterator[bytes]]: ...
-
-
-def _round_name(t: int) -> str:
-    return f"{t:08d}"
+    ) -> tuple[UploadSink, Generator[bytes, None, None]]: ...
 
 
 class Readable(Protocol):
@@ -110,8 +105,8 @@ class S3DirectPlane:
     def __init__(self, bucket: Bucket, base: str) -> None:
         self.bucket = bucket
         self.base = base
-        self._published_views: set[str] = set()
-        self._view_gates: dict[str, threading.Lock] = {}
+        # (round, key) of the views put into the bucket; guarded: grants run in worker threads.
+        self._published_views: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
 
     def _key(self, *parts: str) -> str:
@@ -161,7 +156,7 @@ class S3DirectPlane:
         """Drop a staged object that will not be adopted (a duplicate's)."""
         self._delete_quietly(self.staging_key(round_, client_id, upload_id))
 
-    def read_blocks(self, key: str, max_bytes: int) -> Iterator[bytes]:
+    def read_blocks(self, key: str, max_bytes: int) -> Generator[bytes, None, None]:
         """The object's bytes in blocks, stopping at the first block past ``max_bytes`` (the
         ticket refuses it)."""
         return self.bucket.read_blocks(key, _READ_BLOCK, max_bytes)
@@ -179,7 +174,7 @@ class S3DirectPlane:
     def published(self, view: StoredView) -> bool:
         """Known to be in the bucket already (no I/O)."""
         with self._lock:
-            return self.view_key(view) in self._published_views
+            return (view.round, self.view_key(view)) in self._published_views
 
     def sign_download(self, view: StoredView, ttl: float) -> DownloadGrant:
         url = self.bucket.presigner.generate_presigned_url(
@@ -191,20 +186,15 @@ class S3DirectPlane:
 
     def grant_download(self, view: StoredView, source: Readable, ttl: float) -> DownloadGrant:
         """A GET URL of ``view``'s bytes, put into the bucket from ``source`` first unless they
-        are there already. One upload per view at a time (other pulls wait for it); the bytes
-        go to a temporary key, hashed on the way, and only bytes that match the view's digest
-        are copied to its content-addressed key. A local view damaged at rest raises
-        :class:`DamagedViewError` and never reaches that key."""
+        are there already: the bytes go to a temporary key, hashed on the way, and only bytes
+        that match the view's digest are copied to its content-addressed key. A local view
+        damaged at rest raises :class:`DamagedViewError` and never reaches that key. Callers
+        run one grant per view at a time (rounds/direct.py holds a lock per view)."""
         key = self.view_key(view)
+        if not self.published(view) and not self._holds(key, view.size):
+            self._publish_view(view, source, key)
         with self._lock:
-            gate = self._view_gates.setdefault(key, threading.Lock())
-        with gate:
-            with self._lock:
-                published = key in self._published_views
-            if not published and not self._holds(key, view.size):
-                self._publish_view(view, source, key)
-            with self._lock:
-                self._published_views.add(key)
+            self._published_views.add((view.round, key))
         return self.sign_download(view, ttl)
 
     def _holds(self, key: str, size: int) -> bool:
@@ -236,24 +226,10 @@ class S3DirectPlane:
                 if name.isdigit() and int(name) < keep:
                     self.bucket.delete_keys(self.bucket.list_keys(f"{base}{name}/"))
         with self._lock:
-            self._published_views = {
-                k for k in self._published_views if self._round_of(k) >= keep_round - 1
-            }
-            self._view_gates = {
-                k: v for k, v in self._view_gates.items() if self._round_of(k) >= keep_round - 1
-            }
+            self._published_views = {v for v in self._published_views if v[0] >= keep_round - 1}
 
     def delete_round(self, round_: int) -> None:
         prefix = self._key("views", _round_name(round_)) + "/"
         self.bucket.delete_keys(self.bucket.list_keys(prefix))
         with self._lock:
-            self._published_views = {k for k in self._published_views if not k.startswith(prefix)}
-            self._view_gates = {
-                k: v for k, v in self._view_gates.items() if not k.startswith(prefix)
-            }
-
-    def _round_of(self, key: str) -> int:
-        name = key[len(self._key("views")) + 1 :].split("/", 1)[0]
-        with suppress(ValueError):
-            return int(name)
-        return -1
+            self._published_views = {v for v in self._published_views if v[0] != round_}
