@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -295,3 +296,30 @@ def test_the_cheap_bounds_margin_covers_fp32_rounding() -> None:
         except InvalidUpdateError as exc:
             verdicts.append(exc.field)
         assert verdicts == ([None, None] if limit > true_norm else ["m", "m"])
+
+
+class _SlowAbortSink(FileUploadSink):
+    """A sink whose abort takes a while, as a busy disk or a bucket would."""
+
+    def abort(self) -> None:
+        time.sleep(0.3)
+        super().abort()
+
+
+def test_a_discarded_upload_is_gone_before_the_refusal_goes_out(tmp_path: Path) -> None:
+    """The refusal paths await ``discard``: once it returns, the bytes are forgotten, however
+    slowly the sink deletes them (``close`` alone returns at once and deletes later)."""
+    data = PushPayload(good()).to_bytes()
+
+    async def run(wait: float) -> bool:
+        path = tmp_path / f"upload-{wait}"
+        intake = UploadIntake(_SlowAbortSink(path), None, window=2)
+        await intake.put(memoryview(data))
+        await intake.discard(wait)
+        left = path.exists()
+        await intake._writer.idle()  # the abort finishes in the background either way
+        assert not path.exists()
+        return left
+
+    assert asyncio.run(run(5.0)) is False
+    assert asyncio.run(run(0.01)) is True  # past its wait it returns, leaving the rest behind

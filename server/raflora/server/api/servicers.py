@@ -322,7 +322,10 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             )
             try:
                 trailer = await self._receive(stream, clock, ticket, bool(h.sha256))
-            except BaseException:
+            except Exception:
+                await runtime.refuse_push(ticket)
+                raise
+            except BaseException:  # cancelled: no waiting here
                 runtime.abort_push(ticket)
                 raise
             # From here the upload is the server's business: a client that hangs up now does

@@ -148,8 +148,11 @@ async def _commit(runtime: FederationRuntime, store: DirectStore, c: DirectCommi
             while (block := await loop.run_in_executor(_BUCKET, next, blocks, None)) is not None:
                 ticket.intake.raise_error()  # a bad chunk stops the read at once
                 await ticket.write(block)
-        except BaseException:
-            runtime.abort_push(ticket)  # the sink deletes the copy
+        except Exception:
+            await runtime.refuse_push(ticket)  # the sink deletes the copy
+            raise
+        except BaseException:  # cancelled: no waiting here
+            runtime.abort_push(ticket)
             raise
         finally:
             await loop.run_in_executor(_BUCKET, _close, blocks)

@@ -13,6 +13,7 @@ most ``window`` chunks ahead of its worker, which bounds an upload's memory to a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections import deque
@@ -25,6 +26,7 @@ from ..storage import UploadSink
 from ..storage.tensorio import StreamingUploadCheck
 
 DEFAULT_WINDOW = 4
+DISCARD_WAIT_SECONDS = 5.0
 _JOBS_PER_TURN = 8
 # The lanes' own threads: however many uploads stream, commits, joins, view builds and the
 # rest of the server keep the default executor to themselves.
@@ -105,6 +107,10 @@ class SerialLane:
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+    async def idle(self) -> None:
+        """Wait until no job is queued or running, without raising the lane's error."""
+        await self._idle.wait()
 
     def close(self, final: Callable[[], None]) -> None:
         """Drop the jobs not yet started and run ``final`` after the one running, if any
@@ -187,3 +193,11 @@ class UploadIntake:
             self._checker.close(lambda: None)
         finally:
             self._writer.close(self.sink.abort)
+
+    async def discard(self, wait_seconds: float = DISCARD_WAIT_SECONDS) -> None:
+        """:meth:`close`, then wait (up to ``wait_seconds``) until the sink has forgotten the
+        bytes: a refusal that reaches the client after this leaves nothing of the upload
+        behind. A sink slower than that (a bucket not answering) finishes in the background."""
+        self.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._writer.idle()), wait_seconds)

@@ -564,7 +564,12 @@ class FederationRuntime:
             )
 
     def abort_push(self, ticket: PushTicket) -> None:
+        """Forget a push's bytes without waiting (safe in a cancelled handler)."""
         ticket.intake.close()
+
+    async def refuse_push(self, ticket: PushTicket) -> None:
+        """Forget a refused push's bytes before the refusal goes out."""
+        await ticket.intake.discard()
 
     async def finish_push(
         self, ticket: PushTicket, trailer_sha256: str | None = None
@@ -573,6 +578,7 @@ class FederationRuntime:
         try:
             return await self._finish_push(ticket, trailer_sha256)
         except Exception:
+            await self.refuse_push(ticket)
             self.check_live()  # deleted meanwhile (its files went away): NOT_FOUND, not INTERNAL
             raise
         finally:
