@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict
-from raflora.server.cluster.ray_modules import RayModuleMap
+from raflora.server.cluster.ray_modules import CLIENT_SERVER_RACE, RayModuleMap, join_retrying
 from raflora.server.engine import (
     AdapterSchema,
     ClientUpdate,
@@ -286,6 +286,58 @@ def test_a_server_that_cannot_reach_its_ray_cluster_says_so(tmp_path: Path) -> N
     log = (tmp_path / "server.log").read_text()
     assert f"ray_address: cannot use {address}: nothing answers at {address}" in log, log
     assert "Traceback" not in log
+
+
+class FlakyJoin:
+    """ray.init standing in for a Ray Client join: Ray's client-server race cannot be made to
+    happen on demand, so these tests give the retry the failures the proxier raises."""
+
+    def __init__(self, failures: Sequence[Exception]) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+        self.shutdowns = 0
+
+    def init(self) -> None:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def race() -> Exception:
+    # the text Ray 2.60's client raises when its proxier's specific server dies at start
+    return ConnectionAbortedError(
+        f"Initialization failure from server:\nTraceback ...\nRuntimeError: "
+        f"{CLIENT_SERVER_RACE}. See ray_client_server_23000.err for detailed logs."
+    )
+
+
+def test_a_join_lost_to_rays_client_server_race_is_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    join = FlakyJoin([race()])
+    with caplog.at_level("WARNING", logger="raflora.server"):
+        join_retrying(join.init, join.shutdown, "ray://head:10001")
+    assert (join.calls, join.shutdowns) == (2, 1)
+    assert "joining the Ray cluster ray://head:10001" in caplog.text
+    assert "joining again (2 of 3)" in caplog.text
+
+
+def test_a_join_refused_for_another_reason_is_not_tried_again() -> None:
+    refused = ConnectionAbortedError("AuthenticationError: the token does not match")
+    join = FlakyJoin([refused, race()])
+    with pytest.raises(ConnectionAbortedError) as caught:
+        join_retrying(join.init, join.shutdown, "ray://head:10001")
+    assert caught.value is refused and join.calls == 1
+
+
+def test_a_race_that_keeps_happening_gives_up_after_the_last_attempt() -> None:
+    join = FlakyJoin([race(), race(), race(), race()])
+    with pytest.raises(ConnectionAbortedError, match=CLIENT_SERVER_RACE):
+        join_retrying(join.init, join.shutdown, "ray://head:10001", attempts=3)
+    assert (join.calls, join.shutdowns) == (3, 2)
 
 
 def test_a_cluster_with_token_authentication_takes_only_a_server_with_its_token(

@@ -50,6 +50,39 @@ def unreachable(address: str, timeout_seconds: float = 5.0) -> str | None:
         return f"nothing answers at {target}: {exc}"
 
 
+#: What Ray Client's proxier says when the server it forks for a new driver did not come up.
+#: Ray 2.60 races there (the fork can die while the proxier reads its command line, seen on a
+#: fresh head's first driver); the next driver gets a fresh server, so joining again works.
+CLIENT_SERVER_RACE = "Starting Ray client server failed"
+
+
+def join_retrying(
+    init: Callable[[], object],
+    shutdown: Callable[[], object],
+    address: str,
+    attempts: int = 3,
+) -> None:
+    """``init()``, again (after ``shutdown()``) while it fails with :data:`CLIENT_SERVER_RACE`;
+    any other failure (refused token, wrong version) is final at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            init()
+            return
+        except Exception as exc:
+            if CLIENT_SERVER_RACE not in str(exc) or attempt == attempts:
+                raise
+            log.warning(
+                "joining the Ray cluster %s: its client server did not start a session for "
+                "this server (%s); joining again (%d of %d)",
+                address,
+                type(exc).__name__,
+                attempt + 1,
+                attempts,
+            )
+            with contextlib.suppress(Exception):
+                shutdown()
+
+
 def raflora_aggregate_module(
     strategy: Strategy, name: str, state: GlobalState, round_: PreparedRound
 ) -> Any:
@@ -136,7 +169,11 @@ class RayModuleMap:
                     # "local": a cluster of its own, never one RAY_ADDRESS or /tmp/ray names
                     ray.init(address="local", include_dashboard=False, **options)
                 else:
-                    ray.init(address=self.address, **options)
+                    join_retrying(
+                        lambda: ray.init(address=self.address, **options),
+                        ray.shutdown,
+                        self.address,
+                    )
                 self._started_here = True
             if not self.address.startswith("ray://"):  # Ray Client pickles on its own
                 ray.util.register_serializer(
