@@ -73,6 +73,7 @@ class Harness:
             "cpu",
             limits or RuntimeLimits(),
             fold_executor=self.executor,  # one thread: a test can hold folds and closes back
+            preload_executor=self.executor,  # and the read-backs
         )
         self.events: list[EventType] = []
         self.published_rounds: list[int] = []
@@ -119,6 +120,8 @@ class Harness:
 # default); FOLDING turns folding on, as the ``fold_memory_mib`` setting does.
 ONE_SHOT = RuntimeLimits()
 FOLDING = RuntimeLimits(fold_memory_bytes=2 << 30)
+# Uploads read back while the round goes on (``preload_memory_mib``, on in the server).
+PRELOADING = RuntimeLimits(preload_memory_bytes=1 << 20)
 
 
 def run(
@@ -392,6 +395,105 @@ def test_an_upload_that_cannot_be_folded_sends_the_close_one_shot() -> None:
         assert folded_rounds(h) == 0
 
     run(config(min_clients=3), scenario, FOLDING)
+
+
+class CountingReads(MemoryFederationStore):
+    """The in-memory store, counting the uploads read back (by whom: the thread's name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def read_upload(self, record: Any, schema: AdapterSchema) -> Any:
+        self.reads.append(record.client_id)
+        return super().read_upload(record, schema)
+
+
+def run_with(
+    store: MemoryFederationStore, cfg: FederationConfig, scenario: Any, limits: Any
+) -> None:
+    async def main() -> None:
+        h = Harness(cfg, store=store, limits=limits)
+        await h.start()
+        try:
+            await scenario(h)
+        finally:
+            await h.stop()
+
+    asyncio.run(main())
+
+
+def test_read_back_uploads_are_what_the_close_aggregates() -> None:
+    """Each acknowledged upload is read back (digest checked) once, before the close; the
+    close reads nothing again, and a bit flip at rest after the read never reaches the round."""
+    store = CountingReads()
+
+    async def scenario(h: Harness) -> None:
+        await join_three_push_two(h)
+        assert h.runtime.preload is not None
+        assert h.runtime.preload.take(h.runtime.uploads["b"]) is not None  # waits for it
+        flip_stored_bit(h, "b")
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        assert h.runtime.manifest is not None
+        assert h.runtime.manifest.quarantined == ()
+        expected = one_shot_state([("a", 2, 1), ("b", 2, 2), ("c", 2, 3)], h.config)
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert sorted(store.reads) == ["a", "b", "c"]  # once each: the close read none
+        assert h.runtime.preload_budget.used == 0  # the published round's uploads forgotten
+
+    run_with(store, config(min_clients=3), scenario, PRELOADING)
+
+
+def test_an_upload_damaged_before_its_read_back_is_quarantined_by_the_close() -> None:
+    """A flip before the read-back: it fails its digest there, the close reads it again,
+    quarantines it and publishes the rest."""
+    store = CountingReads()
+
+    async def scenario(h: Harness) -> None:
+        for c in ("a", "b", "c"):
+            await h.runtime.join(c, 2, 10, 0.0)
+        gate = threading.Event()
+        h.executor.submit(gate.wait, 10)  # the one worker thread is busy: no read-back runs
+        await h.push("a", upload(2, 1), rank=2)
+        await h.push("b", upload(2, 2), rank=2)
+        flip_stored_bit(h, "b")
+        gate.set()
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        assert h.runtime.manifest is not None
+        assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "c"]
+        assert h.runtime.manifest.quarantined == ("b",)
+        expected = one_shot_state([("a", 2, 1), ("c", 2, 3)], h.config)
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert sorted(store.reads) == ["a", "b", "b", "c"]  # b: read back, then by the close
+
+    run_with(store, config(min_clients=3), scenario, PRELOADING)
+
+
+def test_uploads_past_the_read_back_budget_are_read_by_the_close() -> None:
+    """A budget of one upload: the first is held, the rest wait for the close; the round is
+    the same either way."""
+    store = CountingReads()
+    one_upload = len(upload(2, 1))
+
+    async def scenario(h: Harness) -> None:
+        await join_three_push_two(h)
+        assert h.runtime.preload is not None
+        assert h.runtime.preload.held == 1
+        assert h.runtime.preload_budget.used == one_upload
+        assert h.runtime.preload.take(h.runtime.uploads["b"]) is None  # not held: the close's
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        expected = one_shot_state([("a", 2, 1), ("b", 2, 2), ("c", 2, 3)], h.config)
+        for m in MODULES:
+            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert sorted(store.reads) == ["a", "b", "c"]  # a in the background, b and c by the close
+        assert h.runtime.preload_budget.used == 0
+
+    run_with(store, config(min_clients=3), scenario, RuntimeLimits(preload_memory_bytes=one_upload))
 
 
 def test_a_folded_close_that_fails_falls_back_to_one_shot(

@@ -1049,10 +1049,13 @@ def test_stored_bytes_damage_is_contained(tmp_path: Path) -> None:
     feds = data / "federations"
     started: list[ServerProcess] = []
     try:
-        # Folding off: the close must read the flipped upload back (with folding, the bytes
-        # checked when they were folded are the round's; tests/test_runtime.py covers both).
+        # Folding and read-backs off: the close must read the flipped upload back (with either,
+        # the bytes checked when they were read back are the round's, and a flip after that
+        # never reaches it; tests/test_runtime.py covers each).
         first = start_server_process(
-            data, tmp_path / "first.log", env={"RAFLORA_FOLD_MEMORY_MIB": "0"}
+            data,
+            tmp_path / "first.log",
+            env={"RAFLORA_FOLD_MEMORY_MIB": "0", "RAFLORA_PRELOAD_MEMORY_MIB": "0"},
         )
         started.append(first)
         with ExitStack() as stack:

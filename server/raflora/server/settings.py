@@ -227,6 +227,14 @@ class ServerSettings(BaseSettings):
         "directions; on independent uploads it slows the round, so 0 (off) is the default. "
         "Past the budget the round closes one-shot",
     )
+    preload_memory_mib: int = Field(
+        default=256,
+        ge=0,
+        description="Memory the server may hold, over every federation's open round, of "
+        "acknowledged uploads read back (digest checked) while the round goes on, so that its "
+        "close need not read them (docs/design.md §4.2). Uploads past it are read by the "
+        "close, as with 0 (off)",
+    )
     debug_aggregation_delay_seconds: float = Field(
         default=0.0,
         ge=0,

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..metrics import ServerMetrics
 from ..storage import ClientRecord, Storage
+from .preload import MemoryBudget
 from .runtime import FederationRuntime, RuntimeLimits
 from .views import View, ViewReader
 
@@ -65,6 +66,8 @@ class FederationHub:
         )
         self.federations: dict[str, FederationRuntime] = {}
         self._create_lock = asyncio.Lock()
+        # One budget for every federation's read-back uploads (rounds/preload.py).
+        self.preload_budget = MemoryBudget(self.limits.preload_memory_bytes)
 
     def _runtime(self, config: FederationConfig) -> FederationRuntime:
         return FederationRuntime(
@@ -75,6 +78,7 @@ class FederationHub:
             self.device,
             self.limits,
             map_modules=self.map_modules,
+            preload_budget=self.preload_budget,
         )
 
     def resume_all(self) -> None:

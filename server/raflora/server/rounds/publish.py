@@ -21,7 +21,6 @@ import torch
 from raflora.server.engine import (
     AggregationError,
     ClientUpdate,
-    FactorPair,
     GlobalState,
     ModuleMap,
     Strategy,
@@ -34,6 +33,7 @@ from raflora.server.engine import (
 from ..config import FederationConfig
 from ..storage import CorruptDataError, FederationStore, ManifestUpload, RoundManifest, UploadRecord
 from .folding import RoundFolder
+from .preload import RoundPreload
 from .privacy import RoundPrivacy, manifest_privacy
 from .published import PublishedRounds
 from .views import ViewCache
@@ -107,15 +107,18 @@ class RoundPublisher:
         self.published = published
         self.map_modules = map_modules  # None: every module here, one by one
 
-    def load(self, records: Sequence[UploadRecord]) -> tuple[list[ClientUpdate], list[Quarantined]]:
-        """Read every upload back, checked against its digest; corrupt ones are set aside."""
+    def load(
+        self, records: Sequence[UploadRecord], preload: RoundPreload | None = None
+    ) -> tuple[list[ClientUpdate], list[Quarantined]]:
+        """Every upload, checked against its digest (read back now, or already by
+        ``preload``); corrupt ones are set aside."""
         good: list[ClientUpdate] = []
         bad: list[Quarantined] = []
         for record in records:
             try:
-                factors: dict[str, FactorPair] = self.store.read_upload(
-                    record, self.strategy.schema
-                )
+                factors = preload.take(record) if preload is not None else None
+                if factors is None:
+                    factors = self.store.read_upload(record, self.strategy.schema)
             except (CorruptDataError, AggregationError) as exc:
                 bad.append(Quarantined(record, str(exc)))
                 continue
@@ -184,16 +187,18 @@ class RoundPublisher:
         before_commit: Callable[[], None] | None = None,
         privacy: RoundPrivacy | None = None,
         folder: RoundFolder | None = None,
+        preload: RoundPreload | None = None,
     ) -> PublishOutcome:
         """Aggregate and publish one round; with ``folder``, from its folded uploads if it has
-        every one of them (else the uploads are read back, as without it)."""
+        every one of them (else the uploads are read back, as without it, or taken from
+        ``preload`` where it read them already)."""
         by_client = {r.client_id: r for r in records}
         outcome = self._from_folded(state, records, by_client, folder)
         new_state: GlobalState | None
         if outcome is not None:
             new_state, used, shares, quarantined, folded = *outcome, True
         else:
-            updates, quarantined = self.load(records)
+            updates, quarantined = self.load(records, preload)
             mechanism = privacy.mechanism if privacy is not None else None
             new_state, used, shares, culprits = self.aggregate(
                 updates,

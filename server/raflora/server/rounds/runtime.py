@@ -55,6 +55,7 @@ from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_reada
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
 from .folding import FOLDS, RoundFolder
 from .intake import UploadIntake
+from .preload import PRELOADS, MemoryBudget, RoundPreload
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
     NothingToAggregateError,
@@ -89,6 +90,9 @@ class RuntimeLimits:
     # Memory the open round's folded uploads may hold (docs/design.md §2.10); 0: never fold,
     # the default, because folding slows rounds whose uploads share no directions.
     fold_memory_bytes: int = 0
+    # Memory every open round together may hold of uploads read back before their close
+    # (docs/design.md §4.2); 0: the close reads every upload itself.
+    preload_memory_bytes: int = 0
 
 
 class FederationRuntime:
@@ -102,6 +106,8 @@ class FederationRuntime:
         limits: RuntimeLimits | None = None,
         fold_executor: Executor | None = None,
         map_modules: ModuleMap | None = None,
+        preload_budget: MemoryBudget | None = None,
+        preload_executor: Executor | None = None,
     ) -> None:
         self.config = config
         self.id = config.federation_id
@@ -152,6 +158,10 @@ class FederationRuntime:
         self._retry_delay = _RETRY_INITIAL_SECONDS
         self.folder: RoundFolder | None = None  # the open round's folded uploads
         self.fold_executor = fold_executor or FOLDS
+        # The open round's uploads read back before the close, under a server-wide budget.
+        self.preload_budget = preload_budget or MemoryBudget(self.limits.preload_memory_bytes)
+        self.preload: RoundPreload | None = None
+        self.preload_executor = preload_executor or PRELOADS
         # This federation's jobs on the (shared, bounded) aggregation pool run one at a time and
         # in order: a prune never races the next round's publication.
         self._jobs = asyncio.Lock()
@@ -208,12 +218,14 @@ class FederationRuntime:
         """
         self._new_folder()
         for record in self.uploads.values():
-            self._submit_fold(record)
+            self._prepare_close(record)
         self._open_round()
         self._spawn(self._maybe_close())
 
     async def close(self) -> None:
         self._closed = True
+        if self.preload is not None:
+            self.preload.release()
         for handle in (self._deadline_handle, self._retry_handle):
             if handle is not None:
                 handle.cancel()
@@ -650,7 +662,7 @@ class FederationRuntime:
             )
             await asyncio.to_thread(self.store.commit_upload, sink, record)
             self.uploads[ticket.client_id] = record
-            self._submit_fold(record)  # under the lock: queued before any close that needs it
+            self._prepare_close(record)  # under the lock: queued before any close that needs it
             count = len(self.uploads)
             claimed = self._claim_close()  # the push that completes the quota closes it
         rank = str(ticket.rank)
@@ -664,18 +676,32 @@ class FederationRuntime:
 
     # -- rounds ----------------------------------------------------------------------------
     def _new_folder(self) -> None:
+        """The open round's work before its close: folding (if on), else read-backs."""
         budget = self.limits.fold_memory_bytes
         self.folder = None
         if not self.degraded and RoundFolder.enabled(self.strategy, budget):
             self.folder = RoundFolder(self.strategy, self.store, self.state, budget)
+        if self.preload is not None:
+            self.preload.release()
+        self.preload = None
+        if self.folder is None and not self.degraded and self.preload_budget.limit > 0:
+            self.preload = RoundPreload(
+                self.store,
+                self.schema,
+                self.state.round,
+                self.preload_budget,
+                self.preload_executor,
+            )
 
     def _reopen_folder(self) -> None:
         if self.folder is not None:
             self.folder.close_claimed(False)
 
-    def _submit_fold(self, record: UploadRecord) -> None:
+    def _prepare_close(self, record: UploadRecord) -> None:
         if self.folder is not None:
             self.folder.submit(record, self.fold_executor)
+        if self.preload is not None:
+            self.preload.submit(record)
 
     def _open_round(self) -> None:
         self._arm_deadline()
@@ -780,7 +806,13 @@ class FederationRuntime:
         self._emit(EventType.AGGREGATING, f"aggregating {len(uploads)} uploads")
         try:
             outcome, queued, elapsed = await self.run_job(
-                self.publisher.run, state, uploads, self._debug_delay, privacy, self.folder
+                self.publisher.run,
+                state,
+                uploads,
+                self._debug_delay,
+                privacy,
+                self.folder,
+                self.preload,
             )
         except NothingToAggregateError as exc:
             await self._after_quarantine(exc.quarantined)
