@@ -423,9 +423,10 @@ def run_with(
     asyncio.run(main())
 
 
-def test_read_back_uploads_are_what_the_close_aggregates() -> None:
-    """Each acknowledged upload is read back (digest checked) once, before the close; the
-    close reads nothing again, and a bit flip at rest after the read never reaches the round."""
+def test_the_close_aggregates_the_bytes_the_pushes_checked() -> None:
+    """Each push keeps the chunks it hashed and checked, and they are parsed for the close
+    once it is acknowledged: nobody reads an upload back, and a bit flip at rest after the
+    acknowledgement never reaches the round."""
     store = CountingReads()
 
     async def scenario(h: Harness) -> None:
@@ -440,26 +441,22 @@ def test_read_back_uploads_are_what_the_close_aggregates() -> None:
         expected = one_shot_state([("a", 2, 1), ("b", 2, 2), ("c", 2, 3)], h.config)
         for m in MODULES:
             assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
-        assert sorted(store.reads) == ["a", "b", "c"]  # once each: the close read none
+        assert store.reads == []  # the close read none back
         assert h.runtime.preload_budget.used == 0  # the published round's uploads forgotten
 
     run_with(store, config(min_clients=3), scenario, PRELOADING)
 
 
-def test_an_upload_damaged_before_its_read_back_is_quarantined_by_the_close() -> None:
-    """A flip before the read-back: it fails its digest there, the close reads it again,
+def test_uploads_acknowledged_before_a_restart_are_read_back_and_judged_by_the_close() -> None:
+    """After a restart the acknowledged uploads are read back from the store in the
+    background; one damaged at rest fails its digest there, the close reads it again,
     quarantines it and publishes the rest."""
     store = CountingReads()
 
-    async def scenario(h: Harness) -> None:
-        for c in ("a", "b", "c"):
-            await h.runtime.join(c, 2, 10, 0.0)
-        gate = threading.Event()
-        h.executor.submit(gate.wait, 10)  # the one worker thread is busy: no read-back runs
-        await h.push("a", upload(2, 1), rank=2)
-        await h.push("b", upload(2, 2), rank=2)
-        flip_stored_bit(h, "b")
-        gate.set()
+    async def before(h: Harness) -> None:
+        await join_three_push_two(h)
+
+    async def after(h: Harness) -> None:
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
         assert h.runtime.manifest is not None
@@ -468,14 +465,25 @@ def test_an_upload_damaged_before_its_read_back_is_quarantined_by_the_close() ->
         expected = one_shot_state([("a", 2, 1), ("c", 2, 3)], h.config)
         for m in MODULES:
             assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
-        assert sorted(store.reads) == ["a", "b", "b", "c"]  # b: read back, then by the close
+        # a and b read back after the restart, b again by the close; c's push kept its bytes
+        assert sorted(store.reads) == ["a", "b", "b"]
 
-    run_with(store, config(min_clients=3), scenario, PRELOADING)
+    cfg = config(min_clients=3)
+    run_with(store, cfg, before, PRELOADING)
+    flip_stored_bit_in(store, "b")
+    run_with(store, cfg, after, PRELOADING)
 
 
-def test_uploads_past_the_read_back_budget_are_read_by_the_close() -> None:
-    """A budget of one upload: the first is held, the rest wait for the close; the round is
-    the same either way."""
+def flip_stored_bit_in(store: MemoryFederationStore, client: str) -> None:
+    record, data = store.uploads[0][client]
+    flipped = bytearray(data)
+    flipped[-3] ^= 1
+    store.uploads[0][client] = (record, bytes(flipped))
+
+
+def test_uploads_past_the_budget_are_read_by_the_close() -> None:
+    """A budget of one upload: the first push keeps its bytes, the others stream as usual and
+    the close reads them; the round is the same either way."""
     store = CountingReads()
     one_upload = len(upload(2, 1))
 
@@ -490,10 +498,33 @@ def test_uploads_past_the_read_back_budget_are_read_by_the_close() -> None:
         expected = one_shot_state([("a", 2, 1), ("b", 2, 2), ("c", 2, 3)], h.config)
         for m in MODULES:
             assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
-        assert sorted(store.reads) == ["a", "b", "c"]  # a in the background, b and c by the close
+        assert sorted(store.reads) == ["b", "c"]  # a was kept by its push
         assert h.runtime.preload_budget.used == 0
 
     run_with(store, config(min_clients=3), scenario, RuntimeLimits(preload_memory_bytes=one_upload))
+
+
+def test_a_refused_push_gives_its_reservation_back() -> None:
+    """A push that fails its checks (or its digest) holds room for its payload only while it
+    streams: after the refusal the budget is whole again, and honest pushes keep theirs."""
+
+    async def scenario(h: Harness) -> None:
+        for c in ("a", "b"):
+            await h.runtime.join(c, 2, 10, 0.0)
+        good = upload(2, 1)
+        ticket = h.runtime.begin_push("a", 0, 2, 10, 0.0, len(good), "0" * 64)
+        assert h.runtime.preload_budget.used == len(good)  # reserved at the header
+        for start in range(0, len(good), 256):
+            await ticket.write(good[start : start + 256])
+        with pytest.raises(DataLossError):
+            await h.runtime.finish_push(ticket)  # the digest does not match: refused
+        assert h.runtime.preload_budget.used == 0
+        await h.push("a", good, rank=2)
+        await h.push("b", upload(2, 2), rank=2)
+        await h.published(1)
+        assert h.runtime.preload_budget.used == 0
+
+    run(config(min_clients=2), scenario, PRELOADING)
 
 
 def test_a_folded_close_that_fails_falls_back_to_one_shot(

@@ -231,9 +231,9 @@ class ServerSettings(BaseSettings):
         default=256,
         ge=0,
         description="Memory the server may hold, over every federation's open round, of "
-        "acknowledged uploads read back (digest checked) while the round goes on, so that its "
-        "close need not read them (docs/design.md §4.2). Uploads past it are read by the "
-        "close, as with 0 (off)",
+        "uploads kept in memory as their pushes checked them, so that the round's close need "
+        "not read them back (docs/design.md §4.2). Uploads past it are read by the close, as "
+        "with 0 (off)",
     )
     debug_aggregation_delay_seconds: float = Field(
         default=0.0,

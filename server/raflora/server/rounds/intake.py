@@ -7,7 +7,9 @@ when the last chunk lands, what is left to do before the acknowledgement is the 
 each lane and one fsync. A lane holds a thread only while it has work (and gives it back
 every few jobs), on a pool of the lanes' own: a stalled client's upload costs no thread, and
 the server's default executor stays free for commits, joins and views. Each lane takes at
-most ``window`` chunks ahead of its worker, which bounds an upload's memory to a few chunks.
+most ``window`` chunks ahead of its worker, which bounds an upload's memory to a few chunks
+— unless the push holds a :class:`~raflora.server.rounds.preload.Reservation` for its whole
+payload: then the intake keeps the chunks it checked, for the close (rounds/preload.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from raflora.v1.layout import Layout
 
 from ..storage import UploadSink
 from ..storage.tensorio import StreamingUploadCheck
+from .preload import Reservation
 
 DEFAULT_WINDOW = 4
 DISCARD_WAIT_SECONDS = 5.0
@@ -137,6 +140,7 @@ class UploadIntake:
         check: StreamingUploadCheck | None,
         executor: Executor | None = None,
         window: int = DEFAULT_WINDOW,
+        keep: Reservation | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         executor = executor or _LANES
@@ -151,6 +155,10 @@ class UploadIntake:
         self.received = 0
         self.layout: Layout | None = None  # once finish() has checked the whole payload
         self._closed = False
+        # The received chunks (read-only views of immutable message bytes), while ``keep``
+        # holds room for the whole payload.
+        self._reservation = keep
+        self._kept: list[bytes | memoryview] | None = [] if keep is not None else None
 
     async def put(self, chunk: bytes | memoryview) -> None:
         """Hand one chunk to both lanes; raises at once if either has found a problem."""
@@ -158,6 +166,8 @@ class UploadIntake:
             raise RuntimeError("the upload's intake is closed")
         self.raise_error()
         self.received += len(chunk)
+        if self._kept is not None:
+            self._kept.append(chunk)
         await self._writer.submit(lambda: self.sink.write(chunk))
         await self._checker.submit(lambda: self._inspect(chunk))
 
@@ -183,9 +193,24 @@ class UploadIntake:
             self.layout = self._check.close()
         return self._digest.hexdigest()
 
+    def kept(self) -> tuple[list[bytes | memoryview], Reservation] | None:
+        """Hand over the kept chunks and their reservation (once, after :meth:`finish`)."""
+        if self._kept is None or self._reservation is None or self.layout is None:
+            return None
+        kept, self._kept = self._kept, None
+        reservation, self._reservation = self._reservation, None
+        return kept, reservation
+
+    def forget_kept(self) -> None:
+        self._kept = None
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
+
     def close(self) -> None:
         """Stop taking bytes; the sink forgets them (a no-op once committed) after any write
         still running. Idempotent, and it does not wait: safe in a cancelled handler."""
+        self.forget_kept()
         if self._closed:
             return
         self._closed = True

@@ -1,35 +1,53 @@
-"""The open round's acknowledged uploads, read back while the round goes on (docs/design.md §4.2).
+"""The open round's acknowledged uploads, in memory before the close (docs/design.md §4.2).
 
-A one-shot close reads every upload back from the store and checks it against its digest
-before the engine can start: for the bench's 64-client round, a fifth of the time from the
-last acknowledgement to the publication. Each acknowledged upload is instead read back (the
-same :meth:`~raflora.server.storage.FederationStore.read_upload`, digest checked) on a worker
-thread while the other clients still push, and the close takes what is already in memory.
+A one-shot close used to start by reading every upload back from the store against its
+digest: for the bench's 64-client round, a fifth of the time from the last acknowledgement
+to the publication. Now a push whose payload fits the budget keeps the chunks it received
+(the very bytes the intake hashed and checked as they arrived, never written over), and at
+its acknowledgement they are parsed into factors on a worker thread; the close takes them
+from memory. Uploads acknowledged before a restart are read back from the store instead (the
+same digest-checked ``read_upload`` the close would run), in the background.
 
-It is an optimisation, never a requirement: an upload not read in time is waited for, one
-that could not be read or is over the memory budget is read by the close itself, which also
-decides quarantine. The budget is one for the whole server (every federation's open rounds),
-so that many federations cannot together hold more than it.
+It is an optimisation, never a requirement: an upload not ready in time is waited for, one
+that could not be parsed or read, or did not fit the budget, is read by the close itself,
+which also decides quarantine. The budget is one for the whole server (every federation's
+open rounds and the pushes streaming into them), so that many federations cannot together
+hold more than it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from raflora.server.engine import AdapterSchema, FactorPair
 
 from ..storage import FederationStore, UploadRecord
+from ..storage.tensorio import open_bytes, read_factors
 
 log = logging.getLogger("raflora.server")
 
-# One thread for every federation's read-backs: reading and hashing release the GIL, and a
-# second thread would compete with the pushes still arriving on a small machine.
+# One thread for every federation's parses and read-backs: a second would compete with the
+# pushes still arriving on a small machine.
 PRELOADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-preload")
 
 Factors = dict[str, FactorPair]
+
+
+class Reservation:
+    """Bytes held against a :class:`MemoryBudget`; given back once, by :meth:`release` or
+    when the last reference goes (so no refusal path can leak it)."""
+
+    def __init__(self, budget: MemoryBudget, size: int) -> None:
+        self.size = size
+        self._give_back = weakref.finalize(self, budget.release, size)
+
+    def release(self) -> None:
+        self._give_back()
 
 
 class MemoryBudget:
@@ -45,27 +63,33 @@ class MemoryBudget:
         with self._lock:
             return self._used
 
-    def reserve(self, n: int) -> bool:
+    def reserve(self, size: int) -> Reservation | None:
         with self._lock:
-            if n < 0 or self._used + n > self.limit:
-                return False
-            self._used += n
-            return True
+            if size < 0 or self._used + size > self.limit:
+                return None
+            self._used += size
+        return Reservation(self, size)
 
-    def release(self, n: int) -> None:
+    def release(self, size: int) -> None:
         with self._lock:
-            self._used = max(0, self._used - n)
+            self._used = max(0, self._used - size)
 
 
 @dataclass
 class _Entry:
     sha256: str
-    size: int  # bytes reserved for it
+    reservation: Reservation
     future: Future[Factors]
 
 
+def parse_payload(chunks: Sequence[bytes | memoryview], schema: AdapterSchema) -> Factors:
+    """Factors from the chunks of a checked payload (the parser the memory store reads with)."""
+    with open_bytes(b"".join(chunks)) as reader:
+        return read_factors(reader, schema)
+
+
 class RoundPreload:
-    """One open round's uploads, each read back once it is acknowledged."""
+    """One open round's acknowledged uploads, parsed (or read back) in the background."""
 
     def __init__(
         self,
@@ -85,27 +109,55 @@ class RoundPreload:
         self._released = False
 
     def submit(self, record: UploadRecord) -> None:
-        """Read ``record`` back in the background, if the budget has room for it."""
-        if record.round != self.round:
+        """Read ``record`` back from the store in the background, if the budget has room."""
+        if record.round != self.round or self._holds(record):
             return
+        reservation = self.budget.reserve(record.size)
+        if reservation is not None:
+            self._add(record, reservation, self.store.read_upload, record, self.schema)
+
+    def adopt(
+        self,
+        record: UploadRecord,
+        chunks: Sequence[bytes | memoryview],
+        reservation: Reservation,
+    ) -> None:
+        """Parse the payload ``record`` was acknowledged for, from the bytes the push kept."""
+        if (
+            record.round != self.round
+            or self._holds(record)
+            or sum(len(c) for c in chunks) != record.size
+        ):
+            reservation.release()
+            return
+        self._add(record, reservation, parse_payload, chunks, self.schema)
+
+    def _holds(self, record: UploadRecord) -> bool:
+        with self._lock:
+            entry = self._entries.get(record.client_id)
+            return self._released or (entry is not None and entry.sha256 == record.sha256)
+
+    def _add(
+        self,
+        record: UploadRecord,
+        reservation: Reservation,
+        job: Callable[..., Factors],
+        *args: object,
+    ) -> None:
         with self._lock:
             if self._released:
+                reservation.release()
                 return
-            old = self._entries.get(record.client_id)
-            if old is not None:
-                if old.sha256 == record.sha256:
-                    return
-                # another upload of this client (the first was quarantined): read this one
-                del self._entries[record.client_id]
-                old.future.cancel()
-                self.budget.release(old.size)
-            if not self.budget.reserve(record.size):
-                return  # the close reads it itself
-            future = self.executor.submit(self.store.read_upload, record, self.schema)
-            self._entries[record.client_id] = _Entry(record.sha256, record.size, future)
+            # Another upload of this client (the first was quarantined) replaces its entry.
+            old = self._entries.pop(record.client_id, None)
+            future = self.executor.submit(job, *args)
+            self._entries[record.client_id] = _Entry(record.sha256, reservation, future)
+        if old is not None:
+            old.future.cancel()
+            old.reservation.release()
 
     def take(self, record: UploadRecord) -> Factors | None:
-        """The factors of ``record`` if they were read back (waiting for a read under way);
+        """The factors of ``record`` if they are held (waiting for a parse or read under way);
         None: the caller reads it, and judges it, itself."""
         with self._lock:
             entry = self._entries.get(record.client_id)
@@ -114,7 +166,12 @@ class RoundPreload:
         try:
             return entry.future.result()
         except Exception as exc:  # the close reads it again and quarantines it if it must
-            log.info("round %d: the read-back of %s failed: %s", self.round, record.client_id, exc)
+            log.info(
+                "round %d: the upload of %s is left to the close: %s",
+                self.round,
+                record.client_id,
+                exc,
+            )
             return None
 
     def release(self) -> None:
@@ -124,7 +181,7 @@ class RoundPreload:
             self._released = True
         for entry in entries.values():
             entry.future.cancel()
-            self.budget.release(entry.size)
+            entry.reservation.release()
 
     @property
     def held(self) -> int:

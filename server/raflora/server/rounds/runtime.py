@@ -55,7 +55,7 @@ from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_reada
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
 from .folding import FOLDS, RoundFolder
 from .intake import UploadIntake
-from .preload import PRELOADS, MemoryBudget, RoundPreload
+from .preload import PRELOADS, MemoryBudget, Reservation, RoundPreload
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
     NothingToAggregateError,
@@ -90,7 +90,7 @@ class RuntimeLimits:
     # Memory the open round's folded uploads may hold (docs/design.md §2.10); 0: never fold,
     # the default, because folding slows rounds whose uploads share no directions.
     fold_memory_bytes: int = 0
-    # Memory every open round together may hold of uploads read back before their close
+    # Memory every open round together may hold of uploads kept in memory for their close
     # (docs/design.md §4.2); 0: the close reads every upload itself.
     preload_memory_bytes: int = 0
 
@@ -158,7 +158,7 @@ class FederationRuntime:
         self._retry_delay = _RETRY_INITIAL_SECONDS
         self.folder: RoundFolder | None = None  # the open round's folded uploads
         self.fold_executor = fold_executor or FOLDS
-        # The open round's uploads read back before the close, under a server-wide budget.
+        # The open round's uploads in memory for the close, under a server-wide budget.
         self.preload_budget = preload_budget or MemoryBudget(self.limits.preload_memory_bytes)
         self.preload: RoundPreload | None = None
         self.preload_executor = preload_executor or PRELOADS
@@ -459,8 +459,12 @@ class FederationRuntime:
         )
 
     def ticket(self, verdict: HeaderVerdict, sink: UploadSink) -> PushTicket:
-        """A push whose header passed: its payload flows into ``sink``."""
+        """A push whose header passed: its payload flows into ``sink`` (and, if the budget has
+        room for it, is kept in memory for the close: rounds/preload.py)."""
         joined = verdict.joined
+        keep = None
+        if self.preload is not None and verdict.check is not None and not verdict.duplicate:
+            keep = self.preload_budget.reserve(verdict.total_bytes)
         return PushTicket(
             verdict.client_id,
             verdict.round,
@@ -470,7 +474,7 @@ class FederationRuntime:
             joined.scale,
             verdict.total_bytes,
             verdict.sha256,
-            UploadIntake(sink, verdict.check),
+            UploadIntake(sink, verdict.check, keep=keep),
             verdict.duplicate,
         )
 
@@ -662,7 +666,8 @@ class FederationRuntime:
             )
             await asyncio.to_thread(self.store.commit_upload, sink, record)
             self.uploads[ticket.client_id] = record
-            self._prepare_close(record)  # under the lock: queued before any close that needs it
+            # under the lock: queued before any close that needs it
+            self._prepare_close(record, ticket.intake.kept())
             count = len(self.uploads)
             claimed = self._claim_close()  # the push that completes the quota closes it
         rank = str(ticket.rank)
@@ -676,7 +681,7 @@ class FederationRuntime:
 
     # -- rounds ----------------------------------------------------------------------------
     def _new_folder(self) -> None:
-        """The open round's work before its close: folding (if on), else read-backs."""
+        """The open round's work before its close: folding (if on), else uploads in memory."""
         budget = self.limits.fold_memory_bytes
         self.folder = None
         if not self.degraded and RoundFolder.enabled(self.strategy, budget):
@@ -697,11 +702,20 @@ class FederationRuntime:
         if self.folder is not None:
             self.folder.close_claimed(False)
 
-    def _prepare_close(self, record: UploadRecord) -> None:
+    def _prepare_close(
+        self, record: UploadRecord, kept: tuple[list[bytes | memoryview], Reservation] | None = None
+    ) -> None:
+        """Fold ``record`` (if the round folds), else have it in memory for the close: from the
+        bytes its push kept, or read back from the store."""
         if self.folder is not None:
             self.folder.submit(record, self.fold_executor)
         if self.preload is not None:
-            self.preload.submit(record)
+            if kept is not None:
+                self.preload.adopt(record, *kept)
+            else:
+                self.preload.submit(record)
+        elif kept is not None:
+            kept[1].release()
 
     def _open_round(self) -> None:
         self._arm_deadline()
