@@ -323,3 +323,26 @@ def test_a_discarded_upload_is_gone_before_the_refusal_goes_out(tmp_path: Path) 
 
     assert asyncio.run(run(5.0)) is False
     assert asyncio.run(run(0.01)) is True  # past its wait it returns, leaving the rest behind
+
+
+@pytest.mark.parametrize("name", ["good", "good-fp16", "good-bf16-and-fp64"])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_the_factors_kept_for_the_close_are_the_payloads(name: str, chunk: int) -> None:
+    """The factors the close takes from a push's kept chunks (rounds/preload.py) are what
+    safetensors itself reads from the same bytes, whatever the chunking and the dtypes."""
+    from raflora.server.storage.tensorio import factors_in_payload
+
+    data = save(CASES[name])
+    check = StreamingUploadCheck(SCHEMA, RANK, "c", SCALE, BOUNDS, len(data))
+    chunks = [memoryview(data)[i : i + chunk] for i in range(0, len(data), chunk)]
+    for c in chunks:
+        check.feed(c)
+    layout = check.close()
+    got = factors_in_payload(chunks, layout, SCHEMA)
+    want = CASES[name]
+    for m in MODULES:
+        for part, tensor in ((LORA_B, got[m].B), (LORA_A, got[m].A)):
+            expected = want[tensor_name(m, part)]
+            assert tensor.dtype == expected.dtype and torch.equal(tensor, expected)
+    with pytest.raises(InvalidUpdateError, match="do not add up"):
+        factors_in_payload(chunks[:-1], layout, SCHEMA)

@@ -131,6 +131,10 @@ class SerialLane:
             self._start()
 
 
+#: What a push kept for the close: its chunks, the layout its check accepted, their room.
+Kept = tuple[list[bytes | memoryview], Layout, Reservation]
+
+
 class UploadIntake:
     """Takes one upload's chunks; :meth:`finish` says whether the whole payload is sound."""
 
@@ -193,13 +197,13 @@ class UploadIntake:
             self.layout = self._check.close()
         return self._digest.hexdigest()
 
-    def kept(self) -> tuple[list[bytes | memoryview], Reservation] | None:
-        """Hand over the kept chunks and their reservation (once, after :meth:`finish`)."""
+    def kept(self) -> Kept | None:
+        """Hand over the kept chunks, their layout and reservation (once, after :meth:`finish`)."""
         if self._kept is None or self._reservation is None or self.layout is None:
             return None
         kept, self._kept = self._kept, None
         reservation, self._reservation = self._reservation, None
-        return kept, reservation
+        return kept, self.layout, reservation
 
     def forget_kept(self) -> None:
         self._kept = None

@@ -25,9 +25,10 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from raflora.server.engine import AdapterSchema, FactorPair
+from raflora.v1.layout import Layout
 
 from ..storage import FederationStore, UploadRecord
-from ..storage.tensorio import open_bytes, read_factors
+from ..storage.tensorio import factors_in_payload
 
 log = logging.getLogger("raflora.server")
 
@@ -82,12 +83,6 @@ class _Entry:
     future: Future[Factors]
 
 
-def parse_payload(chunks: Sequence[bytes | memoryview], schema: AdapterSchema) -> Factors:
-    """Factors from the chunks of a checked payload (the parser the memory store reads with)."""
-    with open_bytes(b"".join(chunks)) as reader:
-        return read_factors(reader, schema)
-
-
 class RoundPreload:
     """One open round's acknowledged uploads, parsed (or read back) in the background."""
 
@@ -120,9 +115,11 @@ class RoundPreload:
         self,
         record: UploadRecord,
         chunks: Sequence[bytes | memoryview],
+        layout: Layout,
         reservation: Reservation,
     ) -> None:
-        """Parse the payload ``record`` was acknowledged for, from the bytes the push kept."""
+        """The factors of the payload ``record`` was acknowledged for, from the bytes its push
+        kept and the layout its streaming check accepted."""
         if (
             record.round != self.round
             or self._holds(record)
@@ -130,7 +127,7 @@ class RoundPreload:
         ):
             reservation.release()
             return
-        self._add(record, reservation, parse_payload, chunks, self.schema)
+        self._add(record, reservation, factors_in_payload, chunks, layout, self.schema)
 
     def _holds(self, record: UploadRecord) -> bool:
         with self._lock:

@@ -54,8 +54,8 @@ from ..storage.s3_direct import DirectStore
 from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_readable
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
 from .folding import FOLDS, RoundFolder
-from .intake import UploadIntake
-from .preload import PRELOADS, MemoryBudget, Reservation, RoundPreload
+from .intake import Kept, UploadIntake
+from .preload import PRELOADS, MemoryBudget, RoundPreload
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
 from .publish import (
     NothingToAggregateError,
@@ -702,9 +702,7 @@ class FederationRuntime:
         if self.folder is not None:
             self.folder.close_claimed(False)
 
-    def _prepare_close(
-        self, record: UploadRecord, kept: tuple[list[bytes | memoryview], Reservation] | None = None
-    ) -> None:
+    def _prepare_close(self, record: UploadRecord, kept: Kept | None = None) -> None:
         """Fold ``record`` (if the round folds), else have it in memory for the close: from the
         bytes its push kept, or read back from the store."""
         if self.folder is not None:
@@ -715,7 +713,7 @@ class FederationRuntime:
             else:
                 self.preload.submit(record)
         elif kept is not None:
-            kept[1].release()
+            kept[2].release()
 
     def _open_round(self) -> None:
         self._arm_deadline()

@@ -374,6 +374,31 @@ def tensor_view(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) ->
     return flat.view(dtype).reshape(shape)
 
 
+def factors_in_payload(
+    chunks: Iterable[bytes | memoryview], layout: Layout, schema: AdapterSchema
+) -> dict[str, FactorPair]:
+    """The factors of a payload the streaming check accepted with ``layout``: one copy of the
+    chunks into a buffer of its own, each tensor a (writable) view of it; no parser runs again,
+    the layout is the one the check proved (offsets aligned, sizes exact)."""
+    buffer = bytearray().join(chunks)
+    if len(buffer) != layout.total_bytes:
+        raise InvalidUpdateError("payload", "the kept chunks do not add up to the payload")
+    data = memoryview(buffer)[layout.data_start :]
+    entries = {e.name: e for e in layout.entries}
+
+    def get(name: str) -> Tensor:
+        e = entries[name]
+        dtype = ACCEPTED_CODES[e.dtype]
+        if not e.nbytes:
+            return torch.empty(e.shape, dtype=dtype)
+        return torch.frombuffer(data[e.start : e.end], dtype=torch.uint8).view(dtype).view(e.shape)
+
+    return {
+        m: FactorPair(B=get(tensor_name(m, LORA_B)), A=get(tensor_name(m, LORA_A)))
+        for m in schema.modules
+    }
+
+
 def read_factors(reader: TensorReader, schema: AdapterSchema) -> dict[str, FactorPair]:
     """Read a validated upload back as raw factors, in the upload's dtype."""
     return {
