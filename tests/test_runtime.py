@@ -504,6 +504,24 @@ def test_uploads_past_the_budget_are_read_by_the_close() -> None:
     run_with(store, config(min_clients=3), scenario, RuntimeLimits(preload_memory_bytes=one_upload))
 
 
+def test_an_upload_above_the_per_upload_cap_streams_as_before() -> None:
+    """Room in the budget, but the upload is larger than ``preload_max_upload_bytes``: its
+    push keeps nothing (a large adapter streams in bounded memory) and the close reads it."""
+    store = CountingReads()
+    size = len(upload(2, 1))
+    limits = RuntimeLimits(preload_memory_bytes=1 << 20, preload_max_upload_bytes=size - 1)
+
+    async def scenario(h: Harness) -> None:
+        await join_three_push_two(h)
+        assert h.runtime.preload is not None and h.runtime.preload.held == 0
+        assert h.runtime.preload_budget.used == 0
+        await h.push("c", upload(2, 3), rank=2)
+        await h.published(1)
+        assert sorted(store.reads) == ["a", "b", "c"]  # all by the close
+
+    run_with(store, config(min_clients=3), scenario, limits)
+
+
 def test_a_refused_push_gives_its_reservation_back() -> None:
     """A push that fails its checks (or its digest) holds room for its payload only while it
     streams: after the refusal the budget is whole again, and honest pushes keep theirs."""

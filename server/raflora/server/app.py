@@ -126,6 +126,7 @@ class RafloraServer:
                 max_pushes_per_round=settings.max_pushes_per_round,
                 fold_memory_bytes=settings.fold_memory_mib << 20,
                 preload_memory_bytes=settings.preload_memory_mib << 20,
+                preload_max_upload_bytes=settings.preload_max_upload_mib << 20,
                 aggregation_workers=settings.aggregation_workers,
                 aggregation_delay_seconds=settings.debug_aggregation_delay_seconds,
             ),

@@ -235,6 +235,12 @@ class ServerSettings(BaseSettings):
         "not read them back (docs/design.md §4.2). Uploads past it are read by the close, as "
         "with 0 (off)",
     )
+    preload_max_upload_mib: int = Field(
+        default=16,
+        ge=0,
+        description="The largest upload preload_memory_mib keeps: larger ones stream in a few "
+        "chunks of memory whatever their size, and the close reads them back",
+    )
     debug_aggregation_delay_seconds: float = Field(
         default=0.0,
         ge=0,

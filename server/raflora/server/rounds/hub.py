@@ -67,7 +67,9 @@ class FederationHub:
         self.federations: dict[str, FederationRuntime] = {}
         self._create_lock = asyncio.Lock()
         # One budget for every federation's read-back uploads (rounds/preload.py).
-        self.preload_budget = MemoryBudget(self.limits.preload_memory_bytes)
+        self.preload_budget = MemoryBudget(
+            self.limits.preload_memory_bytes, self.limits.preload_max_upload_bytes
+        )
 
     def _runtime(self, config: FederationConfig) -> FederationRuntime:
         return FederationRuntime(

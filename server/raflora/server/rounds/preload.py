@@ -52,10 +52,14 @@ class Reservation:
 
 
 class MemoryBudget:
-    """Bytes of uploads every open round together may hold in memory (thread-safe)."""
+    """Bytes of uploads every open round together may hold in memory (thread-safe); no one
+    upload above ``max_upload_bytes``, so that a large adapter still streams in a few chunks of
+    memory (the close reads it) and the budget serves rounds of many small uploads, where
+    reading them back costs the close most."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, max_upload_bytes: int = 16 << 20) -> None:
         self.limit = limit_bytes
+        self.max_upload = max_upload_bytes
         self._used = 0
         self._lock = threading.Lock()
 
@@ -66,7 +70,7 @@ class MemoryBudget:
 
     def reserve(self, size: int) -> Reservation | None:
         with self._lock:
-            if size < 0 or self._used + size > self.limit:
+            if size < 0 or size > self.max_upload or self._used + size > self.limit:
                 return None
             self._used += size
         return Reservation(self, size)

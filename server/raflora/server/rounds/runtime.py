@@ -93,6 +93,7 @@ class RuntimeLimits:
     # Memory every open round together may hold of uploads kept in memory for their close
     # (docs/design.md §4.2); 0: the close reads every upload itself.
     preload_memory_bytes: int = 0
+    preload_max_upload_bytes: int = 16 << 20  # larger uploads stream as before
 
 
 class FederationRuntime:
@@ -159,7 +160,9 @@ class FederationRuntime:
         self.folder: RoundFolder | None = None  # the open round's folded uploads
         self.fold_executor = fold_executor or FOLDS
         # The open round's uploads in memory for the close, under a server-wide budget.
-        self.preload_budget = preload_budget or MemoryBudget(self.limits.preload_memory_bytes)
+        self.preload_budget = preload_budget or MemoryBudget(
+            self.limits.preload_memory_bytes, self.limits.preload_max_upload_bytes
+        )
         self.preload: RoundPreload | None = None
         self.preload_executor = preload_executor or PRELOADS
         # This federation's jobs on the (shared, bounded) aggregation pool run one at a time and
