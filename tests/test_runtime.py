@@ -308,10 +308,24 @@ async def join_three_push_two(h: Harness) -> None:
 
 def flip_stored_bit(h: Harness, client: str) -> None:
     """A bit flip at rest in an acknowledged upload of round 0."""
-    record, data = h.store.uploads[0][client]
+    flip_stored_bit_in(h.store, client)
+
+
+def flip_stored_bit_in(store: MemoryFederationStore, client: str) -> None:
+    record, data = store.uploads[0][client]
     flipped = bytearray(data)
     flipped[-3] ^= 1
-    h.store.uploads[0][client] = (record, bytes(flipped))
+    store.uploads[0][client] = (record, bytes(flipped))
+
+
+def assert_published_without_b(h: Harness) -> None:
+    """Round 1 holds a's and c's uploads, b's was quarantined, and equals the engine's."""
+    assert h.runtime.manifest is not None
+    assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "c"]
+    assert h.runtime.manifest.quarantined == ("b",)
+    expected = one_shot_state([("a", 2, 1), ("c", 2, 3)], h.config)
+    for m in MODULES:
+        assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
 
 
 def test_a_corrupt_stored_upload_is_quarantined_and_the_round_goes_on() -> None:
@@ -386,12 +400,7 @@ def test_an_upload_that_cannot_be_folded_sends_the_close_one_shot() -> None:
         gate.set()
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
-        assert h.runtime.manifest is not None
-        assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "c"]
-        assert h.runtime.manifest.quarantined == ("b",)
-        expected = one_shot_state([("a", 2, 1), ("c", 2, 3)], h.config)
-        for m in MODULES:
-            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert_published_without_b(h)
         assert folded_rounds(h) == 0
 
     run(config(min_clients=3), scenario, FOLDING)
@@ -459,12 +468,7 @@ def test_uploads_acknowledged_before_a_restart_are_read_back_and_judged_by_the_c
     async def after(h: Harness) -> None:
         await h.push("c", upload(2, 3), rank=2)
         await h.published(1)
-        assert h.runtime.manifest is not None
-        assert sorted(u.client_id for u in h.runtime.manifest.uploads) == ["a", "c"]
-        assert h.runtime.manifest.quarantined == ("b",)
-        expected = one_shot_state([("a", 2, 1), ("c", 2, 3)], h.config)
-        for m in MODULES:
-            assert torch.allclose(h.runtime.state.dense(m), expected[m], atol=1e-5)
+        assert_published_without_b(h)
         # a and b read back after the restart, b again by the close; c's push kept its bytes
         assert sorted(store.reads) == ["a", "b", "b"]
 
@@ -472,13 +476,6 @@ def test_uploads_acknowledged_before_a_restart_are_read_back_and_judged_by_the_c
     run_with(store, cfg, before, PRELOADING)
     flip_stored_bit_in(store, "b")
     run_with(store, cfg, after, PRELOADING)
-
-
-def flip_stored_bit_in(store: MemoryFederationStore, client: str) -> None:
-    record, data = store.uploads[0][client]
-    flipped = bytearray(data)
-    flipped[-3] ^= 1
-    store.uploads[0][client] = (record, bytes(flipped))
 
 
 def test_uploads_past_the_budget_are_read_by_the_close() -> None:
