@@ -1,7 +1,7 @@
 """The open round's acknowledged uploads, in memory before the close (docs/design.md §4.2).
 
 A one-shot close used to start by reading every upload back from the store against its
-digest: for the bench's 64-client round, a fifth of the time from the last acknowledgement
+digest: for the bench's 64-client round, about a third of the time from the last acknowledgement
 to the publication. Now a push whose payload fits the budget keeps the chunks it received
 (the very bytes the intake hashed and checked as they arrived, never written over), and at
 its acknowledgement they are parsed into factors on a worker thread; the close takes them
