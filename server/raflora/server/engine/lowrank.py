@@ -135,14 +135,10 @@ def randomized_svd(
     d_in = int(A.shape[1])
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
     k = min(max_rank + oversample, n, d_out, d_in)
-    checkpoints = {min(1, power_iterations), min(2, power_iterations), power_iterations}
-    found = _sketch(B, A, k, power_iterations, checkpoints, gen, max_rank, tolerance)
+    found = _sketch(B, A, k, power_iterations, gen, max_rank, tolerance)
     wide = min(2 * k, n, d_out, d_in)
     if found is None and widen and wide > k:
-        iterations = min(2, power_iterations)
-        found = _sketch(
-            B, A, wide, iterations, {min(1, iterations), iterations}, gen, max_rank, tolerance
-        )
+        found = _sketch(B, A, wide, min(2, power_iterations), gen, max_rank, tolerance)
     return found
 
 
@@ -151,12 +147,13 @@ def _sketch(
     A: Tensor,
     k: int,
     power_iterations: int,
-    checkpoints: set[int],
     gen: torch.Generator,
     max_rank: int,
     tolerance: float,
 ) -> LowRank | None:
-    """A range finder of width ``k`` with power iterations, certified at ``checkpoints``."""
+    """A range finder of width ``k``, certified after 1, 2 and ``power_iterations`` power
+    iterations."""
+    checkpoints = {min(1, power_iterations), min(2, power_iterations), power_iterations}
     omega = torch.randn(int(A.shape[1]), k, generator=gen, dtype=torch.float32).to(B)
     Q, _ = torch.linalg.qr(B @ (A @ omega))
     for done in range(power_iterations + 1):

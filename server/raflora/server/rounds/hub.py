@@ -66,7 +66,7 @@ class FederationHub:
         )
         self.federations: dict[str, FederationRuntime] = {}
         self._create_lock = asyncio.Lock()
-        # One budget for every federation's read-back uploads (rounds/preload.py).
+        # One budget for every federation's uploads held for their close (rounds/preload.py).
         self.preload_budget = MemoryBudget(
             self.limits.preload_memory_bytes, self.limits.preload_max_upload_bytes
         )

@@ -124,11 +124,7 @@ class RoundPreload:
     ) -> None:
         """The factors of the payload ``record`` was acknowledged for, from the bytes its push
         kept and the layout its streaming check accepted."""
-        if (
-            record.round != self.round
-            or self._holds(record)
-            or sum(len(c) for c in chunks) != record.size
-        ):
+        if record.round != self.round or self._holds(record):
             reservation.release()
             return
         self._add(record, reservation, factors_in_payload, chunks, layout, self.schema)
@@ -162,7 +158,7 @@ class RoundPreload:
         None: the caller reads it, and judges it, itself."""
         with self._lock:
             entry = self._entries.get(record.client_id)
-        if entry is None or entry.sha256 != record.sha256 or record.round != self.round:
+        if entry is None or entry.sha256 != record.sha256:
             return None
         try:
             return entry.future.result()

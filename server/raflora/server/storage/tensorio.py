@@ -388,10 +388,7 @@ def factors_in_payload(
 
     def get(name: str) -> Tensor:
         e = entries[name]
-        dtype = ACCEPTED_CODES[e.dtype]
-        if not e.nbytes:
-            return torch.empty(e.shape, dtype=dtype)
-        return torch.frombuffer(data[e.start : e.end], dtype=torch.uint8).view(dtype).view(e.shape)
+        return tensor_view(data[e.start : e.end], ACCEPTED_CODES[e.dtype], e.shape)
 
     return {
         m: FactorPair(B=get(tensor_name(m, LORA_B)), A=get(tensor_name(m, LORA_A)))
