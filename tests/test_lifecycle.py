@@ -27,6 +27,7 @@ from raflora.client_sdk import (
 )
 from raflora.server.errors import NotFoundError as ServerNotFoundError
 from raflora.server.testing import ThreadedServer, scrape, threaded_server
+from raflora.v1.framing import data_of
 from raflora.v1.wire import ErrorReason
 
 from .helpers.adapters import factors
@@ -262,22 +263,30 @@ def test_keep_rounds_keeps_the_newest_and_pull_of_a_deleted_round_is_not_found(
         assert c.pull(round=3).round == 3
 
 
-def test_retention_never_deletes_a_round_being_streamed(server: ThreadedServer) -> None:
-    with AdminClient(server.target) as admin, client(server, "fed") as c:
-        admin.create_federation(_keep_one("fed"))
+@pytest.mark.parametrize("from_memory", [False, True], ids=["from-file", "hot-view"])
+def test_retention_never_deletes_a_round_being_streamed(
+    server: ThreadedServer, from_memory: bool
+) -> None:
+    fid = f"fed-{from_memory}"
+    with AdminClient(server.target) as admin, client(server, fid) as c:
+        admin.create_federation(_keep_one(fid))
         c.join(rank=4, num_examples=10)
         push_round(c, 0)
         push_round(c, 1)  # round 1 is gone already (keep_rounds = 1)
-        runtime = server.server.hub.get("fed")
+        runtime = server.server.hub.get(fid)
 
         async def open_pull(round_: int) -> Any:
-            return await runtime.open_view("c1", round_)
+            return await runtime.open_view("c1", round_, from_memory=from_memory)
 
         view, reader = server.run(open_pull(2))  # a pull of round 2, its stream open
+        assert (reader.hot is not None) == from_memory
         push_round(c, 2)  # publishes 3: round 2 is kept while it streams
-        rounds_dir = server.server.settings.data_dir / "federations" / "fed" / "rounds"
+        rounds_dir = server.server.settings.data_dir / "federations" / fid / "rounds"
         assert sorted(p.name for p in rounds_dir.iterdir()) == ["00000002", "00000003"]
-        assert len(reader.read(-1)) == view.size  # the stream completes
+        if from_memory:  # the stream completes
+            assert sum(len(data_of(m) or b"") for m in reader.hot) == view.size
+        else:
+            assert len(reader.read(-1)) == view.size
         reader.close()
         push_round(c, 3)  # publishes 4: now round 2 goes
         assert sorted(p.name for p in rounds_dir.iterdir()) == ["00000004"]

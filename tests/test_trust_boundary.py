@@ -1241,18 +1241,18 @@ def test_a_garbage_record_does_not_take_the_federation_down(
         assert manifest_clients(tmp_path, "g", 1) == ["x", "y"]
 
 
-def test_a_corrupt_cached_view_is_never_served_as_valid(open_server: ThreadedServer) -> None:
-    """A flipped bit in a cached view: the SDK's digest check refuses it, and the server, which
-    hashes what it sends, drops the view so the next pull gets a rebuilt, valid one."""
-    data_dir = open_server.server.settings.data_dir
-    with ExitStack() as stack:
-        stack.enter_context(AdminClient(open_server.target)).create_federation(spec("view"))
-        client = Clients(stack, open_server.target)
+def test_a_corrupt_cached_view_is_never_served_as_valid(tmp_path: Path) -> None:
+    """A flipped bit in a cached view read from storage: the SDK's digest check refuses it, and
+    the server, which hashes what it sends, drops the view so the next pull gets a rebuilt,
+    valid one. (Hot views off: every pull reads the view file.)"""
+    with threaded_server(tmp_path, hot_view_memory_mib=0) as server, ExitStack() as stack:
+        stack.enter_context(AdminClient(server.target)).create_federation(spec("view"))
+        client = Clients(stack, server.target)
         victim, other = client("view", "victim"), client("view", "other")
         victim.join(rank=2, num_examples=10)
         other.join(rank=4, num_examples=10)
         assert finite(victim.pull())
-        (view,) = (data_dir / "federations/view/views/00000000").glob("rank-2-*.safetensors")
+        (view,) = (tmp_path / "federations/view/views/00000000").glob("rank-2-*.safetensors")
         flip_bit(view)
         check(refused(victim.pull), C.DATA_LOSS, R.CHECKSUM_MISMATCH, "sha256")
         assert finite(victim.pull())  # rebuilt from the published state
@@ -1261,6 +1261,31 @@ def test_a_corrupt_cached_view_is_never_served_as_valid(open_server: ThreadedSer
         other.push(adapter(4, 2), round=0, num_examples=10)
         assert victim.wait_for_round(0, timeout=30).round == 1
         assert finite(victim.pull())  # the new round's view is fresh
+
+
+def test_a_view_damaged_at_rest_never_enters_memory(tmp_path: Path) -> None:
+    """Hot views on (the default): a view's bytes enter memory only after a whole stream of
+    them matched the digest. A bit flipped on disk after that is never served; once the view
+    leaves memory (evicted, here by hand) the damaged file is refused, kept out of memory, and
+    rebuilt."""
+    with threaded_server(tmp_path) as server, ExitStack() as stack:
+        hot = server.server.hub.hot_views
+        stack.enter_context(AdminClient(server.target)).create_federation(spec("hot"))
+        victim = Clients(stack, server.target)("hot", "victim")
+        victim.join(rank=2, num_examples=10)
+        first = victim.pull()
+        assert hot.entries() == 1
+        (view,) = (tmp_path / "federations/hot/views/00000000").glob("rank-2-*.safetensors")
+        flip_bit(view)
+        again = victim.pull()  # from memory: the verified bytes, not the damaged file
+        assert again.tensors.keys() == first.tensors.keys()
+        assert all(torch.equal(again.tensors[k], first.tensors[k]) for k in first.tensors)
+        hot.drop(lambda key: True)  # what an eviction does
+        check(refused(victim.pull), C.DATA_LOSS, R.CHECKSUM_MISMATCH, "sha256")
+        assert hot.entries() == 0 and hot.used == 0  # the damaged stream kept nothing
+        rebuilt = victim.pull()
+        assert all(torch.equal(rebuilt.tensors[k], first.tensors[k]) for k in first.tensors)
+        assert hot.entries() == 1
 
 
 # -- 6. races ---------------------------------------------------------------------------------

@@ -42,6 +42,38 @@ def encode_data(pieces: Sequence[bytes | memoryview]) -> bytes:
     return b"".join([_DATA_TAG, varint(total), *pieces])
 
 
+class Framer:
+    """Data messages of ``chunk_size`` payload bytes each (the last one shorter) from a byte
+    stream fed in pieces: what a pull of the same bytes sends, read ``chunk_size`` at a time.
+    A piece is held (not copied) until its message is complete."""
+
+    def __init__(self, chunk_size: int) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.chunk_size = chunk_size
+        self.messages: list[bytes] = []
+        self._parts: list[memoryview] = []
+        self._room = chunk_size
+
+    def feed(self, piece: memoryview) -> None:
+        while len(piece):
+            part, piece = piece[: self._room], piece[self._room :]
+            self._parts.append(part)
+            self._room -= len(part)
+            if self._room == 0:
+                self._flush()
+
+    def close(self) -> list[bytes]:
+        """The messages, the last partial one included."""
+        if self._parts:
+            self._flush()
+        return self.messages
+
+    def _flush(self) -> None:
+        self.messages.append(encode_data(self._parts))
+        self._parts, self._room = [], self.chunk_size
+
+
 def data_of(raw: bytes) -> memoryview | None:
     """The payload of ``raw`` if it is exactly one field-2 record; None for any other form."""
     if len(raw) < 2 or raw[0] != _DATA_TAG[0]:

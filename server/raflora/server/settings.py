@@ -241,6 +241,14 @@ class ServerSettings(BaseSettings):
         description="The largest upload preload_memory_mib keeps: larger ones stream in a few "
         "chunks of memory whatever their size, and the close reads them back",
     )
+    hot_view_memory_mib: int = Field(
+        default=512,
+        ge=0,
+        description="Memory the server may hold of pull views as the messages a pull sends, "
+        "so that a cached pull neither reads, hashes nor frames its view again (docs/design.md "
+        "§4.3); no one view above a quarter of it. Views past it stream from storage, as with "
+        "0 (off)",
+    )
     debug_aggregation_delay_seconds: float = Field(
         default=0.0,
         ge=0,

@@ -457,29 +457,57 @@ async def stream_view(
     header: pb.PullHeader,
     chunk_size: int,
 ) -> None:
-    """Write a view as PullChunks (Pull, ExportAdapter), each write timed, hashing as it goes:
-    a view damaged at rest is discarded (rebuilt by the next call) and the client, which checks
-    the same digest, sees DATA_LOSS.
+    """Write a view as PullChunks (Pull, ExportAdapter), each write timed: from memory when it
+    is hot (rounds/hot_views.py), else from storage (:func:`_stream_stored`)."""
+    with reader:
+        await clock.write(context, pb.PullChunk(header=header))
+        if reader.hot is not None:
+            for message in reader.hot:
+                reader.check()
+                await clock.write(context, message)
+            return
+        await _stream_stored(context, clock, runtime, view, reader, chunk_size)
+
+
+async def _stream_stored(
+    context: Any,
+    clock: StreamClock,
+    runtime: FederationRuntime,
+    view: View,
+    reader: ViewReader,
+    chunk_size: int,
+) -> None:
+    """Stream a view from storage, hashing as it goes: a view damaged at rest is discarded
+    (rebuilt by the next call) and the client, which checks the same digest, sees DATA_LOSS.
+    A view whose whole stream matched its digest is offered to the hot views.
 
     A worker thread reads, hashes and encodes the next chunk while the loop sends this one.
     """
     digest = hashlib.sha256()
+    kept: list[bytes] | None = [] if runtime.views.begin_fill(view) else None
 
     def next_message() -> bytes | None:
         chunk = reader.read(chunk_size)
         if not chunk:
             return None
         digest.update(chunk)
-        return encode_data([chunk])
+        message = encode_data([chunk])
+        if kept is not None:
+            kept.append(message)
+        return message
 
-    with reader:
-        await clock.write(context, pb.PullChunk(header=header))
+    intact = False
+    try:
         if view.size <= _READ_AHEAD_FROM_BYTES:  # a few chunks: a thread hop costs more
             while (message := next_message()) is not None:
                 await clock.write(context, message)
         else:
             await _write_reading_ahead(context, clock, next_message)
-    if digest.hexdigest() != view.sha256:
+        intact = digest.hexdigest() == view.sha256
+    finally:
+        if kept is not None:
+            runtime.views.end_fill(view, kept if intact else None)
+    if not intact:
         await runtime.discard_view(view)
 
 

@@ -182,7 +182,7 @@ async def pull(
     plane = _store(runtime).direct
     loop = asyncio.get_running_loop()
     for attempt in range(2):
-        view, reader = await runtime.open_view(client_id, round_)
+        view, reader = await runtime.open_view(client_id, round_, from_memory=False)
         if plane.published(view.stored):  # the usual case: a signature, no I/O
             reader.close()
             return view, plane.sign_download(view.stored, ttl)

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..metrics import ServerMetrics
 from ..storage import ClientRecord, Storage
+from .hot_views import HotViews
 from .preload import MemoryBudget
 from .runtime import FederationRuntime, RuntimeLimits
 from .views import View, ViewReader
@@ -70,6 +71,8 @@ class FederationHub:
         self.preload_budget = MemoryBudget(
             self.limits.preload_memory_bytes, self.limits.preload_max_upload_bytes
         )
+        # One limit for every federation's pull views kept in memory (rounds/hot_views.py).
+        self.hot_views = HotViews(self.limits.hot_view_memory_bytes)
 
     def _runtime(self, config: FederationConfig) -> FederationRuntime:
         return FederationRuntime(
@@ -81,6 +84,7 @@ class FederationHub:
             self.limits,
             map_modules=self.map_modules,
             preload_budget=self.preload_budget,
+            hot_views=self.hot_views,
         )
 
     def resume_all(self) -> None:

@@ -25,7 +25,7 @@ from raflora.server.engine import (
     Strategy,
     make_strategy,
 )
-from raflora.v1.wire import ErrorReason
+from raflora.v1.wire import DEFAULT_CHUNK_SIZE, ErrorReason
 
 from ..config import FederationConfig, echo_id
 from ..errors import (
@@ -54,6 +54,7 @@ from ..storage.s3_direct import DirectStore
 from ..storage.tensorio import StreamingUploadCheck, UpdateBounds, confirm_readable
 from .events import EventBus, EventType, Phase, PrivacyStatus, RoundEvent, Snapshot, Subscription
 from .folding import FOLDS, RoundFolder
+from .hot_views import HotViews
 from .intake import Kept, UploadIntake
 from .preload import PRELOADS, MemoryBudget, RoundPreload
 from .privacy import RoundPrivacy, privacy_record_problem, round_privacy
@@ -94,6 +95,9 @@ class RuntimeLimits:
     # (docs/design.md §4.2); 0: the close reads every upload itself.
     preload_memory_bytes: int = 0
     preload_max_upload_bytes: int = 16 << 20  # larger uploads stream as before
+    # Memory the server may hold of pull views as framed messages (rounds/hot_views.py).
+    hot_view_memory_bytes: int = 0
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # the server's message size (settings.chunk_size)
 
 
 class FederationRuntime:
@@ -109,6 +113,7 @@ class FederationRuntime:
         map_modules: ModuleMap | None = None,
         preload_budget: MemoryBudget | None = None,
         preload_executor: Executor | None = None,
+        hot_views: HotViews | None = None,
     ) -> None:
         self.config = config
         self.id = config.federation_id
@@ -132,7 +137,18 @@ class FederationRuntime:
         self.bounds = UpdateBounds(self.strategy.dtype, config.max_update_norm)
         self.published = PublishedRounds(self.id, self.strategy, store, metrics)
         self.publisher = RoundPublisher(config, self.strategy, store, self.published, map_modules)
-        self.views = ViewCache(self.strategy, store, self.limits.max_views_per_round)
+        if config.data_plane == "direct":  # its pulls read the bucket: no messages to keep
+            hot_views = HotViews(0)
+        elif hot_views is None:
+            hot_views = HotViews(self.limits.hot_view_memory_bytes)
+        self.views = ViewCache(
+            self.strategy,
+            store,
+            self.limits.max_views_per_round,
+            hot_views,
+            self.id,
+            self.limits.chunk_size,
+        )
         self.events = EventBus(self.limits.watcher_capacity)
         self.lock = asyncio.Lock()
         self.state: GlobalState = self.strategy.initial_state()
@@ -987,22 +1003,29 @@ class FederationRuntime:
         self.views.forget(view)
         await asyncio.to_thread(self.store.delete_view, view.stored)
 
-    async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, ViewReader]:
+    async def open_view(
+        self, client_id: str, round_: int | None = None, *, from_memory: bool = True
+    ) -> tuple[View, ViewReader]:
         """The client's view and its bytes, opened (see :meth:`open_view_at`)."""
         self.check_serving()
         joined = self.client(client_id)
-        return await self.open_view_at(joined.rank, joined.scale, round_)
+        return await self.open_view_at(joined.rank, joined.scale, round_, from_memory=from_memory)
 
     async def open_view_at(
-        self, rank: int, scale: float, round_: int | None = None
+        self, rank: int, scale: float, round_: int | None = None, *, from_memory: bool = True
     ) -> tuple[View, ViewReader]:
-        """The view at (``rank``, ``scale``) and its bytes, opened. A publication may prune an
-        older round's view while it is built or before it is opened: then it is built again."""
+        """The view at (``rank``, ``scale``) and its bytes, opened: its messages when it is hot
+        and ``from_memory`` (a reader with ``hot`` set), else its file. A publication may prune
+        an older round's view while it is built or before it is opened: then it is built
+        again."""
         for _ in range(_VIEW_ATTEMPTS - 1):
             try:  # a build that failed is built again by the next view_at
                 view = await self.view_at(rank, scale, round_)
             except FileNotFoundError:
                 continue
+            hot = self.views.open_hot(view) if from_memory else None
+            if hot is not None:
+                return view, hot
             try:
                 opened = await asyncio.to_thread(self.store.open_view, view.stored)
             except FileNotFoundError:
@@ -1010,5 +1033,8 @@ class FederationRuntime:
                 continue
             return view, self.views.open(view, opened)  # pins the round (retention)
         view = await self.view_at(rank, scale, round_)
+        hot = self.views.open_hot(view) if from_memory else None
+        if hot is not None:
+            return view, hot
         opened = await asyncio.to_thread(self.store.open_view, view.stored)
         return view, self.views.open(view, opened)

@@ -10,12 +10,16 @@ The cache also knows which rounds are being streamed (a :class:`ViewReader` is o
 their views), so that retention never deletes those, which rounds retention deleted (a view of
 one is NOT_FOUND from then on, even while cached or being built), and whether the federation was
 deleted (every later view, and every later read of an open one, is NOT_FOUND).
+
+A view's framed messages may also be held in memory (hot_views.py, docs/design.md §4.3): a
+build keeps the bytes it writes and hashes, and they leave memory with the view's file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,12 +30,14 @@ from torch import Tensor
 
 from raflora.server.engine import GlobalState, RankEnergy, Strategy
 from raflora.server.engine.validation import all_finite
-from raflora.v1.wire import LORA_A, LORA_B, ErrorReason, tensor_name
+from raflora.v1.framing import Framer
+from raflora.v1.wire import DEFAULT_CHUNK_SIZE, LORA_A, LORA_B, ErrorReason, tensor_name
 
 from ..errors import InvalidArgumentError, NotFoundError, ServiceError
 from ..storage import FederationStore, StoredView
 from ..storage.manifest import Holders
 from ..storage.store import TensorSpec
+from .hot_views import HotKey, HotViews
 
 ViewKey = tuple[int, int, float]
 
@@ -80,16 +86,29 @@ class ViewReader:
     """An opened view's bytes. While it is open its round counts as streamed (retention keeps
     the round); once the federation is deleted, a read refuses with NOT_FOUND."""
 
-    def __init__(self, cache: ViewCache, round_: int, inner: BinaryIO) -> None:
+    def __init__(
+        self,
+        cache: ViewCache,
+        round_: int,
+        inner: BinaryIO | None,
+        hot: tuple[bytes, ...] | None = None,
+    ) -> None:
         self._cache = cache
         self._round = round_
         self._inner = inner
+        self.hot = hot  # the view's framed messages, when it is served from memory
         self._closed = False
         cache._streaming[round_] = cache._streaming.get(round_, 0) + 1
 
-    def read(self, size: int = -1) -> bytes:
+    def check(self) -> None:
+        """NOT_FOUND once the federation was deleted (before each message of a hot view)."""
         if self._cache.closed:
             raise _federation_deleted()
+
+    def read(self, size: int = -1) -> bytes:
+        self.check()
+        if self._inner is None:
+            raise ValueError("a view served from memory has no file to read")
         return self._inner.read(size)
 
     def close(self) -> None:
@@ -97,7 +116,8 @@ class ViewReader:
             return
         self._closed = True
         try:
-            self._inner.close()
+            if self._inner is not None:
+                self._inner.close()
         finally:
             left = self._cache._streaming.get(self._round, 0) - 1
             if left > 0:
@@ -117,13 +137,27 @@ class ViewReader:
         self.close()
 
 
+def _is_view(key: ViewKey) -> Callable[[int, int, float], bool]:
+    return lambda round_, rank, scale: (round_, rank, scale) == key
+
+
 class ViewCache:
     def __init__(
-        self, strategy: Strategy, store: FederationStore, max_views_per_round: int = 64
+        self,
+        strategy: Strategy,
+        store: FederationStore,
+        max_views_per_round: int = 64,
+        hot: HotViews | None = None,
+        federation_id: str = "",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.strategy = strategy
         self.store = store
         self.max_views_per_round = max_views_per_round
+        # Shared by the server's federations (hot_views.py).
+        self.hot = HotViews(0) if hot is None else hot
+        self.federation_id = federation_id
+        self.chunk_size = chunk_size  # of the messages a build frames for the hot views
         self._tasks: dict[ViewKey, asyncio.Task[View]] = {}
         self._streaming: dict[int, int] = {}  # round -> open ViewReaders
         self._gone: set[int] = set()  # rounds deleted by retention
@@ -162,6 +196,27 @@ class ViewCache:
         """``inner`` (the view's bytes, just opened) as a reader that pins its round."""
         return ViewReader(self, view.round, inner)
 
+    def open_hot(self, view: View) -> ViewReader | None:
+        """The view served from memory, pinned like :meth:`open`; None when it is not hot."""
+        messages = self.hot.get(self._hot_key(view))
+        return None if messages is None else ViewReader(self, view.round, None, messages)
+
+    def begin_fill(self, view: View) -> bool:
+        """May the pull about to stream ``view`` from storage keep its messages?"""
+        return not self.closed and self.hot.begin_fill(self._hot_key(view), view.size)
+
+    def end_fill(self, view: View, messages: list[bytes] | None) -> None:
+        """The messages of a view whose whole stream matched its digest, or None."""
+        gone = self.closed or view.round in self._gone
+        self.hot.end_fill(self._hot_key(view), None if gone else messages)
+
+    def _hot_key(self, view: View) -> HotKey:
+        return (self.federation_id, view.round, view.rank, view.scale, view.sha256)
+
+    def _drop_hot(self, where: Callable[[int, int, float], bool]) -> None:
+        me = self.federation_id
+        self.hot.drop(lambda k: k[0] == me and where(k[1], k[2], k[3]))
+
     def streaming(self, round_: int) -> bool:
         """Is a pull (or export) streaming a view of this round right now?"""
         return self._streaming.get(round_, 0) > 0
@@ -171,10 +226,12 @@ class ViewCache:
         gone = set(rounds)
         self._gone |= gone
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] not in gone}
+        self._drop_hot(lambda round_, _rank, _scale: round_ in gone)
 
     def close(self) -> None:
         """The federation is being deleted: every later view and read is NOT_FOUND."""
         self.closed = True
+        self._drop_hot(lambda _round, _rank, _scale: True)
 
     async def drain(self) -> None:
         """Wait for the view builds in flight (they write into the federation's storage)."""
@@ -187,15 +244,18 @@ class ViewCache:
         in_round = [k for k in self._tasks if k[0] == round_]
         for key in in_round[: max(0, len(in_round) - self.max_views_per_round)]:
             old = self._tasks.pop(key)
+            self._drop_hot(_is_view(key))
             if old.done() and not old.cancelled() and old.exception() is None:
                 await asyncio.to_thread(self.store.delete_view, old.result().stored)
 
     def forget(self, view: View) -> None:
         """Drop a cached view whose bytes went away (pruned): the next get rebuilds it."""
         self._tasks.pop((view.round, view.rank, view.scale), None)
+        self.hot.drop(lambda k: k == self._hot_key(view))
 
     def keep_from(self, round_: int) -> None:
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] >= round_}
+        self._drop_hot(lambda older, _rank, _scale: older < round_)
 
     def build(self, content: RoundContent, rank: int, scale: float) -> View:
         state = content.state
@@ -241,5 +301,16 @@ class ViewCache:
             "scale": repr(scale),
         }
         key = f"rank-{rank}-scale-{scale.hex()}"
-        stored = self.store.write_view(state.round, key, specs, produce(), metadata)
-        return View(stored, state.round, rank, scale, has_merge, content.energy, content.holders)
+        size = sum(math.prod(shape) * 4 for _, _, shape in specs)  # fp32, before the header
+        framer = Framer(self.chunk_size) if 0 < size <= self.hot.max_view_bytes else None
+        tee = None if framer is None else framer.feed
+        stored = self.store.write_view(state.round, key, specs, produce(), metadata, tee)
+        view = View(stored, state.round, rank, scale, has_merge, content.energy, content.holders)
+        if framer is not None:  # the bytes just written and hashed, never read from storage
+            self.keep_hot(view, framer.close())
+        return view
+
+    def keep_hot(self, view: View, messages: list[bytes]) -> None:
+        """A build's own framed bytes: into the hot views, if there is room (any thread)."""
+        if self.hot.begin_fill(self._hot_key(view), view.size):
+            self.end_fill(view, messages)

@@ -30,7 +30,7 @@ from .store import (
     read_state,
     state_tensors,
 )
-from .tensorio import TensorReader, open_bytes, read_factors, write_safetensors_to
+from .tensorio import Tee, TensorReader, open_bytes, read_factors, write_safetensors_to
 
 
 class MemoryUploadSink:
@@ -179,9 +179,10 @@ class MemoryFederationStore:
         specs: list[TensorSpec],
         tensors: Iterable[tuple[str, Tensor]],
         metadata: Mapping[str, str],
+        tee: Tee | None = None,
     ) -> StoredView:
         out = io.BytesIO()
-        size, digest = write_safetensors_to(out, specs, tensors, metadata)
+        size, digest = write_safetensors_to(out, specs, tensors, metadata, tee)
         self.views[(round_, key)] = out.getvalue()
         return StoredView(round_, key, size, digest)
 

@@ -55,6 +55,7 @@ from .store import (
     verified_state,
 )
 from .tensorio import (
+    Tee,
     TensorReader,
     max_upload_bytes,
     open_file,
@@ -814,8 +815,9 @@ class S3FederationStore:
         specs: list[TensorSpec],
         tensors: Iterable[tuple[str, Tensor]],
         metadata: Mapping[str, str],
+        tee: Tee | None = None,
     ) -> StoredView:
-        return self._local.write_view(round_, key, specs, tensors, metadata)
+        return self._local.write_view(round_, key, specs, tensors, metadata, tee)
 
     def open_view(self, view: StoredView) -> BinaryIO:
         return self._local.open_view(view)

@@ -55,7 +55,7 @@ from .fs import (
 )
 from .manifest import ManifestError, RoundManifest
 from .records import ClientRecord, UploadRecord
-from .tensorio import TensorReader, open_file, read_factors, write_safetensors
+from .tensorio import Tee, TensorReader, open_file, read_factors, write_safetensors
 
 log = logging.getLogger("raflora.server")
 
@@ -183,7 +183,10 @@ class FederationStore(Protocol):
         specs: list[TensorSpec],
         tensors: Iterable[tuple[str, Tensor]],
         metadata: Mapping[str, str],
-    ) -> StoredView: ...
+        tee: Tee | None = None,
+    ) -> StoredView:
+        """Write a pull view; ``tee`` is handed its bytes as they are written and hashed."""
+        ...
 
     def open_view(self, view: StoredView) -> BinaryIO:
         """The view's bytes; FileNotFoundError if it was pruned meanwhile."""
@@ -554,6 +557,7 @@ class FileFederationStore:
         specs: list[TensorSpec],
         tensors: Iterable[tuple[str, Tensor]],
         metadata: Mapping[str, str],
+        tee: Tee | None = None,
     ) -> StoredView:
         folder = self.views / _round_name(round_)
         path = folder / f"{key}.safetensors"
@@ -561,7 +565,7 @@ class FileFederationStore:
         try:
             with disk_full_guard("building a pull view"):
                 folder.mkdir(parents=True, exist_ok=True)
-                size, digest = write_safetensors(tmp, specs, tensors, metadata)
+                size, digest = write_safetensors(tmp, specs, tensors, metadata, tee)
                 tmp.replace(path)
         except FileExistsError:  # mkdir raced a prune removing the folder: pruned meanwhile
             tmp.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,10 @@ _CODE_OF = {v: k for k, v in ACCEPTED_CODES.items()}
 _HEADER_SLACK = 1 << 16
 # torch warns (once) that a tensor over read-only bytes could be written to; ours never are.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+# Receives each piece of a file being written, in order (write_safetensors_to).
+Tee = Callable[[memoryview], None]
 
 
 def max_header_bytes(schema: AdapterSchema) -> int:
@@ -409,10 +413,11 @@ def write_safetensors(
     specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     tensors: Iterable[tuple[str, Tensor]],
     metadata: Mapping[str, str] | None = None,
+    tee: Tee | None = None,
 ) -> tuple[int, str]:
     """Write a safetensors file from lazily produced tensors; returns (size, sha256 hex)."""
     with path.open("wb") as out:
-        return write_safetensors_to(out, specs, tensors, metadata)
+        return write_safetensors_to(out, specs, tensors, metadata, tee)
 
 
 def write_safetensors_to(
@@ -420,17 +425,21 @@ def write_safetensors_to(
     specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     tensors: Iterable[tuple[str, Tensor]],
     metadata: Mapping[str, str] | None = None,
+    tee: Tee | None = None,
 ) -> tuple[int, str]:
     """Write safetensors to ``out`` from lazily produced tensors; returns (size, sha256 hex).
 
     ``specs`` fixes the header up front; ``tensors`` must then yield the same names in the
     same order, each produced only when it is written, so at most one tensor is held.
+    ``tee`` is handed every byte written, in order, as it is hashed (a view's framed copy).
     """
     order = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
     prefix, _ = encode_header(
         ((name, _CODE_OF[dtype], shape) for name, dtype, shape in order), dict(metadata or {})
     )
     out.write(prefix)
+    if tee is not None:
+        tee(memoryview(prefix))
     digest = hashlib.sha256(prefix)
     size = len(prefix)
     produced = iter(tensors)
@@ -441,6 +450,8 @@ def write_safetensors_to(
         raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         out.write(raw.data)
         digest.update(raw.data)
+        if tee is not None:
+            tee(raw.data)
         size += raw.nbytes
     out.flush()
     return size, digest.hexdigest()
