@@ -38,3 +38,34 @@ def test_the_old_order_is_refused_on_square_modules_too() -> None:
     with pytest.raises(ValueError, match=r"expected \(B, A\)"):
         lora_state_dict({"q": (A, B)})
     assert set(lora_state_dict({"q": (B, A)})) == {"q.lora_A.weight", "q.lora_B.weight"}
+
+
+@pytest.mark.parametrize("total_mib", [1, 12])  # below and above the mapped-buffer threshold
+def test_a_download_is_its_bytes_as_writable_tensors_that_outlive_the_stream(
+    total_mib: int,
+) -> None:
+    """receive_adapter against safetensors' own reading of the same bytes, at both buffer
+    kinds; the tensors stay valid and writable after everything else is gone."""
+    import gc
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    from raflora.client_sdk import pb
+    from raflora.client_sdk.payload import receive_adapter
+
+    g = torch.Generator().manual_seed(total_mib)
+    rows = total_mib * 2048  # two fp32 tensors of rows x 64
+    tensors = {f"t{i}": torch.randn(rows, 64, generator=g) for i in range(2)}
+    payload = save(tensors)
+    header = pb.PullHeader(total_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    chunks = [memoryview(payload)[i : i + 65536] for i in range(0, len(payload), 65536)]
+    _, got = receive_adapter([pb.PullChunk(header=header), *chunks])
+    expected = load(payload)
+    del payload, chunks
+    gc.collect()
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name])
+        tensor.mul_(2)  # writable, and its own memory
+        assert torch.equal(tensor, expected[name] * 2)
