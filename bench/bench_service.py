@@ -237,9 +237,11 @@ def tcp_copy(payload: bytes, sink: bytearray, upload: bool) -> float:
 ECHO_CHUNKS = (1 * MiB, 4 * MiB)
 
 
-def grpc_echo(payload: bytes, repeats: int) -> dict[int, list[float]]:
+def grpc_echo(payload: bytes, repeats: int) -> tuple[dict[int, list[float]], list[float]]:
     """Seconds to echo ``payload`` through a bare grpcio server process (bench/grpc_echo_server),
-    per chunk size: the client streams the chunks up while the server streams them back."""
+    per chunk size: the client streams the chunks up while the server streams them back. Then,
+    in 1 MiB chunks (the service's), seconds to stream it up and then down, one way at a
+    time: what a push followed by a pull could take with no service at all."""
     import subprocess
 
     server = subprocess.Popen(
@@ -272,10 +274,32 @@ def grpc_echo(payload: bytes, repeats: int) -> dict[int, list[float]]:
                     if got != len(payload):
                         raise RuntimeError(f"echo returned {got} of {len(payload)} bytes")
                 out[chunk] = times
-            return out
+            one_way = _grpc_up_then_down(channel, view, repeats)
+            return out, one_way
     finally:
         server.kill()
         server.wait()
+
+
+def _grpc_up_then_down(channel: grpc.Channel, view: memoryview, repeats: int) -> list[float]:
+    up = channel.stream_unary("/bench.Echo/Up", None, None)
+    down = channel.unary_stream("/bench.Echo/Down", None, None)
+
+    def chunks() -> Any:
+        for start in range(0, len(view), MiB):
+            yield bytes(view[start : start + MiB])
+
+    up(chunks())  # warm
+    sum(len(m) for m in down(b""))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        up(chunks())
+        got = sum(len(m) for m in down(b""))
+        times.append(time.perf_counter() - t0)
+        if got != len(view):
+            raise RuntimeError(f"down returned {got} of {len(view)} bytes")
+    return times
 
 
 def cpu_seconds(pid: int) -> float:
@@ -324,6 +348,7 @@ class SizeResult:
     tcp_up_s: list[float]
     tcp_down_s: list[float]
     echo_s: dict[int, list[float]]
+    one_way_s: list[float]
     runs: list[TransferRun]
     server_idle_rss_mib: float
     server_peak_rss_mib: float
@@ -357,9 +382,10 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
         log(f"raw tcp #{i}: up {n / MiB / up[-1]:.0f} MiB/s, down {n / MiB / down[-1]:.0f} MiB/s")
     del sink
     gc.collect()
-    echo = grpc_echo(payload, repeats)
+    echo, one_way = grpc_echo(payload, repeats)
     for chunk, times in echo.items():
         log(f"grpc echo, {chunk // MiB} MiB chunks: {2 * n / MiB / median(times):.0f} MiB/s moved")
+    log(f"grpc up, then down (1 MiB chunks): {2 * n / MiB / median(one_way):.0f} MiB/s moved")
 
     server = launch(workdir, f"size-{size_mib}")
     runs: list[TransferRun] = []
@@ -414,7 +440,9 @@ def bench_size(workdir: Path, size_mib: int, repeats: int) -> SizeResult:
         peak, anon = sampler.peak_mib(), sampler.peak_anon_mib()
     stop(server)
     shutil.rmtree(workdir / f"size-{size_mib}", ignore_errors=True)
-    res = SizeResult(size_mib, modules, n, up, down, echo, runs, server.idle_rss_mib, peak, anon)
+    res = SizeResult(
+        size_mib, modules, n, up, down, echo, one_way, runs, server.idle_rss_mib, peak, anon
+    )
     res.summary = summarise_size(res)
     return res
 
@@ -441,6 +469,9 @@ def summarise_size(r: SizeResult) -> dict[str, float]:
         **{f"echo_{c // MiB}mib_mib_s": 2 * mib / median(t) for c, t in r.echo_s.items()},
         "moved_cached_mib_s": moved / rt_cached,
         "moved_cached_vs_echo": moved / rt_cached / echo_mib_s,
+        "one_way_mib_s": moved / median(r.one_way_s),
+        "moved_cached_vs_one_way": median(r.one_way_s) / rt_cached,
+        "moved_first_vs_one_way": median(r.one_way_s) / rt_first,
         "moved_first_mib_s": moved / rt_first,
         "moved_first_vs_echo": moved / rt_first / echo_mib_s,
         "cores_busy": median(busy),
@@ -803,17 +834,21 @@ def report(sizes: list[SizeResult], round_results: list[RoundResult]) -> list[st
             )
         out.append("")
         out += [
-            "| adapter | grpc echo, 1 / 4 MiB chunks (bytes moved) | push + cached pull "
-            "| × echo | push + first pull | × echo | cores busy (server + client) |",
-            "|---|---|---|---|---|---|---|",
+            "| adapter | grpc echo, 1 / 4 MiB chunks (bytes moved) | grpc up, then down "
+            "| push + cached pull | × echo | × up-then-down | push + first pull | × echo "
+            "| × up-then-down | cores busy (server + client) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sizes:
             s = r.summary
             out.append(
                 f"| {r.payload_bytes / MiB:.1f} MiB | {s['echo_1mib_mib_s']:.0f} / "
-                f"{s['echo_4mib_mib_s']:.0f} MiB/s | {s['moved_cached_mib_s']:.0f} MiB/s "
-                f"| **{s['moved_cached_vs_echo']:.2f}×** | {s['moved_first_mib_s']:.0f} MiB/s "
-                f"| **{s['moved_first_vs_echo']:.2f}×** | {s['cores_busy']:.2f} |"
+                f"{s['echo_4mib_mib_s']:.0f} MiB/s | {s['one_way_mib_s']:.0f} MiB/s "
+                f"| {s['moved_cached_mib_s']:.0f} MiB/s "
+                f"| **{s['moved_cached_vs_echo']:.2f}×** | {s['moved_cached_vs_one_way']:.2f}× "
+                f"| {s['moved_first_mib_s']:.0f} MiB/s "
+                f"| **{s['moved_first_vs_echo']:.2f}×** | {s['moved_first_vs_one_way']:.2f}× "
+                f"| {s['cores_busy']:.2f} |"
             )
         out.append("")
         out += [
