@@ -7,6 +7,7 @@ is NOT_FOUND, a new round drops the old round's views) run through the real serv
 from __future__ import annotations
 
 import hashlib
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from raflora.client_sdk import AdminClient, RafloraClient, RafloraError, lora_state_dict
+from raflora.client_sdk import AdminClient, RafloraClient, RafloraError, lora_state_dict, pb
 from raflora.server.rounds.hot_views import HotKey, HotViews
 from raflora.server.testing import federation_spec, threaded_server
+from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 from raflora.v1.framing import Framer, data_of, encode_data
 
 MiB = 1 << 20
@@ -27,65 +29,101 @@ def key(round_: int = 0, rank: int = 4, federation: str = "f", digest: str = "d"
     return (federation, round_, rank, 1.0, digest)
 
 
-def fill(hot: HotViews, k: HotKey, size: int) -> bool:
-    if not hot.begin_fill(k, size):
+def fill(hot: HotViews, k: HotKey, size: int, *, evict: bool = True) -> bool:
+    reserved = hot.begin_fill(k, size, evict=evict)
+    if reserved is None:
         return False
-    hot.end_fill(k, [b"x" * size])
+    hot.end_fill(reserved, [b"x" * size])
     return True
 
 
 def test_a_filled_view_is_served_and_counted() -> None:
     hot = HotViews(8 * MiB)
-    assert hot.get(key()) is None
+    assert hot.acquire(key()) is None
     assert fill(hot, key(), MiB)
-    assert hot.get(key()) == (b"x" * MiB,)
+    entry = hot.acquire(key())
+    assert entry is not None and entry.messages == (b"x" * MiB,)
+    hot.release(entry)
     assert (hot.entries(), hot.used) == (1, MiB)
     assert hot.get(key(digest="other")) is None  # rebuilt with other bytes: not these
 
 
-def test_the_limit_evicts_the_least_recently_used() -> None:
+def test_a_build_evicts_the_least_recently_used_a_stream_fill_never_does() -> None:
     hot = HotViews(8 * MiB)  # at most 2 MiB per view
     for rank in (1, 2, 3, 4):
         assert fill(hot, key(rank=rank), 2 * MiB)
-    hot.get(key(rank=1))  # used: now the most recent
-    assert fill(hot, key(rank=5), 2 * MiB)
+    hot.release(hot.acquire(key(rank=1)) or pytest.fail("held"))  # now the most recent
+    assert not fill(hot, key(rank=5), 2 * MiB, evict=False)  # a pull from storage: no room
+    assert hot.entries() == 4
+    assert fill(hot, key(rank=5), 2 * MiB)  # a build makes room
     assert hot.get(key(rank=2)) is None  # the least recently used went
     assert all(hot.get(key(rank=r)) is not None for r in (1, 3, 4, 5))
     assert hot.used == 8 * MiB
 
 
+def test_an_evicted_view_still_streamed_stays_counted_until_its_last_pull_ends() -> None:
+    """A slow pull of an evicted view keeps its messages alive: they count against the limit
+    until it ends, so slow pulls cannot hold more than the limit between them."""
+    hot = HotViews(8 * MiB)
+    assert fill(hot, key(rank=1), 2 * MiB)
+    slow = hot.acquire(key(rank=1))
+    assert slow is not None
+    hot.drop(lambda k: True)  # evicted (or its round pruned) while it streams
+    assert hot.entries() == 0 and hot.used == 2 * MiB
+    for rank in (2, 3, 4):
+        assert fill(hot, key(rank=rank), 2 * MiB)
+    assert not fill(hot, key(rank=5), 2 * MiB, evict=False)  # the slow pull's room is taken
+    hot.release(slow)
+    assert hot.used == 6 * MiB
+    assert fill(hot, key(rank=5), 2 * MiB, evict=False)
+
+
 def test_no_view_above_a_quarter_of_the_limit_and_none_when_off() -> None:
-    assert not HotViews(8 * MiB).begin_fill(key(), 2 * MiB + 1)
-    assert not HotViews(0).begin_fill(key(), 1)
-    assert not HotViews(8 * MiB).begin_fill(key(), 0)
+    assert HotViews(8 * MiB).begin_fill(key(), 2 * MiB + 1, evict=True) is None
+    assert HotViews(0).begin_fill(key(), 1, evict=True) is None
+    assert HotViews(8 * MiB).begin_fill(key(), 0, evict=True) is None
 
 
 def test_one_fill_per_view_and_fills_reserve_their_room() -> None:
     """Many first pulls of one large view hold it once; fills in flight count against the
     limit, so they cannot together hold more than it."""
     hot = HotViews(8 * MiB)
-    assert hot.begin_fill(key(rank=1), 2 * MiB)
-    assert not hot.begin_fill(key(rank=1), 2 * MiB)  # a second pull of the same view streams
+    first = hot.begin_fill(key(rank=1), 2 * MiB)
+    assert first is not None
+    assert hot.begin_fill(key(rank=1), 2 * MiB) is None  # a second pull of the view streams
     for rank in (2, 3, 4):
-        assert hot.begin_fill(key(rank=rank), 2 * MiB)
+        assert hot.begin_fill(key(rank=rank), 2 * MiB) is not None
     assert hot.used == 8 * MiB
-    assert not hot.begin_fill(key(rank=5), MiB)  # no room, and evicting would not make it
-    hot.end_fill(key(rank=1), None)  # a failed or damaged stream gives its room back
+    assert hot.begin_fill(key(rank=5), MiB, evict=True) is None  # evicting would not help
+    hot.end_fill(first, None)  # a failed or damaged stream gives its room back
     assert hot.used == 6 * MiB and hot.entries() == 0
-    assert hot.begin_fill(key(rank=5), MiB)
+    assert hot.begin_fill(key(rank=5), MiB) is not None
+
+
+def test_a_build_reserves_before_it_knows_its_digest() -> None:
+    hot = HotViews(8 * MiB)
+    build = hot.begin_fill(None, 2 * MiB, evict=True)  # reserved before the bytes exist
+    assert build is not None and hot.used == 2 * MiB
+    hot.end_fill(build, [b"x" * MiB], key(digest="sha"))  # lands at its size, under its key
+    assert hot.used == MiB and hot.get(key(digest="sha")) == (b"x" * MiB,)
 
 
 def test_dropping_a_federation_forgets_its_entries_and_fills() -> None:
     hot = HotViews(8 * MiB)
     assert fill(hot, key(federation="a"), MiB)
     assert fill(hot, key(federation="b"), MiB)
-    assert hot.begin_fill(key(federation="a", rank=7), MiB)
+    dropped = hot.begin_fill(key(federation="a", rank=7), MiB)
+    assert dropped is not None
     hot.drop(lambda k: k[0] == "a")
     assert hot.get(key(federation="a")) is None
     assert hot.get(key(federation="b")) is not None
     assert hot.used == MiB
-    hot.end_fill(key(federation="a", rank=7), [b"x" * MiB])  # the fill was dropped: not kept
-    assert hot.get(key(federation="a", rank=7)) is None and hot.used == MiB
+    again = hot.begin_fill(key(federation="a", rank=7), MiB)  # a new pull of the same view
+    assert again is not None and hot.used == 2 * MiB
+    hot.end_fill(dropped, [b"x" * MiB])  # the dropped fill keeps nothing, takes no one's room
+    assert hot.get(key(federation="a", rank=7)) is None and hot.used == 2 * MiB
+    hot.end_fill(again, [b"y" * MiB])
+    assert hot.get(key(federation="a", rank=7)) == (b"y" * MiB,) and hot.used == 2 * MiB
 
 
 MODULES = {"m0": (32, 16), "m1": (16, 24)}
@@ -144,6 +182,14 @@ def test_a_framer_cuts_like_a_reader_of_chunk_size() -> None:
             assert framer.close() == expected, (chunk, cut)
 
 
+def test_a_framer_frames_what_was_fed_even_if_that_memory_changes_later() -> None:
+    source = bytearray(b"a" * 1500)
+    framer = Framer(1024)
+    framer.feed(memoryview(source))
+    source[:] = b"b" * 1500  # a tensor written to after the build moved on
+    assert framer.close() == [encode_data([b"a" * 1024]), encode_data([b"a" * 476])]
+
+
 def test_a_built_view_enters_memory_as_its_file_framed(tmp_path: Path) -> None:
     """The build frames the bytes it writes and hashes: the hot entry is the view file, cut at
     the server's chunk size, and the digest the pull checks is that of the file."""
@@ -163,3 +209,34 @@ def test_a_built_view_enters_memory_as_its_file_framed(tmp_path: Path) -> None:
         assert b"".join(bytes(data_of(m) or b"") for m in messages) == stored
         assert held[4] == hashlib.sha256(stored).hexdigest()
         assert pulled.tensors.keys() == load(stored).keys()
+
+
+def test_a_slow_pull_of_an_evicted_view_keeps_it_counted_through_the_real_server(
+    tmp_path: Path,
+) -> None:
+    """A client opens a pull of a hot view and stops reading; the view is evicted meanwhile.
+    Its messages stay alive for that pull, so they stay counted until the pull ends."""
+    big = {f"m{i}": (4096, 4096) for i in range(8)}  # a 16 MiB view at rank 64
+    with threaded_server(tmp_path) as server, ExitStack() as stack:
+        hot = server.server.hub.hot_views
+        stack.enter_context(AdminClient(server.target)).create_federation(
+            federation_spec("slow", big, min_clients=1, max_rank=64)
+        )
+        client = stack.enter_context(RafloraClient(server.target, "slow", "c"))
+        client.join(rank=64, num_examples=10)
+        client.pull()  # builds the view: hot
+        held = hot.used
+        assert hot.entries() == 1 and held > 16 * MiB
+        channel = stack.enter_context(grpc.insecure_channel(server.target))
+        call = pb_grpc.AggregationServiceStub(channel).Pull(
+            pb.PullRequest(federation_id="slow", client_id="c")
+        )
+        received = iter(call)
+        next(received), next(received)  # the header and one chunk; then it stops reading
+        hot.drop(lambda k: True)  # what an eviction does
+        assert hot.entries() == 0 and hot.used == held  # still streamed: still counted
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while hot.used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hot.used == 0

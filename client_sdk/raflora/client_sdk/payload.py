@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 ProgressCallback = Callable[[int, int], None]
 _HASH_ASIDE_FROM_BYTES = 4 << 20
 _POPULATE_FROM_BYTES = 4 << 20  # smaller buffers come from the allocator's warm pages
+_POPULATE_UP_TO_BYTES = 1 << 30
 
 
 def _codes() -> dict[Any, str]:
@@ -184,11 +185,13 @@ def _allocate(total_bytes: int) -> Any:
     """The download's buffer. A large one is mapped with its pages populated at once (Linux):
     faulting 64 MiB in one call costs about two thirds of touching it page by page as the
     chunks are copied in, and the copy is on the pull's critical path. The tensors returned
-    keep the mapping alive (``torch.frombuffer`` holds it) and unmap it when they go."""
+    keep the mapping alive (``torch.frombuffer`` holds it) and unmap it when they go. Only up
+    to ``_POPULATE_UP_TO_BYTES``: a header that declares more than the client can hold must
+    fail as the download arrives (DataLossError), not commit all of it at once."""
     import torch
 
     populate = getattr(mmap, "MAP_POPULATE", 0)
-    if populate and total_bytes >= _POPULATE_FROM_BYTES:
+    if populate and _POPULATE_FROM_BYTES <= total_bytes <= _POPULATE_UP_TO_BYTES:
         try:
             mapped = mmap.mmap(
                 -1, total_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate

@@ -45,7 +45,9 @@ def encode_data(pieces: Sequence[bytes | memoryview]) -> bytes:
 class Framer:
     """Data messages of ``chunk_size`` payload bytes each (the last one shorter) from a byte
     stream fed in pieces: what a pull of the same bytes sends, read ``chunk_size`` at a time.
-    A piece is held (not copied) until its message is complete."""
+    A message is joined from the pieces as soon as it is complete; the part of a piece that
+    starts the next message is copied before :meth:`feed` returns, so that what is framed is
+    what was fed, even if the caller reuses or changes that memory afterwards."""
 
     def __init__(self, chunk_size: int) -> None:
         if chunk_size <= 0:
@@ -56,12 +58,17 @@ class Framer:
         self._room = chunk_size
 
     def feed(self, piece: memoryview) -> None:
+        fresh = 0  # parts of this piece still waiting for their message
         while len(piece):
             part, piece = piece[: self._room], piece[self._room :]
             self._parts.append(part)
+            fresh += 1
             self._room -= len(part)
             if self._room == 0:
                 self._flush()
+                fresh = 0
+        for i in range(len(self._parts) - fresh, len(self._parts)):
+            self._parts[i] = memoryview(bytes(self._parts[i]))  # less than one message
 
     def close(self) -> list[bytes]:
         """The messages, the last partial one included."""

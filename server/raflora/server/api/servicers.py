@@ -484,7 +484,8 @@ async def _stream_stored(
     A worker thread reads, hashes and encodes the next chunk while the loop sends this one.
     """
     digest = hashlib.sha256()
-    kept: list[bytes] | None = [] if runtime.views.begin_fill(view) else None
+    fill = runtime.views.begin_fill(view)
+    kept: list[bytes] | None = [] if fill is not None else None
 
     def next_message() -> bytes | None:
         chunk = reader.read(chunk_size)
@@ -505,8 +506,8 @@ async def _stream_stored(
             await _write_reading_ahead(context, clock, next_message)
         intact = digest.hexdigest() == view.sha256
     finally:
-        if kept is not None:
-            runtime.views.end_fill(view, kept if intact else None)
+        if fill is not None:
+            runtime.views.end_fill(view, fill, kept if intact else None)
     if not intact:
         await runtime.discard_view(view)
 

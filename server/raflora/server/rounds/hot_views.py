@@ -6,12 +6,17 @@ about 35 ms sending it. Every client of a rank pulls the same view, so the serve
 framed messages of the views it served last, under one byte limit for the whole server, and a
 pull of a hot view only writes them.
 
-Only bytes whose digest was checked enter: a pull that streamed a view from storage offers the
-messages it sent once the whole view matched its digest, never before (so a view damaged at
-rest is never served from memory). A view is filled by one pull at a time, and the bytes being
-filled count against the limit, so that many first pulls of one large view cannot hold it many
-times over. No single view above a quarter of the limit enters: one large adapter would
-otherwise push every other rank's view out.
+Only bytes whose digest is known good enter: a view build's own (the bytes it wrote and hashed
+for the digest), or the messages a pull streamed from storage once the whole view matched its
+digest, never before (so a view damaged at rest is never served from memory).
+
+Every byte held counts against the limit, whatever holds it: an entry, a fill in progress (a
+build framing its bytes, or a pull collecting what it streams), and an entry evicted while
+pulls still stream it (its messages stay alive until the last of them ends, and stay counted
+until then). One fill per view at a time; no single view above a quarter of the limit (one
+large adapter would otherwise push every other rank's view out). A build may evict the least
+recently used entries to make room for its view; a pull filling from storage uses free room
+only, so that a client streaming old views slowly cannot push everyone else's out.
 
 Entries are opaque to this module (the transport frames them) and keyed by the view's digest
 too, so that a view rebuilt with other bytes never meets its stale messages.
@@ -27,58 +32,95 @@ from collections.abc import Callable, Sequence
 HotKey = tuple[str, int, int, float, str]
 
 
+class HotEntry:
+    """One view's messages, and how many pulls are streaming them right now."""
+
+    def __init__(self, messages: tuple[bytes, ...], size: int) -> None:
+        self.messages = messages
+        self.size = size
+        self.readers = 0
+        self.evicted = False  # out of the index; still counted while readers stream it
+
+
+class Fill:
+    """Room reserved for one view's messages while they are framed or collected."""
+
+    def __init__(self, key: HotKey | None, size: int) -> None:
+        self.key = key  # None: a build that learns its view's digest only once it has written
+        self.size = size
+        self.dropped = False  # its view or federation went: the room is given back already
+
+
 class HotViews:
     """A byte-bounded, least-recently-used set of framed views (thread-safe)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = max(0, limit_bytes)
         self.max_view_bytes = self.limit // 4
-        self._entries: OrderedDict[HotKey, tuple[bytes, ...]] = OrderedDict()
-        self._sizes: dict[HotKey, int] = {}
-        self._filling: dict[HotKey, int] = {}  # keys being filled -> bytes reserved
+        self._entries: OrderedDict[HotKey, HotEntry] = OrderedDict()
+        self._fills: list[Fill] = []
         self._lock = threading.Lock()
-        self.used = 0  # bytes held or reserved
+        self.used = 0  # bytes held, reserved, or evicted but still streamed
+
+    # -- serving ---------------------------------------------------------------------------
+    def acquire(self, key: HotKey) -> HotEntry | None:
+        """The view's entry for one pull, which must :meth:`release` it when it ends."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                entry.readers += 1
+            return entry
+
+    def release(self, entry: HotEntry) -> None:
+        with self._lock:
+            entry.readers -= 1
+            if entry.evicted and entry.readers == 0:
+                self.used -= entry.size
 
     def get(self, key: HotKey) -> tuple[bytes, ...] | None:
+        """The view's messages, for a look (tests, tools); pulls :meth:`acquire` them."""
         with self._lock:
-            messages = self._entries.get(key)
-            if messages is not None:
-                self._entries.move_to_end(key)
-            return messages
+            entry = self._entries.get(key)
+            return None if entry is None else entry.messages
 
-    def begin_fill(self, key: HotKey, size: int) -> bool:
-        """Reserve room for a view of ``size`` bytes a pull is about to stream; False when it
-        is too large, held already, being filled by another pull, or room cannot be made."""
+    # -- filling ---------------------------------------------------------------------------
+    def begin_fill(self, key: HotKey | None, size: int, *, evict: bool = False) -> Fill | None:
+        """Reserve room for a view of ``size`` bytes about to be framed (a build, ``evict``:
+        it may push the least recently used entries out) or streamed from storage (free room
+        only). None when it is too large, held already, being filled, or there is no room."""
         with self._lock:
             if not 0 < size <= self.max_view_bytes:
-                return False
-            if key in self._entries or key in self._filling:
-                return False
-            if sum(self._filling.values()) + size > self.limit:
-                return False  # other fills hold the room: evicting would not make it
-            self._make_room(size)
+                return None
+            if key is not None and (key in self._entries or self._filling(key)):
+                return None
+            if evict:
+                self._make_room(size)
             if self.used + size > self.limit:
-                return False
-            self._filling[key] = size
+                return None
+            fill = Fill(key, size)
+            self._fills.append(fill)
             self.used += size
-            return True
+            return fill
 
-    def end_fill(self, key: HotKey, messages: Sequence[bytes] | None) -> None:
-        """Finish a fill: keep ``messages`` (the view, checked against its digest), or give the
-        room back (None: the stream failed or did not match)."""
+    def end_fill(
+        self, fill: Fill, messages: Sequence[bytes] | None, key: HotKey | None = None
+    ) -> None:
+        """Finish a fill: keep ``messages`` (the view, known good) under ``key`` (the fill's
+        own unless it had none yet), or give the room back (None: the stream failed, did not
+        match, or its view went)."""
         with self._lock:
-            reserved = self._filling.pop(key, None)
-            if reserved is None:
-                return  # dropped meanwhile (the view or its federation went away)
-            self.used -= reserved
-            if messages is None:
+            if fill.dropped:
+                return  # its room went back when its view or federation was dropped
+            self._fills.remove(fill)
+            self.used -= fill.size
+            key = fill.key if key is None else key
+            if messages is None or key is None or key in self._entries or self._filling(key):
                 return
             size = sum(len(m) for m in messages)
-            self._make_room(size)
             if size > self.max_view_bytes or self.used + size > self.limit:
                 return
-            self._entries[key] = tuple(messages)
-            self._sizes[key] = size
+            self._entries[key] = HotEntry(tuple(messages), size)
             self.used += size
 
     def drop(self, where: Callable[[HotKey], bool]) -> None:
@@ -86,17 +128,26 @@ class HotViews:
         with self._lock:
             for key in [k for k in self._entries if where(k)]:
                 self._remove(key)
-            for key in [k for k in self._filling if where(k)]:
-                self.used -= self._filling.pop(key)
+            for fill in [f for f in self._fills if f.key is not None and where(f.key)]:
+                self._fills.remove(fill)
+                fill.dropped = True
+                self.used -= fill.size
+
+    def _filling(self, key: HotKey) -> bool:
+        return any(f.key == key for f in self._fills)
 
     def _make_room(self, size: int) -> None:
         while self._entries and self.used + size > self.limit:
             self._remove(next(iter(self._entries)))
 
     def _remove(self, key: HotKey) -> None:
-        del self._entries[key]
-        self.used -= self._sizes.pop(key)
+        entry = self._entries.pop(key)
+        if entry.readers:
+            entry.evicted = True  # counted until the last pull streaming it ends
+        else:
+            self.used -= entry.size
 
+    # -- inspection ------------------------------------------------------------------------
     def held(self) -> list[HotKey]:
         """The views held, least recently used first."""
         with self._lock:
@@ -108,4 +159,4 @@ class HotViews:
             return len(self._entries)
 
 
-__all__ = ["HotKey", "HotViews"]
+__all__ = ["Fill", "HotEntry", "HotKey", "HotViews"]

@@ -37,7 +37,7 @@ from ..errors import InvalidArgumentError, NotFoundError, ServiceError
 from ..storage import FederationStore, StoredView
 from ..storage.manifest import Holders
 from ..storage.store import TensorSpec
-from .hot_views import HotKey, HotViews
+from .hot_views import Fill, HotEntry, HotKey, HotViews
 
 ViewKey = tuple[int, int, float]
 
@@ -91,14 +91,19 @@ class ViewReader:
         cache: ViewCache,
         round_: int,
         inner: BinaryIO | None,
-        hot: tuple[bytes, ...] | None = None,
+        entry: HotEntry | None = None,
     ) -> None:
         self._cache = cache
         self._round = round_
         self._inner = inner
-        self.hot = hot  # the view's framed messages, when it is served from memory
+        self._entry = entry  # the view's messages, when it is served from memory
         self._closed = False
         cache._streaming[round_] = cache._streaming.get(round_, 0) + 1
+
+    @property
+    def hot(self) -> tuple[bytes, ...] | None:
+        """The view's framed messages when it is served from memory, else None."""
+        return None if self._entry is None else self._entry.messages
 
     def check(self) -> None:
         """NOT_FOUND once the federation was deleted (before each message of a hot view)."""
@@ -118,6 +123,8 @@ class ViewReader:
         try:
             if self._inner is not None:
                 self._inner.close()
+            if self._entry is not None:
+                self._cache.hot.release(self._entry)
         finally:
             left = self._cache._streaming.get(self._round, 0) - 1
             if left > 0:
@@ -135,6 +142,9 @@ class ViewReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_HEADER_ROOM = 64 << 10  # a view's safetensors header and framing, well above what they take
 
 
 def _is_view(key: ViewKey) -> Callable[[int, int, float], bool]:
@@ -198,17 +208,24 @@ class ViewCache:
 
     def open_hot(self, view: View) -> ViewReader | None:
         """The view served from memory, pinned like :meth:`open`; None when it is not hot."""
-        messages = self.hot.get(self._hot_key(view))
-        return None if messages is None else ViewReader(self, view.round, None, messages)
+        entry = self.hot.acquire(self._hot_key(view))
+        return None if entry is None else ViewReader(self, view.round, None, entry)
 
-    def begin_fill(self, view: View) -> bool:
-        """May the pull about to stream ``view`` from storage keep its messages?"""
-        return not self.closed and self.hot.begin_fill(self._hot_key(view), view.size)
+    def begin_fill(self, view: View) -> Fill | None:
+        """Room for the messages of the pull about to stream ``view`` from storage, if any
+        is free (such a fill never pushes other views out)."""
+        return None if self.closed else self.hot.begin_fill(self._hot_key(view), view.size)
 
-    def end_fill(self, view: View, messages: list[bytes] | None) -> None:
-        """The messages of a view whose whole stream matched its digest, or None."""
-        gone = self.closed or view.round in self._gone
-        self.hot.end_fill(self._hot_key(view), None if gone else messages)
+    def end_fill(self, view: View, fill: Fill, messages: list[bytes] | None) -> None:
+        """Keep ``messages`` (known good: a build's own, or a whole stream from storage that
+        matched the digest) unless the view went meanwhile; or give the room back (None).
+        Callable from any thread."""
+        gone = (
+            self.closed
+            or view.round in self._gone
+            or (view.round, view.rank, view.scale) not in self._tasks  # pruned or evicted
+        )
+        self.hot.end_fill(fill, None if gone else messages, self._hot_key(view))
 
     def _hot_key(self, view: View) -> HotKey:
         return (self.federation_id, view.round, view.rank, view.scale, view.sha256)
@@ -301,16 +318,18 @@ class ViewCache:
             "scale": repr(scale),
         }
         key = f"rank-{rank}-scale-{scale.hex()}"
-        size = sum(math.prod(shape) * 4 for _, _, shape in specs)  # fp32, before the header
-        framer = Framer(self.chunk_size) if 0 < size <= self.hot.max_view_bytes else None
-        tee = None if framer is None else framer.feed
-        stored = self.store.write_view(state.round, key, specs, produce(), metadata, tee)
+        # The framed copy is reserved before it is made: fp32 tensors and a header's room.
+        size = sum(math.prod(shape) * 4 for _, _, shape in specs) + _HEADER_ROOM
+        fill = None if self.closed else self.hot.begin_fill(None, size, evict=True)
+        framer = None if fill is None else Framer(self.chunk_size)
+        try:
+            tee = None if framer is None else framer.feed
+            stored = self.store.write_view(state.round, key, specs, produce(), metadata, tee)
+        except BaseException:
+            if fill is not None:
+                self.hot.end_fill(fill, None)
+            raise
         view = View(stored, state.round, rank, scale, has_merge, content.energy, content.holders)
-        if framer is not None:  # the bytes just written and hashed, never read from storage
-            self.keep_hot(view, framer.close())
+        if fill is not None and framer is not None:  # the bytes just written and hashed
+            self.end_fill(view, fill, framer.close())
         return view
-
-    def keep_hot(self, view: View, messages: list[bytes]) -> None:
-        """A build's own framed bytes: into the hot views, if there is room (any thread)."""
-        if self.hot.begin_fill(self._hot_key(view), view.size):
-            self.end_fill(view, messages)
