@@ -254,3 +254,26 @@ def test_every_path_publishes_the_same_signs() -> None:
     assert torch.allclose(results[0].V, results[1].V, atol=1e-8)
     flipped = canonical_signs(type(results[0])(-results[0].U, results[0].S, -results[0].V))
     assert torch.equal(flipped.U, results[0].U) and torch.equal(flipped.V, results[0].V)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, rank", [(48, 1024, 48), (48, 1024, 5), (7, 7, 7), (60, 20, 20), (1, 9, 1)]
+)
+def test_the_certificates_svd_of_a_wide_matrix_is_lapacks(rows: int, cols: int, rank: int) -> None:
+    """_svd_of_wide (QR of Mᵀ, then the SVD of R) against LAPACK's SVD of M itself: the same
+    singular values, orthonormal factors, and M rebuilt; rank-deficient and tall inputs too."""
+    g = torch.Generator().manual_seed(rows * cols + rank)
+    M = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, cols, generator=g, dtype=torch.float64
+    )
+    U, S, V = lowrank._svd_of_wide(M)
+    expected = torch.linalg.svdvals(M)
+    assert torch.allclose(S, expected, rtol=1e-12, atol=1e-12 * float(expected[0]))
+    k = min(rows, cols)
+    assert U.shape == (rows, k) and V.shape == (cols, k)
+    floor = 1e-10 * float(S[0])
+    top = S.gt(floor)  # the directions of a rank-deficient M's null part are arbitrary
+    eye = torch.eye(int(top.sum()), dtype=M.dtype)
+    assert torch.allclose(U[:, top].T @ U[:, top], eye, atol=1e-12)
+    assert torch.allclose(V[:, top].T @ V[:, top], eye, atol=1e-12)
+    assert rel_err((U * S) @ V.T, M) < 1e-12

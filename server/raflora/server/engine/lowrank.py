@@ -170,9 +170,9 @@ def _sketch(
 def _certified(B: Tensor, A: Tensor, Q: Tensor, max_rank: int, tolerance: float) -> LowRank | None:
     """The SVD of ΔW restricted to range(Q), if it is certified to be ΔW's top ``max_rank``."""
     QtB = Q.T @ B
-    Uc, S_all, Vh = torch.linalg.svd(QtB @ A, full_matrices=False)
+    Uc, S_all, Vc = _svd_of_wide(QtB @ A)
     r = min(max_rank, int(B.shape[1]), int(S_all.shape[0]))
-    U, S, V = Q @ Uc[:, :r], S_all[:r], Vh[:r].T
+    U, S, V = Q @ Uc[:, :r], S_all[:r], Vc[:, :r]
     top = float(S[0]) if r else 0.0
     if top == 0.0:
         return None
@@ -192,6 +192,19 @@ def _certified(B: Tensor, A: Tensor, Q: Tensor, max_rank: int, tolerance: float)
     if below + missed + rounding + float(residual.max()) >= float(S[r - 1]):
         return None
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
+
+
+def _svd_of_wide(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, V) of a k × d matrix with k ≤ d through the QR of Mᵀ and the SVD of its k × k R:
+    M = Rᵀ Qᵀ = U S (Q V_R)ᵀ. LAPACK's SVD of the wide matrix itself took about twice as long
+    here (2.7 vs 1.4 ms at 48 × 1024), and a certificate runs one per checkpoint and module;
+    the certificate checks the triplets against the operator either way."""
+    if M.shape[0] > M.shape[1]:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U, S, Vh.T
+    Qm, Rm = torch.linalg.qr(M.T)
+    Ur, S, Vrh = torch.linalg.svd(Rm.T)
+    return Ur, S, Qm @ Vrh.T
 
 
 # A posteriori probes (Halko, Martinsson & Tropp 2011, Lemma 4.1): ‖M‖₂ ≤ α √(2/π) max_i
