@@ -18,7 +18,7 @@ from safetensors.torch import load
 
 from raflora.client_sdk import AdminClient, RafloraClient, RafloraError, lora_state_dict, pb
 from raflora.server.rounds.hot_views import HotKey, HotViews
-from raflora.server.testing import federation_spec, threaded_server
+from raflora.server.testing import federation_spec, scrape, threaded_server
 from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 from raflora.v1.framing import Framer, data_of, encode_data
 
@@ -240,3 +240,22 @@ def test_a_slow_pull_of_an_evicted_view_keeps_it_counted_through_the_real_server
         while hot.used and time.monotonic() < deadline:
             time.sleep(0.05)
         assert hot.used == 0
+
+
+def test_the_hot_views_show_in_the_metrics(tmp_path: Path) -> None:
+    """Scraped over HTTP: the bytes held and the pulls served from memory, per federation."""
+    with threaded_server(tmp_path) as server, ExitStack() as stack:
+        admin = stack.enter_context(AdminClient(server.target))
+        admin.create_federation(federation_spec("m", MODULES, min_clients=1, max_rank=8))
+        client = stack.enter_context(RafloraClient(server.target, "m", "c"))
+        client.join(rank=8, num_examples=10)
+        for _ in range(3):
+            client.pull()
+        held = server.server.hub.hot_views.used
+        assert held > 0
+        text = scrape(server.metrics_url)
+        assert f"raflora_hot_view_bytes {float(held)}" in text
+        # The first pull waited for the build, which kept the view: no pull read the disk.
+        assert 'raflora_pulls_from_memory_total{federation="m"} 3.0' in text
+        admin.delete_federation("m")
+        assert "raflora_hot_view_bytes 0.0" in scrape(server.metrics_url)

@@ -153,6 +153,17 @@ class ServerMetrics:
         self.download_bytes = Counter(
             "raflora_download_bytes", "Bytes served by Pull", ["federation", "rank"], registry=r
         )
+        self.pulls_from_memory = Counter(
+            "raflora_pulls_from_memory",
+            "Pulls served from the views kept in memory (hot_view_memory_mib)",
+            ["federation"],
+            registry=r,
+        )
+        self.hot_view_bytes = Gauge(
+            "raflora_hot_view_bytes",
+            "Memory held by pull views kept as messages, fills and views still streamed included",
+            registry=r,
+        )
         self.push_seconds = Histogram(
             "raflora_push_duration_seconds",
             "Push latency",

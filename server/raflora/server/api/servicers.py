@@ -266,6 +266,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         )
         requested = request.round if request.HasField("round") else None
         view, reader = await runtime.open_view(request.client_id, requested)
+        if reader.hot is not None:
+            self.metrics.pulls_from_memory.labels(runtime.id).inc()
         await stream_view(context, clock, runtime, view, reader, pull_header(view), self.chunk_size)
         self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
         self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)

@@ -73,6 +73,7 @@ class FederationHub:
         )
         # One limit for every federation's pull views kept in memory (rounds/hot_views.py).
         self.hot_views = HotViews(self.limits.hot_view_memory_bytes)
+        self.metrics.hot_view_bytes.set_function(lambda: self.hot_views.used)
 
     def _runtime(self, config: FederationConfig) -> FederationRuntime:
         return FederationRuntime(
