@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,16 +260,11 @@ def grpc_echo(payload: bytes, repeats: int) -> tuple[dict[int, list[float]], lis
             view = memoryview(payload)
             out: dict[int, list[float]] = {}
             for chunk in ECHO_CHUNKS:
-
-                def chunks(size: int = chunk) -> Any:
-                    for start in range(0, len(view), size):
-                        yield bytes(view[start : start + size])
-
-                sum(len(m) for m in call(chunks()))  # warm the channel at this size
+                sum(len(m) for m in call(_messages(view, chunk)))  # warm the channel at this size
                 times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    got = sum(len(m) for m in call(chunks()))
+                    got = sum(len(m) for m in call(_messages(view, chunk)))
                     times.append(time.perf_counter() - t0)
                     if got != len(payload):
                         raise RuntimeError(f"echo returned {got} of {len(payload)} bytes")
@@ -281,20 +276,21 @@ def grpc_echo(payload: bytes, repeats: int) -> tuple[dict[int, list[float]], lis
         server.wait()
 
 
+def _messages(view: memoryview, size: int) -> Iterator[bytes]:
+    """``view`` as the echo server's messages of ``size`` bytes (a copy each, as grpcio sends)."""
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
+
+
 def _grpc_up_then_down(channel: grpc.Channel, view: memoryview, repeats: int) -> list[float]:
     up = channel.stream_unary("/bench.Echo/Up", None, None)
     down = channel.unary_stream("/bench.Echo/Down", None, None)
-
-    def chunks() -> Any:
-        for start in range(0, len(view), MiB):
-            yield bytes(view[start : start + MiB])
-
-    up(chunks())  # warm
+    up(_messages(view, MiB))  # warm
     sum(len(m) for m in down(b""))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        up(chunks())
+        up(_messages(view, MiB))
         got = sum(len(m) for m in down(b""))
         times.append(time.perf_counter() - t0)
         if got != len(view):

@@ -264,11 +264,14 @@ def test_keep_rounds_keeps_the_newest_and_pull_of_a_deleted_round_is_not_found(
 
 
 @pytest.mark.parametrize("from_memory", [False, True], ids=["from-file", "hot-view"])
-def test_retention_never_deletes_a_round_being_streamed(
-    server: ThreadedServer, from_memory: bool
-) -> None:
+def test_retention_never_deletes_a_round_being_streamed(tmp_path: Path, from_memory: bool) -> None:
     fid = f"fed-{from_memory}"
-    with AdminClient(server.target) as admin, client(server, fid) as c:
+    hot_view_memory_mib = 512 if from_memory else 0  # off: every reader reads the view file
+    with (
+        threaded_server(tmp_path, hot_view_memory_mib=hot_view_memory_mib) as server,
+        AdminClient(server.target) as admin,
+        client(server, fid) as c,
+    ):
         admin.create_federation(_keep_one(fid))
         c.join(rank=4, num_examples=10)
         push_round(c, 0)
@@ -276,7 +279,7 @@ def test_retention_never_deletes_a_round_being_streamed(
         runtime = server.server.hub.get(fid)
 
         async def open_pull(round_: int) -> Any:
-            return await runtime.open_view("c1", round_, from_memory=from_memory)
+            return await runtime.open_view("c1", round_)
 
         view, reader = server.run(open_pull(2))  # a pull of round 2, its stream open
         assert (reader.hot is not None) == from_memory

@@ -182,7 +182,8 @@ async def pull(
     plane = _store(runtime).direct
     loop = asyncio.get_running_loop()
     for attempt in range(2):
-        view, reader = await runtime.open_view(client_id, round_, from_memory=False)
+        # A direct federation holds no hot views (runtime.py): this reader reads the file.
+        view, reader = await runtime.open_view(client_id, round_)
         if plane.published(view.stored):  # the usual case: a signature, no I/O
             reader.close()
             return view, plane.sign_download(view.stored, ttl)

@@ -21,6 +21,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import NamedTuple
 
 from raflora.v1.layout import Layout
 
@@ -131,8 +132,12 @@ class SerialLane:
             self._start()
 
 
-#: What a push kept for the close: its chunks, the layout its check accepted, their room.
-Kept = tuple[list[bytes | memoryview], Layout, Reservation]
+class Kept(NamedTuple):
+    """What a push kept for the close: its chunks, the layout its check accepted, their room."""
+
+    chunks: list[bytes | memoryview]
+    layout: Layout
+    reservation: Reservation
 
 
 class UploadIntake:
@@ -203,7 +208,7 @@ class UploadIntake:
             return None
         kept, self._kept = self._kept, None
         reservation, self._reservation = self._reservation, None
-        return kept, self.layout, reservation
+        return Kept(kept, self.layout, reservation)
 
     def forget_kept(self) -> None:
         self._kept = None

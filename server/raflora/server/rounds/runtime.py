@@ -732,7 +732,7 @@ class FederationRuntime:
             else:
                 self.preload.submit(record)
         elif kept is not None:
-            kept[2].release()
+            kept.reservation.release()
 
     def _open_round(self) -> None:
         self._arm_deadline()
@@ -1003,38 +1003,36 @@ class FederationRuntime:
         self.views.forget(view)
         await asyncio.to_thread(self.store.delete_view, view.stored)
 
-    async def open_view(
-        self, client_id: str, round_: int | None = None, *, from_memory: bool = True
-    ) -> tuple[View, ViewReader]:
+    async def open_view(self, client_id: str, round_: int | None = None) -> tuple[View, ViewReader]:
         """The client's view and its bytes, opened (see :meth:`open_view_at`)."""
         self.check_serving()
         joined = self.client(client_id)
-        return await self.open_view_at(joined.rank, joined.scale, round_, from_memory=from_memory)
+        return await self.open_view_at(joined.rank, joined.scale, round_)
 
     async def open_view_at(
-        self, rank: int, scale: float, round_: int | None = None, *, from_memory: bool = True
+        self, rank: int, scale: float, round_: int | None = None
     ) -> tuple[View, ViewReader]:
         """The view at (``rank``, ``scale``) and its bytes, opened: its messages when it is hot
-        and ``from_memory`` (a reader with ``hot`` set), else its file. A publication may prune
-        an older round's view while it is built or before it is opened: then it is built
-        again."""
+        (a reader with ``hot`` set), else its file. A publication may prune an older round's
+        view while it is built or before it is opened: then it is built again."""
         for _ in range(_VIEW_ATTEMPTS - 1):
             try:  # a build that failed is built again by the next view_at
                 view = await self.view_at(rank, scale, round_)
+                return view, await self._open(view)
             except FileNotFoundError:
                 continue
-            hot = self.views.open_hot(view) if from_memory else None
-            if hot is not None:
-                return view, hot
-            try:
-                opened = await asyncio.to_thread(self.store.open_view, view.stored)
-            except FileNotFoundError:
-                self.views.forget(view)
-                continue
-            return view, self.views.open(view, opened)  # pins the round (retention)
         view = await self.view_at(rank, scale, round_)
-        hot = self.views.open_hot(view) if from_memory else None
+        return view, await self._open(view)
+
+    async def _open(self, view: View) -> ViewReader:
+        """A reader of ``view`` that pins its round (retention): from memory when it is hot,
+        else its file; FileNotFoundError (and the view forgotten) if the file was pruned."""
+        hot = self.views.open_hot(view)
         if hot is not None:
-            return view, hot
-        opened = await asyncio.to_thread(self.store.open_view, view.stored)
-        return view, self.views.open(view, opened)
+            return hot
+        try:
+            opened = await asyncio.to_thread(self.store.open_view, view.stored)
+        except FileNotFoundError:
+            self.views.forget(view)
+            raise
+        return self.views.open(view, opened)

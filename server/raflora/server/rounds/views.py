@@ -53,6 +53,10 @@ class View:
     holders: tuple[Holders, ...] = ()
 
     @property
+    def key(self) -> ViewKey:
+        return (self.round, self.rank, self.scale)
+
+    @property
     def size(self) -> int:
         return self.stored.size
 
@@ -147,10 +151,6 @@ class ViewReader:
 _HEADER_ROOM = 64 << 10  # a view's safetensors header and framing, well above what they take
 
 
-def _is_view(key: ViewKey) -> Callable[[int, int, float], bool]:
-    return lambda round_, rank, scale: (round_, rank, scale) == key
-
-
 class ViewCache:
     def __init__(
         self,
@@ -220,19 +220,15 @@ class ViewCache:
         """Keep ``messages`` (known good: a build's own, or a whole stream from storage that
         matched the digest) unless the view went meanwhile; or give the room back (None).
         Callable from any thread."""
-        gone = (
-            self.closed
-            or view.round in self._gone
-            or (view.round, view.rank, view.scale) not in self._tasks  # pruned or evicted
-        )
+        gone = self.closed or view.key not in self._tasks  # pruned, evicted, retired
         self.hot.end_fill(fill, None if gone else messages, self._hot_key(view))
 
     def _hot_key(self, view: View) -> HotKey:
-        return (self.federation_id, view.round, view.rank, view.scale, view.sha256)
+        return (self.federation_id, *view.key, view.sha256)
 
-    def _drop_hot(self, where: Callable[[int, int, float], bool]) -> None:
+    def _drop_hot(self, where: Callable[[ViewKey], bool]) -> None:
         me = self.federation_id
-        self.hot.drop(lambda k: k[0] == me and where(k[1], k[2], k[3]))
+        self.hot.drop(lambda k: k[0] == me and where((k[1], k[2], k[3])))
 
     def streaming(self, round_: int) -> bool:
         """Is a pull (or export) streaming a view of this round right now?"""
@@ -243,12 +239,12 @@ class ViewCache:
         gone = set(rounds)
         self._gone |= gone
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] not in gone}
-        self._drop_hot(lambda round_, _rank, _scale: round_ in gone)
+        self._drop_hot(lambda key: key[0] in gone)
 
     def close(self) -> None:
         """The federation is being deleted: every later view and read is NOT_FOUND."""
         self.closed = True
-        self._drop_hot(lambda _round, _rank, _scale: True)
+        self._drop_hot(lambda _key: True)
 
     async def drain(self) -> None:
         """Wait for the view builds in flight (they write into the federation's storage)."""
@@ -259,20 +255,21 @@ class ViewCache:
 
     async def _evict(self, round_: int) -> None:
         in_round = [k for k in self._tasks if k[0] == round_]
-        for key in in_round[: max(0, len(in_round) - self.max_views_per_round)]:
+        evicted = in_round[: max(0, len(in_round) - self.max_views_per_round)]
+        self._drop_hot(lambda held: held in evicted)
+        for key in evicted:
             old = self._tasks.pop(key)
-            self._drop_hot(_is_view(key))
             if old.done() and not old.cancelled() and old.exception() is None:
                 await asyncio.to_thread(self.store.delete_view, old.result().stored)
 
     def forget(self, view: View) -> None:
         """Drop a cached view whose bytes went away (pruned): the next get rebuilds it."""
-        self._tasks.pop((view.round, view.rank, view.scale), None)
-        self.hot.drop(lambda k: k == self._hot_key(view))
+        self._tasks.pop(view.key, None)
+        self._drop_hot(lambda held: held == view.key)
 
     def keep_from(self, round_: int) -> None:
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] >= round_}
-        self._drop_hot(lambda older, _rank, _scale: older < round_)
+        self._drop_hot(lambda key: key[0] < round_)
 
     def build(self, content: RoundContent, rank: int, scale: float) -> View:
         state = content.state
@@ -321,15 +318,15 @@ class ViewCache:
         # The framed copy is reserved before it is made: fp32 tensors and a header's room.
         size = sum(math.prod(shape) * 4 for _, _, shape in specs) + _HEADER_ROOM
         fill = None if self.closed else self.hot.begin_fill(None, size, evict=True)
-        framer = None if fill is None else Framer(self.chunk_size)
+        framing = None if fill is None else (fill, Framer(self.chunk_size))
         try:
-            tee = None if framer is None else framer.feed
+            tee = None if framing is None else framing[1].feed
             stored = self.store.write_view(state.round, key, specs, produce(), metadata, tee)
         except BaseException:
-            if fill is not None:
-                self.hot.end_fill(fill, None)
+            if framing is not None:
+                self.hot.end_fill(framing[0], None)
             raise
         view = View(stored, state.round, rank, scale, has_merge, content.energy, content.holders)
-        if fill is not None and framer is not None:  # the bytes just written and hashed
-            self.end_fill(view, fill, framer.close())
+        if framing is not None:  # the bytes just written and hashed
+            self.end_fill(view, framing[0], framing[1].close())
         return view
