@@ -259,3 +259,42 @@ def test_the_hot_views_show_in_the_metrics(tmp_path: Path) -> None:
         assert 'raflora_pulls_from_memory_total{federation="m"} 3.0' in text
         admin.delete_federation("m")
         assert "raflora_hot_view_bytes 0.0" in scrape(server.metrics_url)
+
+
+def test_stalled_pulls_do_not_keep_another_client_from_being_served(tmp_path: Path) -> None:
+    """An attacker opens three pulls of a 16 MiB hot view and stops reading; the view is
+    evicted while they hang. An honest client of another rank still pulls (its view built and
+    kept), memory stays within the limit, and once the attacker goes only the honest view is
+    held and counted."""
+    big = {f"m{i}": (4096, 4096) for i in range(8)}
+    with threaded_server(tmp_path, hot_view_memory_mib=128) as server, ExitStack() as stack:
+        hot = server.server.hub.hot_views
+        stack.enter_context(AdminClient(server.target)).create_federation(
+            federation_spec("stall", big, min_clients=1, max_rank=64)
+        )
+        attacker = stack.enter_context(RafloraClient(server.target, "stall", "attacker"))
+        attacker.join(rank=64, num_examples=10)
+        attacker.pull()  # builds and keeps the rank-64 view
+        channel = stack.enter_context(grpc.insecure_channel(server.target))
+        stub = pb_grpc.AggregationServiceStub(channel)
+        request = pb.PullRequest(federation_id="stall", client_id="attacker")
+        calls = [stub.Pull(request) for _ in range(3)]
+        for call in calls:
+            received = iter(call)
+            next(received), next(received)  # the header and one chunk, then nothing
+        hot.drop(lambda k: True)  # evicted while the stalled pulls hold it
+        honest = stack.enter_context(RafloraClient(server.target, "stall", "honest"))
+        honest.join(rank=32, num_examples=10)
+        pulled = honest.pull()
+        assert pulled.rank == 32
+        assert all(bool(torch.isfinite(t).all()) for t in pulled.tensors.values())
+        (held,) = hot.held()
+        honest_bytes = sum(len(m) for m in hot.get(held) or ())
+        assert held[2] == 32 and honest_bytes <= hot.used <= hot.limit
+        for call in calls:
+            call.cancel()
+        deadline = time.monotonic() + 10
+        while hot.used != honest_bytes:
+            assert time.monotonic() < deadline, hot.used
+            time.sleep(0.05)
+        assert hot.held() == [held]
