@@ -76,8 +76,10 @@ TCP_WINDOW = 4 * MiB
 GOAL_ROUND_TRIP_MIB_S = 500.0
 GOAL_TURNAROUND_S = 0.1  # issue 14: last ack -> PUBLISHED at 64 clients
 ROUND_PATHS = {
+    "summed": {"RAFLORA_FOLD_MEMORY_MIB": "0"},  # the default server: sums kept as uploads arrive
     "folded": {"RAFLORA_FOLD_MEMORY_MIB": "2048"},
-    "one-shot": {"RAFLORA_FOLD_MEMORY_MIB": "0"},
+    # The reference: every close stacks and sketches the uploads themselves.
+    "one-shot": {"RAFLORA_FOLD_MEMORY_MIB": "0", "RAFLORA_ROUND_SUMS_MEMORY_MIB": "0"},
 }
 GOAL_SIZE_MIB = 64
 GOAL_ECHO_CACHED = 0.75  # issue 14: push + cached pull vs the raw grpcio echo
@@ -510,7 +512,7 @@ class RoundRun:
 
 @dataclass
 class RoundResult:
-    path: str  # "folded" (uploads folded as they arrive) or "one-shot" (the reference)
+    path: str  # "summed" (the default), "folded" or "one-shot" (the reference): ROUND_PATHS
     uploads: str  # "same": one adapter per rank; "distinct": one per client
     clients: int
     payload_bytes_by_rank: dict[int, int]
@@ -699,9 +701,13 @@ def bench_round(workdir: Path, n_clients: int, rounds: int, path: str, uploads: 
                 c.close()
         peak, anon = sampler.peak_mib(), sampler.peak_anon_mib()
         folded = scrape_sum(server.process.metrics_url, "raflora_rounds_folded_total")
+        summed = scrape_sum(server.process.metrics_url, "raflora_rounds_summed_total")
     stop(server)
     shutil.rmtree(workdir / f"round-{path}", ignore_errors=True)
-    log(f"{path}: {folded:.0f} of {len(runs)} rounds closed from folded uploads")
+    log(
+        f"{path}: of {len(runs)} rounds, {folded:.0f} closed from folded uploads, "
+        f"{summed:.0f} from their sums, the rest one-shot"
+    )
     result = RoundResult(path, uploads, n_clients, sizes, runs, server.idle_rss_mib, peak, anon)
     latencies = [x for r in runs for x in r.push_latency_s]
     result.summary = {
@@ -960,9 +966,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-round", action="store_true", help="only the throughput phase")
     p.add_argument(
         "--round-paths",
-        default="folded,one-shot",
-        help="round closes to measure: folded (uploads folded as they arrive, "
-        "fold_memory_mib = 2048) and/or one-shot (folding off: the default server, the reference)",
+        default="summed,one-shot",
+        help="round closes to measure: summed (the default server: dense sums kept as uploads "
+        "arrive), folded (uploads folded as they arrive, fold_memory_mib = 2048) and/or "
+        "one-shot (neither: every close stacks the uploads; the reference)",
     )
     p.add_argument(
         "--round-uploads",

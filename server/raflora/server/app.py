@@ -127,6 +127,7 @@ class RafloraServer:
                 fold_memory_bytes=settings.fold_memory_mib << 20,
                 preload_memory_bytes=settings.preload_memory_mib << 20,
                 preload_max_upload_bytes=settings.preload_max_upload_mib << 20,
+                round_sums_memory_bytes=settings.round_sums_memory_mib << 20,
                 hot_view_memory_bytes=settings.hot_view_memory_mib << 20,
                 chunk_size=settings.chunk_size,
                 aggregation_workers=settings.aggregation_workers,

@@ -116,6 +116,13 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
+        self.rounds_summed = Counter(
+            "raflora_rounds_summed",
+            "Published rounds whose close combined the dense sums kept as uploads arrived "
+            "instead of stacking every upload (docs/design.md §2.11)",
+            ["federation"],
+            registry=r,
+        )
         self.current_round = Gauge(
             "raflora_current_round", "Newest published round", ["federation"], registry=r
         )
@@ -343,6 +350,7 @@ class ServerMetrics:
         for counter in (
             self.rounds,
             self.rounds_folded,
+            self.rounds_summed,
             self.aggregation_failures,
             self.storage_problems,
             self.quarantined,

@@ -241,6 +241,15 @@ class ServerSettings(BaseSettings):
         description="The largest upload preload_memory_mib keeps: larger ones stream in a few "
         "chunks of memory whatever their size, and the close reads them back",
     )
+    round_sums_memory_mib: int = Field(
+        default=256,
+        ge=0,
+        description="Memory the server may hold, over every federation's open round, of the "
+        "dense sums of the uploads kept in memory (one d_out × d_in matrix per module and rank "
+        "interval), so that a round of many clients closes by combining them instead of "
+        "stacking every upload (docs/design.md §2.11). A round past it closes one-shot, as "
+        "with 0 (off)",
+    )
     hot_view_memory_mib: int = Field(
         default=512,
         ge=0,

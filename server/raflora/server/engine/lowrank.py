@@ -16,6 +16,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from enum import Enum
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -106,6 +107,89 @@ def dense_svd(terms: Sequence[FactorPair], max_rank: int) -> LowRank:
     return _truncate(U, S, Vh.T, min(max_rank, sum(t.rank for t in terms)))
 
 
+class _Operator(Protocol):
+    """ΔW as the randomized path uses it: products with it and the two certificate pieces
+    whose cheapest form depends on how ΔW is held."""
+
+    d_out: int
+    d_in: int
+    width: int  # an upper bound on rank(ΔW)
+    dtype: torch.dtype
+    device: torch.device
+
+    def times(self, X: Tensor) -> Tensor: ...  # ΔW X
+
+    def t_times(self, Y: Tensor) -> Tensor: ...  # ΔWᵀ Y
+
+    def project(self, Q: Tensor) -> Tensor: ...  # QᵀΔW
+
+    def missed(self, Q: Tensor, QtW: Tensor) -> float: ...  # a bound on ‖(I − QQᵀ)ΔW‖₂
+
+    def rounding(self) -> float: ...  # what fp rounding can hide of ‖(I − QQᵀ)ΔW‖
+
+
+class _Factored:
+    """ΔW = B A, never formed: every product costs O((d_out + d_in)·N·k)."""
+
+    def __init__(self, B: Tensor, A: Tensor) -> None:
+        self.B, self.A = B, A
+        self.d_out, self.width = int(B.shape[0]), int(B.shape[1])
+        self.d_in = int(A.shape[1])
+        self.dtype, self.device = B.dtype, B.device
+        self._projected: tuple[Tensor, Tensor] | None = None  # (Q, QᵀB) of the last project
+
+    def times(self, X: Tensor) -> Tensor:
+        return self.B @ (self.A @ X)
+
+    def t_times(self, Y: Tensor) -> Tensor:
+        return self.A.T @ (self.B.T @ Y)
+
+    def project(self, Q: Tensor) -> Tensor:
+        QtB = Q.T @ self.B
+        self._projected = (Q, QtB)
+        return QtB @ self.A
+
+    def missed(self, Q: Tensor, QtW: Tensor) -> float:
+        last = self._projected
+        QtB = last[1] if last is not None and last[0] is Q else Q.T @ self.B
+        return residual_norm_bound(self.B - Q @ QtB, self.A)
+
+    def rounding(self) -> float:
+        # C = B − Q QᵀB in the compute dtype can hide up to ~eps·‖B‖·‖A‖ of ‖(I − P)ΔW‖.
+        eps = torch.finfo(self.dtype).eps
+        return 8 * eps * float(torch.linalg.norm(self.B)) * float(torch.linalg.norm(self.A))
+
+
+class _Dense:
+    """ΔW held as a matrix (a round's sums, engine/sums.py): every product costs
+    O(d_out·d_in·k), cheaper than the factors' once N > d_out·d_in / (d_out + d_in)."""
+
+    def __init__(self, W: Tensor, rank_bound: int | None = None) -> None:
+        self.W = W
+        self.d_out, self.d_in = int(W.shape[0]), int(W.shape[1])
+        self.width = min(self.d_out, self.d_in, rank_bound or self.d_out)
+        self.dtype, self.device = W.dtype, W.device
+
+    def times(self, X: Tensor) -> Tensor:
+        return self.W @ X
+
+    def t_times(self, Y: Tensor) -> Tensor:
+        return self.W.T @ Y
+
+    def project(self, Q: Tensor) -> Tensor:
+        return Q.T @ self.W
+
+    def missed(self, Q: Tensor, QtW: Tensor) -> float:
+        # (I − QQᵀ)W ω = Wω − Q(QᵀWω): one product of the probes' width, never W − QQᵀW.
+        return residual_norm_bound(self.W, deflate=Q)
+
+    def rounding(self) -> float:
+        # C = W − Q QᵀW rounds each entry to ~k·eps of its row's size; a GEMM of inner size d
+        # adds ~√d·eps: ‖W‖_F·√min(d) covers both, as ‖B‖·‖A‖ does for the factors.
+        eps = torch.finfo(self.dtype).eps
+        return 8 * eps * float(torch.linalg.norm(self.W)) * math.sqrt(min(self.d_out, self.d_in))
+
+
 def randomized_svd(
     terms: Sequence[FactorPair],
     max_rank: int,
@@ -131,20 +215,46 @@ def randomized_svd(
     """
     B = torch.cat([t.B for t in terms], dim=1)
     A = torch.cat([t.A for t in terms], dim=0)
-    d_out, n = int(B.shape[0]), int(B.shape[1])
-    d_in = int(A.shape[1])
+    return _randomized(_Factored(B, A), max_rank, oversample, power_iterations, tolerance, widen)
+
+
+def randomized_svd_dense(
+    W: Tensor,
+    max_rank: int,
+    *,
+    rank_bound: int | None = None,
+    oversample: int = OVERSAMPLE,
+    power_iterations: int = POWER_ITERATIONS,
+    tolerance: float = CERTIFY_TOLERANCE,
+    widen: bool = True,
+) -> LowRank | None:
+    """:func:`randomized_svd` of a matrix held densely (of rank at most ``rank_bound``, if
+    known): the same sketch and certificate."""
+    return _randomized(
+        _Dense(W, rank_bound), max_rank, oversample, power_iterations, tolerance, widen
+    )
+
+
+def _randomized(
+    op: _Operator,
+    max_rank: int,
+    oversample: int,
+    power_iterations: int,
+    tolerance: float,
+    widen: bool,
+) -> LowRank | None:
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-    k = min(max_rank + oversample, n, d_out, d_in)
-    found = _sketch(B, A, k, power_iterations, gen, max_rank, tolerance)
-    wide = min(2 * k, n, d_out, d_in)
+    limit = min(op.width, op.d_out, op.d_in)
+    k = min(max_rank + oversample, limit)
+    found = _sketch(op, k, power_iterations, gen, max_rank, tolerance)
+    wide = min(2 * k, limit)
     if found is None and widen and wide > k:
-        found = _sketch(B, A, wide, min(2, power_iterations), gen, max_rank, tolerance)
+        found = _sketch(op, wide, min(2, power_iterations), gen, max_rank, tolerance)
     return found
 
 
 def _sketch(
-    B: Tensor,
-    A: Tensor,
+    op: _Operator,
     k: int,
     power_iterations: int,
     gen: torch.Generator,
@@ -154,42 +264,40 @@ def _sketch(
     """A range finder of width ``k``, certified after 1, 2 and ``power_iterations`` power
     iterations."""
     checkpoints = {min(1, power_iterations), min(2, power_iterations), power_iterations}
-    omega = torch.randn(int(A.shape[1]), k, generator=gen, dtype=torch.float32).to(B)
-    Q, _ = torch.linalg.qr(B @ (A @ omega))
+    omega = torch.randn(op.d_in, k, generator=gen, dtype=torch.float32)
+    Q, _ = torch.linalg.qr(op.times(omega.to(dtype=op.dtype, device=op.device)))
     for done in range(power_iterations + 1):
         if done:
-            Z, _ = torch.linalg.qr(A.T @ (B.T @ Q))
-            Q, _ = torch.linalg.qr(B @ (A @ Z))
+            Z, _ = torch.linalg.qr(op.t_times(Q))
+            Q, _ = torch.linalg.qr(op.times(Z))
         if done in checkpoints:
-            certified = _certified(B, A, Q, max_rank, tolerance)
+            certified = _certified(op, Q, max_rank, tolerance)
             if certified is not None:
                 return certified
     return None
 
 
-def _certified(B: Tensor, A: Tensor, Q: Tensor, max_rank: int, tolerance: float) -> LowRank | None:
+def _certified(op: _Operator, Q: Tensor, max_rank: int, tolerance: float) -> LowRank | None:
     """The SVD of ΔW restricted to range(Q), if it is certified to be ΔW's top ``max_rank``."""
-    QtB = Q.T @ B
-    Uc, S_all, Vc = _svd_of_wide(QtB @ A)
-    r = min(max_rank, int(B.shape[1]), int(S_all.shape[0]))
+    QtW = op.project(Q)
+    Uc, S_all, Vc = _svd_of_wide(QtW)
+    r = min(max_rank, op.width, int(S_all.shape[0]))
     U, S, V = Q @ Uc[:, :r], S_all[:r], Vc[:, :r]
     top = float(S[0]) if r else 0.0
     if top == 0.0:
         return None
-    residual = torch.linalg.vector_norm(B @ (A @ V) - U * S, dim=0)
+    residual = torch.linalg.vector_norm(op.times(V) - U * S, dim=0)
     if float(residual.max()) > tolerance * top:
         return None
     # The kept triplets are singular triplets of ΔW; are they the top ones? Any singular value
     # not kept is at most ‖PΔW(I − VVᵀ)‖ + ‖(I − P)ΔW‖ = σ̃_{r+1} + ‖(I − P)ΔW‖ (P = QQᵀ), and
     # the last term is bounded from fresh secret probes, which see whatever the sketch missed
     # (a top direction orthogonal to the fixed Ω included): docs/design.md §2.4.
-    missed = residual_norm_bound(B - Q @ QtB, A)
+    missed = op.missed(Q, QtW)
     below = float(S_all[r]) if int(S_all.shape[0]) > r else 0.0
-    # Each kept σ̃_j is known to within its triplet residual; rounding of C = B − Q QᵀB in the
-    # compute dtype can hide up to ~eps·‖B‖·‖A‖ of ‖(I − P)ΔW‖: both count against the gap.
-    eps = torch.finfo(B.dtype).eps
-    rounding = 8 * eps * float(torch.linalg.norm(B)) * float(torch.linalg.norm(A))
-    if below + missed + rounding + float(residual.max()) >= float(S[r - 1]):
+    # Each kept σ̃_j is known to within its triplet residual; rounding in the compute dtype
+    # counts against the gap as well.
+    if below + missed + op.rounding() + float(residual.max()) >= float(S[r - 1]):
         return None
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
 
@@ -216,8 +324,11 @@ PROBE_ALPHA = 2.0
 PROBE_FACTOR = PROBE_ALPHA * math.sqrt(2 / math.pi)
 
 
-def residual_norm_bound(C: Tensor, A: Tensor, probes: int = PROBES) -> float:
-    """An upper bound on ‖C A‖₂ that holds except with probability PROBE_ALPHA^-probes.
+def residual_norm_bound(
+    C: Tensor, A: Tensor | None = None, probes: int = PROBES, *, deflate: Tensor | None = None
+) -> float:
+    """An upper bound on ‖M‖₂ for M = C A (``A`` None: C), or (I − QQᵀ)M with ``deflate`` = Q
+    (orthonormal columns), that holds except with probability PROBE_ALPHA^-probes.
 
     The probes come from the OS's CSPRNG, so no upload can be built orthogonal to them (the
     sketch's Ω is fixed and public); the cost is one product of width ``probes`` through the
@@ -225,8 +336,12 @@ def residual_norm_bound(C: Tensor, A: Tensor, probes: int = PROBES) -> float:
     """
     seed = secrets.randbits(63)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(A.shape[1], probes, generator=gen, dtype=torch.float32).to(A)
-    norms = torch.linalg.vector_norm(C @ (A @ omega), dim=0)
+    like = C if A is None else A
+    omega = torch.randn(like.shape[1], probes, generator=gen, dtype=torch.float32).to(like)
+    Y = C @ omega if A is None else C @ (A @ omega)
+    if deflate is not None:
+        Y = Y - deflate @ (deflate.T @ Y)
+    norms = torch.linalg.vector_norm(Y, dim=0)
     return PROBE_FACTOR * float(norms.max())
 
 
@@ -249,6 +364,61 @@ def exact_cost(d_out: int, d_in: int, n: int) -> float:
     """GEMM-equivalent flops of the cheaper exact path: what a round costs when no sketch can
     be certified (the randomized path's fallback)."""
     return min(factored_cost(d_out, d_in, n), dense_cost(d_out, d_in, n))
+
+
+def dense_randomized_cost(d_out: int, d_in: int, max_rank: int, iterations: int) -> float:
+    """:func:`randomized_cost` for a matrix held densely (its products cost d_out·d_in per
+    column)."""
+    k = max_rank + OVERSAMPLE
+    return 2.0 * d_out * d_in * ((2 * iterations + 3) * k + PROBES)
+
+
+def dense_svd_cost(d_out: int, d_in: int) -> float:
+    small, large = min(d_out, d_in), max(d_out, d_in)
+    return _SVD_FLOP_FACTOR * large * small**2
+
+
+def worth_randomizing_dense(d_out: int, d_in: int, max_rank: int) -> bool:
+    k = max_rank + OVERSAMPLE
+    return 4 * k <= min(d_out, d_in) and 3 * dense_randomized_cost(
+        d_out, d_in, max_rank, 1
+    ) < dense_svd_cost(d_out, d_in)
+
+
+def close_cost(d_out: int, d_in: int, n: int, max_rank: int) -> float:
+    """GEMM-equivalent flops :func:`truncated_svd_of_sum` (AUTO) expects for N = ``n``."""
+    if worth_randomizing(d_out, d_in, n, max_rank):
+        return randomized_cost(d_out, d_in, n, max_rank, 1)
+    return exact_cost(d_out, d_in, n)
+
+
+def dense_close_cost(d_out: int, d_in: int, max_rank: int) -> float:
+    """GEMM-equivalent flops :func:`truncated_svd_of_dense` (AUTO) expects."""
+    if worth_randomizing_dense(d_out, d_in, max_rank):
+        return dense_randomized_cost(d_out, d_in, max_rank, 1)
+    return dense_svd_cost(d_out, d_in)
+
+
+def truncated_svd_of_dense(
+    W: Tensor,
+    max_rank: int,
+    method: SvdMethod = SvdMethod.AUTO,
+    rank_bound: int | None = None,
+) -> LowRank:
+    """Top-``max_rank`` SVD of a matrix held densely: certified randomized where it pays (or
+    is asked for), else, and whenever the sketch is not certified, LAPACK's full SVD. With
+    ``rank_bound`` (the N = Σ r_i it was summed from) no more components are kept than
+    :func:`truncated_svd_of_sum` would keep."""
+    d_out, d_in = int(W.shape[0]), int(W.shape[1])
+    if method is SvdMethod.RANDOMIZED or (
+        method is SvdMethod.AUTO and worth_randomizing_dense(d_out, d_in, max_rank)
+    ):
+        certified = randomized_svd_dense(W, max_rank, rank_bound=rank_bound)
+        if certified is not None:
+            return canonical_signs(certified)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    keep = max_rank if rank_bound is None else min(max_rank, rank_bound)
+    return canonical_signs(_truncate(U, S, Vh.T, keep))
 
 
 def truncated_svd_of_sum(

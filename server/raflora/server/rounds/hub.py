@@ -71,6 +71,10 @@ class FederationHub:
         self.preload_budget = MemoryBudget(
             self.limits.preload_memory_bytes, self.limits.preload_max_upload_bytes
         )
+        # One budget for every federation's round sums (rounds/summing.py).
+        self.sums_budget = MemoryBudget(
+            self.limits.round_sums_memory_bytes, self.limits.round_sums_memory_bytes
+        )
         # One limit for every federation's pull views kept in memory (rounds/hot_views.py).
         self.hot_views = HotViews(self.limits.hot_view_memory_bytes)
         self.metrics.hot_view_bytes.set_function(lambda: self.hot_views.used)
@@ -86,6 +90,7 @@ class FederationHub:
             map_modules=self.map_modules,
             preload_budget=self.preload_budget,
             hot_views=self.hot_views,
+            sums_budget=self.sums_budget,
         )
 
     def resume_all(self) -> None:

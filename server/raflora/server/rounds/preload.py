@@ -23,12 +23,17 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from raflora.server.engine import AdapterSchema, FactorPair
+from raflora.server.engine import AdapterSchema, FactorPair, GlobalState
+from raflora.server.engine.sums import RoundSums
 from raflora.v1.layout import Layout
 
 from ..storage import FederationStore, UploadRecord
 from ..storage.tensorio import factors_in_payload
+
+if TYPE_CHECKING:
+    from .summing import RoundSummer
 
 log = logging.getLogger("raflora.server")
 
@@ -97,12 +102,14 @@ class RoundPreload:
         round_: int,
         budget: MemoryBudget,
         executor: Executor = PRELOADS,
+        summer: RoundSummer | None = None,
     ) -> None:
         self.store = store
         self.schema = schema
         self.round = round_
         self.budget = budget
         self.executor = executor
+        self.summer = summer  # each upload, once parsed, is summed in (rounds/summing.py)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._released = False
@@ -147,11 +154,21 @@ class RoundPreload:
                 return
             # Another upload of this client (the first was quarantined) replaces its entry.
             old = self._entries.pop(record.client_id, None)
-            future = self.executor.submit(job, *args)
+            future = self.executor.submit(self._parse, record, job, *args)
             self._entries[record.client_id] = _Entry(record.sha256, reservation, future)
         if old is not None:
             old.future.cancel()
             old.reservation.release()
+
+    def _parse(self, record: UploadRecord, job: Callable[..., Factors], *args: object) -> Factors:
+        factors = job(*args)
+        if self.summer is not None:
+            self.summer.add(record, factors)
+        return factors
+
+    def summed(self, state: GlobalState, records: Sequence[UploadRecord]) -> RoundSums | None:
+        """The round's sums if every one of ``records`` (taken already) was summed, else None."""
+        return self.summer.take(state, records) if self.summer is not None else None
 
     def take(self, record: UploadRecord) -> Factors | None:
         """The factors of ``record`` if they are held (waiting for a parse or read under way);
@@ -179,6 +196,8 @@ class RoundPreload:
         for entry in entries.values():
             entry.future.cancel()
             entry.reservation.release()
+        if self.summer is not None:
+            self.summer.release()
 
     @property
     def held(self) -> int:

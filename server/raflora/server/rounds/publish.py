@@ -82,6 +82,7 @@ class PublishOutcome:
     manifest: RoundManifest
     quarantined: tuple[Quarantined, ...]
     folded: bool = False  # aggregated from the uploads folded as they arrived
+    summed: bool = False  # aggregated from the round's sums (rounds/summing.py)
 
 
 class NothingToAggregateError(Exception):
@@ -195,8 +196,13 @@ class RoundPublisher:
         by_client = {r.client_id: r for r in records}
         outcome = self._from_folded(state, records, by_client, folder)
         new_state: GlobalState | None
+        summed = False
+        if outcome is None and privacy is None and preload is not None:
+            outcome = self._from_sums(state, records, preload)
+            summed = outcome is not None
         if outcome is not None:
-            new_state, used, shares, quarantined, folded = *outcome, True
+            new_state, used, shares, quarantined = outcome
+            folded = not summed
         else:
             updates, quarantined = self.load(records, preload)
             mechanism = privacy.mechanism if privacy is not None else None
@@ -245,7 +251,29 @@ class RoundPublisher:
             # The round was already on disk (a retry after a commit whose fsync failed): what
             # is stored was released, so serve that, not this second (for DP: second noise) draw.
             new_state, stored = self.published.load(new_state.round)
-        return PublishOutcome(new_state, stored, tuple(quarantined), folded)
+        return PublishOutcome(new_state, stored, tuple(quarantined), folded, summed)
+
+    def _from_sums(
+        self, state: GlobalState, records: Sequence[UploadRecord], preload: RoundPreload
+    ) -> tuple[GlobalState, list[ClientUpdate], list[float], list[Quarantined]] | None:
+        """The round from the sums of its uploads (rounds/summing.py); None (the one-shot path
+        decides) unless every upload was summed and the sums are the cheaper close."""
+        updates = []
+        for r in records:  # waits for each parse, and with it each upload's addition
+            factors = preload.take(r)
+            if factors is None:
+                return None
+            updates.append(ClientUpdate(r.client_id, r.rank, r.num_examples, r.scale, factors))
+        sums = preload.summed(state, records)
+        if sums is None or not sums.pays():
+            return None
+        shares = self.shares([u.num_examples for u in updates])
+        try:
+            new_state = sums.aggregate(state, self.weighted(updates, shares))
+        except Exception as exc:  # e.g. an influence cap that binds: not a sum of the uploads
+            log.info("round %d is aggregated one-shot, not from its sums: %s", state.round, exc)
+            return None
+        return new_state, updates, shares, []
 
     def _from_folded(
         self,

@@ -68,6 +68,7 @@ from .publish import (
 )
 from .published import PublishedRounds
 from .selection import Selection, select
+from .summing import RoundSummer
 from .terms import check_push_terms, check_sha256, join_terms
 from .tickets import HeaderVerdict, PushOutcome, PushTicket
 from .views import RoundContent, View, ViewCache, ViewReader
@@ -95,6 +96,9 @@ class RuntimeLimits:
     # (docs/design.md §4.2); 0: the close reads every upload itself.
     preload_memory_bytes: int = 0
     preload_max_upload_bytes: int = 16 << 20  # larger uploads stream as before
+    # Memory every open round together may hold of the dense sums of its uploads kept in
+    # memory (docs/design.md §2.11); 0: every close stacks the uploads themselves.
+    round_sums_memory_bytes: int = 0
     # Memory the server may hold of pull views as framed messages (rounds/hot_views.py).
     hot_view_memory_bytes: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE  # the server's message size (settings.chunk_size)
@@ -114,6 +118,7 @@ class FederationRuntime:
         preload_budget: MemoryBudget | None = None,
         preload_executor: Executor | None = None,
         hot_views: HotViews | None = None,
+        sums_budget: MemoryBudget | None = None,
     ) -> None:
         self.config = config
         self.id = config.federation_id
@@ -181,6 +186,10 @@ class FederationRuntime:
         )
         self.preload: RoundPreload | None = None
         self.preload_executor = preload_executor or PRELOADS
+        # The sums of the uploads in memory (rounds/summing.py), under a server-wide budget.
+        self.sums_budget = sums_budget or MemoryBudget(
+            self.limits.round_sums_memory_bytes, self.limits.round_sums_memory_bytes
+        )
         # This federation's jobs on the (shared, bounded) aggregation pool run one at a time and
         # in order: a prune never races the next round's publication.
         self._jobs = asyncio.Lock()
@@ -709,12 +718,16 @@ class FederationRuntime:
             self.preload.release()
         self.preload = None
         if self.folder is None and not self.degraded and self.preload_budget.limit > 0:
+            summer = None
+            if RoundSummer.enabled(self.strategy, self.sums_budget):
+                summer = RoundSummer(self.strategy, self.state, self.sums_budget)
             self.preload = RoundPreload(
                 self.store,
                 self.schema,
                 self.state.round,
                 self.preload_budget,
                 self.preload_executor,
+                summer,
             )
 
     def _reopen_folder(self) -> None:
@@ -927,6 +940,8 @@ class FederationRuntime:
         self.metrics.record_published(self.id, manifest, elapsed)
         if outcome.folded:
             self.metrics.rounds_folded.labels(self.id).inc()
+        if outcome.summed:
+            self.metrics.rounds_summed.labels(self.id).inc()
         log.info(
             "federation %s published round %d from %d uploads in %.2fs (E_min %.3f)",
             self.id,

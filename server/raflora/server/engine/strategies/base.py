@@ -249,7 +249,7 @@ class Strategy(ABC):
         validate_round(updates)
         for u in updates:
             validate_update(u, self.schema, self.config.max_rank, self.config.allowed_ranks)
-        moved = [self._to_compute(u) for u in updates]
+        moved = [self.to_compute(u) for u in updates]
         p = client_weights([u.num_examples for u in updates], self.config.weighting)
         outcome = None
         if self.config.robust.active:  # docs/design.md §2.8: clip scales, reweigh clients
@@ -268,7 +268,9 @@ class Strategy(ABC):
             updates=moved, ranks=tuple(u.rank for u in updates), p=p, robust=outcome
         )
 
-    def _to_compute(self, u: ClientUpdate) -> ClientUpdate:
+    def to_compute(self, u: ClientUpdate) -> ClientUpdate:
+        """``u`` with its factors in the compute dtype, on the compute device."""
+
         def move(t: Tensor) -> Tensor:
             return t.to(device=self.device, dtype=self.dtype)
 

@@ -1,0 +1,190 @@
+"""Rounds closed from the sums kept as uploads arrived (rounds/summing.py), through the real
+server: the publication is the engine's one-shot result and the independent reference, and
+what the sums cannot stand for (a client claiming the weight of all, a budget too small)
+closes one-shot, as before, with nobody's upload lost."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
+from raflora.server.engine import AdapterSchema, StrategyConfig, make_strategy
+from raflora.server.storage import FileFederationStore
+from raflora.server.testing import threaded_server
+
+from . import reference
+from .conftest import as_reference, rel_err
+from .helpers.adapters import engine_update
+from .helpers.federations import every_client_spec
+from .helpers.metrics import metric_value
+
+# Large enough, with 24 clients, that the dense close is the cheaper one (the engine's cost
+# models decide; the metric below says which path ran).
+MODULES = {"layers.0.q": (256, 256), "layers.0.v": (256, 192)}
+RANKS = [8, 2, 4, 8]  # in push order: the first rank seen is cut twice as smaller ones arrive
+CLIENTS = 24
+MAX_RANK = 8
+Upload = tuple[str, int, int, dict[str, torch.Tensor]]  # client, rank, examples, tensors
+
+
+def uploads(hostile_examples: int | None = None) -> list[Upload]:
+    """(client, rank, examples, tensors): a shared adapter plus each client's own noise."""
+    g = torch.Generator().manual_seed(5)
+    shared = {
+        m: (torch.randn(o, MAX_RANK, generator=g), torch.randn(MAX_RANK, i, generator=g))
+        for m, (o, i) in MODULES.items()
+    }
+    out = []
+    for c in range(CLIENTS):
+        r = RANKS[c % len(RANKS)]
+        pairs = {
+            m: (
+                B[:, :r] + 0.1 * torch.randn(B[:, :r].shape, generator=g),
+                (A[:r] + 0.1 * torch.randn(A[:r].shape, generator=g)) / 16,
+            )
+            for m, (B, A) in shared.items()
+        }
+        examples = 10 + c
+        if hostile_examples is not None and c == 0:
+            examples = hostile_examples
+        out.append((f"c{c:02d}", r, examples, lora_state_dict(pairs)))
+    return out
+
+
+def run_round(
+    data: Path, fed: str, clients: list[Upload], **settings: object
+) -> tuple[float, float, int]:
+    """One round through a real server; (rounds summed, rounds published, sums budget used
+    after the publication)."""
+    with threaded_server(data, **settings) as srv:
+        with AdminClient(srv.target) as admin:
+            admin.create_federation(
+                every_client_spec(
+                    fed,
+                    MODULES,
+                    len(clients),
+                    max_rank=MAX_RANK,
+                    init_seed=3,
+                    trust=pb.TrustPolicy(max_weight_share=0.2, max_examples_per_client=10**9),
+                )
+            )
+        for cid, rank, n, tensors in clients:
+            with RafloraClient(srv.target, fed, cid) as client:
+                client.join(rank=rank, num_examples=n, lora_alpha=16.0)
+                client.push(tensors, round=0, num_examples=n)
+        with RafloraClient(srv.target, fed, clients[0][0]) as client:
+            client.wait_for_round(0, timeout=60)
+        summed = metric_value(srv.metrics_url, "raflora_rounds_summed_total", federation=fed)
+        published = metric_value(srv.metrics_url, "raflora_rounds_published_total", federation=fed)
+        return summed, published, srv.server.hub.sums_budget.used
+
+
+def published(data: Path, fed: str) -> Mapping[str, torch.Tensor]:
+    state = FileFederationStore(data / "federations" / fed).load_published(
+        1, AdapterSchema.from_shapes(MODULES)
+    )[0]
+    return {m: state.dense(m) for m in MODULES}
+
+
+def engine_one_shot(clients: list[Upload]) -> dict[str, torch.Tensor]:
+    schema = AdapterSchema.from_shapes(MODULES)
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK, seed=3))
+    updates = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in sorted(clients)]
+    state = strategy.aggregate(strategy.initial_state(), updates)
+    return {m: state.dense(m) for m in MODULES}
+
+
+def test_a_round_of_many_clients_closes_from_its_sums_as_the_one_shot_close_would(
+    tmp_path: Path,
+) -> None:
+    clients = uploads()
+    summed, rounds, held = run_round(tmp_path, "sums", clients)
+    assert (summed, rounds, held) == (1.0, 1.0, 0)  # from the sums; their memory given back
+    got = published(tmp_path, "sums")
+    want = engine_one_shot(clients)
+    schema = AdapterSchema.from_shapes(MODULES)
+    as_engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in clients]
+    for m in MODULES:
+        assert rel_err(got[m], want[m]) < 1e-5
+        independent = reference.raflora(as_reference(as_engine), m, MAX_RANK)
+        assert rel_err(got[m], independent) < 1e-5
+    assert schema  # the schema the store was read with
+
+
+def test_a_client_claiming_the_weight_of_all_is_capped_on_the_one_shot_path(
+    tmp_path: Path,
+) -> None:
+    """An attacker declares 10⁹ examples against the others' tens under a 20 % cap: the sums
+    (weighted by declared examples) cannot stand for the capped round, so it closes one-shot,
+    and what it publishes is what a server without sums publishes, the cap applied."""
+    clients = uploads(hostile_examples=10**9)
+    summed, rounds, _ = run_round(tmp_path / "with", "cap", clients)
+    assert (summed, rounds) == (0.0, 1.0)
+    manifest = FileFederationStore(tmp_path / "with" / "federations" / "cap").read_manifest(1)
+    shares = {u.client_id: u.weight_share for u in manifest.uploads}
+    assert len(shares) == CLIENTS and shares["c00"] <= 0.2 + 1e-9
+    off, rounds_off, _ = run_round(tmp_path / "without", "cap", clients, round_sums_memory_mib=0)
+    assert (off, rounds_off) == (0.0, 1.0)
+    with_sums, without = published(tmp_path / "with", "cap"), published(tmp_path / "without", "cap")
+    for m in MODULES:
+        assert rel_err(with_sums[m], without[m]) < 1e-6
+
+
+def test_sums_past_their_budget_give_up_and_the_round_closes_one_shot(tmp_path: Path) -> None:
+    """Three distinct ranks need three 448 KiB-per-module-pair sums: 1 MiB holds two."""
+    clients = uploads()
+    summed, rounds, held = run_round(tmp_path, "small", clients, round_sums_memory_mib=1)
+    assert (summed, rounds, held) == (0.0, 1.0, 0)
+    got, want = published(tmp_path, "small"), engine_one_shot(clients)
+    for m in MODULES:
+        assert rel_err(got[m], want[m]) < 1e-5
+
+
+def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back() -> None:
+    """rounds/summing.py alone: a second upload of a client, an upload after a close took the
+    sums, or one past the budget each end the round's sums (the close goes one-shot) and give
+    back every byte they held."""
+    from raflora.server.rounds.preload import MemoryBudget
+    from raflora.server.rounds.summing import RoundSummer
+    from raflora.server.storage import UploadRecord
+
+    schema = AdapterSchema.from_shapes(MODULES)
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK))
+    state = strategy.initial_state()
+    per_interval = sum(o * i for o, i in MODULES.values()) * 4
+    engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in uploads()[:4]]
+    records = [
+        UploadRecord(u.client_id, 0, u.rank, u.num_examples, 16.0, u.scale, f"sha-{i}", 1)
+        for i, u in enumerate(engine)
+    ]
+
+    def fed(budget: MemoryBudget, count: int) -> RoundSummer:
+        summer = RoundSummer(strategy, state, budget)
+        for record, u in zip(records[:count], engine, strict=False):
+            summer.add(record, u.factors)
+        return summer
+
+    budget = MemoryBudget(16 << 20, 16 << 20)
+    summer = fed(budget, 4)  # ranks 8, 2, 4, 8: three intervals
+    assert budget.used == summer.held_bytes == 3 * per_interval
+    assert summer.take(state, records[:3]) is None  # not the round's uploads
+    assert summer.take(strategy.initial_state(), records) is None  # another state
+    assert summer.take(state, records) is not None
+    summer.add(UploadRecord("late", 0, 2, 5, 16.0, 1.0, "x", 1), engine[1].factors)
+    assert "after a close" in summer.gave_up and budget.used == 0
+
+    again = fed(budget, 2)
+    again.add(records[1], engine[1].factors)
+    assert "second upload" in again.gave_up and budget.used == 0
+    assert again.take(state, records[:2]) is None
+
+    small = MemoryBudget(2 * per_interval, 2 * per_interval)
+    tight = fed(small, 3)  # the third distinct rank needs a third interval
+    assert "memory budget" in tight.gave_up and small.used == 0
+    kept = fed(small, 2)
+    assert small.used == 2 * per_interval
+    kept.release()
+    assert small.used == 0 and kept.take(state, records[:2]) is None
