@@ -521,6 +521,12 @@ class RoundResult:
     server_peak_rss_mib: float
     server_peak_anon_mib: float
     summary: dict[str, float] = field(default_factory=dict)
+    stagger_s: float = 0.0  # the window the pushes were spread over (0: all at once)
+
+    @property
+    def label(self) -> str:
+        spread = f", spread over {self.stagger_s * 1e3:.0f} ms" if self.stagger_s else ""
+        return f"{self.path}, {self.uploads} uploads{spread}"
 
 
 class Watcher:
@@ -594,8 +600,11 @@ def one_round(
     adapters: list[dict[str, Tensor]],
     watcher: Watcher,
     round_: int,
+    stagger_s: float = 0.0,
 ) -> RoundRun:
-    """Every client pushes at once (after a barrier); then waits for the round and pulls it."""
+    """Every client pushes at once (after a barrier), or client i ``i·stagger_s / n`` later
+    (clients that finish training at different times); then waits for the round and pulls
+    it."""
     n = len(clients)
     barrier = threading.Barrier(n + 1)
     starts = [0.0] * n
@@ -603,6 +612,8 @@ def one_round(
 
     def push(i: int) -> None:
         barrier.wait()
+        if stagger_s:
+            time.sleep(stagger_s * i / n)
         starts[i] = time.perf_counter()
         clients[i].push(adapters[i], round=round_, num_examples=50 + i)
         acks[i] = time.perf_counter()
@@ -649,10 +660,13 @@ def distinct_adapter(shared: dict[str, Tensor], rank: int, seed: int) -> dict[st
     return out
 
 
-def bench_round(workdir: Path, n_clients: int, rounds: int, path: str, uploads: str) -> RoundResult:
+def bench_round(
+    workdir: Path, n_clients: int, rounds: int, path: str, uploads: str, stagger_s: float = 0.0
+) -> RoundResult:
+    spread = f", pushes spread over {stagger_s * 1e3:.0f} ms" if stagger_s else ", pushes at once"
     log(
         f"--- round ({path}, {uploads} uploads): {n_clients} clients, {ROUND_MODULES} modules "
-        f"{ROUND_DIM}x{ROUND_DIM}"
+        f"{ROUND_DIM}x{ROUND_DIM}{spread}"
     )
     server = launch(workdir, f"round-{path}", ROUND_PATHS[path])
     federation = "round-bench"
@@ -686,7 +700,7 @@ def bench_round(workdir: Path, n_clients: int, rounds: int, path: str, uploads: 
         watcher = Watcher(server.target, federation)
         try:
             for k in range(rounds):
-                run = one_round(clients, adapters, watcher, k)
+                run = one_round(clients, adapters, watcher, k, stagger_s)
                 runs.append(run)
                 s = run.summary
                 log(
@@ -709,6 +723,7 @@ def bench_round(workdir: Path, n_clients: int, rounds: int, path: str, uploads: 
         f"{summed:.0f} from their sums, the rest one-shot"
     )
     result = RoundResult(path, uploads, n_clients, sizes, runs, server.idle_rss_mib, peak, anon)
+    result.stagger_s = stagger_s
     latencies = [x for r in runs for x in r.push_latency_s]
     result.summary = {
         "push_p50_s": percentile(latencies, 50),
@@ -868,7 +883,7 @@ def report(sizes: list[SizeResult], round_results: list[RoundResult]) -> list[st
         out.append("")
     for rr in round_results:
         out += [
-            f"| round ({rr.path}, {rr.uploads} uploads, {rr.clients} clients) | push p50 "
+            f"| round ({rr.label}, {rr.clients} clients) | push p50 "
             "| push p99 | pushes wall "
             "| last ack → AGGREGATING | → PUBLISHED | **last ack → published** "
             "| published → all pulled |",
@@ -938,7 +953,7 @@ def verdicts(sizes: list[SizeResult], round_results: list[RoundResult]) -> list[
             reference = paths["one-shot"].summary["turnaround_s"]
             versus = f"; {rr.summary['turnaround_s'] / reference:.2f}× the one-shot close"
         out.append(
-            f"{'PASS' if ok else 'MISS'}: round turnaround ({rr.path}, {rr.uploads} uploads; "
+            f"{'PASS' if ok else 'MISS'}: round turnaround ({rr.label}; "
             f"last ack -> published), worst round {worst * 1e3:.0f} ms (median "
             f"{rr.summary['turnaround_s'] * 1e3:.0f} ms{versus}) vs goal <= "
             f"{GOAL_TURNAROUND_S * 1e3:.0f} ms"
@@ -970,6 +985,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="round closes to measure: summed (the default server: dense sums kept as uploads "
         "arrive), folded (uploads folded as they arrive, fold_memory_mib = 2048) and/or "
         "one-shot (neither: every close stacks the uploads; the reference)",
+    )
+    p.add_argument(
+        "--round-stagger-ms",
+        type=float,
+        default=0.0,
+        help="spread the round's pushes over this window (client i starts i/n of it late), "
+        "as clients that finish training at different times do; 0: all at once",
     )
     p.add_argument(
         "--round-uploads",
@@ -1012,7 +1034,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             []
             if args.skip_round or args.clients < 1
             else [
-                bench_round(workdir, args.clients, args.repeats, path, args.round_uploads)
+                bench_round(
+                    workdir,
+                    args.clients,
+                    args.repeats,
+                    path,
+                    args.round_uploads,
+                    args.round_stagger_ms / 1e3,
+                )
                 for path in paths
             ]
         )

@@ -277,3 +277,24 @@ def test_the_certificates_svd_of_a_wide_matrix_is_lapacks(rows: int, cols: int, 
     assert torch.allclose(U[:, top].T @ U[:, top], eye, atol=1e-12)
     assert torch.allclose(V[:, top].T @ V[:, top], eye, atol=1e-12)
     assert rel_err((U * S) @ V.T, M) < 1e-12
+
+
+def test_svd_of_a_wide_fp32_matrix_by_its_gram_is_as_good_as_lapack() -> None:
+    """The fp32 route of _svd_of_wide (eigh of M Mᵀ in float64) against LAPACK's float64 SVD
+    of the same matrix: singular values and the rebuilt matrix to fp32 accuracy, orthonormal
+    factors where σ is above fp32's noise, over a spread of 1e6."""
+    g = torch.Generator().manual_seed(31)
+    k, d = 48, 1024
+    U0, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(0, -6, k, dtype=torch.float64)
+    M = ((U0 * sigma) @ V0.T).float()
+    U, S, V = lowrank._svd_of_wide(M)
+    assert U.dtype == S.dtype == V.dtype == torch.float32
+    expected = torch.linalg.svdvals(M.double())
+    assert torch.allclose(S.double(), expected, rtol=1e-5, atol=1e-7)
+    top = expected.gt(1e-4)
+    eye = torch.eye(int(top.sum()), dtype=torch.float64)
+    assert torch.allclose(U[:, top].double().T @ U[:, top].double(), eye, atol=1e-5)
+    assert torch.allclose(V[:, top].double().T @ V[:, top].double(), eye, atol=1e-5)
+    assert rel_err((U * S) @ V.T, M) < 1e-5

@@ -181,6 +181,26 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back() -> 
     assert "second upload" in again.gave_up and budget.used == 0
     assert again.take(state, records[:2]) is None
 
+    claimed = fed(budget, 4)
+    claimed.closing()  # a claimed close: no more additions to the sums, the close takes them
+    assert claimed.flush_some(idle=True) is False
+    sums = claimed.take(state, records)
+    assert sums is not None and sums.pending_columns > 0  # (cut intervals are summed at once)
+    got = sums.aggregate(state, engine)
+    want = strategy.aggregate(state, engine)
+    for m in MODULES:
+        assert rel_err(got.dense(m), want.dense(m)) < 1e-5
+    claimed.release()
+    while again.flush_some(idle=True):  # (gave up: nothing to add)
+        pass
+    idle = fed(budget, 4)
+    while idle.flush_some(idle=True):  # an idle preload thread adds everything, in turns
+        pass
+    taken = idle.take(state, records)
+    assert taken is not None and taken.pending_columns == 0
+    idle.release()
+    assert budget.used == 0
+
     small = MemoryBudget(2 * per_interval, 2 * per_interval)
     tight = fed(small, 3)  # the third distinct rank needs a third interval
     assert "memory budget" in tight.gave_up and small.used == 0

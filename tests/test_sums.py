@@ -124,15 +124,19 @@ def distinct_round(d: int, clients: int, ranks: Sequence[int]) -> list[ClientUpd
     return out
 
 
+@pytest.mark.parametrize("flush", [64, 10**9])  # the default / every column left factored
 def test_fp32_summed_close_is_certified_and_agrees_with_the_one_shot_close(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, flush: int
 ) -> None:
-    """In the service's dtype, where the dense sketch (not LAPACK's SVD) runs: both closes
-    agree to fp32 tolerance, and the sums are the cheaper close."""
+    """In the service's dtype, where the dense sketch (not LAPACK's SVD) runs, on the sums
+    alone or on the sums beside the columns not yet added to them: both closes agree to fp32
+    tolerance, and the sums are the cheaper close unless every column is still pending."""
+    monkeypatch.setattr(sums_module, "FLUSH_COLUMNS", flush)
     updates = distinct_round(256, 24, [4, 8, 16])
     strategy, state, sums = summed("raflora", updates, max_rank=16)
     assert sums.width == 8 * 28
-    assert sums.pays()
+    assert sums.pays() == (sums.pending_columns < sums.width)
+    assert (sums.pending_columns == sums.width) == (flush > sums.width)
     certified: list[bool] = []
 
     def spy(*args: object, **kwargs: object) -> object:
@@ -160,6 +164,25 @@ def test_fp32_summed_close_is_certified_and_agrees_with_the_one_shot_close(
     ]
     truth = exact.aggregate(exact.initial_state(), as64)
     assert rel_err(got.dense("m"), truth.dense("m")) < 1e-5
+
+
+def test_columns_left_pending_close_as_if_they_had_been_added(schema: AdapterSchema) -> None:
+    updates = random_updates(schema, CLIENTS)
+    strategy = make_strategy(
+        "raflora", StrategyConfig(schema=schema, max_rank=R, compute_dtype=torch.float64)
+    )
+    state = strategy.initial_state()
+    lazy, eager = RoundSums(strategy, state), RoundSums(strategy, state)
+    for u in updates:
+        lazy.add(u, flush=False)
+        eager.add(u)
+    assert lazy.pending_columns == lazy.width
+    got = lazy.aggregate(state, updates)
+    lazy.flush(min_columns=1)
+    assert lazy.pending_columns == 0
+    for m in schema:
+        assert rel_err(got.dense(m), lazy.aggregate(state, updates).dense(m)) < 1e-12
+        assert rel_err(got.dense(m), eager.aggregate(state, updates).dense(m)) < 1e-12
 
 
 def test_few_uploads_close_from_the_factors_instead() -> None:

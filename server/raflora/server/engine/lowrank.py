@@ -161,33 +161,46 @@ class _Factored:
 
 
 class _Dense:
-    """ΔW held as a matrix (a round's sums, engine/sums.py): every product costs
-    O(d_out·d_in·k), cheaper than the factors' once N > d_out·d_in / (d_out + d_in)."""
+    """ΔW = W + B A: a matrix (a round's sums, engine/sums.py) and, optionally, columns not
+    added to it yet. A product with W costs O(d_out·d_in·k), cheaper than the factors' once
+    N > d_out·d_in / (d_out + d_in); the extra columns cost what factors cost."""
 
-    def __init__(self, W: Tensor, rank_bound: int | None = None) -> None:
+    def __init__(
+        self, W: Tensor, rank_bound: int | None = None, plus: FactorPair | None = None
+    ) -> None:
         self.W = W
+        self.plus = plus if plus is not None and plus.rank else None
         self.d_out, self.d_in = int(W.shape[0]), int(W.shape[1])
         self.width = min(self.d_out, self.d_in, rank_bound or self.d_out)
         self.dtype, self.device = W.dtype, W.device
 
     def times(self, X: Tensor) -> Tensor:
-        return self.W @ X
+        if self.plus is None:
+            return self.W @ X
+        return torch.addmm(self.W @ X, self.plus.B, self.plus.A @ X)
 
     def t_times(self, Y: Tensor) -> Tensor:
-        return self.W.T @ Y
+        if self.plus is None:
+            return self.W.T @ Y
+        return torch.addmm(self.W.T @ Y, self.plus.A.T, self.plus.B.T @ Y)
 
     def project(self, Q: Tensor) -> Tensor:
-        return Q.T @ self.W
+        if self.plus is None:
+            return Q.T @ self.W
+        return torch.addmm(Q.T @ self.W, Q.T @ self.plus.B, self.plus.A)
 
     def missed(self, Q: Tensor, QtW: Tensor) -> float:
-        # (I − QQᵀ)W ω = Wω − Q(QᵀWω): one product of the probes' width, never W − QQᵀW.
-        return residual_norm_bound(self.W, deflate=Q)
+        # (I − QQᵀ)ΔW ω = ΔWω − Q(QᵀΔWω): one product of the probes' width, never ΔW − QQᵀΔW.
+        return residual_norm_bound(self.W, deflate=Q, plus=self.plus)
 
     def rounding(self) -> float:
-        # C = W − Q QᵀW rounds each entry to ~k·eps of its row's size; a GEMM of inner size d
+        # Forming (I − QQᵀ)ΔWω rounds each entry to ~k·eps of its size; a GEMM of inner size d
         # adds ~√d·eps: ‖W‖_F·√min(d) covers both, as ‖B‖·‖A‖ does for the factors.
         eps = torch.finfo(self.dtype).eps
-        return 8 * eps * float(torch.linalg.norm(self.W)) * math.sqrt(min(self.d_out, self.d_in))
+        total = float(torch.linalg.norm(self.W)) * math.sqrt(min(self.d_out, self.d_in))
+        if self.plus is not None:
+            total += float(torch.linalg.norm(self.plus.B)) * float(torch.linalg.norm(self.plus.A))
+        return 8 * eps * total
 
 
 def randomized_svd(
@@ -223,15 +236,16 @@ def randomized_svd_dense(
     max_rank: int,
     *,
     rank_bound: int | None = None,
+    plus: FactorPair | None = None,
     oversample: int = OVERSAMPLE,
     power_iterations: int = POWER_ITERATIONS,
     tolerance: float = CERTIFY_TOLERANCE,
     widen: bool = True,
 ) -> LowRank | None:
-    """:func:`randomized_svd` of a matrix held densely (of rank at most ``rank_bound``, if
-    known): the same sketch and certificate."""
+    """:func:`randomized_svd` of a matrix held densely, plus ``plus``'s B A if given (of rank
+    at most ``rank_bound``, if known): the same sketch and certificate."""
     return _randomized(
-        _Dense(W, rank_bound), max_rank, oversample, power_iterations, tolerance, widen
+        _Dense(W, rank_bound, plus), max_rank, oversample, power_iterations, tolerance, widen
     )
 
 
@@ -284,10 +298,11 @@ def _certified(op: _Operator, Q: Tensor, max_rank: int, tolerance: float) -> Low
     r = min(max_rank, op.width, int(S_all.shape[0]))
     U, S, V = Q @ Uc[:, :r], S_all[:r], Vc[:, :r]
     top = float(S[0]) if r else 0.0
-    if top == 0.0:
+    if top == 0.0 or not math.isfinite(top):
         return None
     residual = torch.linalg.vector_norm(op.times(V) - U * S, dim=0)
-    if float(residual.max()) > tolerance * top:
+    worst = float(residual.max())
+    if not worst <= tolerance * top:  # NaN included
         return None
     # The kept triplets are singular triplets of ΔW; are they the top ones? Any singular value
     # not kept is at most ‖PΔW(I − VVᵀ)‖ + ‖(I − P)ΔW‖ = σ̃_{r+1} + ‖(I − P)ΔW‖ (P = QQᵀ), and
@@ -297,7 +312,7 @@ def _certified(op: _Operator, Q: Tensor, max_rank: int, tolerance: float) -> Low
     below = float(S_all[r]) if int(S_all.shape[0]) > r else 0.0
     # Each kept σ̃_j is known to within its triplet residual; rounding in the compute dtype
     # counts against the gap as well.
-    if below + missed + op.rounding() + float(residual.max()) >= float(S[r - 1]):
+    if not below + missed + op.rounding() + worst < float(S[r - 1]):  # NaN included
         return None
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
 
@@ -306,13 +321,27 @@ def _svd_of_wide(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(U, S, V) of a k × d matrix with k ≤ d through the QR of Mᵀ and the SVD of its k × k R:
     M = Rᵀ Qᵀ = U S (Q V_R)ᵀ. LAPACK's SVD of the wide matrix itself took about twice as long
     here (2.7 vs 1.4 ms at 48 × 1024), and a certificate runs one per checkpoint and module;
-    the certificate checks the triplets against the operator either way."""
+    the certificate checks the triplets against the operator either way. Below float64 the
+    eigendecomposition of the k × k Gram M Mᵀ, formed in float64, is cheaper still and as
+    accurate as the dtype: σ_j² carries an error of ~1e-16·σ₁², far under fp32's."""
     if M.shape[0] > M.shape[1]:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return U, S, Vh.T
+    if M.dtype != torch.float64:
+        return _svd_of_wide_by_gram(M)
     Qm, Rm = torch.linalg.qr(M.T)
     Ur, S, Vrh = torch.linalg.svd(Rm.T)
     return Ur, S, Qm @ Vrh.T
+
+
+def _svd_of_wide_by_gram(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    M64 = M.double()
+    lam, U = torch.linalg.eigh(M64 @ M64.T)  # ascending
+    lam, U = lam.flip(0).clamp_min(0.0), U.flip(1)
+    S = lam.sqrt()
+    V = M64.T @ U
+    V = V / torch.linalg.vector_norm(V, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    return U.to(M.dtype), S.to(M.dtype), V.to(M.dtype)
 
 
 # A posteriori probes (Halko, Martinsson & Tropp 2011, Lemma 4.1): ‖M‖₂ ≤ α √(2/π) max_i
@@ -325,10 +354,16 @@ PROBE_FACTOR = PROBE_ALPHA * math.sqrt(2 / math.pi)
 
 
 def residual_norm_bound(
-    C: Tensor, A: Tensor | None = None, probes: int = PROBES, *, deflate: Tensor | None = None
+    C: Tensor,
+    A: Tensor | None = None,
+    probes: int = PROBES,
+    *,
+    deflate: Tensor | None = None,
+    plus: FactorPair | None = None,
 ) -> float:
-    """An upper bound on ‖M‖₂ for M = C A (``A`` None: C), or (I − QQᵀ)M with ``deflate`` = Q
-    (orthonormal columns), that holds except with probability PROBE_ALPHA^-probes.
+    """An upper bound on ‖M‖₂ for M = C A (``A`` None: C, plus ``plus``'s B A if given), or
+    on (I − QQᵀ)M with ``deflate`` = Q (orthonormal columns), that holds except with
+    probability PROBE_ALPHA^-probes.
 
     The probes come from the OS's CSPRNG, so no upload can be built orthogonal to them (the
     sketch's Ω is fixed and public); the cost is one product of width ``probes`` through the
@@ -339,6 +374,8 @@ def residual_norm_bound(
     like = C if A is None else A
     omega = torch.randn(like.shape[1], probes, generator=gen, dtype=torch.float32).to(like)
     Y = C @ omega if A is None else C @ (A @ omega)
+    if plus is not None:
+        Y = torch.addmm(Y, plus.B, plus.A @ omega)
     if deflate is not None:
         Y = Y - deflate @ (deflate.T @ Y)
     norms = torch.linalg.vector_norm(Y, dim=0)
@@ -392,11 +429,14 @@ def close_cost(d_out: int, d_in: int, n: int, max_rank: int) -> float:
     return exact_cost(d_out, d_in, n)
 
 
-def dense_close_cost(d_out: int, d_in: int, max_rank: int) -> float:
-    """GEMM-equivalent flops :func:`truncated_svd_of_dense` (AUTO) expects."""
+def dense_close_cost(d_out: int, d_in: int, max_rank: int, plus: int = 0) -> float:
+    """GEMM-equivalent flops :func:`truncated_svd_of_dense` (AUTO) expects, with ``plus``
+    columns not yet added to the matrix."""
     if worth_randomizing_dense(d_out, d_in, max_rank):
-        return dense_randomized_cost(d_out, d_in, max_rank, 1)
-    return dense_svd_cost(d_out, d_in)
+        return dense_randomized_cost(d_out, d_in, max_rank, 1) + randomized_cost(
+            d_out, d_in, plus, max_rank, 1
+        )
+    return dense_svd_cost(d_out, d_in) + 2.0 * d_out * d_in * plus
 
 
 def truncated_svd_of_dense(
@@ -404,8 +444,9 @@ def truncated_svd_of_dense(
     max_rank: int,
     method: SvdMethod = SvdMethod.AUTO,
     rank_bound: int | None = None,
+    plus: FactorPair | None = None,
 ) -> LowRank:
-    """Top-``max_rank`` SVD of a matrix held densely: certified randomized where it pays (or
+    """Top-``max_rank`` SVD of W (+ ``plus``'s B A): certified randomized where it pays (or
     is asked for), else, and whenever the sketch is not certified, LAPACK's full SVD. With
     ``rank_bound`` (the N = Σ r_i it was summed from) no more components are kept than
     :func:`truncated_svd_of_sum` would keep."""
@@ -413,9 +454,11 @@ def truncated_svd_of_dense(
     if method is SvdMethod.RANDOMIZED or (
         method is SvdMethod.AUTO and worth_randomizing_dense(d_out, d_in, max_rank)
     ):
-        certified = randomized_svd_dense(W, max_rank, rank_bound=rank_bound)
+        certified = randomized_svd_dense(W, max_rank, rank_bound=rank_bound, plus=plus)
         if certified is not None:
             return canonical_signs(certified)
+    if plus is not None:
+        W = torch.addmm(W, plus.B, plus.A)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     keep = max_rank if rank_bound is None else min(max_rank, rank_bound)
     return canonical_signs(_truncate(U, S, Vh.T, keep))

@@ -35,9 +35,11 @@ from .weights import Weighting, client_weights
 # How closely the close's weights must factor as p_i · m_j (relative): they do exactly for
 # every spectral strategy; a strategy that did not would be refused here, never approximated.
 _FACTOR_TOLERANCE = 1e-9
-# Columns an interval collects before they are added to its sum in one product: each addition
-# reads and writes the whole d_out × d_in sum, which costs more than the product of a few
-# columns. What is pending at the close joins the combination in one product per module.
+# Columns an interval collects before :meth:`RoundSums.flush` adds them to its sum in one
+# product: each addition reads and writes the whole d_out × d_in sum, which costs more than
+# the product of a few columns. What is pending at the close stays factored: the close's
+# products take it beside the sums (lowrank._Dense), so a burst of uploads just before the
+# close is not first summed densely on its critical path.
 FLUSH_COLUMNS = 64
 
 
@@ -101,8 +103,10 @@ class RoundSums:
     def clients(self) -> set[str]:
         return set(self._summed)
 
-    def add(self, update: ClientUpdate) -> None:
-        """Sum one upload in; it is checked as the strategy checks a round's uploads."""
+    def add(self, update: ClientUpdate, flush: bool = True) -> None:
+        """Sum one upload in; it is checked as the strategy checks a round's uploads. Its
+        columns wait beside the sums until :meth:`flush` (``flush``: at once, if enough are
+        pending)."""
         config = self.strategy.config
         validate_update(update, self.strategy.schema, config.max_rank, config.allowed_ranks)
         if update.client_id in self._summed:
@@ -113,13 +117,45 @@ class RoundSums:
             self._cut(update.rank)
         entry = _Summed(update.rank, weight, update.scale, moved.factors)
         self._summed[update.client_id] = entry
-        for i, (lo, hi) in enumerate(self._intervals()):
+        for i, (_, hi) in enumerate(self._intervals()):
             if hi <= update.rank:
-                pending = self._pending[i]
-                pending.append(entry)
-                if len(pending) * (hi - lo) >= FLUSH_COLUMNS:
-                    self._accumulate(i, lo, hi, pending)
-                    pending.clear()
+                self._pending[i].append(entry)
+        if flush:
+            self.flush()
+
+    def flush(self, min_columns: int | None = None, limit: int | None = None) -> int:
+        """Add pending columns to their interval's sum where at least ``min_columns`` (default
+        :data:`FLUSH_COLUMNS`) are pending, the fullest interval first, at most ``limit``
+        intervals (None: all); returns how many were added."""
+        least = FLUSH_COLUMNS if min_columns is None else min_columns
+        ready = [
+            (len(p) * (hi - lo), i)
+            for i, (p, (lo, hi)) in enumerate(zip(self._pending, self._intervals(), strict=True))
+            if p and len(p) * (hi - lo) >= least
+        ]
+        ready.sort(reverse=True)
+        done = 0
+        for _, i in ready[:limit]:
+            lo, hi = self._intervals()[i]
+            self._accumulate(i, lo, hi, self._pending[i])
+            self._pending[i] = []
+            done += 1
+        return done
+
+    def flush_ready(self, min_columns: int | None = None) -> bool:
+        """Whether :meth:`flush` with ``min_columns`` would add anything."""
+        least = FLUSH_COLUMNS if min_columns is None else min_columns
+        return any(
+            p and len(p) * (hi - lo) >= least
+            for p, (lo, hi) in zip(self._pending, self._intervals(), strict=True)
+        )
+
+    @property
+    def pending_columns(self) -> int:
+        """Columns summed but not yet added to a sum (the close takes them factored)."""
+        return sum(
+            len(p) * (hi - lo) for p, (lo, hi) in zip(self._pending, self._intervals(), strict=True)
+        )
 
     def _intervals(self) -> list[tuple[int, int]]:
         return list(zip([0, *self.bounds[:-1]], self.bounds, strict=True))
@@ -174,7 +210,8 @@ class RoundSums:
         """Whether closing from the sums costs less than from the factors (both AUTO)."""
         max_rank, n = self.strategy.config.max_rank, self.width
         shapes = self.strategy.schema.modules.values()
-        from_sums = sum(dense_close_cost(s.d_out, s.d_in, max_rank) for s in shapes)
+        plus = self.pending_columns
+        from_sums = sum(dense_close_cost(s.d_out, s.d_in, max_rank, plus) for s in shapes)
         from_factors = sum(close_cost(s.d_out, s.d_in, n, max_rank) for s in shapes)
         return from_sums < from_factors
 
@@ -247,11 +284,12 @@ class RoundSums:
             for s in entries
             if c
         ]
-        if pending:
-            W.addmm_(*self._stacked(name, pending))
+        plus = FactorPair(*self._stacked(name, pending)) if pending else None
         # Any NaN or infinity makes the sum non-finite (as can an overflow of a finite one,
         # which only sends the close to the factors): e.g. examples × factors past fp32's range.
-        if not math.isfinite(float(W.sum())):
+        if not math.isfinite(float(W.sum())) or (
+            plus is not None and not math.isfinite(float(plus.B.sum() + plus.A.sum()))
+        ):
             raise SumsMismatchError("sums", f"module {name}'s sum is not finite in {W.dtype}")
         width = self.width
         if self.strategy.carry_over:
@@ -261,4 +299,9 @@ class RoundSums:
                 W.addmm_(B, carried.A.to(dtype=W.dtype, device=W.device))
                 width += int(B.shape[1])
         config = self.strategy.config
-        return truncated_svd_of_dense(W, config.max_rank, config.svd_method, rank_bound=width)
+        found = truncated_svd_of_dense(
+            W, config.max_rank, config.svd_method, rank_bound=width, plus=plus
+        )
+        if not math.isfinite(float(found.U.sum() + found.S.sum() + found.V.sum())):
+            raise SumsMismatchError("sums", f"module {name}'s close is not finite in {W.dtype}")
+        return found

@@ -164,7 +164,22 @@ class RoundPreload:
         factors = job(*args)
         if self.summer is not None:
             self.summer.add(record, factors)
+            self._flush()
         return factors
+
+    def _flush(self) -> None:
+        """Add pending columns to the round's sums, one interval per turn of the preload
+        thread: parses of newer uploads, and the close, never wait behind more than one."""
+        summer = self.summer
+        if summer is not None and summer.flush_some(not self._waiting()) and not self._released:
+            self.executor.submit(self._flush)
+
+    def _waiting(self) -> bool:
+        """Whether an upload of this round waits to be parsed."""
+        with self._lock:
+            return any(
+                not e.future.running() and not e.future.done() for e in self._entries.values()
+            )
 
     def summed(self, state: GlobalState, records: Sequence[UploadRecord]) -> RoundSums | None:
         """The round's sums if every one of ``records`` (taken already) was summed, else None."""

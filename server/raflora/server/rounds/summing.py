@@ -16,7 +16,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from raflora.server.engine import ClientUpdate, FactorPair, GlobalState, Strategy
-from raflora.server.engine.sums import RoundSums, can_sum
+from raflora.server.engine.sums import FLUSH_COLUMNS, RoundSums, can_sum
 
 from ..storage import UploadRecord
 from .preload import MemoryBudget, Reservation
@@ -36,13 +36,15 @@ class RoundSummer:
         self._reservations: list[Reservation] = []
         self.gave_up = ""  # why this round's close will not come from the sums
         self._taken = False  # a close holds the sums: nothing may change them any more
+        self._closing = False  # a close is claimed: columns pending stay so (it takes them)
 
     @staticmethod
     def enabled(strategy: Strategy, budget: MemoryBudget) -> bool:
         return budget.limit > 0 and can_sum(strategy)
 
     def add(self, record: UploadRecord, factors: Mapping[str, FactorPair]) -> None:
-        """Sum one acknowledged upload in (a worker thread); never raises."""
+        """Sum one acknowledged upload in (a worker thread); never raises. Its columns wait
+        beside the sums until :meth:`flush_some` adds them."""
         with self._lock:
             sums = self._sums
             if sums is None or record.round != self.round:
@@ -66,11 +68,33 @@ class RoundSummer:
                 record.client_id, record.rank, record.num_examples, record.scale, factors
             )
             try:
-                sums.add(update)
+                sums.add(update, flush=False)
             except Exception as exc:  # the one-shot close judges the upload itself
                 self._give_up(f"the upload of {record.client_id} was not summed: {exc}")
                 return
             self._digests[record.client_id] = record.sha256
+
+    def flush_some(self, idle: bool) -> bool:
+        """Add the fullest interval's pending columns to its sum (a worker thread), unless a
+        close is claimed; whether more could be added. One interval at a time, so that a parse
+        or a close waits for at most one product per module. While parses wait (not ``idle``)
+        only an interval with :data:`FLUSH_COLUMNS` pending is worth its pass over the sum."""
+        least = 1 if idle else FLUSH_COLUMNS
+        with self._lock:
+            sums = self._sums
+            if sums is None or self._taken or self._closing:
+                return False
+            try:
+                sums.flush(least, limit=1)
+            except Exception as exc:
+                self._give_up(f"its sums could not be added to: {exc}")
+                return False
+            return sums.flush_ready(least)
+
+    def closing(self, claimed: bool = True) -> None:
+        """The round's close is claimed (``False``: it failed and the round collects again)."""
+        with self._lock:
+            self._closing = claimed
 
     def take(self, state: GlobalState, records: Sequence[UploadRecord]) -> RoundSums | None:
         """At the close (after every upload's parse): the sums, if they hold exactly
