@@ -298,3 +298,8 @@ def test_svd_of_a_wide_fp32_matrix_by_its_gram_is_as_good_as_lapack() -> None:
     assert torch.allclose(U[:, top].double().T @ U[:, top].double(), eye, atol=1e-5)
     assert torch.allclose(V[:, top].double().T @ V[:, top].double(), eye, atol=1e-5)
     assert rel_err((U * S) @ V.T, M) < 1e-5
+    # Keeping directions as small as 1e-6·σ₁: the Gram's V would lose orthogonality there, so
+    # the QR route runs and every kept V_j is orthonormal.
+    _, _, V_all = lowrank._svd_of_wide(M, keep=k)
+    eye = torch.eye(k, dtype=torch.float64)
+    assert torch.allclose(V_all.double().T @ V_all.double(), eye, atol=1e-5)

@@ -288,3 +288,15 @@ def test_dense_randomized_path_matches_lapack_and_respects_the_rank_bound() -> N
     assert few.rank == 3
     state = GlobalState(0, {"m": few})
     assert rel_err(state.dense("m"), (U[:, :3] * sigma[:3]) @ V[:, :3].T) < 1e-10
+
+
+def test_uploads_in_another_dtype_are_counted_as_the_copies_they_need(
+    schema: AdapterSchema,
+) -> None:
+    updates = random_updates(schema, CLIENTS[:1], dtype=torch.float16)
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=R))
+    sums = RoundSums(strategy, strategy.initial_state())
+    elements = sum(f.B.numel() + f.A.numel() for f in updates[0].factors.values())
+    assert sums.copy_bytes(updates[0]) == 4 * elements  # an fp32 copy of every factor
+    native = random_updates(schema, CLIENTS[:1], dtype=torch.float32)
+    assert sums.copy_bytes(native[0]) == 0  # kept by reference

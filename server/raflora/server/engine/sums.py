@@ -91,6 +91,17 @@ class RoundSums:
         per_interval = sum(s.d_out * s.d_in for s in self.strategy.schema.modules.values())
         return intervals * per_interval * element
 
+    def copy_bytes(self, update: ClientUpdate) -> int:
+        """What keeping ``update`` costs beyond its own tensors: a copy of each factor that is
+        not in the compute dtype and device already (fp16 uploads, a GPU server)."""
+        element = torch.empty(0, dtype=self.strategy.dtype).element_size()
+        return sum(
+            t.numel() * element
+            for f in update.factors.values()
+            for t in (f.B, f.A)
+            if t.dtype != self.strategy.dtype or t.device != self.strategy.device
+        )
+
     @property
     def held_bytes(self) -> int:
         return self.bytes_with(self.bounds[0]) if self.bounds else 0
@@ -161,13 +172,14 @@ class RoundSums:
         return list(zip([0, *self.bounds[:-1]], self.bounds, strict=True))
 
     def _cut(self, rank: int) -> None:
-        """Make ``rank`` a bound: the interval it falls in is cut in two, both halves summed
-        again from the uploads that hold them (none if it lies past every bound)."""
+        """Make ``rank`` a bound: the interval it falls in is cut in two, and the columns of
+        the uploads that hold it wait again for both halves (none if it lies past every bound).
+        Nothing is recomputed here: :meth:`flush` adds them in its turns, or the close takes
+        them as they are, so a late new rank costs the close no densifying."""
         at = bisect.bisect_left(self.bounds, rank)
         self.bounds.insert(at, rank)
-        lo = self.bounds[at - 1] if at else 0
         hi = self.bounds[at + 1] if at + 1 < len(self.bounds) else rank
-        holders = [s for s in self._summed.values() if s.rank >= hi]
+        holders = [s for s in self._summed.values() if s.rank >= hi] if hi > rank else []
         for name, shape in self.strategy.schema.modules.items():
             zeros = torch.zeros(
                 shape.d_out, shape.d_in, dtype=self.strategy.dtype, device=self.strategy.device
@@ -179,13 +191,10 @@ class RoundSums:
             else:
                 sums.insert(at, zeros)
         if at < len(self._pending):
-            self._pending[at] = []  # summed again below, with every holder
-            self._pending.insert(at + 1, [])
+            self._pending[at] = list(holders)
+            self._pending.insert(at + 1, list(holders))
         else:
             self._pending.insert(at, [])
-        if holders and hi > rank:
-            self._accumulate(at, lo, rank, holders)
-            self._accumulate(at + 1, rank, hi, holders)
 
     def _accumulate(self, index: int, lo: int, hi: int, entries: Sequence[_Summed]) -> None:
         for name in self.strategy.schema:
@@ -261,7 +270,8 @@ class RoundSums:
                 boosts.append(0.0)
                 continue
             first = float(m[0])
-            if not torch.allclose(m, m.new_full(m.shape, first), rtol=_FACTOR_TOLERANCE):
+            same = m.new_full(m.shape, first)
+            if not torch.allclose(m, same, rtol=_FACTOR_TOLERANCE, atol=0.0):
                 raise SumsMismatchError(
                     "strategy", f"index weights of {self.strategy.name!r} are not p_i · m_j"
                 )

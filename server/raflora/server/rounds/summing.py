@@ -49,13 +49,16 @@ class RoundSummer:
             sums = self._sums
             if sums is None or record.round != self.round:
                 return
-            if self._taken:
-                self._give_up(f"{record.client_id}'s upload arrived after a close took the sums")
+            if self._taken:  # the close is using them: their memory stays until release()
+                self.gave_up = f"{record.client_id}'s upload arrived after a close took the sums"
                 return
             if record.client_id in self._digests:
                 self._give_up(f"{record.client_id} pushed a second upload")
                 return
-            more = sums.bytes_with(record.rank) - sums.held_bytes
+            update = ClientUpdate(
+                record.client_id, record.rank, record.num_examples, record.scale, factors
+            )
+            more = sums.bytes_with(record.rank) - sums.held_bytes + sums.copy_bytes(update)
             if more > 0:
                 reservation = self.budget.reserve(more)
                 if reservation is None:
@@ -64,9 +67,6 @@ class RoundSummer:
                     )
                     return
                 self._reservations.append(reservation)
-            update = ClientUpdate(
-                record.client_id, record.rank, record.num_examples, record.scale, factors
-            )
             try:
                 sums.add(update, flush=False)
             except Exception as exc:  # the one-shot close judges the upload itself
@@ -92,9 +92,10 @@ class RoundSummer:
             return sums.flush_ready(least)
 
     def closing(self, claimed: bool = True) -> None:
-        """The round's close is claimed (``False``: it failed and the round collects again)."""
-        with self._lock:
-            self._closing = claimed
+        """The round's close is claimed (``False``: it failed and the round collects again).
+        Called on the event loop, so it never waits for the lock: a flush under way finishes,
+        none starts after it."""
+        self._closing = claimed
 
     def take(self, state: GlobalState, records: Sequence[UploadRecord]) -> RoundSums | None:
         """At the close (after every upload's parse): the sums, if they hold exactly
@@ -108,7 +109,9 @@ class RoundSummer:
             return self._sums
 
     def release(self) -> None:
-        """The round is over: give the sums' memory back."""
+        """The round is over: give the sums' memory back (on the event loop: it waits at most
+        for one flush of one interval under way)."""
+        self._closing = True
         with self._lock:
             self._drop()
 
