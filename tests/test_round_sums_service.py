@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
 import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
@@ -21,11 +22,11 @@ from .helpers.adapters import engine_update
 from .helpers.federations import every_client_spec
 from .helpers.metrics import metric_value
 
-# Large enough, with 24 clients, that the dense close is the cheaper one (the engine's cost
+# Large enough, with 40 clients, that the dense close is the cheaper one (the engine's cost
 # models decide; the metric below says which path ran).
 MODULES = {"layers.0.q": (256, 256), "layers.0.v": (256, 192)}
 RANKS = [8, 2, 4, 8]  # in push order: the first rank seen is cut twice as smaller ones arrive
-CLIENTS = 24
+CLIENTS = 40
 MAX_RANK = 8
 Upload = tuple[str, int, int, dict[str, torch.Tensor]]  # client, rank, examples, tensors
 
@@ -143,10 +144,13 @@ def test_sums_past_their_budget_give_up_and_the_round_closes_one_shot(tmp_path: 
         assert rel_err(got[m], want[m]) < 1e-5
 
 
-def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back() -> None:
+def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """rounds/summing.py alone: a second upload of a client, an upload after a close took the
     sums, or one past the budget each end the round's sums (the close goes one-shot), and
     every byte they held is given back (by the round's end, if a close is using them)."""
+    from raflora.server.rounds import summing
     from raflora.server.rounds.preload import MemoryBudget
     from raflora.server.rounds.summing import RoundSummer
     from raflora.server.storage import UploadRecord
@@ -197,7 +201,14 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back() -> 
     while again.flush_some(idle=True):  # (gave up: nothing to add)
         pass
     idle = fed(budget, 4)
-    while idle.flush_some(idle=True):  # an idle preload thread adds everything, in turns
+    while idle.flush_some(idle=True):  # an idle preload thread adds, in turns, every interval
+        pass  # with a quarter of FLUSH_COLUMNS waiting: none of these few columns
+    taken = idle.take(state, records)
+    assert taken is not None and taken.pending_columns == taken.width
+    idle.release()
+    monkeypatch.setattr(summing, "FLUSH_COLUMNS", 4)  # a quarter: one column is worth it
+    idle = fed(budget, 4)
+    while idle.flush_some(idle=True):
         pass
     taken = idle.take(state, records)
     assert taken is not None and taken.pending_columns == 0
