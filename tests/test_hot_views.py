@@ -190,16 +190,29 @@ def test_a_framer_frames_what_was_fed_even_if_that_memory_changes_later() -> Non
     assert framer.close() == [encode_data([b"a" * 1024]), encode_data([b"a" * 476])]
 
 
+def joined_client(
+    stack: ExitStack,
+    target: str,
+    federation: str,
+    modules: dict[str, tuple[int, int]],
+    client_id: str,
+    rank: int,
+) -> RafloraClient:
+    """A one-client federation created on ``target`` and its client joined at ``rank``."""
+    stack.enter_context(AdminClient(target)).create_federation(
+        federation_spec(federation, modules, min_clients=1, max_rank=rank)
+    )
+    client = stack.enter_context(RafloraClient(target, federation, client_id))
+    client.join(rank=rank, num_examples=10)
+    return client
+
+
 def test_a_built_view_enters_memory_as_its_file_framed(tmp_path: Path) -> None:
     """The build frames the bytes it writes and hashes: the hot entry is the view file, cut at
     the server's chunk size, and the digest the pull checks is that of the file."""
     with threaded_server(tmp_path, chunk_size=1024) as server, ExitStack() as stack:
         hot = server.server.hub.hot_views
-        stack.enter_context(AdminClient(server.target)).create_federation(
-            federation_spec("b", MODULES, min_clients=1, max_rank=8)
-        )
-        client = stack.enter_context(RafloraClient(server.target, "b", "c"))
-        client.join(rank=8, num_examples=10)
+        client = joined_client(stack, server.target, "b", MODULES, "c", 8)
         pulled = client.pull()
         (held,) = hot.held()
         (path,) = (tmp_path / "federations/b/views/00000000").glob("rank-8-*.safetensors")
@@ -219,11 +232,7 @@ def test_a_slow_pull_of_an_evicted_view_keeps_it_counted_through_the_real_server
     big = {f"m{i}": (4096, 4096) for i in range(8)}  # a 16 MiB view at rank 64
     with threaded_server(tmp_path) as server, ExitStack() as stack:
         hot = server.server.hub.hot_views
-        stack.enter_context(AdminClient(server.target)).create_federation(
-            federation_spec("slow", big, min_clients=1, max_rank=64)
-        )
-        client = stack.enter_context(RafloraClient(server.target, "slow", "c"))
-        client.join(rank=64, num_examples=10)
+        client = joined_client(stack, server.target, "slow", big, "c", 64)
         client.pull()  # builds the view: hot
         held = hot.used
         assert hot.entries() == 1 and held > 16 * MiB
@@ -269,11 +278,7 @@ def test_stalled_pulls_do_not_keep_another_client_from_being_served(tmp_path: Pa
     big = {f"m{i}": (4096, 4096) for i in range(8)}
     with threaded_server(tmp_path, hot_view_memory_mib=128) as server, ExitStack() as stack:
         hot = server.server.hub.hot_views
-        stack.enter_context(AdminClient(server.target)).create_federation(
-            federation_spec("stall", big, min_clients=1, max_rank=64)
-        )
-        attacker = stack.enter_context(RafloraClient(server.target, "stall", "attacker"))
-        attacker.join(rank=64, num_examples=10)
+        attacker = joined_client(stack, server.target, "stall", big, "attacker", 64)
         attacker.pull()  # builds and keeps the rank-64 view
         channel = stack.enter_context(grpc.insecure_channel(server.target))
         stub = pb_grpc.AggregationServiceStub(channel)

@@ -9,7 +9,7 @@ the round, so
 
 over the intervals I that the round's distinct ranks cut [0, r_max) into. Those sums can be
 kept as uploads arrive, exactly, whatever else the round will hold: a new distinct rank only
-cuts one interval in two (both halves recomputed from the factors summed so far). The close
+cuts one interval in two (its holders' columns wait again for both halves). The close
 then combines a few dense matrices and takes their certified top-R SVD, at a cost that no
 longer grows with the number of clients (docs/design.md §2.11). Pure: no I/O, no threads.
 """
@@ -66,7 +66,7 @@ class _Summed:
     rank: int
     weight: float  # a_i
     scale: float
-    factors: Mapping[str, FactorPair]  # in the compute dtype, for cutting an interval
+    factors: Mapping[str, FactorPair]  # in the compute dtype, until its columns are added
 
 
 class RoundSums:
@@ -84,27 +84,33 @@ class RoundSums:
         self._summed: dict[str, _Summed] = {}
 
     # -- as uploads arrive ------------------------------------------------------------------
+    @property
+    def _element_bytes(self) -> int:
+        return torch.empty(0, dtype=self.strategy.dtype).element_size()
+
+    @property
+    def _interval_bytes(self) -> int:
+        """One d_out × d_in sum for every module."""
+        modules = self.strategy.schema.modules.values()
+        return sum(s.d_out * s.d_in for s in modules) * self._element_bytes
+
     def bytes_with(self, rank: int) -> int:
         """What the sums hold once an upload of ``rank`` is added."""
-        intervals = len(self.bounds) + (rank not in self.bounds)
-        element = torch.empty(0, dtype=self.strategy.dtype).element_size()
-        per_interval = sum(s.d_out * s.d_in for s in self.strategy.schema.modules.values())
-        return intervals * per_interval * element
+        return (len(self.bounds) + (rank not in self.bounds)) * self._interval_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self.bounds) * self._interval_bytes
 
     def copy_bytes(self, update: ClientUpdate) -> int:
         """What keeping ``update`` costs beyond its own tensors: a copy of each factor that is
         not in the compute dtype and device already (fp16 uploads, a GPU server)."""
-        element = torch.empty(0, dtype=self.strategy.dtype).element_size()
         return sum(
-            t.numel() * element
+            t.numel() * self._element_bytes
             for f in update.factors.values()
             for t in (f.B, f.A)
             if t.dtype != self.strategy.dtype or t.device != self.strategy.device
         )
-
-    @property
-    def held_bytes(self) -> int:
-        return self.bytes_with(self.bounds[0]) if self.bounds else 0
 
     @property
     def width(self) -> int:
@@ -138,35 +144,32 @@ class RoundSums:
         """Add pending columns to their interval's sum where at least ``min_columns`` (default
         :data:`FLUSH_COLUMNS`) are pending, the fullest interval first, at most ``limit``
         intervals (None: all); returns how many were added."""
-        least = FLUSH_COLUMNS if min_columns is None else min_columns
-        ready = [
-            (len(p) * (hi - lo), i)
-            for i, (p, (lo, hi)) in enumerate(zip(self._pending, self._intervals(), strict=True))
-            if p and len(p) * (hi - lo) >= least
-        ]
+        ready = self._ready(min_columns)
         ready.sort(reverse=True)
-        done = 0
-        for _, i in ready[:limit]:
-            lo, hi = self._intervals()[i]
+        for _, i, lo, hi in ready[:limit]:
             self._accumulate(i, lo, hi, self._pending[i])
             self._pending[i] = []
-            done += 1
-        return done
+        return len(ready[:limit])
 
     def flush_ready(self, min_columns: int | None = None) -> bool:
         """Whether :meth:`flush` with ``min_columns`` would add anything."""
-        least = FLUSH_COLUMNS if min_columns is None else min_columns
-        return any(
-            p and len(p) * (hi - lo) >= least
-            for p, (lo, hi) in zip(self._pending, self._intervals(), strict=True)
-        )
+        return bool(self._ready(min_columns))
 
     @property
     def pending_columns(self) -> int:
         """Columns summed but not yet added to a sum (the close takes them factored)."""
-        return sum(
-            len(p) * (hi - lo) for p, (lo, hi) in zip(self._pending, self._intervals(), strict=True)
-        )
+        return sum(columns for columns, *_ in self._ready(1))
+
+    def _ready(self, min_columns: int | None) -> list[tuple[int, int, int, int]]:
+        """(columns waiting, interval, lo, hi) for each interval with at least ``min_columns``
+        (default :data:`FLUSH_COLUMNS`) waiting."""
+        least = max(1, FLUSH_COLUMNS if min_columns is None else min_columns)
+        out = []
+        for i, (waiting, (lo, hi)) in enumerate(zip(self._pending, self._intervals(), strict=True)):
+            columns = len(waiting) * (hi - lo)
+            if columns >= least:
+                out.append((columns, i, lo, hi))
+        return out
 
     def _intervals(self) -> list[tuple[int, int]]:
         return list(zip([0, *self.bounds[:-1]], self.bounds, strict=True))

@@ -170,8 +170,8 @@ class RoundPreload:
     def _flush(self) -> None:
         """Add pending columns to the round's sums, one interval per turn of the preload
         thread: parses of newer uploads, and the close, never wait behind more than one."""
-        summer = self.summer
-        if summer is not None and summer.flush_some(not self._waiting()) and not self._released:
+        summer = self.summer  # (released: flush_some finds no sums and says no more)
+        if summer is not None and summer.flush_some(not self._waiting()):
             self.executor.submit(self._flush)
 
     def _waiting(self) -> bool:
@@ -180,6 +180,12 @@ class RoundPreload:
             return any(
                 not e.future.running() and not e.future.done() for e in self._entries.values()
             )
+
+    def close_claimed(self, claimed: bool = True) -> None:
+        """The round's close is claimed (``False``: it failed and the round collects again):
+        columns waiting in the sums stay so, for the close to take (rounds/summing.py)."""
+        if self.summer is not None:
+            self.summer.closing(claimed)
 
     def summed(self, state: GlobalState, records: Sequence[UploadRecord]) -> RoundSums | None:
         """The round's sums if every one of ``records`` (taken already) was summed, else None."""

@@ -733,8 +733,8 @@ class FederationRuntime:
     def _reopen_folder(self) -> None:
         if self.folder is not None:
             self.folder.close_claimed(False)
-        if self.preload is not None and self.preload.summer is not None:
-            self.preload.summer.closing(False)
+        if self.preload is not None:
+            self.preload.close_claimed(False)
 
     def _prepare_close(self, record: UploadRecord, kept: Kept | None = None) -> None:
         """Fold ``record`` (if the round folds), else have it in memory for the close: from the
@@ -834,8 +834,8 @@ class FederationRuntime:
         self.phase = Phase.AGGREGATING
         if self.folder is not None:
             self.folder.close_claimed()
-        if self.preload is not None and self.preload.summer is not None:
-            self.preload.summer.closing()  # what is still pending, the close takes as it is
+        if self.preload is not None:
+            self.preload.close_claimed()
         # m̄: the quota, fixed before any upload (two pushes may both land before the close:
         # then the count, also public; each term stays bounded by C/m̄ either way).
         denominator = max(self._quota(), len(self.uploads))
