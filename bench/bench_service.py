@@ -95,6 +95,17 @@ def contended(busy: float) -> str:
     return ""
 
 
+def round_contended(summary: dict[str, float]) -> str:
+    """A round verdict's suffix when other work shared the machine during its phase."""
+    other, steal = summary["other_cores_busy"], summary["steal_share"]
+    if LOAD_BEFORE[0] > 1.0 or other > OTHER_CORES_LIMIT or steal > STEAL_LIMIT:
+        return (
+            f" (load {LOAD_BEFORE[0]:.1f}, other processes {other:.2f} cores, stolen "
+            f"{steal:.0%}: contended, rerun quiet)"
+        )
+    return ""
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -304,6 +315,22 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat: what every
+    process used, and what the hypervisor gave to others."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+# Other processes busier than this, or a hypervisor stealing more than this share of the
+# machine, during a round phase: its figures are contended (the clients idle between
+# staggered pushes, so this bench's own cores busy says nothing by itself there).
+OTHER_CORES_LIMIT = 0.25
+STEAL_LIMIT = 0.05
 
 
 # -- payloads ----------------------------------------------------------------------------------
@@ -698,6 +725,8 @@ def bench_round(
 
         run_threads(n_clients, join_and_pull)
         watcher = Watcher(server.target, federation)
+        wall0, ours0 = time.perf_counter(), cpu_seconds(server.pid) + time.process_time()
+        busy0, stolen0 = machine_cpu_seconds()
         try:
             for k in range(rounds):
                 run = one_round(clients, adapters, watcher, k, stagger_s)
@@ -713,6 +742,9 @@ def bench_round(
             watcher.close()
             for c in clients:
                 c.close()
+        wall = time.perf_counter() - wall0
+        ours = cpu_seconds(server.pid) + time.process_time() - ours0
+        busy, stolen = (b - a for a, b in zip((busy0, stolen0), machine_cpu_seconds(), strict=True))
         peak, anon = sampler.peak_mib(), sampler.peak_anon_mib()
         folded = scrape_sum(server.process.metrics_url, "raflora_rounds_folded_total")
         summed = scrape_sum(server.process.metrics_url, "raflora_rounds_summed_total")
@@ -734,6 +766,9 @@ def bench_round(
         "round_wall_s": median([r.summary["round_wall_s"] for r in runs]),
         "publish_to_all_pulled_s": median([r.summary["publish_to_all_pulled_s"] for r in runs]),
         "server_peak_rss_mib": peak,
+        "cores_busy": ours / wall,  # the server and this bench's clients
+        "other_cores_busy": max(0.0, busy - ours) / wall,  # every other process
+        "steal_share": stolen / (wall * (os.cpu_count() or 1)),
     }
     return result
 
@@ -912,7 +947,9 @@ def report(sizes: list[SizeResult], round_results: list[RoundResult]) -> list[st
         out.append(
             f"Server peak RSS during the round phase: {rr.server_peak_rss_mib:.0f} MiB "
             f"(anonymous {rr.server_peak_anon_mib:.0f} MiB; idle {rr.server_idle_rss_mib:.0f} MiB)."
-            f" Upload sizes: {payloads}."
+            f" Upload sizes: {payloads}. Cores busy {rr.summary['cores_busy']:.2f} (server and "
+            f"clients), other processes {rr.summary['other_cores_busy']:.2f}, stolen "
+            f"{rr.summary['steal_share']:.0%}."
         )
         out.append("")
     return out
@@ -956,7 +993,7 @@ def verdicts(sizes: list[SizeResult], round_results: list[RoundResult]) -> list[
             f"{'PASS' if ok else 'MISS'}: round turnaround ({rr.label}; "
             f"last ack -> published), worst round {worst * 1e3:.0f} ms (median "
             f"{rr.summary['turnaround_s'] * 1e3:.0f} ms{versus}) vs goal <= "
-            f"{GOAL_TURNAROUND_S * 1e3:.0f} ms"
+            f"{GOAL_TURNAROUND_S * 1e3:.0f} ms" + round_contended(rr.summary)
         )
     return out
 
