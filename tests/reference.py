@@ -34,6 +34,11 @@ def flexlora(clients: Sequence[Client], m: str, R: int, uniform: bool = False) -
 
 def raflora(clients: Sequence[Client], m: str, R: int, uniform: bool = False) -> Array:
     """Partition form: ΔW' = Σ_k Σ_{i∈S_k} (p_i / Σ_{S_k} p) s_i B_i[:, P_k] A_i[P_k, :]."""
+    return truncate(raflora_sum(clients, m, uniform), R)
+
+
+def raflora_sum(clients: Sequence[Client], m: str, uniform: bool = False) -> Array:
+    """:func:`raflora`'s ΔW' before its truncation to rank R."""
     p = weights(clients, uniform)
     rhos = sorted({c["rank"] for c in clients})
     d_out, d_in = clients[0][m][0].shape[0], clients[0][m][1].shape[1]
@@ -46,7 +51,7 @@ def raflora(clients: Sequence[Client], m: str, R: int, uniform: bool = False) ->
             B, A = clients[i][m]
             D += (p[i] / total) * clients[i]["s"] * B[:, prev:rho] @ A[prev:rho, :]
         prev = rho
-    return truncate(D, R)
+    return D
 
 
 def _padded(c: Client, m: str, R: int) -> tuple[Array, Array]:

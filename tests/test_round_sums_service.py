@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
-from raflora.server.engine import AdapterSchema, StrategyConfig, make_strategy
+from raflora.server.engine import AdapterSchema, StrategyConfig, lowrank, make_strategy
 from raflora.server.storage import FileFederationStore
 from raflora.server.testing import threaded_server
 
@@ -135,7 +135,7 @@ def test_a_client_claiming_the_weight_of_all_is_capped_on_the_one_shot_path(
 
 
 def test_sums_past_their_budget_give_up_and_the_round_closes_one_shot(tmp_path: Path) -> None:
-    """Three distinct ranks need three 448 KiB-per-module-pair sums: 1 MiB holds two."""
+    """Three distinct ranks need three 568 KiB sums (sketches included): 1 MiB holds one."""
     clients = uploads()
     summed, rounds, held = run_round(tmp_path, "small", clients, round_sums_memory_mib=1)
     assert (summed, rounds, held) == (0.0, 1.0, 0)
@@ -158,7 +158,9 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
     schema = AdapterSchema.from_shapes(MODULES)
     strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK))
     state = strategy.initial_state()
-    per_interval = sum(o * i for o, i in MODULES.values()) * 4
+    width = MAX_RANK + lowrank.OVERSAMPLE + lowrank.PROBES  # each interval's sketch
+    per_interval = sum(o * (i + width) for o, i in MODULES.values()) * 4
+    basis = sum({i for _, i in MODULES.values()}) * width * 4  # [Ω G], once
     engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in uploads()[:4]]
     records = [
         UploadRecord(u.client_id, 0, u.rank, u.num_examples, 16.0, u.scale, f"sha-{i}", 1)
@@ -173,13 +175,13 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
 
     budget = MemoryBudget(16 << 20, 16 << 20)
     summer = fed(budget, 4)  # ranks 8, 2, 4, 8: three intervals
-    assert budget.used == summer.held_bytes == 3 * per_interval
+    assert budget.used == summer.held_bytes == 3 * per_interval + basis
     assert summer.take(state, records[:3]) is None  # not the round's uploads
     assert summer.take(strategy.initial_state(), records) is None  # another state
     assert summer.take(state, records) is not None
     summer.add(UploadRecord("late", 0, 2, 5, 16.0, 1.0, "x", 1), engine[1].factors)
     assert "after a close" in summer.gave_up  # the close in flight keeps its memory ...
-    assert budget.used == 3 * per_interval
+    assert budget.used == 3 * per_interval + basis
     summer.release()  # ... until the round is over
     assert budget.used == 0
 
@@ -200,11 +202,17 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
     claimed.release()
     while again.flush_some(idle=True):  # (gave up: nothing to add)
         pass
+    busy = fed(budget, 4)
+    assert busy.flush_some(idle=False) is False  # pushes streaming in: nothing is computed
+    taken = busy.take(state, records)
+    assert taken is not None and taken.unsketched_columns == taken.width
+    busy.release()
     idle = fed(budget, 4)
     while idle.flush_some(idle=True):  # an idle preload thread adds, in turns, every interval
         pass  # with a quarter of FLUSH_COLUMNS waiting: none of these few columns
     taken = idle.take(state, records)
     assert taken is not None and taken.pending_columns == taken.width
+    assert taken.unsketched_columns == 0  # sketching is cheap: every column was sketched
     idle.release()
     monkeypatch.setattr(summing, "FLUSH_COLUMNS", 4)  # a quarter: one column is worth it
     idle = fed(budget, 4)
@@ -215,10 +223,10 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
     idle.release()
     assert budget.used == 0
 
-    small = MemoryBudget(2 * per_interval, 2 * per_interval)
+    small = MemoryBudget(2 * per_interval + basis, 2 * per_interval + basis)
     tight = fed(small, 3)  # the third distinct rank needs a third interval
     assert "memory budget" in tight.gave_up and small.used == 0
     kept = fed(small, 2)
-    assert small.used == 2 * per_interval
+    assert small.used == 2 * per_interval + basis
     kept.release()
     assert small.used == 0 and kept.take(state, records[:2]) is None

@@ -4,11 +4,12 @@ the independent NumPy reference give, in any arrival order, and refuses what it 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from raflora.server.engine import (
     AdapterSchema,
@@ -16,6 +17,7 @@ from raflora.server.engine import (
     FactorPair,
     GlobalState,
     InvalidUpdateError,
+    LowRank,
     NonFiniteError,
     Strategy,
     StrategyConfig,
@@ -128,25 +130,31 @@ def distinct_round(d: int, clients: int, ranks: Sequence[int]) -> list[ClientUpd
 def test_fp32_summed_close_is_certified_and_agrees_with_the_one_shot_close(
     monkeypatch: pytest.MonkeyPatch, flush: int
 ) -> None:
-    """In the service's dtype, where the dense sketch (not LAPACK's SVD) runs, on the sums
-    alone or on the sums beside the columns not yet added to them: both closes agree to fp32
-    tolerance, and the sums are the cheaper close unless every column is still pending."""
+    """In the service's dtype, where the sketch (not LAPACK's SVD) runs, on the sums beside
+    the columns not yet added to them, or on the factors alone when every column is still
+    pending: it starts from the sketches the sums hold, is certified, and agrees with the
+    one-shot close and with float64 truth to fp32 tolerance."""
     monkeypatch.setattr(sums_module, "FLUSH_COLUMNS", flush)
     updates = distinct_round(256, 24, [4, 8, 16])
     strategy, state, sums = summed("raflora", updates, max_rank=16)
     assert sums.width == 8 * 28
-    assert sums.pays() == (sums.pending_columns < sums.width)
+    assert sums.pays()
     assert (sums.pending_columns == sums.width) == (flush > sums.width)
-    certified: list[bool] = []
+    certified: list[tuple[str, bool, bool]] = []
 
-    def spy(*args: object, **kwargs: object) -> object:
-        found = randomized_svd_dense(*args, **kwargs)  # type: ignore[arg-type]
-        certified.append(found is not None)
-        return found
+    def spying(path: str, run: Callable[..., LowRank | None]) -> Callable[..., LowRank | None]:
+        def spy(*args: object, **kwargs: object) -> LowRank | None:
+            found = run(*args, **kwargs)
+            certified.append((path, kwargs.get("given") is not None, found is not None))
+            return found
 
-    monkeypatch.setattr(lowrank, "randomized_svd_dense", spy)
-    got, want = sums.aggregate(state, updates), strategy.aggregate(state, updates)
-    assert certified == [True]
+        return spy
+
+    monkeypatch.setattr(lowrank, "randomized_svd_dense", spying("dense", randomized_svd_dense))
+    monkeypatch.setattr(lowrank, "randomized_svd", spying("factors", lowrank.randomized_svd))
+    got = sums.aggregate(state, updates)
+    assert certified == [("dense" if flush <= sums.width else "factors", True, True)]
+    want = strategy.aggregate(state, updates)
     assert rel_err(got.dense("m"), want.dense("m")) < 1e-5
     exact = make_strategy(
         "raflora",
@@ -232,15 +240,22 @@ def test_an_invalid_upload_is_refused_and_leaves_the_sums_as_they_were(
         assert rel_err(got.dense(m), want.dense(m)) < 1e-10
 
 
-def test_memory_is_one_dense_matrix_per_module_and_interval(schema: AdapterSchema) -> None:
+def test_memory_is_one_dense_matrix_and_sketch_per_module_and_interval(
+    schema: AdapterSchema,
+) -> None:
+    """Per interval, each module's d_out × d_in sum and its d_out × (k + probes) sketch; once,
+    the sketch's [Ω G] for each input width."""
     updates = random_updates(schema, CLIENTS)
     strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=R))
     sums = RoundSums(strategy, strategy.initial_state())
-    per_interval = sum(s.d_out * s.d_in for s in schema.modules.values()) * 4
-    assert sums.held_bytes == 0 and sums.bytes_with(4) == per_interval
+    width = R + lowrank.OVERSAMPLE + lowrank.PROBES
+    modules = schema.modules.values()
+    per_interval = sum(s.d_out * (s.d_in + width) for s in modules) * 4
+    basis = sum({s.d_in for s in modules}) * width * 4
+    assert sums.held_bytes == 0 and sums.bytes_with(4) == per_interval + basis
     for u in updates:
         sums.add(u)
-    assert sums.held_bytes == len({u.rank for u in updates}) * per_interval
+    assert sums.held_bytes == len({u.rank for u in updates}) * per_interval + basis
     assert sums.bytes_with(8) == sums.held_bytes and sums.bytes_with(3) > sums.held_bytes
 
 
@@ -260,6 +275,87 @@ def test_only_rounds_that_are_weighted_sums_can_be_summed(schema: AdapterSchema)
     assert not can_sum(private)
     with pytest.raises(SumsMismatchError):
         RoundSums(private, private.initial_state())
+
+
+@pytest.mark.parametrize("path", ["sums", "factors"])  # which close the cost model picks
+@pytest.mark.parametrize("sketched", ["every", "first half", "none"])  # before the close
+@pytest.mark.parametrize("flush", [1, 10**9])  # every upload added at once / all at the close
+@pytest.mark.parametrize("order", list(itertools.permutations(range(len(CLIENTS))))[::29])
+def test_the_close_starts_from_the_rounds_sum_times_omega_and_the_probes(
+    schema: AdapterSchema,
+    order: tuple[int, ...],
+    flush: int,
+    sketched: str,
+    path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sketches are kept as uploads arrive, through every cut of an interval, and what
+    was not sketched yet is at the close: what the close hands the randomized path is ΔW Ω
+    and ΔW G, with ΔW computed independently, whichever close it takes; and that close is
+    the partition form computed independently."""
+    monkeypatch.setattr(sums_module, "FLUSH_COLUMNS", flush)
+    costs = (0.0, 1.0) if path == "sums" else (1.0, 0.0)  # (from the sums, from the factors)
+    monkeypatch.setattr(RoundSums, "_close_costs", lambda self, d_out, d_in: costs)
+    drawn: dict[int, Tensor] = {}
+
+    def known_probes(d_in: int, dtype: torch.dtype, device: object) -> Tensor:
+        gen = torch.Generator().manual_seed(d_in)
+        drawn[d_in] = torch.randn(d_in, lowrank.PROBES, generator=gen, dtype=dtype)
+        return drawn[d_in]
+
+    handed: list[lowrank.Sketched] = []
+
+    def recorded(*args: object) -> lowrank.Sketched:
+        handed.append(lowrank.Sketched(*args))  # type: ignore[arg-type]
+        return handed[-1]
+
+    monkeypatch.setattr(sums_module, "secret_probes", known_probes)
+    monkeypatch.setattr(sums_module, "Sketched", recorded)
+    updates = random_updates(schema, CLIENTS)
+    cfg = StrategyConfig(schema=schema, max_rank=R, compute_dtype=torch.float64)
+    strategy = make_strategy("raflora", cfg)
+    state = strategy.initial_state()
+    sums = RoundSums(strategy, state)
+    for n, i in enumerate(order):
+        sums.add(updates[i], flush=False)
+        if sketched == "every" or (sketched == "first half" and n < len(order) // 2):
+            sums.sketch()
+        sums.flush()
+    assert (sums.unsketched_columns == 0) == (sketched == "every")
+    got = sums.aggregate(state, updates)
+    assert len(handed) == len(schema.modules)
+    for (name, shape), given in zip(schema.modules.items(), handed, strict=True):
+        D = reference.raflora_sum(as_reference(updates), name)
+        omega = lowrank.sketch_start(shape.d_in, R + lowrank.OVERSAMPLE, torch.float64, "cpu")
+        scale = np.linalg.norm(D)
+        assert np.abs(given.start.numpy() - D @ omega.numpy()).max() < 1e-12 * scale
+        assert np.abs(given.probes.numpy() - D @ drawn[shape.d_in].numpy()).max() < 1e-12 * scale
+        assert 0 < given.rounding < 1e-10 * scale
+        assert rel_err(got.dense(name), reference.truncate(D, R)) < 1e-10
+
+
+def test_sketches_from_a_round_hide_nothing_from_probes_drawn_before_it() -> None:
+    """The planted round again, its products accumulated before the close: with probes the
+    uploads could not know, the hidden top direction is caught; probes built from the public
+    Ω would have let the sketch "certify" a wrong σ₁."""
+    k = 4 + lowrank.OVERSAMPLE
+    t = planted_round(pieces=k, hidden_from=k)
+    W = sum((p.B @ p.A for p in t), torch.zeros(96, 96, dtype=torch.float64))
+    omega = lowrank.sketch_start(96, k, torch.float64, "cpu")
+    secret = lowrank.secret_probes(96, torch.float64, "cpu")
+    assert (
+        randomized_svd_dense(W, 4, widen=False, given=lowrank.Sketched(W @ omega, W @ secret, 0.0))
+        is None
+    )
+    public = omega[:, : lowrank.PROBES] if k >= lowrank.PROBES else omega
+    fooled = randomized_svd_dense(
+        W, 4, widen=False, given=lowrank.Sketched(W @ omega, W @ public, 0.0)
+    )
+    assert fooled is not None and float(fooled.S[0]) < 1.05
+    found = lowrank.truncated_svd_of_sum(
+        t, 4, SvdMethod.RANDOMIZED, given=lowrank.Sketched(W @ omega, W @ secret, 0.0)
+    )
+    assert float(found.S[0]) == pytest.approx(1.1)
 
 
 def test_a_top_direction_the_dense_sketch_cannot_see_is_caught() -> None:

@@ -33,6 +33,7 @@ from ..rounds import (
     WatcherLaggedError,
     direct,
 )
+from ..rounds.preload import STREAMING
 from ..rounds.terms import check_sha256
 from ..rounds.tickets import PushTicket, retrieve
 from ..rounds.views import ViewReader
@@ -323,7 +324,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                 h.client_id, h.round, h.rank, h.num_examples, h.lora_alpha, h.total_bytes, h.sha256
             )
             try:
-                trailer = await self._receive(stream, clock, ticket, bool(h.sha256))
+                with STREAMING.push():
+                    trailer = await self._receive(stream, clock, ticket, bool(h.sha256))
             except Exception:
                 await runtime.refuse_push(ticket)
                 raise

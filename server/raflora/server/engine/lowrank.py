@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -41,6 +42,29 @@ class SvdMethod(str, Enum):
 OVERSAMPLE = 16
 POWER_ITERATIONS = 2
 CERTIFY_TOLERANCE = 1e-5
+# The first sketch's Ω is public and fixed (the result is deterministic); the certificate's
+# probes are not (residual_norm_bound).
+SKETCH_SEED = 0x5EED
+
+
+def sketch_start(d_in: int, k: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """The Ω of the randomized path's first sketch of width ``k``: a caller that holds ΔW Ω
+    already (a round's sums, engine/sums.py) hands it in as :class:`Sketched`."""
+    gen = torch.Generator(device="cpu").manual_seed(SKETCH_SEED)
+    return torch.randn(d_in, k, generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Sketched:
+    """Products with ΔW a caller accumulated as its terms arrived (they are linear in ΔW):
+    ``start`` = ΔW · :func:`sketch_start` (d_out × k) and ``probes`` = ΔW G for G standard
+    Gaussian, drawn from the OS's CSPRNG before any term was known and never revealed, so that
+    no term can be built orthogonal to it. ``rounding``: what fp rounding in accumulating
+    ``probes`` can hide of ‖(I − QQᵀ)ΔW‖ (added to the operator's own allowance)."""
+
+    start: Tensor
+    probes: Tensor
+    rounding: float
 
 
 def canonical_signs(result: LowRank) -> LowRank:
@@ -211,6 +235,7 @@ def randomized_svd(
     power_iterations: int = POWER_ITERATIONS,
     tolerance: float = CERTIFY_TOLERANCE,
     widen: bool = True,
+    given: Sketched | None = None,
 ) -> LowRank | None:
     """Top-``max_rank`` SVD by a randomized range finder on the factored operator, certified.
 
@@ -224,11 +249,14 @@ def randomized_svd(
     a clear gap at R stops early. If none certifies, one sketch of twice the width is tried
     (``widen``) after 1 and 2 iterations: a round whose gap at R is small but whose rank is
     not much above k (few distinct directions, a flat top) is certified there, at a fraction
-    of an exact SVD. The random starts are seeded, so the result is deterministic.
+    of an exact SVD. The random starts are seeded, so the result is deterministic. ``given``:
+    the first sketch's product and the probes, accumulated already (they are not recomputed).
     """
     B = torch.cat([t.B for t in terms], dim=1)
     A = torch.cat([t.A for t in terms], dim=0)
-    return _randomized(_Factored(B, A), max_rank, oversample, power_iterations, tolerance, widen)
+    return _randomized(
+        _Factored(B, A), max_rank, oversample, power_iterations, tolerance, widen, given
+    )
 
 
 def randomized_svd_dense(
@@ -241,11 +269,12 @@ def randomized_svd_dense(
     power_iterations: int = POWER_ITERATIONS,
     tolerance: float = CERTIFY_TOLERANCE,
     widen: bool = True,
+    given: Sketched | None = None,
 ) -> LowRank | None:
     """:func:`randomized_svd` of a matrix held densely, plus ``plus``'s B A if given (of rank
     at most ``rank_bound``, if known): the same sketch and certificate."""
     return _randomized(
-        _Dense(W, rank_bound, plus), max_rank, oversample, power_iterations, tolerance, widen
+        _Dense(W, rank_bound, plus), max_rank, oversample, power_iterations, tolerance, widen, given
     )
 
 
@@ -256,14 +285,20 @@ def _randomized(
     power_iterations: int,
     tolerance: float,
     widen: bool,
+    given: Sketched | None = None,
 ) -> LowRank | None:
-    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    gen = torch.Generator(device="cpu").manual_seed(SKETCH_SEED)
     limit = min(op.width, op.d_out, op.d_in)
     k = min(max_rank + oversample, limit)
-    found = _sketch(op, k, power_iterations, gen, max_rank, tolerance)
+    start = given.start if given is not None and int(given.start.shape[1]) == k else None
+    omega = None if start is not None else torch.randn(op.d_in, k, generator=gen)
+    found = _sketch(op, k, power_iterations, max_rank, tolerance, omega, start, given)
     wide = min(2 * k, limit)
     if found is None and widen and wide > k:
-        found = _sketch(op, wide, min(2, power_iterations), gen, max_rank, tolerance)
+        if omega is None:  # the wide Ω is the generator's next draw, as when none was given
+            torch.randn(op.d_in, k, generator=gen)
+        omega = torch.randn(op.d_in, wide, generator=gen)
+        found = _sketch(op, wide, min(2, power_iterations), max_rank, tolerance, omega, None, given)
     return found
 
 
@@ -271,28 +306,36 @@ def _sketch(
     op: _Operator,
     k: int,
     power_iterations: int,
-    gen: torch.Generator,
     max_rank: int,
     tolerance: float,
+    omega: Tensor | None,
+    start: Tensor | None,
+    given: Sketched | None,
 ) -> LowRank | None:
-    """A range finder of width ``k``, certified after 1, 2 and ``power_iterations`` power
-    iterations."""
+    """A range finder of width ``k`` from ΔW Ω (``start``, or computed from ``omega``),
+    certified after 1, 2 and ``power_iterations`` power iterations."""
     checkpoints = {min(1, power_iterations), min(2, power_iterations), power_iterations}
-    omega = torch.randn(op.d_in, k, generator=gen, dtype=torch.float32)
-    Q, _ = torch.linalg.qr(op.times(omega.to(dtype=op.dtype, device=op.device)))
+    if start is None:
+        assert omega is not None
+        start = op.times(omega.to(dtype=op.dtype, device=op.device))
+    Q, _ = torch.linalg.qr(start)
     for done in range(power_iterations + 1):
         if done:
             Z, _ = torch.linalg.qr(op.t_times(Q))
             Q, _ = torch.linalg.qr(op.times(Z))
         if done in checkpoints:
-            certified = _certified(op, Q, max_rank, tolerance)
+            certified = _certified(op, Q, max_rank, tolerance, given)
             if certified is not None:
                 return certified
     return None
 
 
-def _certified(op: _Operator, Q: Tensor, max_rank: int, tolerance: float) -> LowRank | None:
-    """The SVD of ΔW restricted to range(Q), if it is certified to be ΔW's top ``max_rank``."""
+def _certified(
+    op: _Operator, Q: Tensor, max_rank: int, tolerance: float, given: Sketched | None = None
+) -> LowRank | None:
+    """The SVD of ΔW restricted to range(Q), if it is certified to be ΔW's top ``max_rank``.
+    With ``given``, what the sketch missed is bounded from its probes (Q never depended on
+    them, so one set serves every try: the failure probabilities add up, as with fresh ones)."""
     QtW = op.project(Q)
     r = min(max_rank, op.width, *QtW.shape)
     Uc, S_all, Vc = _svd_of_wide(QtW, keep=r)
@@ -308,11 +351,14 @@ def _certified(op: _Operator, Q: Tensor, max_rank: int, tolerance: float) -> Low
     # not kept is at most ‖PΔW(I − VVᵀ)‖ + ‖(I − P)ΔW‖ = σ̃_{r+1} + ‖(I − P)ΔW‖ (P = QQᵀ), and
     # the last term is bounded from fresh secret probes, which see whatever the sketch missed
     # (a top direction orthogonal to the fixed Ω included): docs/design.md §2.4.
-    missed = op.missed(Q, QtW)
+    if given is None:
+        missed, rounding = op.missed(Q, QtW), op.rounding()
+    else:
+        missed, rounding = deflated_probe_bound(given.probes, Q), op.rounding() + given.rounding
     below = float(S_all[r]) if int(S_all.shape[0]) > r else 0.0
     # Each kept σ̃_j is known to within its triplet residual; rounding in the compute dtype
     # counts against the gap as well.
-    if not below + missed + op.rounding() + worst < float(S[r - 1]):  # NaN included
+    if not below + missed + rounding + worst < float(S[r - 1]):  # NaN included
         return None
     return LowRank(U.contiguous(), S.contiguous(), V.contiguous())
 
@@ -387,10 +433,29 @@ def residual_norm_bound(
     return PROBE_FACTOR * float(norms.max())
 
 
-def randomized_cost(d_out: int, d_in: int, n: int, max_rank: int, iterations: int) -> float:
+def deflated_probe_bound(probes: Tensor, Q: Tensor) -> float:
+    """:func:`residual_norm_bound` of (I − QQᵀ)ΔW from probes ΔW G already taken."""
+    Y = probes - Q @ (Q.T @ probes)
+    return PROBE_FACTOR * float(torch.linalg.vector_norm(Y, dim=0).max())
+
+
+def secret_probes(d_in: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """The G of :class:`Sketched`: :data:`PROBES` columns from a CSPRNG seed."""
+    gen = torch.Generator(device="cpu").manual_seed(secrets.randbits(63))
+    return torch.randn(d_in, PROBES, generator=gen, dtype=torch.float32).to(
+        dtype=dtype, device=device
+    )
+
+
+def randomized_cost(
+    d_out: int, d_in: int, n: int, max_rank: int, iterations: int, sketched: bool = False
+) -> float:
     """GEMM-equivalent flops of the sketch up to ``iterations`` power iterations and one
-    certificate (its residual products and the probes)."""
+    certificate (its residual products and the probes); ``sketched``: the first product and
+    the probes are :class:`Sketched` already."""
     k = max_rank + OVERSAMPLE
+    if sketched:
+        return 2.0 * (d_out + d_in) * n * (2 * iterations + 2) * k
     return 2.0 * (d_out + d_in) * n * ((2 * iterations + 3) * k + 2 * PROBES)
 
 
@@ -408,10 +473,14 @@ def exact_cost(d_out: int, d_in: int, n: int) -> float:
     return min(factored_cost(d_out, d_in, n), dense_cost(d_out, d_in, n))
 
 
-def dense_randomized_cost(d_out: int, d_in: int, max_rank: int, iterations: int) -> float:
+def dense_randomized_cost(
+    d_out: int, d_in: int, max_rank: int, iterations: int, sketched: bool = False
+) -> float:
     """:func:`randomized_cost` for a matrix held densely (its products cost d_out·d_in per
     column)."""
     k = max_rank + OVERSAMPLE
+    if sketched:
+        return 2.0 * d_out * d_in * (2 * iterations + 2) * k
     return 2.0 * d_out * d_in * ((2 * iterations + 3) * k + PROBES)
 
 
@@ -434,12 +503,21 @@ def close_cost(d_out: int, d_in: int, n: int, max_rank: int) -> float:
     return exact_cost(d_out, d_in, n)
 
 
-def dense_close_cost(d_out: int, d_in: int, max_rank: int, plus: int = 0) -> float:
+def sketched_close_cost(d_out: int, d_in: int, n: int, max_rank: int) -> float:
+    """:func:`close_cost` when the terms' :class:`Sketched` products are held already."""
+    if worth_randomizing(d_out, d_in, n, max_rank):
+        return randomized_cost(d_out, d_in, n, max_rank, 1, sketched=True)
+    return exact_cost(d_out, d_in, n)
+
+
+def dense_close_cost(
+    d_out: int, d_in: int, max_rank: int, plus: int = 0, sketched: bool = False
+) -> float:
     """GEMM-equivalent flops :func:`truncated_svd_of_dense` (AUTO) expects, with ``plus``
-    columns not yet added to the matrix."""
+    columns not yet added to the matrix (and its :class:`Sketched` products, if held)."""
     if worth_randomizing_dense(d_out, d_in, max_rank):
-        return dense_randomized_cost(d_out, d_in, max_rank, 1) + randomized_cost(
-            d_out, d_in, plus, max_rank, 1
+        return dense_randomized_cost(d_out, d_in, max_rank, 1, sketched) + randomized_cost(
+            d_out, d_in, plus, max_rank, 1, sketched
         )
     return dense_svd_cost(d_out, d_in) + 2.0 * d_out * d_in * plus
 
@@ -450,6 +528,7 @@ def truncated_svd_of_dense(
     method: SvdMethod = SvdMethod.AUTO,
     rank_bound: int | None = None,
     plus: FactorPair | None = None,
+    given: Sketched | None = None,
 ) -> LowRank:
     """Top-``max_rank`` SVD of W (+ ``plus``'s B A): certified randomized where it pays (or
     is asked for), else, and whenever the sketch is not certified, LAPACK's full SVD. With
@@ -459,7 +538,7 @@ def truncated_svd_of_dense(
     if method is SvdMethod.RANDOMIZED or (
         method is SvdMethod.AUTO and worth_randomizing_dense(d_out, d_in, max_rank)
     ):
-        certified = randomized_svd_dense(W, max_rank, rank_bound=rank_bound, plus=plus)
+        certified = randomized_svd_dense(W, max_rank, rank_bound=rank_bound, plus=plus, given=given)
         if certified is not None:
             return canonical_signs(certified)
     if plus is not None:
@@ -470,9 +549,13 @@ def truncated_svd_of_dense(
 
 
 def truncated_svd_of_sum(
-    terms: Sequence[FactorPair], max_rank: int, method: SvdMethod = SvdMethod.AUTO
+    terms: Sequence[FactorPair],
+    max_rank: int,
+    method: SvdMethod = SvdMethod.AUTO,
+    given: Sketched | None = None,
 ) -> LowRank:
-    """Top-``max_rank`` SVD of ``Σ B_i A_i``; every term must share dtype and device."""
+    """Top-``max_rank`` SVD of ``Σ B_i A_i``; every term must share dtype and device.
+    ``given``: the randomized path's first product and probes, held already."""
     if not terms:
         raise EmptyRoundError("updates", "cannot aggregate an empty set of factor terms")
     d_out, d_in = int(terms[0].B.shape[0]), int(terms[0].A.shape[1])
@@ -480,7 +563,7 @@ def truncated_svd_of_sum(
     if method is SvdMethod.RANDOMIZED or (
         method is SvdMethod.AUTO and worth_randomizing(d_out, d_in, n, max_rank)
     ):
-        certified = randomized_svd(terms, max_rank)
+        certified = randomized_svd(terms, max_rank, given=given)
         if certified is not None:
             return canonical_signs(certified)
         method = SvdMethod.EXACT

@@ -11,7 +11,14 @@ over the intervals I that the round's distinct ranks cut [0, r_max) into. Those 
 kept as uploads arrive, exactly, whatever else the round will hold: a new distinct rank only
 cuts one interval in two (its holders' columns wait again for both halves). The close
 then combines a few dense matrices and takes their certified top-R SVD, at a cost that no
-longer grows with the number of clients (docs/design.md §2.11). Pure: no I/O, no threads.
+longer grows with the number of clients (docs/design.md §2.11).
+
+The randomized close's first product ΔW Ω and its certificate's probes ΔW G are linear in
+ΔW too, and cheap per column (O(d·k), against O(d²) for the dense sum): each interval keeps
+S_I [Ω G] as well. The close starts from those sketches, then runs on the dense sums or,
+when too many columns still wait to be added to them (a burst of uploads just before the
+close), on the uploads' own factors; columns not sketched yet are sketched there, in one
+product. Pure: no I/O, no threads.
 """
 
 from __future__ import annotations
@@ -25,7 +32,19 @@ import torch
 from torch import Tensor
 
 from .errors import AggregationError, InvalidUpdateError
-from .lowrank import SvdMethod, close_cost, dense_close_cost, truncated_svd_of_dense
+from .lowrank import (
+    OVERSAMPLE,
+    PROBES,
+    Sketched,
+    SvdMethod,
+    close_cost,
+    dense_close_cost,
+    secret_probes,
+    sketch_start,
+    sketched_close_cost,
+    truncated_svd_of_dense,
+    truncated_svd_of_sum,
+)
 from .strategies import Strategy
 from .strategies.spectral import SpectralStrategy, carried_components
 from .types import ClientUpdate, FactorPair, GlobalState, LowRank
@@ -70,7 +89,8 @@ class _Summed:
 
 
 class RoundSums:
-    """The dense sums of one open round (not thread-safe: one caller at a time)."""
+    """The dense sums and sketches of one open round (not thread-safe: one caller at a
+    time)."""
 
     def __init__(self, strategy: Strategy, state: GlobalState) -> None:
         if not can_sum(strategy):
@@ -82,6 +102,20 @@ class RoundSums:
         self._sums: dict[str, list[Tensor]] = {name: [] for name in strategy.schema}
         self._pending: list[list[_Summed]] = []  # per interval: summed, not yet added
         self._summed: dict[str, _Summed] = {}
+        # Per module and interval S_I [Ω G] of the columns sketched so far (the others wait
+        # in _unsketched); per module a bound on Σ |a_i s_i|·‖B_i,I‖_F·‖A_i,I‖_F over them,
+        # which times max_I |m_I| bounds what rounding in the sketches can hide. One [Ω G]
+        # per input width: Ω public, G drawn now and never shown.
+        self._k = strategy.config.max_rank + OVERSAMPLE
+        self._basis: dict[int, Tensor] = {}
+        for shape in strategy.schema.modules.values():
+            if shape.d_in not in self._basis:
+                omega = sketch_start(shape.d_in, self._k, strategy.dtype, strategy.device)
+                probes = secret_probes(shape.d_in, strategy.dtype, strategy.device)
+                self._basis[shape.d_in] = torch.cat([omega, probes], dim=1)
+        self._sketches: dict[str, list[Tensor]] = {name: [] for name in strategy.schema}
+        self._unsketched: list[list[_Summed]] = []  # per interval, as _pending
+        self._magnitude: dict[str, float] = dict.fromkeys(strategy.schema, 0.0)
 
     # -- as uploads arrive ------------------------------------------------------------------
     @property
@@ -90,17 +124,25 @@ class RoundSums:
 
     @property
     def _interval_bytes(self) -> int:
-        """One d_out × d_in sum for every module."""
+        """One d_out × d_in sum and its d_out × (k + probes) sketch for every module."""
+        width = next(iter(self._basis.values())).shape[1]
         modules = self.strategy.schema.modules.values()
-        return sum(s.d_out * s.d_in for s in modules) * self._element_bytes
+        return sum(s.d_out * (s.d_in + width) for s in modules) * self._element_bytes
+
+    @property
+    def _basis_bytes(self) -> int:
+        return sum(b.numel() for b in self._basis.values()) * self._element_bytes
 
     def bytes_with(self, rank: int) -> int:
         """What the sums hold once an upload of ``rank`` is added."""
-        return (len(self.bounds) + (rank not in self.bounds)) * self._interval_bytes
+        intervals = len(self.bounds) + (rank not in self.bounds)
+        return intervals * self._interval_bytes + self._basis_bytes
 
     @property
     def held_bytes(self) -> int:
-        return len(self.bounds) * self._interval_bytes
+        if not self.bounds:
+            return 0
+        return len(self.bounds) * self._interval_bytes + self._basis_bytes
 
     def copy_bytes(self, update: ClientUpdate) -> int:
         """What keeping ``update`` costs beyond its own tensors: a copy of each factor that is
@@ -122,8 +164,9 @@ class RoundSums:
 
     def add(self, update: ClientUpdate, flush: bool = True) -> None:
         """Sum one upload in; it is checked as the strategy checks a round's uploads. Its
-        columns wait beside the sums until :meth:`flush` (``flush``: at once, if enough are
-        pending)."""
+        columns wait beside the sums and the sketches until :meth:`flush` and :meth:`sketch`,
+        so that an upload costs no products while others still stream in (``flush``: both at
+        once)."""
         config = self.strategy.config
         validate_update(update, self.strategy.schema, config.max_rank, config.allowed_ranks)
         if update.client_id in self._summed:
@@ -137,18 +180,59 @@ class RoundSums:
         for i, (_, hi) in enumerate(self._intervals()):
             if hi <= update.rank:
                 self._pending[i].append(entry)
+                self._unsketched[i].append(entry)
         if flush:
+            self.sketch()
             self.flush()
 
-    def flush(self, min_columns: int | None = None, limit: int | None = None) -> int:
+    def sketch(self, limit: int | None = None) -> int:
+        """Add the columns waiting for them to the sketches, in one product per interval and
+        module (about a sixth of what adding them to the sums costs), for at most ``limit``
+        intervals (None: all); returns how many intervals were sketched."""
+        done = 0
+        for i, (lo, hi) in enumerate(self._intervals()):
+            if not self._unsketched[i] or (limit is not None and done >= limit):
+                continue
+            waiting, self._unsketched[i] = self._unsketched[i], []
+            done += 1
+            gains = [s.weight * s.scale for s in waiting]
+            per_row = torch.tensor(gains, dtype=self.strategy.dtype, device=self.strategy.device)
+            per_row = per_row.repeat_interleave(hi - lo)[:, None]
+            for name, shape in self.strategy.schema.modules.items():
+                B = torch.cat([s.factors[name].B[:, lo:hi] for s in waiting], dim=1)
+                A = torch.cat([s.factors[name].A[lo:hi] for s in waiting], dim=0)
+                self._sketches[name][i].addmm_(B, (A @ self._basis[shape.d_in]) * per_row)
+                # max|g|·‖B‖_F·‖A‖_F bounds Σ_s |g_s|·‖B_s‖·‖A_s‖ (Cauchy–Schwarz).
+                norms = float(torch.linalg.norm(B)) * float(torch.linalg.norm(A))
+                self._magnitude[name] += max(map(abs, gains)) * norms
+        return done
+
+    @property
+    def unsketched_columns(self) -> int:
+        return sum(
+            len(waiting) * (hi - lo)
+            for waiting, (lo, hi) in zip(self._unsketched, self._intervals(), strict=True)
+        )
+
+    def flush(
+        self,
+        min_columns: int | None = None,
+        limit: int | None = None,
+        max_columns: int | None = None,
+    ) -> int:
         """Add pending columns to their interval's sum where at least ``min_columns`` (default
         :data:`FLUSH_COLUMNS`) are pending, the fullest interval first, at most ``limit``
-        intervals (None: all); returns how many were added."""
+        intervals (None: all) and about ``max_columns`` columns of each (whole uploads, at
+        least one; None: all); returns how many intervals were added to."""
         ready = self._ready(min_columns)
         ready.sort(reverse=True)
         for _, i, lo, hi in ready[:limit]:
-            self._accumulate(i, lo, hi, self._pending[i])
-            self._pending[i] = []
+            waiting = self._pending[i]
+            take = len(waiting)
+            if max_columns is not None:
+                take = max(1, min(take, max_columns // (hi - lo)))
+            self._accumulate(i, lo, hi, waiting[:take])
+            self._pending[i] = waiting[take:]
         return len(ready[:limit])
 
     def flush_ready(self, min_columns: int | None = None) -> bool:
@@ -176,33 +260,69 @@ class RoundSums:
 
     def _cut(self, rank: int) -> None:
         """Make ``rank`` a bound: the interval it falls in is cut in two, and the columns of
-        the uploads that hold it wait again for both halves (none if it lies past every bound).
-        Nothing is recomputed here: :meth:`flush` adds them in its turns, or the close takes
-        them as they are, so a late new rank costs the close no densifying."""
+        the uploads that hold it wait again for both halves, for their sums and sketches
+        (none if it lies past every bound). Nothing is recomputed here: :meth:`flush` and
+        :meth:`sketch` add them in their turns, or the close does, so a late new rank costs
+        the close no densifying."""
         at = bisect.bisect_left(self.bounds, rank)
         self.bounds.insert(at, rank)
         hi = self.bounds[at + 1] if at + 1 < len(self.bounds) else rank
         holders = [s for s in self._summed.values() if s.rank >= hi] if hi > rank else []
+        cut = at < len(self._pending)
+        dtype, device = self.strategy.dtype, self.strategy.device
         for name, shape in self.strategy.schema.modules.items():
-            zeros = torch.zeros(
-                shape.d_out, shape.d_in, dtype=self.strategy.dtype, device=self.strategy.device
-            )
-            sums = self._sums[name]
-            if at < len(sums):
-                sums[at] = zeros  # the cut interval's lower half; its upper half follows
-                sums.insert(at + 1, zeros.clone())
+            width = int(self._basis[shape.d_in].shape[1])
+            sums, sketches = self._sums[name], self._sketches[name]
+            for held, zeros in (
+                (sums, torch.zeros(shape.d_out, shape.d_in, dtype=dtype, device=device)),
+                (sketches, torch.zeros(shape.d_out, width, dtype=dtype, device=device)),
+            ):
+                if cut:
+                    held[at] = zeros  # the cut interval's lower half; its upper half follows
+                    held.insert(at + 1, zeros.clone())
+                else:
+                    held.insert(at, zeros)
+        for waiting in (self._pending, self._unsketched):
+            if cut:
+                waiting[at] = list(holders)
+                waiting.insert(at + 1, list(holders))
             else:
-                sums.insert(at, zeros)
-        if at < len(self._pending):
-            self._pending[at] = list(holders)
-            self._pending.insert(at + 1, list(holders))
-        else:
-            self._pending.insert(at, [])
+                waiting.insert(at, [])
 
     def _accumulate(self, index: int, lo: int, hi: int, entries: Sequence[_Summed]) -> None:
         for name in self.strategy.schema:
             B, A = self._stacked(name, [(s, lo, hi, 1.0) for s in entries])
             self._sums[name][index].addmm_(B, A)
+
+    def _columns(
+        self, coefficients: Sequence[float], entries: Sequence[Sequence[_Summed]]
+    ) -> list[tuple[_Summed, int, int, float]]:
+        """Interval by interval, the columns of ``entries`` that hold it, with its weight."""
+        return [
+            (s, lo, hi, c)
+            for (lo, hi), c, held in zip(self._intervals(), coefficients, entries, strict=True)
+            for s in held
+            if c and s.rank >= hi
+        ]
+
+    def _weighted(self, name: str, coefficients: Sequence[float]) -> list[FactorPair]:
+        """Each upload's factors with its columns weighted as the close weighs them (its
+        interval's coefficient times a·s): the terms the one-shot close would aggregate."""
+        by_column = torch.tensor(
+            [
+                c
+                for (lo, hi), c in zip(self._intervals(), coefficients, strict=True)
+                for _ in range(lo, hi)
+            ],
+            dtype=self.strategy.dtype,
+            device=self.strategy.device,
+        )
+        return [
+            FactorPair(
+                s.factors[name].B * (by_column[: s.rank] * (s.weight * s.scale)), s.factors[name].A
+            )
+            for s in self._summed.values()
+        ]
 
     @staticmethod
     def _stacked(
@@ -219,13 +339,24 @@ class RoundSums:
 
     # -- at the close -------------------------------------------------------------------------
     def pays(self) -> bool:
-        """Whether closing from the sums costs less than from the factors (both AUTO)."""
+        """Whether closing from the sums, or from the factors with the sketches held, costs
+        less than the one-shot close (all AUTO)."""
         max_rank, n = self.strategy.config.max_rank, self.width
         shapes = self.strategy.schema.modules.values()
-        plus = self.pending_columns
-        from_sums = sum(dense_close_cost(s.d_out, s.d_in, max_rank, plus) for s in shapes)
-        from_factors = sum(close_cost(s.d_out, s.d_in, n, max_rank) for s in shapes)
-        return from_sums < from_factors
+        waiting, width = self.unsketched_columns, self._k + PROBES
+        from_sums = sum(
+            min(self._close_costs(s.d_out, s.d_in)) + 2.0 * (s.d_out + s.d_in) * waiting * width
+            for s in shapes
+        )
+        one_shot = sum(close_cost(s.d_out, s.d_in, n, max_rank) for s in shapes)
+        return from_sums < one_shot
+
+    def _close_costs(self, d_out: int, d_in: int) -> tuple[float, float]:
+        """(from the dense sums and the columns not added, from the factors), both starting
+        from the sketches."""
+        max_rank = self.strategy.config.max_rank
+        dense = dense_close_cost(d_out, d_in, max_rank, self.pending_columns, sketched=True)
+        return dense, sketched_close_cost(d_out, d_in, self.width, max_rank)
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         """What ``strategy.aggregate(state, updates)`` returns (to its SVD's tolerance), from
@@ -284,37 +415,100 @@ class RoundSums:
     def _module(
         self, name: str, state: GlobalState, coefficients: Sequence[float], r_max: int
     ) -> LowRank:
+        config, shape = self.strategy.config, self.strategy.schema.modules[name]
+        dense_cost, factored_cost = self._close_costs(shape.d_out, shape.d_in)
+        from_sums = dense_cost <= factored_cost
+        terms = self._close_factors(name, coefficients, from_sums)
+        sketch, allowance = self._close_sketch(name, coefficients, terms, from_sums)
+        W = self._combined(name, coefficients) if from_sums else None
+        # Any NaN or infinity makes the sums non-finite (as can an overflow of finite uploads,
+        # which only sends the close to the one-shot path): e.g. examples × factors past fp32.
+        finite = math.isfinite(float(sketch.sum()))
+        for t in terms:
+            finite = finite and math.isfinite(float(t.B.sum() + t.A.sum()))
+        if W is not None:
+            finite = finite and math.isfinite(float(W.sum()))
+        if not finite:
+            raise SumsMismatchError("sums", f"module {name}'s sums are not finite")
+        width = self.width
+        carried = self._carried(name, state, r_max)
+        if carried is not None:  # the previous state's components past this round's ranks
+            sketch.addmm_(carried.B, carried.A @ self._basis[shape.d_in])
+            allowance += float(torch.linalg.norm(carried.B)) * float(torch.linalg.norm(carried.A))
+            width += carried.rank
+        eps = torch.finfo(self.strategy.dtype).eps
+        given = Sketched(
+            sketch[:, : self._k],
+            sketch[:, self._k :],
+            8 * eps * math.sqrt(max(shape.d_out, shape.d_in)) * allowance,
+        )
+        if W is not None:
+            if carried is not None:
+                W.addmm_(carried.B, carried.A)
+            plus = terms[0] if terms else None
+            found = truncated_svd_of_dense(
+                W, config.max_rank, config.svd_method, rank_bound=width, plus=plus, given=given
+            )
+        else:
+            terms += [] if carried is None else [carried]
+            found = truncated_svd_of_sum(terms, config.max_rank, config.svd_method, given)
+        if not math.isfinite(float(found.U.sum() + found.S.sum() + found.V.sum())):
+            raise SumsMismatchError("sums", f"module {name}'s close is not finite")
+        return found
+
+    def _close_factors(
+        self, name: str, coefficients: Sequence[float], from_sums: bool
+    ) -> list[FactorPair]:
+        """What the close takes as factors: the columns not added to the sums yet (at most one
+        term), or, closing from the factors, every upload's columns weighted as the one-shot
+        close weighs them (one stacked term)."""
+        if from_sums:
+            pending = self._columns(coefficients, self._pending)
+            return [FactorPair(*self._stacked(name, pending))] if pending else []
+        B = torch.cat([t.B for t in self._weighted(name, coefficients)], dim=1)
+        return [FactorPair(B, torch.cat([s.factors[name].A for s in self._summed.values()]))]
+
+    def _close_sketch(
+        self,
+        name: str,
+        coefficients: Sequence[float],
+        terms: Sequence[FactorPair],
+        from_sums: bool,
+    ) -> tuple[Tensor, float]:
+        """ΔW [Ω G] and its rounding magnitude, from the intervals' sketches. Columns not
+        sketched yet (a burst just before the close) are sketched now: all at once from the
+        close's own stacked factors if none was, as the one-shot close's first product."""
+        basis = self._basis[self.strategy.schema.modules[name].d_in]
+        if not from_sums and self.unsketched_columns == self.width:
+            (every,) = terms
+            return every.B @ (every.A @ basis), float(torch.linalg.norm(every.B)) * float(
+                torch.linalg.norm(every.A)
+            )
+        sketch = sum(c * Y for c, Y in zip(coefficients, self._sketches[name], strict=True))
+        assert isinstance(sketch, Tensor)
+        magnitude = max(map(abs, coefficients)) * self._magnitude[name]
+        if late := self._columns(coefficients, self._unsketched):
+            B, A = self._stacked(name, late)
+            sketch.addmm_(B, A @ basis)
+            magnitude += float(torch.linalg.norm(B)) * float(torch.linalg.norm(A))
+        return sketch, magnitude
+
+    def _combined(self, name: str, coefficients: Sequence[float]) -> Tensor:
+        """Σ_I c_I S_I, in a fresh matrix."""
         sums = self._sums[name]
         W = sums[0] * coefficients[0]
         for c, S in zip(coefficients[1:], sums[1:], strict=True):
             if c:
                 W.add_(S, alpha=c)
-        pending = [
-            (s, lo, hi, c)
-            for (lo, hi), c, entries in zip(
-                self._intervals(), coefficients, self._pending, strict=True
-            )
-            for s in entries
-            if c
-        ]
-        plus = FactorPair(*self._stacked(name, pending)) if pending else None
-        # Any NaN or infinity makes the sum non-finite (as can an overflow of a finite one,
-        # which only sends the close to the factors): e.g. examples × factors past fp32's range.
-        if not math.isfinite(float(W.sum())) or (
-            plus is not None and not math.isfinite(float(plus.B.sum() + plus.A.sum()))
-        ):
-            raise SumsMismatchError("sums", f"module {name}'s sum is not finite in {W.dtype}")
-        width = self.width
-        if self.strategy.carry_over:
-            carried = carried_components(state.modules[name], r_max)
-            if carried is not None:
-                B = carried.B.to(dtype=W.dtype, device=W.device)
-                W.addmm_(B, carried.A.to(dtype=W.dtype, device=W.device))
-                width += int(B.shape[1])
-        config = self.strategy.config
-        found = truncated_svd_of_dense(
-            W, config.max_rank, config.svd_method, rank_bound=width, plus=plus
+        return W
+
+    def _carried(self, name: str, state: GlobalState, r_max: int) -> FactorPair | None:
+        if not self.strategy.carry_over:
+            return None
+        carried = carried_components(state.modules[name], r_max)
+        if carried is None:
+            return None
+        dtype, device = self.strategy.dtype, self.strategy.device
+        return FactorPair(
+            carried.B.to(dtype=dtype, device=device), carried.A.to(dtype=dtype, device=device)
         )
-        if not math.isfinite(float(found.U.sum() + found.S.sum() + found.V.sum())):
-            raise SumsMismatchError("sums", f"module {name}'s close is not finite in {W.dtype}")
-        return found

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,34 @@ log = logging.getLogger("raflora.server")
 # One thread for every federation's parses and read-backs: a second would compete with the
 # pushes still arriving on a small machine.
 PRELOADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-preload")
+
+
+class Streaming:
+    """How many pushes are streaming their bytes into this server (thread-safe): the
+    preload thread adds to a round's sums only while none is, since receiving is what the
+    round waits for and the close does not need the sums densified (rounds/summing.py)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def push(self) -> Iterator[None]:
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return self._count == 0
+
+
+STREAMING = Streaming()
 
 Factors = dict[str, FactorPair]
 
@@ -103,6 +132,7 @@ class RoundPreload:
         budget: MemoryBudget,
         executor: Executor = PRELOADS,
         summer: RoundSummer | None = None,
+        streaming: Streaming = STREAMING,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -110,6 +140,7 @@ class RoundPreload:
         self.budget = budget
         self.executor = executor
         self.summer = summer  # each upload, once parsed, is summed in (rounds/summing.py)
+        self.streaming = streaming
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._released = False
@@ -168,10 +199,12 @@ class RoundPreload:
         return factors
 
     def _flush(self) -> None:
-        """Add pending columns to the round's sums, one interval per turn of the preload
-        thread: parses of newer uploads, and the close, never wait behind more than one."""
+        """Add pending columns to the round's sketches and sums, one bounded product per
+        module and turn of the preload thread, while no push streams in: parses of newer
+        uploads, and the close, never wait behind more than one."""
         summer = self.summer  # (released: flush_some finds no sums and says no more)
-        if summer is not None and summer.flush_some(not self._waiting()):
+        idle = self.streaming.idle and not self._waiting()
+        if summer is not None and summer.flush_some(idle):
             self.executor.submit(self._flush)
 
     def _waiting(self) -> bool:

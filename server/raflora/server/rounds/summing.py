@@ -75,24 +75,31 @@ class RoundSummer:
             self._digests[record.client_id] = record.sha256
 
     def flush_some(self, idle: bool) -> bool:
-        """Add the fullest interval's pending columns to its sum (a worker thread), unless a
-        close is claimed; whether more could be added. One interval at a time, so that a parse
-        or a close waits for at most one product per module. An addition reads and writes the
-        whole sum, so only an interval with a quarter of :data:`FLUSH_COLUMNS` waiting is worth
-        it when the thread is ``idle`` (1 took 1.6× the CPU of 16 over the bench's round, for
-        the same close), and only one with all of them while parses wait; the close takes the
-        rest factored."""
-        least = FLUSH_COLUMNS // 4 if idle else FLUSH_COLUMNS
+        """If the server is ``idle`` and no close is claimed (a worker thread): sketch the
+        columns of one interval that wait for it, or else add up to :data:`FLUSH_COLUMNS`
+        pending columns of the fullest interval to its sum; whether more could be done. One
+        bounded product per module at a time, so that a parse or a close waits for little.
+
+        Only when idle: while pushes stream in, receiving them is what the round waits for,
+        and the close can take any column as a factor. Densifying costs about twice the CPU
+        of the close it saves, so it is worth only CPU nothing else wants; an addition reads
+        and writes the whole sum, so only an interval with a quarter of
+        :data:`FLUSH_COLUMNS` waiting is worth it (1 took 1.6× the CPU of 16 over the bench's
+        round, for the same close)."""
+        if not idle:
+            return False
+        least = FLUSH_COLUMNS // 4
         with self._lock:
             sums = self._sums
             if sums is None or self._taken or self._closing:
                 return False
             try:
-                sums.flush(least, limit=1)
+                if not sums.sketch(limit=1):
+                    sums.flush(least, limit=1, max_columns=FLUSH_COLUMNS)
             except Exception as exc:
                 self._give_up(f"its sums could not be added to: {exc}")
                 return False
-            return sums.flush_ready(least)
+            return sums.unsketched_columns > 0 or sums.flush_ready(least)
 
     def closing(self, claimed: bool = True) -> None:
         """The round's close is claimed (``False``: it failed and the round collects again).
