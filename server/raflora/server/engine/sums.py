@@ -99,7 +99,9 @@ class RoundSums:
         self.strategy = strategy
         self.state = state
         self.bounds: list[int] = []  # the distinct ranks summed, ascending
-        self._sums: dict[str, list[Tensor]] = {name: [] for name in strategy.schema}
+        # Per module and interval; None until a column is added (a round that never idles
+        # between pushes never touches the memory of its sums).
+        self._sums: dict[str, list[Tensor | None]] = {name: [] for name in strategy.schema}
         self._pending: list[list[_Summed]] = []  # per interval: summed, not yet added
         self._summed: dict[str, _Summed] = {}
         # Per module and interval S_I [Ω G] of the columns sketched so far (the others wait
@@ -272,16 +274,16 @@ class RoundSums:
         dtype, device = self.strategy.dtype, self.strategy.device
         for name, shape in self.strategy.schema.modules.items():
             width = int(self._basis[shape.d_in].shape[1])
+            zeros = torch.zeros(shape.d_out, width, dtype=dtype, device=device)
             sums, sketches = self._sums[name], self._sketches[name]
-            for held, zeros in (
-                (sums, torch.zeros(shape.d_out, shape.d_in, dtype=dtype, device=device)),
-                (sketches, torch.zeros(shape.d_out, width, dtype=dtype, device=device)),
-            ):
-                if cut:
-                    held[at] = zeros  # the cut interval's lower half; its upper half follows
-                    held.insert(at + 1, zeros.clone())
-                else:
-                    held.insert(at, zeros)
+            if cut:  # the cut interval's lower half; its upper half follows
+                sums[at] = None
+                sums.insert(at + 1, None)
+                sketches[at] = zeros
+                sketches.insert(at + 1, zeros.clone())
+            else:
+                sums.insert(at, None)
+                sketches.insert(at, zeros)
         for waiting in (self._pending, self._unsketched):
             if cut:
                 waiting[at] = list(holders)
@@ -292,7 +294,11 @@ class RoundSums:
     def _accumulate(self, index: int, lo: int, hi: int, entries: Sequence[_Summed]) -> None:
         for name in self.strategy.schema:
             B, A = self._stacked(name, [(s, lo, hi, 1.0) for s in entries])
-            self._sums[name][index].addmm_(B, A)
+            S = self._sums[name][index]
+            if S is None:
+                self._sums[name][index] = B @ A
+            else:
+                S.addmm_(B, A)
 
     def _columns(
         self, coefficients: Sequence[float], entries: Sequence[Sequence[_Summed]]
@@ -495,11 +501,18 @@ class RoundSums:
 
     def _combined(self, name: str, coefficients: Sequence[float]) -> Tensor:
         """Σ_I c_I S_I, in a fresh matrix."""
-        sums = self._sums[name]
-        W = sums[0] * coefficients[0]
-        for c, S in zip(coefficients[1:], sums[1:], strict=True):
-            if c:
+        W: Tensor | None = None
+        for c, S in zip(coefficients, self._sums[name], strict=True):
+            if not c or S is None:
+                continue
+            if W is None:
+                W = S * c
+            else:
                 W.add_(S, alpha=c)
+        if W is None:
+            shape = self.strategy.schema.modules[name]
+            dtype, device = self.strategy.dtype, self.strategy.device
+            W = torch.zeros(shape.d_out, shape.d_in, dtype=dtype, device=device)
         return W
 
     def _carried(self, name: str, state: GlobalState, r_max: int) -> FactorPair | None:
