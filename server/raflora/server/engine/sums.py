@@ -482,10 +482,12 @@ class RoundSums:
         from_sums: bool,
     ) -> tuple[Tensor, float]:
         """ΔW [Ω G] and its rounding magnitude, from the intervals' sketches. Columns not
-        sketched yet (a burst just before the close) are sketched now: all at once from the
-        close's own stacked factors if none was, as the one-shot close's first product."""
+        sketched yet (a burst just before the close) are sketched now; if more than a quarter
+        of them wait and the close takes every column as a factor, all are, in one product
+        with the close's own stacked factors (the one-shot close's first product): cheaper
+        than stacking the waiting ones interval by interval."""
         basis = self._basis[self.strategy.schema.modules[name].d_in]
-        if not from_sums and self.unsketched_columns == self.width:
+        if not from_sums and 4 * self.unsketched_columns > self.width:
             (every,) = terms
             return every.B @ (every.A @ basis), float(torch.linalg.norm(every.B)) * float(
                 torch.linalg.norm(every.A)
