@@ -303,3 +303,34 @@ def test_svd_of_a_wide_fp32_matrix_by_its_gram_is_as_good_as_lapack() -> None:
     _, _, V_all = lowrank._svd_of_wide(M, keep=k)
     eye = torch.eye(k, dtype=torch.float64)
     assert torch.allclose(V_all.double().T @ V_all.double(), eye, atol=1e-5)
+
+
+def held_sketch(t: list[FactorPair], max_rank: int) -> lowrank.Sketched:
+    """ΔW Ω and ΔW G formed densely, as a caller accumulating them would hold them."""
+    W = sum(
+        (p.B @ p.A for p in t), torch.zeros(t[0].B.shape[0], t[0].A.shape[1], dtype=t[0].B.dtype)
+    )
+    d_in = int(W.shape[1])
+    omega = lowrank.sketch_start(d_in, max_rank + OVERSAMPLE, W.dtype, "cpu")
+    return lowrank.Sketched(W @ omega, W @ lowrank.secret_probes(d_in, W.dtype, "cpu"), 0.0)
+
+
+def test_a_held_sketch_gives_the_result_of_the_sketch_it_stands_for() -> None:
+    """The first product handed in is the one the randomized path would compute (same Ω):
+    the same triplets, certified by the held probes, narrow and, where the narrow sketch
+    cannot certify, wide (whose Ω is the same draw either way)."""
+    from raflora.server.engine.lowrank import randomized_svd
+
+    t = low_rank_plus_noise(256, 8, 25, 8, 1e-3, seed=5)
+    fresh, held = randomized_svd(t, 8), randomized_svd(t, 8, given=held_sketch(t, 8))
+    assert fresh is not None and held is not None
+    assert rel_err(held.dense(), fresh.dense()) < 1e-9
+    assert torch.allclose(held.S, fresh.S, rtol=1e-12)
+    R = 4
+    planted = planted_round(pieces=R + OVERSAMPLE, hidden_from=R + OVERSAMPLE)
+    given = held_sketch(planted, R)
+    assert randomized_svd(planted, R, widen=False, given=given) is None  # the probes saw it
+    wide_fresh, wide_held = randomized_svd(planted, R), randomized_svd(planted, R, given=given)
+    assert wide_fresh is not None and wide_held is not None
+    assert torch.allclose(wide_held.S, wide_fresh.S, rtol=1e-12)
+    assert float(wide_held.S[0]) == pytest.approx(1.1)

@@ -230,3 +230,54 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
     assert small.used == 2 * per_interval + basis
     kept.release()
     assert small.used == 0 and kept.take(state, records[:2]) is None
+
+
+def test_the_sums_work_waits_for_pushes_streaming_in_and_resumes_after_the_last(
+    tmp_path: Path,
+) -> None:
+    """rounds/preload.py with a real worker thread: an upload parsed while another push
+    streams its bytes in is summed but not computed on; when the last push streaming in
+    ends, the preload thread is woken and sketches every column."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raflora.server.rounds.preload import MemoryBudget, RoundPreload, Streaming
+    from raflora.server.rounds.summing import RoundSummer
+    from raflora.server.storage import UploadRecord
+
+    schema = AdapterSchema.from_shapes(MODULES)
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK))
+    state = strategy.initial_state()
+    engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in uploads()[:4]]
+    records = [
+        UploadRecord(u.client_id, 0, u.rank, u.num_examples, 16.0, u.scale, f"sha-{i}", 1)
+        for i, u in enumerate(engine)
+    ]
+    streaming = Streaming()
+    budget = MemoryBudget(64 << 20, 16 << 20)
+    summer = RoundSummer(strategy, state, budget)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        preload = RoundPreload(
+            FileFederationStore(tmp_path), schema, 0, budget, executor, summer, streaming
+        )
+
+        def drained() -> None:
+            for _ in range(100):  # the turns resubmit themselves: wait for the queue to empty
+                executor.submit(lambda: None).result(timeout=10)
+
+        with streaming.push():  # another client's push is receiving
+            for record, u in zip(records, engine, strict=True):
+                reservation = budget.reserve(1)
+                assert reservation is not None
+                preload._add(record, reservation, lambda f=u.factors: dict(f))
+            drained()
+            waiting = summer._sums  # the summer's own sums, not yet taken by a close
+            assert waiting is not None and waiting.unsketched_columns == waiting.width
+        drained()
+        assert waiting.unsketched_columns == 0
+        taken = preload.summed(state, records)
+        assert taken is not None
+        got, want = taken.aggregate(state, engine), strategy.aggregate(state, engine)
+        for m in MODULES:
+            assert rel_err(got.dense(m), want.dense(m)) < 1e-5
+        preload.release()
+    assert budget.used == 0

@@ -174,6 +174,79 @@ def test_fp32_summed_close_is_certified_and_agrees_with_the_one_shot_close(
     assert rel_err(got.dense("m"), truth.dense("m")) < 1e-5
 
 
+def test_a_lone_top_rank_client_of_few_examples_still_certifies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """raFLoRA gives a lone holder of the top rank the largest coefficient (1 / its
+    examples): the sketches' rounding allowance weighs each upload by its own interval's
+    coefficient, so it stays far under the gap and the sketch still certifies, whatever the
+    others' examples."""
+    updates = distinct_round(256, 24, [4, 8])
+    updates = [ClientUpdate(u.client_id, u.rank, 10_000, u.scale, u.factors) for u in updates[:-1]]
+    top = distinct_round(256, 1, [16])[0]
+    updates.append(ClientUpdate("lone", 16, 1, top.scale, top.factors))
+    _, state, sums = summed("raflora", updates, max_rank=16)
+    certified: list[bool] = []
+
+    def spying(run: Callable[..., LowRank | None]) -> Callable[..., LowRank | None]:
+        def spy(*args: object, **kwargs: object) -> LowRank | None:
+            found = run(*args, **kwargs)
+            certified.append(kwargs.get("given") is not None and found is not None)
+            return found
+
+        return spy
+
+    monkeypatch.setattr(lowrank, "randomized_svd_dense", spying(randomized_svd_dense))
+    monkeypatch.setattr(lowrank, "randomized_svd", spying(lowrank.randomized_svd))
+    sums.aggregate(state, updates)
+    assert certified == [True]
+
+
+def test_carried_components_are_in_the_sketch_the_close_starts_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """raflora_ha with shrinkage 0 is raFLoRA with carry-over: the close's first product is
+    (the round's partition form + the previous state's components past its ranks) Ω, both
+    computed independently, at a width where the sketch is used."""
+    handed: list[lowrank.Sketched] = []
+
+    def recorded(*args: object) -> lowrank.Sketched:
+        handed.append(lowrank.Sketched(*args))  # type: ignore[arg-type]
+        return handed[-1]
+
+    monkeypatch.setattr(sums_module, "Sketched", recorded)
+    first = distinct_round(64, 12, [8])
+    second = distinct_round(64, 12, [2, 4])
+    schema = AdapterSchema.from_shapes({"m": (64, 64)})
+    cfg = StrategyConfig(
+        schema=schema, max_rank=8, compute_dtype=torch.float64, options={"shrinkage": 0.0}
+    )
+    strategy = make_strategy("raflora_ha", cfg)
+    as64 = [
+        ClientUpdate(
+            u.client_id,
+            u.rank,
+            u.num_examples,
+            u.scale,
+            {"m": FactorPair(u.factors["m"].B.double(), u.factors["m"].A.double())},
+        )
+        for u in (*first, *second)
+    ]
+    previous = strategy.aggregate(strategy.initial_state(), as64[:12])
+    sums = RoundSums(strategy, previous)
+    for u in as64[12:]:
+        sums.add(u)
+    got = sums.aggregate(previous, as64[12:])
+    old = previous.modules["m"]
+    assert isinstance(old, LowRank)
+    carried = (old.U[:, 4:].numpy() * old.S[4:].numpy()) @ old.V[:, 4:].numpy().T
+    D = reference.raflora_sum(as_reference(as64[12:]), "m") + carried
+    omega = lowrank.sketch_start(64, 8 + lowrank.OVERSAMPLE, torch.float64, "cpu").numpy()
+    (given,) = handed
+    assert np.abs(given.start.numpy() - D @ omega).max() < 1e-12 * np.linalg.norm(D)
+    assert rel_err(got.dense("m"), reference.truncate(D, 8)) < 1e-10
+
+
 def test_columns_left_pending_close_as_if_they_had_been_added(schema: AdapterSchema) -> None:
     updates = random_updates(schema, CLIENTS)
     strategy = make_strategy(

@@ -288,16 +288,17 @@ def _randomized(
     given: Sketched | None = None,
 ) -> LowRank | None:
     gen = torch.Generator(device="cpu").manual_seed(SKETCH_SEED)
+    f32 = torch.float32  # drawn in float32 whatever the default dtype: as sketch_start draws
     limit = min(op.width, op.d_out, op.d_in)
     k = min(max_rank + oversample, limit)
     start = given.start if given is not None and int(given.start.shape[1]) == k else None
-    omega = None if start is not None else torch.randn(op.d_in, k, generator=gen)
+    omega = None if start is not None else torch.randn(op.d_in, k, generator=gen, dtype=f32)
     found = _sketch(op, k, power_iterations, max_rank, tolerance, omega, start, given)
     wide = min(2 * k, limit)
     if found is None and widen and wide > k:
         if omega is None:  # the wide Ω is the generator's next draw, as when none was given
-            torch.randn(op.d_in, k, generator=gen)
-        omega = torch.randn(op.d_in, wide, generator=gen)
+            torch.randn(op.d_in, k, generator=gen, dtype=f32)
+        omega = torch.randn(op.d_in, wide, generator=gen, dtype=f32)
         found = _sketch(op, wide, min(2, power_iterations), max_rank, tolerance, omega, None, given)
     return found
 

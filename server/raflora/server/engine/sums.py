@@ -34,6 +34,7 @@ from torch import Tensor
 from .errors import AggregationError, InvalidUpdateError
 from .lowrank import (
     OVERSAMPLE,
+    PROBE_FACTOR,
     PROBES,
     Sketched,
     SvdMethod,
@@ -88,6 +89,14 @@ class _Summed:
     factors: Mapping[str, FactorPair]  # in the compute dtype, until its columns are added
 
 
+def _magnitude(B: Tensor, A: Tensor, gains: Tensor, width: int) -> float:
+    """Σ_s |g_s|·‖B_s‖_F·‖A_s‖_F over uploads s whose ``width`` columns of B and rows of A
+    are stacked side by side."""
+    b = B.square().sum(0).view(-1, width).sum(1).sqrt()
+    a = A.square().sum(1).view(-1, width).sum(1).sqrt()
+    return float((gains.abs() * b * a).sum())
+
+
 class RoundSums:
     """The dense sums and sketches of one open round (not thread-safe: one caller at a
     time)."""
@@ -105,9 +114,9 @@ class RoundSums:
         self._pending: list[list[_Summed]] = []  # per interval: summed, not yet added
         self._summed: dict[str, _Summed] = {}
         # Per module and interval S_I [Ω G] of the columns sketched so far (the others wait
-        # in _unsketched); per module a bound on Σ |a_i s_i|·‖B_i,I‖_F·‖A_i,I‖_F over them,
-        # which times max_I |m_I| bounds what rounding in the sketches can hide. One [Ω G]
-        # per input width: Ω public, G drawn now and never shown.
+        # in _unsketched), and Σ_i |a_i s_i|·‖B_i,I‖_F·‖A_i,I‖_F over them, which weighted by
+        # the close's |c_I| bounds what rounding in the sketches can hide. One [Ω G] per
+        # input width: Ω public, G drawn now and never shown.
         self._k = strategy.config.max_rank + OVERSAMPLE
         self._basis: dict[int, Tensor] = {}
         for shape in strategy.schema.modules.values():
@@ -117,7 +126,7 @@ class RoundSums:
                 self._basis[shape.d_in] = torch.cat([omega, probes], dim=1)
         self._sketches: dict[str, list[Tensor]] = {name: [] for name in strategy.schema}
         self._unsketched: list[list[_Summed]] = []  # per interval, as _pending
-        self._magnitude: dict[str, float] = dict.fromkeys(strategy.schema, 0.0)
+        self._magnitude: dict[str, list[float]] = {name: [] for name in strategy.schema}
 
     # -- as uploads arrive ------------------------------------------------------------------
     @property
@@ -187,26 +196,32 @@ class RoundSums:
             self.sketch()
             self.flush()
 
-    def sketch(self, limit: int | None = None) -> int:
+    def sketch(self, limit: int | None = None, max_columns: int | None = None) -> int:
         """Add the columns waiting for them to the sketches, in one product per interval and
         module (about a sixth of what adding them to the sums costs), for at most ``limit``
-        intervals (None: all); returns how many intervals were sketched."""
+        intervals (None: all) and about ``max_columns`` columns of each (whole uploads, at
+        least one; None: all); returns how many intervals were sketched."""
         done = 0
         for i, (lo, hi) in enumerate(self._intervals()):
             if not self._unsketched[i] or (limit is not None and done >= limit):
                 continue
-            waiting, self._unsketched[i] = self._unsketched[i], []
+            waiting = self._unsketched[i]
+            take = len(waiting)
+            if max_columns is not None:
+                take = max(1, min(take, max_columns // (hi - lo)))
+            batch, self._unsketched[i] = waiting[:take], waiting[take:]
             done += 1
-            gains = [s.weight * s.scale for s in waiting]
-            per_row = torch.tensor(gains, dtype=self.strategy.dtype, device=self.strategy.device)
-            per_row = per_row.repeat_interleave(hi - lo)[:, None]
+            gains = torch.tensor(
+                [s.weight * s.scale for s in batch],
+                dtype=self.strategy.dtype,
+                device=self.strategy.device,
+            )
+            per_row = gains.repeat_interleave(hi - lo)[:, None]
             for name, shape in self.strategy.schema.modules.items():
-                B = torch.cat([s.factors[name].B[:, lo:hi] for s in waiting], dim=1)
-                A = torch.cat([s.factors[name].A[lo:hi] for s in waiting], dim=0)
+                B = torch.cat([s.factors[name].B[:, lo:hi] for s in batch], dim=1)
+                A = torch.cat([s.factors[name].A[lo:hi] for s in batch], dim=0)
                 self._sketches[name][i].addmm_(B, (A @ self._basis[shape.d_in]) * per_row)
-                # max|g|·‖B‖_F·‖A‖_F bounds Σ_s |g_s|·‖B_s‖·‖A_s‖ (Cauchy–Schwarz).
-                norms = float(torch.linalg.norm(B)) * float(torch.linalg.norm(A))
-                self._magnitude[name] += max(map(abs, gains)) * norms
+                self._magnitude[name][i] += _magnitude(B, A, gains, hi - lo)
         return done
 
     @property
@@ -275,15 +290,22 @@ class RoundSums:
         for name, shape in self.strategy.schema.modules.items():
             width = int(self._basis[shape.d_in].shape[1])
             zeros = torch.zeros(shape.d_out, width, dtype=dtype, device=device)
-            sums, sketches = self._sums[name], self._sketches[name]
+            sums, sketches, magnitude = (
+                self._sums[name],
+                self._sketches[name],
+                self._magnitude[name],
+            )
             if cut:  # the cut interval's lower half; its upper half follows
                 sums[at] = None
                 sums.insert(at + 1, None)
                 sketches[at] = zeros
                 sketches.insert(at + 1, zeros.clone())
+                magnitude[at] = 0.0
+                magnitude.insert(at + 1, 0.0)
             else:
                 sums.insert(at, None)
                 sketches.insert(at, zeros)
+                magnitude.insert(at, 0.0)
         for waiting in (self._pending, self._unsketched):
             if cut:
                 waiting[at] = list(holders)
@@ -446,7 +468,7 @@ class RoundSums:
         given = Sketched(
             sketch[:, : self._k],
             sketch[:, self._k :],
-            8 * eps * math.sqrt(max(shape.d_out, shape.d_in)) * allowance,
+            8 * eps * PROBE_FACTOR * math.sqrt(max(shape.d_out, shape.d_in)) * allowance,
         )
         if W is not None:
             if carried is not None:
@@ -494,10 +516,13 @@ class RoundSums:
             )
         sketch = sum(c * Y for c, Y in zip(coefficients, self._sketches[name], strict=True))
         assert isinstance(sketch, Tensor)
-        magnitude = max(map(abs, coefficients)) * self._magnitude[name]
+        magnitude = sum(
+            abs(c) * m for c, m in zip(coefficients, self._magnitude[name], strict=True)
+        )
         if late := self._columns(coefficients, self._unsketched):
             B, A = self._stacked(name, late)
             sketch.addmm_(B, A @ basis)
+            # ‖B‖_F·‖A‖_F of the weighted columns bounds Σ of each piece's (Cauchy–Schwarz).
             magnitude += float(torch.linalg.norm(B)) * float(torch.linalg.norm(A))
         return sketch, magnitude
 

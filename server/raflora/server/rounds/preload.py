@@ -46,11 +46,13 @@ PRELOADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-preload
 class Streaming:
     """How many pushes are streaming their bytes into this server (thread-safe): the
     preload thread adds to a round's sums only while none is, since receiving is what the
-    round waits for and the close does not need the sums densified (rounds/summing.py)."""
+    round waits for and the close does not need the sums densified (rounds/summing.py).
+    Whoever waited for that is woken when the last one ends."""
 
     def __init__(self) -> None:
         self._count = 0
         self._lock = threading.Lock()
+        self._waiting: weakref.WeakSet[RoundPreload] = weakref.WeakSet()
 
     @contextmanager
     def push(self) -> Iterator[None]:
@@ -61,11 +63,24 @@ class Streaming:
         finally:
             with self._lock:
                 self._count -= 1
+                woken = list(self._waiting) if self._count == 0 else []
+                if woken:
+                    self._waiting.clear()
+            for preload in woken:
+                preload.wake()
 
     @property
     def idle(self) -> bool:
         with self._lock:
             return self._count == 0
+
+    def wake_when_idle(self, preload: RoundPreload) -> None:
+        """Call ``preload.wake()`` once no push streams (now, if none does)."""
+        with self._lock:
+            if self._count:
+                self._waiting.add(preload)
+                return
+        preload.wake()
 
 
 STREAMING = Streaming()
@@ -144,6 +159,7 @@ class RoundPreload:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._released = False
+        self._turn_queued = False  # a turn of _flush waits in the executor
 
     def submit(self, record: UploadRecord) -> None:
         """Read ``record`` back from the store in the background, if the budget has room."""
@@ -202,10 +218,27 @@ class RoundPreload:
         """Add pending columns to the round's sketches and sums, one bounded product per
         module and turn of the preload thread, while no push streams in: parses of newer
         uploads, and the close, never wait behind more than one."""
+        with self._lock:
+            self._turn_queued = False
         summer = self.summer  # (released: flush_some finds no sums and says no more)
-        idle = self.streaming.idle and not self._waiting()
-        if summer is not None and summer.flush_some(idle):
+        if summer is None:
+            return
+        if not self.streaming.idle:  # resumed when the last push streaming in ends
+            self.streaming.wake_when_idle(self)
+        elif not self._waiting() and summer.flush_some(True):
+            self.wake()
+
+    def wake(self) -> None:
+        """Queue a turn of the sums' work unless one is queued (any thread)."""
+        with self._lock:
+            if self._released or self._turn_queued or self.summer is None:
+                return
+            self._turn_queued = True
+        try:
             self.executor.submit(self._flush)
+        except RuntimeError:  # the executor is shut down (the process is exiting)
+            with self._lock:
+                self._turn_queued = False
 
     def _waiting(self) -> bool:
         """Whether an upload of this round waits to be parsed."""

@@ -23,6 +23,10 @@ from .preload import MemoryBudget, Reservation
 
 log = logging.getLogger("raflora.server")
 
+# Columns one turn sketches: a sketched column costs about a sixth of a summed one, so a turn
+# costs about what one of :data:`FLUSH_COLUMNS` summed columns does.
+_SKETCH_COLUMNS = 4 * FLUSH_COLUMNS
+
 
 class RoundSummer:
     """One open round's sums, fed from worker threads, taken by the close (thread-safe)."""
@@ -94,7 +98,7 @@ class RoundSummer:
             if sums is None or self._taken or self._closing:
                 return False
             try:
-                if not sums.sketch(limit=1):
+                if not sums.sketch(limit=1, max_columns=_SKETCH_COLUMNS):
                     sums.flush(least, limit=1, max_columns=FLUSH_COLUMNS)
             except Exception as exc:
                 self._give_up(f"its sums could not be added to: {exc}")
