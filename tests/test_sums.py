@@ -174,6 +174,23 @@ def test_fp32_summed_close_is_certified_and_agrees_with_the_one_shot_close(
     assert rel_err(got.dense("m"), truth.dense("m")) < 1e-5
 
 
+def test_a_round_neither_sketched_nor_summed_is_left_to_the_one_shot_close() -> None:
+    """A burst: every upload arrived while others streamed in, so nothing was computed; the
+    sums' close would do the one-shot close's work and more, so they decline. Once sketched,
+    the close from the factors starts from the sketches and is the cheaper one."""
+    updates = distinct_round(256, 24, [4, 8, 16])
+    strategy = make_strategy(
+        "raflora", StrategyConfig(schema=AdapterSchema.from_shapes({"m": (256, 256)}), max_rank=16)
+    )
+    sums = RoundSums(strategy, strategy.initial_state())
+    for u in updates:
+        sums.add(u, flush=False)
+    assert sums.unsketched_columns == sums.pending_columns == sums.width
+    assert not sums.pays()
+    sums.sketch()
+    assert sums.pays()
+
+
 def test_a_lone_top_rank_client_of_few_examples_still_certifies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
