@@ -111,6 +111,19 @@ def test_carried_components_are_added_as_the_one_shot_close_adds_them(
         assert rel_err(got.dense(m), previous.dense(m)) > 1e-3  # the round changed it
 
 
+def in_float64(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    return [
+        ClientUpdate(
+            u.client_id,
+            u.rank,
+            u.num_examples,
+            u.scale,
+            {"m": FactorPair(u.factors["m"].B.double(), u.factors["m"].A.double())},
+        )
+        for u in updates
+    ]
+
+
 def distinct_round(d: int, clients: int, ranks: Sequence[int]) -> list[ClientUpdate]:
     """A shared adapter plus each client's own noise: the sum has a decaying spectrum and N
     near d (the bench's 64-client round, scaled down)."""
@@ -160,16 +173,7 @@ def test_fp32_summed_close_is_certified_and_agrees_with_the_one_shot_close(
         "raflora",
         StrategyConfig(schema=strategy.schema, max_rank=16, compute_dtype=torch.float64),
     )
-    as64 = [
-        ClientUpdate(
-            u.client_id,
-            u.rank,
-            u.num_examples,
-            u.scale,
-            {"m": FactorPair(u.factors["m"].B.double(), u.factors["m"].A.double())},
-        )
-        for u in updates
-    ]
+    as64 = in_float64(updates)
     truth = exact.aggregate(exact.initial_state(), as64)
     assert rel_err(got.dense("m"), truth.dense("m")) < 1e-5
 
@@ -239,16 +243,7 @@ def test_carried_components_are_in_the_sketch_the_close_starts_from(
         schema=schema, max_rank=8, compute_dtype=torch.float64, options={"shrinkage": 0.0}
     )
     strategy = make_strategy("raflora_ha", cfg)
-    as64 = [
-        ClientUpdate(
-            u.client_id,
-            u.rank,
-            u.num_examples,
-            u.scale,
-            {"m": FactorPair(u.factors["m"].B.double(), u.factors["m"].A.double())},
-        )
-        for u in (*first, *second)
-    ]
+    as64 = in_float64([*first, *second])
     previous = strategy.aggregate(strategy.initial_state(), as64[:12])
     sums = RoundSums(strategy, previous)
     for u in as64[12:]:
