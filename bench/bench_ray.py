@@ -46,6 +46,7 @@ from bench_aggregation import (
     release_memory,
     table,
 )
+from cpu_time import machine_cpu_seconds
 
 from raflora.server.cluster.ray_modules import RayModuleMap
 from raflora.server.engine import (
@@ -63,11 +64,9 @@ MIB = 1 << 20
 
 
 def busy_seconds() -> float:
-    """Non-idle CPU time of the whole machine so far, in seconds, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [float(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+    """Non-idle CPU time of the whole machine so far, in seconds (stolen time counts)."""
+    busy, stolen = machine_cpu_seconds()
+    return busy + stolen
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float, float]:

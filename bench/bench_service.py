@@ -58,6 +58,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from cpu_time import machine_cpu_seconds
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
@@ -315,15 +316,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat: what every
-    process used, and what the hypervisor gave to others."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 # Other processes busier than this, or a hypervisor stealing more than this share of the

@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict, pb
-from raflora.server.engine import AdapterSchema, StrategyConfig, lowrank, make_strategy
-from raflora.server.storage import FileFederationStore
+from raflora.server.engine import (
+    AdapterSchema,
+    ClientUpdate,
+    GlobalState,
+    Strategy,
+    StrategyConfig,
+    lowrank,
+    make_strategy,
+)
+from raflora.server.storage import FileFederationStore, UploadRecord
 from raflora.server.testing import threaded_server
 
 from . import reference
@@ -144,6 +152,19 @@ def test_sums_past_their_budget_give_up_and_the_round_closes_one_shot(tmp_path: 
         assert rel_err(got[m], want[m]) < 1e-5
 
 
+def four_uploads() -> tuple[Strategy, GlobalState, list[ClientUpdate], list[UploadRecord]]:
+    """A raFLoRA round's strategy and state, and the first four uploads (ranks 8, 2, 4, 8)
+    as the engine takes them and as their acknowledgements record them."""
+    schema = AdapterSchema.from_shapes(MODULES)
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK))
+    engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in uploads()[:4]]
+    records = [
+        UploadRecord(u.client_id, 0, u.rank, u.num_examples, 16.0, u.scale, f"sha-{i}", 1)
+        for i, u in enumerate(engine)
+    ]
+    return strategy, strategy.initial_state(), engine, records
+
+
 def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -153,19 +174,11 @@ def test_the_summer_holds_exactly_what_it_summed_and_gives_its_memory_back(
     from raflora.server.rounds import summing
     from raflora.server.rounds.preload import MemoryBudget
     from raflora.server.rounds.summing import RoundSummer
-    from raflora.server.storage import UploadRecord
 
-    schema = AdapterSchema.from_shapes(MODULES)
-    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK))
-    state = strategy.initial_state()
+    strategy, state, engine, records = four_uploads()
     width = MAX_RANK + lowrank.OVERSAMPLE + lowrank.PROBES  # each interval's sketch
     per_interval = sum(o * (i + width) for o, i in MODULES.values()) * 4
     basis = sum({i for _, i in MODULES.values()}) * width * 4  # [Ω G], once
-    engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in uploads()[:4]]
-    records = [
-        UploadRecord(u.client_id, 0, u.rank, u.num_examples, 16.0, u.scale, f"sha-{i}", 1)
-        for i, u in enumerate(engine)
-    ]
 
     def fed(budget: MemoryBudget, count: int) -> RoundSummer:
         summer = RoundSummer(strategy, state, budget)
@@ -242,16 +255,9 @@ def test_the_sums_work_waits_for_pushes_streaming_in_and_resumes_after_the_last(
 
     from raflora.server.rounds.preload import MemoryBudget, RoundPreload, Streaming
     from raflora.server.rounds.summing import RoundSummer
-    from raflora.server.storage import UploadRecord
 
-    schema = AdapterSchema.from_shapes(MODULES)
-    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=MAX_RANK))
-    state = strategy.initial_state()
-    engine = [engine_update(c, r, n, 16.0, t, MODULES) for c, r, n, t in uploads()[:4]]
-    records = [
-        UploadRecord(u.client_id, 0, u.rank, u.num_examples, 16.0, u.scale, f"sha-{i}", 1)
-        for i, u in enumerate(engine)
-    ]
+    strategy, state, engine, records = four_uploads()
+    schema = strategy.schema
     streaming = Streaming()
     budget = MemoryBudget(64 << 20, 16 << 20)
     summer = RoundSummer(strategy, state, budget)

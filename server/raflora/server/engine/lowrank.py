@@ -291,13 +291,12 @@ def _randomized(
     f32 = torch.float32  # drawn in float32 whatever the default dtype: as sketch_start draws
     limit = min(op.width, op.d_out, op.d_in)
     k = min(max_rank + oversample, limit)
+    # Drawn even when ``given`` holds its product: the wide Ω is the generator's next draw.
+    omega = torch.randn(op.d_in, k, generator=gen, dtype=f32)
     start = given.start if given is not None and int(given.start.shape[1]) == k else None
-    omega = None if start is not None else torch.randn(op.d_in, k, generator=gen, dtype=f32)
     found = _sketch(op, k, power_iterations, max_rank, tolerance, omega, start, given)
     wide = min(2 * k, limit)
     if found is None and widen and wide > k:
-        if omega is None:  # the wide Ω is the generator's next draw, as when none was given
-            torch.randn(op.d_in, k, generator=gen, dtype=f32)
         omega = torch.randn(op.d_in, wide, generator=gen, dtype=f32)
         found = _sketch(op, wide, min(2, power_iterations), max_rank, tolerance, omega, None, given)
     return found
@@ -309,7 +308,7 @@ def _sketch(
     power_iterations: int,
     max_rank: int,
     tolerance: float,
-    omega: Tensor | None,
+    omega: Tensor,
     start: Tensor | None,
     given: Sketched | None,
 ) -> LowRank | None:
@@ -317,7 +316,6 @@ def _sketch(
     certified after 1, 2 and ``power_iterations`` power iterations."""
     checkpoints = {min(1, power_iterations), min(2, power_iterations), power_iterations}
     if start is None:
-        assert omega is not None
         start = op.times(omega.to(dtype=op.dtype, device=op.device))
     Q, _ = torch.linalg.qr(start)
     for done in range(power_iterations + 1):
@@ -421,29 +419,27 @@ def residual_norm_bound(
     sketch's Ω is fixed and public); the cost is one product of width ``probes`` through the
     factors, O((d_out + d_in)·N·probes): linear in the round's size.
     """
-    seed = secrets.randbits(63)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     like = C if A is None else A
-    omega = torch.randn(like.shape[1], probes, generator=gen, dtype=torch.float32).to(like)
+    omega = secret_probes(int(like.shape[1]), like.dtype, like.device, probes)
     Y = C @ omega if A is None else C @ (A @ omega)
     if plus is not None:
         Y = torch.addmm(Y, plus.B, plus.A @ omega)
-    if deflate is not None:
-        Y = Y - deflate @ (deflate.T @ Y)
-    norms = torch.linalg.vector_norm(Y, dim=0)
-    return PROBE_FACTOR * float(norms.max())
+    return deflated_probe_bound(Y, deflate)
 
 
-def deflated_probe_bound(probes: Tensor, Q: Tensor) -> float:
-    """:func:`residual_norm_bound` of (I − QQᵀ)ΔW from probes ΔW G already taken."""
-    Y = probes - Q @ (Q.T @ probes)
+def deflated_probe_bound(probed: Tensor, Q: Tensor | None) -> float:
+    """:func:`residual_norm_bound` from probes M G already taken, of (I − QQᵀ)M if ``Q``."""
+    Y = probed if Q is None else probed - Q @ (Q.T @ probed)
     return PROBE_FACTOR * float(torch.linalg.vector_norm(Y, dim=0).max())
 
 
-def secret_probes(d_in: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """The G of :class:`Sketched`: :data:`PROBES` columns from a CSPRNG seed."""
+def secret_probes(
+    d_in: int, dtype: torch.dtype, device: torch.device | str, count: int = PROBES
+) -> Tensor:
+    """``count`` standard Gaussian columns from a CSPRNG seed: the certificate's probes, so
+    that no upload can be built orthogonal to them (the G of :class:`Sketched`)."""
     gen = torch.Generator(device="cpu").manual_seed(secrets.randbits(63))
-    return torch.randn(d_in, PROBES, generator=gen, dtype=torch.float32).to(
+    return torch.randn(d_in, count, generator=gen, dtype=torch.float32).to(
         dtype=dtype, device=device
     )
 

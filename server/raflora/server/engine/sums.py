@@ -47,7 +47,7 @@ from .lowrank import (
     truncated_svd_of_sum,
 )
 from .strategies import Strategy
-from .strategies.spectral import SpectralStrategy, carried_components
+from .strategies.spectral import SpectralStrategy
 from .types import ClientUpdate, FactorPair, GlobalState, LowRank
 from .validation import validate_round, validate_update
 from .weights import Weighting, client_weights
@@ -87,6 +87,14 @@ class _Summed:
     weight: float  # a_i
     scale: float
     factors: Mapping[str, FactorPair]  # in the compute dtype, until its columns are added
+
+
+def _batch(waiting: int, width: int, max_columns: int | None) -> int:
+    """How many of ``waiting`` uploads (``width`` columns each in an interval) one turn takes:
+    about ``max_columns`` columns, whole uploads, at least one (None: all)."""
+    if max_columns is None:
+        return waiting
+    return max(1, min(waiting, max_columns // width))
 
 
 def _magnitude(B: Tensor, A: Tensor, gains: Tensor, width: int) -> float:
@@ -136,7 +144,7 @@ class RoundSums:
     @property
     def _interval_bytes(self) -> int:
         """One d_out × d_in sum and its d_out × (k + probes) sketch for every module."""
-        width = next(iter(self._basis.values())).shape[1]
+        width = self._k + PROBES
         modules = self.strategy.schema.modules.values()
         return sum(s.d_out * (s.d_in + width) for s in modules) * self._element_bytes
 
@@ -206,9 +214,7 @@ class RoundSums:
             if not self._unsketched[i] or (limit is not None and done >= limit):
                 continue
             waiting = self._unsketched[i]
-            take = len(waiting)
-            if max_columns is not None:
-                take = max(1, min(take, max_columns // (hi - lo)))
+            take = _batch(len(waiting), hi - lo, max_columns)
             batch, self._unsketched[i] = waiting[:take], waiting[take:]
             done += 1
             gains = torch.tensor(
@@ -245,9 +251,7 @@ class RoundSums:
         ready.sort(reverse=True)
         for _, i, lo, hi in ready[:limit]:
             waiting = self._pending[i]
-            take = len(waiting)
-            if max_columns is not None:
-                take = max(1, min(take, max_columns // (hi - lo)))
+            take = _batch(len(waiting), hi - lo, max_columns)
             self._accumulate(i, lo, hi, waiting[:take])
             self._pending[i] = waiting[take:]
         return len(ready[:limit])
@@ -288,7 +292,7 @@ class RoundSums:
         cut = at < len(self._pending)
         dtype, device = self.strategy.dtype, self.strategy.device
         for name, shape in self.strategy.schema.modules.items():
-            width = int(self._basis[shape.d_in].shape[1])
+            width = self._k + PROBES
             zeros = torch.zeros(shape.d_out, width, dtype=dtype, device=device)
             sums, sketches, magnitude = (
                 self._sums[name],
@@ -463,7 +467,7 @@ class RoundSums:
         if not finite:
             raise SumsMismatchError("sums", f"module {name}'s sums are not finite")
         width = self.width
-        carried = self._carried(name, state, r_max)
+        carried = self.strategy.carried(state, name, r_max)
         if carried is not None:  # the previous state's components past this round's ranks
             sketch.addmm_(carried.B, carried.A @ self._basis[shape.d_in])
             allowance += float(torch.linalg.norm(carried.B)) * float(torch.linalg.norm(carried.A))
@@ -531,14 +535,3 @@ class RoundSums:
             dtype, device = self.strategy.dtype, self.strategy.device
             W = torch.zeros(shape.d_out, shape.d_in, dtype=dtype, device=device)
         return W
-
-    def _carried(self, name: str, state: GlobalState, r_max: int) -> FactorPair | None:
-        if not self.strategy.carry_over:
-            return None
-        carried = carried_components(state.modules[name], r_max)
-        if carried is None:
-            return None
-        dtype, device = self.strategy.dtype, self.strategy.device
-        return FactorPair(
-            carried.B.to(dtype=dtype, device=device), carried.A.to(dtype=dtype, device=device)
-        )

@@ -69,18 +69,13 @@ class Streaming:
             for preload in woken:
                 preload.wake()
 
-    @property
-    def idle(self) -> bool:
-        with self._lock:
-            return self._count == 0
-
-    def wake_when_idle(self, preload: RoundPreload) -> None:
-        """Call ``preload.wake()`` once no push streams (now, if none does)."""
+    def busy_for(self, preload: RoundPreload) -> bool:
+        """Whether a push is streaming in; if so ``preload.wake()`` is called once the last
+        one ends."""
         with self._lock:
             if self._count:
                 self._waiting.add(preload)
-                return
-        preload.wake()
+            return self._count > 0
 
 
 STREAMING = Streaming()
@@ -221,11 +216,9 @@ class RoundPreload:
         with self._lock:
             self._turn_queued = False
         summer = self.summer  # (released: flush_some finds no sums and says no more)
-        if summer is None:
+        if summer is None or self.streaming.busy_for(self):
             return
-        if not self.streaming.idle:  # resumed when the last push streaming in ends
-            self.streaming.wake_when_idle(self)
-        elif not self._waiting() and summer.flush_some(True):
+        if summer.flush_some(idle=not self._waiting()):
             self.wake()
 
     def wake(self) -> None:

@@ -81,12 +81,14 @@ class SpectralStrategy(Strategy):
             f = u.factors[name]
             col = w.to(dtype=self.dtype, device=self.device) * u.scale
             terms.append(FactorPair(B=f.B * col, A=f.A))
-        carried = self._carried(state, name, max(round_.ranks))
+        carried = self.carried(state, name, max(round_.ranks))
         if carried is not None:
             terms.append(carried)
         return truncated_svd_of_sum(terms, self.config.max_rank, self.config.svd_method)
 
-    def _carried(self, state: GlobalState, name: str, r_max: int) -> FactorPair | None:
+    def carried(self, state: GlobalState, name: str, r_max: int) -> FactorPair | None:
+        """The previous state's components past ``r_max`` as one term in the compute dtype,
+        if this strategy carries them over (None: none)."""
         if not self.carry_over:
             return None
         carried = carried_components(state.modules[name], r_max)
@@ -130,7 +132,7 @@ class SpectralStrategy(Strategy):
                 std,
                 self.config.max_rank,
                 generator,
-                self._carried(state, name, max(round_.ranks)),
+                self.carried(state, name, max(round_.ranks)),
             )
         clip = tuple(float(g) * private.denominator for g in gains)
         return GlobalState(
