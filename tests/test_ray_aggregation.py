@@ -154,6 +154,11 @@ def test_a_cluster_too_slow_to_answer_costs_time_not_the_round(ray_head: RayClus
 
 MODULES = {"layers.0.q": (48, 32), "layers.0.v": (32, 48), "layers.1.q": (48, 32)}
 RANKS = (2, 4, 8)
+# Both servers close one-shot: a round closed from its running sums (rounds/summing.py, tested
+# in test_round_sums_service) is another float32 summation order, and runs in the server
+# process, not on the cluster, so it is neither the round compared here nor a Ray task.
+ONE_SHOT = {"round_sums_memory_mib": 0}
+ONE_SHOT_ENV = {"RAFLORA_ROUND_SUMS_MEMORY_MIB": "0"}
 
 
 def client_adapter(modules: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, Tensor]:
@@ -200,8 +205,8 @@ def test_a_federation_on_ray_publishes_the_in_process_round(
     ray_head: RayCluster, tmp_path: Path
 ) -> None:
     with (
-        threaded_server(tmp_path / "ray", ray_address=ray_head.gcs_address) as on_ray,
-        threaded_server(tmp_path / "here") as here,
+        threaded_server(tmp_path / "ray", ray_address=ray_head.gcs_address, **ONE_SHOT) as on_ray,
+        threaded_server(tmp_path / "here", **ONE_SHOT) as here,
         torch_threads(1),
     ):
         for server in (on_ray, here):
@@ -237,7 +242,7 @@ def test_a_worker_killed_mid_round_is_retried_and_the_round_is_right(
     server = start_server_process(
         tmp_path / "ray",
         tmp_path / "ray.log",
-        env={**RAY_ENV, "RAFLORA_RAY_ADDRESS": ray_head.client_address},
+        env={**RAY_ENV, "RAFLORA_RAY_ADDRESS": ray_head.client_address, **ONE_SHOT_ENV},
         timeout=120,
     )
     watcher = threading.Thread(target=killer, daemon=True)
@@ -255,7 +260,7 @@ def test_a_worker_killed_mid_round_is_retried_and_the_round_is_right(
         puller = stack.enter_context(RafloraClient(server.target, "fed", "c0"))
         got = puller.pull()
         assert got.round == 1
-        with threaded_server(tmp_path / "here") as here, torch_threads(1):
+        with threaded_server(tmp_path / "here", **ONE_SHOT) as here, torch_threads(1):
             for client in run_round(here.target, "fed", heavy, ranks):
                 stack.callback(client.close)
             want = RafloraClient(here.target, "fed", "c0")
@@ -379,7 +384,7 @@ def test_local_mode_starts_a_cluster_inside_the_server(tmp_path: Path) -> None:
     the mode), aggregates on it, and takes it down when it stops."""
     token = Path.home() / ".ray" / "auth_token"
     before = token.stat().st_mtime_ns if token.exists() else None
-    env = {**RAY_ENV, "RAFLORA_RAY_ADDRESS": "local"}
+    env = {**RAY_ENV, "RAFLORA_RAY_ADDRESS": "local", **ONE_SHOT_ENV}
     server = start_server_process(tmp_path / "d", tmp_path / "local.log", env=env, timeout=120)
     with ExitStack() as stack:
         stack.callback(server.stop)
@@ -417,6 +422,7 @@ def ray_server(
         tmp_path_factory.mktemp("ray-hostile"),
         ray_address=ray_head.gcs_address,
         max_pushes_per_round=64,
+        **ONE_SHOT,
     ) as handle:
         yield handle
 
