@@ -5,8 +5,10 @@ closes one-shot, as before, with nobody's upload lost."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -258,7 +260,7 @@ def test_the_sums_work_waits_for_pushes_streaming_in_and_resumes_after_the_last(
 
     strategy, state, engine, records = four_uploads()
     schema = strategy.schema
-    streaming = Streaming()
+    streaming = Streaming(quiet_seconds=3600.0)  # the push below streams the whole time
     budget = MemoryBudget(64 << 20, 16 << 20)
     summer = RoundSummer(strategy, state, budget)
     with ThreadPoolExecutor(max_workers=1) as executor:
@@ -287,3 +289,107 @@ def test_the_sums_work_waits_for_pushes_streaming_in_and_resumes_after_the_last(
             assert rel_err(got.dense(m), want.dense(m)) < 1e-5
         preload.release()
     assert budget.used == 0
+
+
+def test_a_push_counts_as_streaming_only_while_its_bytes_flow() -> None:
+    """Streaming alone, on a clock of its own: a push holds the sums back while a message came
+    in the last quiet_seconds, and not once it stalls, open or not."""
+    from raflora.server.rounds.preload import RoundPreload, Streaming
+
+    now = [100.0]
+    streaming = Streaming(quiet_seconds=0.05, clock=lambda: now[0])
+    preload = cast(RoundPreload, _Woken())
+    assert not streaming.busy_for(preload)
+    with streaming.push() as push:
+        assert streaming.busy_for(preload)  # just opened: its bytes are on their way
+        now[0] += 0.04
+        push.received()
+        now[0] += 0.04
+        assert streaming.busy_for(preload)  # a message 40 ms ago
+        now[0] += 0.02
+        assert not streaming.busy_for(preload)  # 60 ms of nothing: stalled, still open
+        push.received()
+        assert streaming.busy_for(preload)
+
+
+class _Woken:
+    """Stands in for a RoundPreload: counts its wake-ups (any thread)."""
+
+    def __init__(self) -> None:
+        self.woken = threading.Event()
+        self.count = 0
+
+    def wake(self) -> None:
+        self.count += 1
+        self.woken.set()
+
+
+def test_a_stalled_push_wakes_the_sums_it_held_back_without_ending() -> None:
+    """With the real clock and timer: a preload told to wait for a push is woken once that
+    push stops sending, though its stream stays open; and at once when a push ends."""
+    from raflora.server.rounds.preload import RoundPreload, Streaming
+
+    streaming = Streaming(quiet_seconds=0.05)
+    waiter = _Woken()
+    preload = cast(RoundPreload, waiter)
+    with streaming.push():
+        assert streaming.busy_for(preload)
+        assert waiter.woken.wait(5), "a stalled push held the sums back"
+        assert waiter.count == 1 and not streaming.busy_for(preload)
+    ended = _Woken()
+    with streaming.push() as push:
+        assert streaming.busy_for(cast(RoundPreload, ended))
+        push.received()
+    assert ended.count == 1  # woken by the end, not a timer
+
+
+def test_a_client_holding_a_push_open_does_not_stop_the_others_sums(tmp_path: Path) -> None:
+    """An attacker opens a push, sends its header and a few bytes, and stalls (its stream
+    stays open well within the server's timeouts). It costs the server no CPU, so it must
+    not hold the sums back: the honest clients' round still closes from its sums (the
+    attacker's upload never lands), and what it publishes is the one-shot result."""
+    import grpc
+    from safetensors.torch import save
+
+    from raflora.v1 import aggregation_pb2_grpc as pb_grpc
+
+    from .helpers.adapters import factors, push_header
+
+    clients = uploads()
+    payload = save(factors(2, 9, MODULES))
+    release = threading.Event()
+    with threaded_server(tmp_path / "d") as srv:
+        with AdminClient(srv.target) as admin:
+            admin.create_federation(
+                every_client_spec("fed", MODULES, len(clients), max_rank=MAX_RANK, init_seed=3)
+            )
+        with RafloraClient(srv.target, "fed", "stalls") as hostile:
+            hostile.join(rank=2, num_examples=10, lora_alpha=16.0)
+
+        def stalled() -> Iterator[pb.PushRequest]:
+            yield pb.PushRequest(
+                header=push_header("fed", "stalls", payload, rank=2, num_examples=10)
+            )
+            yield pb.PushRequest(data=payload[:64])
+            release.wait(60)
+
+        channel = grpc.insecure_channel(srv.target)
+        stub: Any = pb_grpc.AggregationServiceStub(channel)  # generated without annotations
+        call = stub.Push.future(stalled(), timeout=120)
+        try:
+            for cid, rank, n, tensors in clients:
+                with RafloraClient(srv.target, "fed", cid) as client:
+                    client.join(rank=rank, num_examples=n, lora_alpha=16.0)
+                    client.push(tensors, round=0, num_examples=n)
+            with RafloraClient(srv.target, "fed", clients[0][0]) as client:
+                client.wait_for_round(0, timeout=60)
+            assert not call.done()  # the attacker's push was still open the whole round
+            summed = metric_value(srv.metrics_url, "raflora_rounds_summed_total", federation="fed")
+        finally:
+            call.cancel()
+            release.set()
+            channel.close()
+    assert summed == 1.0
+    got, want = published(tmp_path / "d", "fed"), engine_one_shot(clients)
+    for m in MODULES:
+        assert rel_err(got[m], want[m]) < 1e-5

@@ -33,7 +33,7 @@ from ..rounds import (
     WatcherLaggedError,
     direct,
 )
-from ..rounds.preload import STREAMING
+from ..rounds.preload import STREAMING, StreamingPush
 from ..rounds.terms import check_sha256
 from ..rounds.tickets import PushTicket, retrieve
 from ..rounds.views import ViewReader
@@ -324,8 +324,8 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                 h.client_id, h.round, h.rank, h.num_examples, h.lora_alpha, h.total_bytes, h.sha256
             )
             try:
-                with STREAMING.push():
-                    trailer = await self._receive(stream, clock, ticket, bool(h.sha256))
+                with STREAMING.push() as streaming:
+                    trailer = await self._receive(stream, clock, ticket, bool(h.sha256), streaming)
             except Exception:
                 await runtime.refuse_push(ticket)
                 raise
@@ -414,12 +414,18 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             self.metrics.upload_errors.labels(federation, refusal_of(exc).code.name).inc()
 
     async def _receive(
-        self, stream: AsyncIterator[Any], clock: StreamClock, ticket: PushTicket, digest_first: bool
+        self,
+        stream: AsyncIterator[Any],
+        clock: StreamClock,
+        ticket: PushTicket,
+        digest_first: bool,
+        streaming: StreamingPush,
     ) -> str | None:
         """Feed a push's data chunks to its ticket; returns the trailer's digest, if any."""
         trailer: str | None = None
         while True:
             more, message = await clock.next_unless(stream, ticket.intake.failed)
+            streaming.received()
             if not more:
                 ticket.intake.raise_error()  # the checks failed while we waited
             if message is None:

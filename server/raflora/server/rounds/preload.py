@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -43,39 +44,95 @@ log = logging.getLogger("raflora.server")
 PRELOADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-preload")
 
 
-class Streaming:
-    """How many pushes are streaming their bytes into this server (thread-safe): the
-    preload thread adds to a round's sums only while none is, since receiving is what the
-    round waits for and the close does not need the sums densified (rounds/summing.py).
-    Whoever waited for that is woken when the last one ends."""
+# A push that received nothing for this long costs no CPU: it no longer holds the sums back.
+# Loopback chunks arrive every millisecond or two, and pushes spread 30 ms apart leave gaps
+# that this keeps to the quiet ones.
+QUIET_SECONDS = 0.05
 
-    def __init__(self) -> None:
-        self._count = 0
+
+class StreamingPush:
+    """One push receiving its bytes; :meth:`received` marks each message it gets."""
+
+    __slots__ = ("_clock", "last")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.last = clock()
+
+    def received(self) -> None:
+        self.last = self._clock()  # one float store, on the event loop: no lock
+
+
+class Streaming:
+    """Whether pushes are streaming their bytes into this server (thread-safe): the preload
+    thread adds to a round's sums only while none is, since receiving is what the round waits
+    for and the close does not need the sums densified (rounds/summing.py).
+
+    A push counts only while its bytes flow (a message in the last ``quiet_seconds``): a
+    client that opens a push and trickles a byte now and then, or stalls, costs no CPU and
+    must not stop every round's sums. Whoever waited is woken when the last push ends, or by
+    a timer once the open ones have gone quiet."""
+
+    def __init__(
+        self, quiet_seconds: float = QUIET_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.quiet_seconds = quiet_seconds
+        self._clock = clock
+        self._pushes: set[StreamingPush] = set()
         self._lock = threading.Lock()
         self._waiting: weakref.WeakSet[RoundPreload] = weakref.WeakSet()
+        self._timer: threading.Timer | None = None
 
     @contextmanager
-    def push(self) -> Iterator[None]:
+    def push(self) -> Iterator[StreamingPush]:
+        handle = StreamingPush(self._clock)
         with self._lock:
-            self._count += 1
+            self._pushes.add(handle)
         try:
-            yield
+            yield handle
         finally:
             with self._lock:
-                self._count -= 1
-                woken = list(self._waiting) if self._count == 0 else []
-                if woken:
-                    self._waiting.clear()
+                self._pushes.discard(handle)
+                woken = self._take_waiting() if not self._busy() else []
             for preload in woken:
                 preload.wake()
 
     def busy_for(self, preload: RoundPreload) -> bool:
-        """Whether a push is streaming in; if so ``preload.wake()`` is called once the last
-        one ends."""
+        """Whether a push is streaming in; if so ``preload.wake()`` is called once none is."""
         with self._lock:
-            if self._count:
+            busy = self._busy()
+            if busy:
                 self._waiting.add(preload)
-            return self._count > 0
+                self._arm()
+            return busy
+
+    def _busy(self) -> bool:
+        now = self._clock()
+        return any(now - p.last < self.quiet_seconds for p in self._pushes)
+
+    def _take_waiting(self) -> list[RoundPreload]:
+        woken = list(self._waiting)
+        self._waiting.clear()
+        return woken
+
+    def _arm(self) -> None:
+        """(Under the lock.) Look again in ``quiet_seconds``: pushes that stall end nothing."""
+        if self._timer is None:
+            self._timer = threading.Timer(self.quiet_seconds, self._recheck)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _recheck(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._busy():
+                woken = []
+                if self._waiting:
+                    self._arm()
+            else:
+                woken = self._take_waiting()
+        for preload in woken:
+            preload.wake()
 
 
 STREAMING = Streaming()
