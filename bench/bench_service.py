@@ -1006,6 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=64, help="concurrent clients in one round")
     p.add_argument("--repeats", type=int, default=3, help="transfers per size / rounds")
     p.add_argument("--workdir", type=Path, default=None, help="server data (default: a tmp dir)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the servers' data and logs (*.log) after the run"
+    )
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
     p.add_argument("--skip-round", action="store_true", help="only the throughput phase")
     p.add_argument(
@@ -1076,7 +1079,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         memory = bench_memory(workdir, args.memory_mib) if args.memory_mib > 0 else []
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            log(f"kept the servers' data and logs under {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
     log(f"done in {elapsed:.0f}s")
