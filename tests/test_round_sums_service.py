@@ -393,3 +393,45 @@ def test_a_client_holding_a_push_open_does_not_stop_the_others_sums(tmp_path: Pa
     got, want = published(tmp_path / "d", "fed"), engine_one_shot(clients)
     for m in MODULES:
         assert rel_err(got[m], want[m]) < 1e-5
+
+
+def test_a_client_pushing_again_is_summed_once_and_the_round_still_closes_from_its_sums(
+    tmp_path: Path,
+) -> None:
+    """An attacker re-sends its acknowledged upload (the lost-ack retry the server must take)
+    five times, then tries a different one. Each identical re-push is acknowledged and
+    counted nowhere; the different one is refused (ALREADY_EXISTS). Neither outweighs its
+    declared share nor ends the round's sums: the round closes from them, and equals the
+    one-shot close with every client counted once."""
+    from raflora.client_sdk.errors import AlreadyExistsError
+
+    clients = uploads()
+    attacker = 5
+    different = clients[1][3]  # another client's tensors, of the attacker's rank (2)
+    assert clients[1][1] == clients[attacker][1]
+    with threaded_server(tmp_path / "d") as srv:
+        with AdminClient(srv.target) as admin:
+            admin.create_federation(
+                every_client_spec("fed", MODULES, len(clients), max_rank=MAX_RANK, init_seed=3)
+            )
+        for k, (cid, rank, n, tensors) in enumerate(clients):
+            with RafloraClient(srv.target, "fed", cid) as client:
+                client.join(rank=rank, num_examples=n, lora_alpha=16.0)
+                first = client.push(tensors, round=0, num_examples=n)
+                if k != attacker:  # neither the first nor the last to push
+                    continue
+                for _ in range(5):
+                    again = client.push(tensors, round=0, num_examples=n)
+                    assert again.duplicate and not first.duplicate
+                    assert again.uploads_in_round == first.uploads_in_round == k + 1
+                with pytest.raises(AlreadyExistsError, match="different update"):
+                    client.push(different, round=0, num_examples=n)
+        with RafloraClient(srv.target, "fed", clients[0][0]) as client:
+            client.wait_for_round(0, timeout=60)
+        summed = metric_value(srv.metrics_url, "raflora_rounds_summed_total", federation="fed")
+    assert summed == 1.0
+    manifest = FileFederationStore(tmp_path / "d" / "federations" / "fed").read_manifest(1)
+    assert sorted(u.client_id for u in manifest.uploads) == sorted(c for c, *_ in clients)
+    got, want = published(tmp_path / "d", "fed"), engine_one_shot(clients)
+    for m in MODULES:
+        assert rel_err(got[m], want[m]) < 1e-5
