@@ -179,7 +179,7 @@ def test_a_top_direction_hidden_from_both_sketches_is_caught(
     t = planted_round(pieces=2 * k, hidden_from=3 * k)
     assert randomized_svd(t, R) is None
     with monkeypatch.context() as without_bound:  # what the bound is there for
-        without_bound.setattr(lowrank, "residual_norm_bound", lambda *_: 0.0)
+        without_bound.setattr(lowrank, "deflated_probe_bound", lambda *_: 0.0)
         fooled = randomized_svd(t, R)
         assert fooled is not None and float(fooled.S[0]) == pytest.approx(1.0)
     via = truncated_svd_of_sum(t, R, SvdMethod.RANDOMIZED)

@@ -243,20 +243,40 @@ def randomized_svd(
     O((d_out + d_in)·N·k) per power iteration with k = max_rank + oversample. The result is
     returned only if every kept triplet satisfies ‖ΔW v_j − σ_j u_j‖ ≤ tolerance·σ_1 (and
     ΔWᵀu_j = σ_j v_j holds by construction) and no singular value left out can exceed the
-    smallest kept one (a probabilistic bound on what the sketch missed, from fresh secret
-    probes; it fails with probability 1e-10); otherwise None, and callers use an exact path.
+    smallest kept one (a probabilistic bound on what the sketch missed, from secret probes
+    drawn once for every try; it fails with probability 1e-10); otherwise None, and callers use
+    an exact path.
     The certificate is tried after 1, 2 and ``power_iterations`` power iterations: a round with
     a clear gap at R stops early. If none certifies, one sketch of twice the width is tried
     (``widen``) after 1 and 2 iterations: a round whose gap at R is small but whose rank is
     not much above k (few distinct directions, a flat top) is certified there, at a fraction
     of an exact SVD. The random starts are seeded, so the result is deterministic. ``given``:
-    the first sketch's product and the probes, accumulated already (they are not recomputed).
+    the first sketch's product and the probes, accumulated already (they are not recomputed);
+    without it both are taken here, in one product.
     """
     B = torch.cat([t.B for t in terms], dim=1)
     A = torch.cat([t.A for t in terms], dim=0)
-    return _randomized(
-        _Factored(B, A), max_rank, oversample, power_iterations, tolerance, widen, given
-    )
+    op = _Factored(B, A)
+    if given is None:
+        given = _sketched_at_once(op, max_rank + oversample)
+    return _randomized(op, max_rank, oversample, power_iterations, tolerance, widen, given)
+
+
+def _sketched_at_once(op: _Factored, k: int) -> Sketched:
+    """ΔW [Ω G] in one product through the factors: the first sketch and the certificate's
+    secret probes, as a round's sums hold them (§2.11). One draw of G serves every try of
+    the certificate (Q never depends on it), and (I − QQᵀ)ΔW G is then ΔW G − Q(QᵀΔW G),
+    where fresh probes per try cost a product each and formed B − QQᵀB (d_out × N)."""
+    k = min(k, op.width, op.d_out, op.d_in)
+    omega = sketch_start(op.d_in, k, op.dtype, op.device)
+    probes = secret_probes(op.d_in, op.dtype, op.device)
+    Y = op.times(torch.cat([omega, probes], dim=1))
+    # What rounding in ΔW G can hide of the bound, as for the sums' probes (engine/sums.py):
+    # a GEMM of inner size d rounds each entry to ~√d·eps of ‖B‖·‖A‖.
+    eps = torch.finfo(op.dtype).eps
+    size = float(torch.linalg.norm(op.B)) * float(torch.linalg.norm(op.A))
+    rounding = 8 * eps * PROBE_FACTOR * math.sqrt(max(op.d_out, op.d_in)) * size
+    return Sketched(Y[:, :k], Y[:, k:], rounding)
 
 
 def randomized_svd_dense(
