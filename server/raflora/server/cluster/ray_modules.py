@@ -254,7 +254,6 @@ class RayModuleMap:
             return list(ray.get(refs, timeout=self.task_timeout_seconds))
         except RayTaskError as exc:
             if isinstance(exc.cause, AggregationError):
-                self._cancel(refs)
                 # the engine refused the data, as it would here: its own error and message
                 raise exc.cause from None
             reason = f"a task failed: {type(exc.cause).__name__}: {exc.cause}"
@@ -263,7 +262,9 @@ class RayModuleMap:
         except Exception as exc:  # the cluster itself: connection lost, workers gone, ...
             reason = f"{type(exc).__name__}: {exc}"
             rejoin = True
-        self._cancel(refs)
+        # The round's other tasks are left to finish on the cluster and their results are
+        # dropped with ``refs``: force-cancelling one as it completed tripped a check in
+        # Ray's task manager that aborts this process, the server (docs/design.md §5.2).
         return self._in_process(jobs, reason, failed=True, rejoin=rejoin)
 
     def _in_process(
@@ -284,11 +285,3 @@ class RayModuleMap:
         if self.on_fallback is not None:
             self.on_fallback(reason)
         return run_here(jobs)
-
-    @staticmethod
-    def _cancel(refs: Sequence[Any]) -> None:
-        import ray
-
-        for ref in refs:  # best effort: the round goes on anyway
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
