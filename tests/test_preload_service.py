@@ -6,20 +6,16 @@ its stream lasts; the others keep being served and the round publishes without i
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 from safetensors.torch import save
 
-from raflora.client_sdk import AdminClient, RafloraClient, pb
+from raflora.client_sdk import AdminClient, RafloraClient
 from raflora.server.testing import threaded_server
-from raflora.v1 import aggregation_pb2_grpc as pb_grpc
 
-from .helpers.adapters import factors, push_header
+from .helpers.adapters import factors
 from .helpers.federations import every_client_spec
+from .helpers.stalled import stalled_push
 from .helpers.waiting import wait_until
 
 MODULES = {"q": (32, 24), "v": (24, 32)}
@@ -31,21 +27,9 @@ def test_a_never_ending_push_holds_its_room_and_nobody_waits_for_it(tmp_path: Pa
         budget = srv.server.hub.preload_budget
         with AdminClient(srv.target) as admin:
             admin.create_federation(every_client_spec("fed", MODULES, 2, max_rank=4))
-        release = threading.Event()
         with RafloraClient(srv.target, "fed", "hostile") as hostile:
             hostile.join(2, num_examples=10)
-
-            def never_ending() -> Iterator[pb.PushRequest]:
-                yield pb.PushRequest(
-                    header=push_header("fed", "hostile", payload, rank=2, num_examples=10)
-                )
-                yield pb.PushRequest(data=payload[:64])
-                release.wait(30)
-
-            channel = grpc.insecure_channel(srv.target)
-            stub: Any = pb_grpc.AggregationServiceStub(channel)  # generated without annotations
-            call = stub.Push.future(never_ending(), timeout=60)
-            try:
+            with stalled_push(srv.target, "fed", "hostile", payload, rank=2):
                 assert wait_until(lambda: budget.used == len(payload), timeout=10)
                 honest = [RafloraClient(srv.target, "fed", c) for c in ("a", "b")]
                 for i, c in enumerate(honest):
@@ -55,8 +39,4 @@ def test_a_never_ending_push_holds_its_room_and_nobody_waits_for_it(tmp_path: Pa
                 assert wait_until(lambda: all(c.pull().round == 1 for c in honest), timeout=20)
                 for c in honest:
                     c.close()
-            finally:
-                call.cancel()
-                release.set()
-                channel.close()
             assert wait_until(lambda: budget.used == 0, timeout=10), budget.used

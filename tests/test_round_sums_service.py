@@ -6,9 +6,9 @@ closes one-shot, as before, with nobody's upload lost."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import torch
@@ -348,16 +348,13 @@ def test_a_client_holding_a_push_open_does_not_stop_the_others_sums(tmp_path: Pa
     stays open well within the server's timeouts). It costs the server no CPU, so it must
     not hold the sums back: the honest clients' round still closes from its sums (the
     attacker's upload never lands), and what it publishes is the one-shot result."""
-    import grpc
     from safetensors.torch import save
 
-    from raflora.v1 import aggregation_pb2_grpc as pb_grpc
-
-    from .helpers.adapters import factors, push_header
+    from .helpers.adapters import factors
+    from .helpers.stalled import stalled_push
 
     clients = uploads()
     payload = save(factors(2, 9, MODULES))
-    release = threading.Event()
     with threaded_server(tmp_path / "d") as srv:
         with AdminClient(srv.target) as admin:
             admin.create_federation(
@@ -366,17 +363,7 @@ def test_a_client_holding_a_push_open_does_not_stop_the_others_sums(tmp_path: Pa
         with RafloraClient(srv.target, "fed", "stalls") as hostile:
             hostile.join(rank=2, num_examples=10, lora_alpha=16.0)
 
-        def stalled() -> Iterator[pb.PushRequest]:
-            yield pb.PushRequest(
-                header=push_header("fed", "stalls", payload, rank=2, num_examples=10)
-            )
-            yield pb.PushRequest(data=payload[:64])
-            release.wait(60)
-
-        channel = grpc.insecure_channel(srv.target)
-        stub: Any = pb_grpc.AggregationServiceStub(channel)  # generated without annotations
-        call = stub.Push.future(stalled(), timeout=120)
-        try:
+        with stalled_push(srv.target, "fed", "stalls", payload, rank=2) as call:
             for cid, rank, n, tensors in clients:
                 with RafloraClient(srv.target, "fed", cid) as client:
                     client.join(rank=rank, num_examples=n, lora_alpha=16.0)
@@ -385,10 +372,6 @@ def test_a_client_holding_a_push_open_does_not_stop_the_others_sums(tmp_path: Pa
                 client.wait_for_round(0, timeout=60)
             assert not call.done()  # the attacker's push was still open the whole round
             summed = metric_value(srv.metrics_url, "raflora_rounds_summed_total", federation="fed")
-        finally:
-            call.cancel()
-            release.set()
-            channel.close()
     assert summed == 1.0
     got, want = published(tmp_path / "d", "fed"), engine_one_shot(clients)
     for m in MODULES:
