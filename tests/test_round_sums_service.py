@@ -292,9 +292,10 @@ def test_the_sums_work_waits_for_pushes_streaming_in_and_resumes_after_the_last(
 
 
 def test_a_push_counts_as_streaming_only_while_its_bytes_flow() -> None:
-    """Streaming alone, on a clock of its own: a push holds the sums back while a message came
-    in the last quiet_seconds, and not once it stalls, open or not."""
-    from raflora.server.rounds.preload import RoundPreload, Streaming
+    """Streaming alone, on a clock of its own: a push holds the sums back while a chunk's worth
+    of bytes came in the last quiet_seconds, and not once it stalls or trickles, open or not.
+    (Its timer threads read this frozen clock and stop when the push ends.)"""
+    from raflora.server.rounds.preload import FLOWING_BYTES, RoundPreload, Streaming
 
     now = [100.0]
     streaming = Streaming(quiet_seconds=0.05, clock=lambda: now[0])
@@ -303,12 +304,16 @@ def test_a_push_counts_as_streaming_only_while_its_bytes_flow() -> None:
     with streaming.push() as push:
         assert streaming.busy_for(preload)  # just opened: its bytes are on their way
         now[0] += 0.04
-        push.received()
+        push.received(FLOWING_BYTES)
         now[0] += 0.04
-        assert streaming.busy_for(preload)  # a message 40 ms ago
+        assert streaming.busy_for(preload)  # a chunk's worth 40 ms ago
         now[0] += 0.02
         assert not streaming.busy_for(preload)  # 60 ms of nothing: stalled, still open
-        push.received()
+        for _ in range(10):  # a trickle: ten small messages 10 ms apart
+            push.received(100)
+            now[0] += 0.01
+            assert not streaming.busy_for(preload)
+        push.received(FLOWING_BYTES)
         assert streaming.busy_for(preload)
 
 
@@ -329,7 +334,7 @@ def test_a_stalled_push_wakes_the_sums_it_held_back_without_ending() -> None:
     push stops sending, though its stream stays open; and at once when a push ends."""
     from raflora.server.rounds.preload import RoundPreload, Streaming
 
-    streaming = Streaming(quiet_seconds=0.05)
+    streaming = Streaming(quiet_seconds=0.5)  # the asserts below run well within it
     waiter = _Woken()
     preload = cast(RoundPreload, waiter)
     with streaming.push():
@@ -339,7 +344,7 @@ def test_a_stalled_push_wakes_the_sums_it_held_back_without_ending() -> None:
     ended = _Woken()
     with streaming.push() as push:
         assert streaming.busy_for(cast(RoundPreload, ended))
-        push.received()
+        push.received(1 << 20)
     assert ended.count == 1  # woken by the end, not a timer
 
 

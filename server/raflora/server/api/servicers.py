@@ -425,7 +425,6 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
         trailer: str | None = None
         while True:
             more, message = await clock.next_unless(stream, ticket.intake.failed)
-            streaming.received()
             if not more:
                 ticket.intake.raise_error()  # the checks failed while we waited
             if message is None:
@@ -454,6 +453,7 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
                 raise InvalidArgumentError(
                     "data", f"chunk of {len(data)} bytes exceeds chunk_size {self.chunk_size}"
                 )
+            streaming.received(len(data))
             await ticket.write(data)
         return trailer
 

@@ -272,10 +272,10 @@ def _sketched_at_once(op: _Factored, k: int) -> Sketched:
     probes = secret_probes(op.d_in, op.dtype, op.device)
     Y = op.times(torch.cat([omega, probes], dim=1))
     # What rounding in ΔW G can hide of the bound, as for the sums' probes (engine/sums.py):
-    # a GEMM of inner size d rounds each entry to ~√d·eps of ‖B‖·‖A‖.
+    # GEMMs of inner sizes d_in and N round each entry to ~√(inner)·eps of ‖B‖·‖A‖.
     eps = torch.finfo(op.dtype).eps
     size = float(torch.linalg.norm(op.B)) * float(torch.linalg.norm(op.A))
-    rounding = 8 * eps * PROBE_FACTOR * math.sqrt(max(op.d_out, op.d_in)) * size
+    rounding = 8 * eps * PROBE_FACTOR * math.sqrt(max(op.d_out, op.d_in, op.width)) * size
     return Sketched(Y[:, :k], Y[:, k:], rounding)
 
 
@@ -368,7 +368,7 @@ def _certified(
         return None
     # The kept triplets are singular triplets of ΔW; are they the top ones? Any singular value
     # not kept is at most ‖PΔW(I − VVᵀ)‖ + ‖(I − P)ΔW‖ = σ̃_{r+1} + ‖(I − P)ΔW‖ (P = QQᵀ), and
-    # the last term is bounded from fresh secret probes, which see whatever the sketch missed
+    # the last term is bounded from secret probes, which see whatever the sketch missed
     # (a top direction orthogonal to the fixed Ω included): docs/design.md §2.4.
     if given is None:
         missed, rounding = op.missed(Q, QtW), op.rounding()

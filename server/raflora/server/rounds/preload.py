@@ -44,23 +44,30 @@ log = logging.getLogger("raflora.server")
 PRELOADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-preload")
 
 
-# A push that received nothing for this long costs no CPU: it no longer holds the sums back.
-# Loopback chunks arrive every millisecond or two, and pushes spread 30 ms apart leave gaps
-# that this keeps to the quiet ones.
+# A push that received less than FLOWING_BYTES for this long costs next to no CPU: it no
+# longer holds the sums back. Loopback chunks arrive every millisecond or two, and pushes
+# spread 30 ms apart leave gaps that this keeps to the quiet ones; a client trickling small
+# messages faster than that still moves under 1.3 MiB/s, which is no load either.
 QUIET_SECONDS = 0.05
+FLOWING_BYTES = 64 << 10
 
 
 class StreamingPush:
-    """One push receiving its bytes; :meth:`received` marks each message it gets."""
+    """One push receiving its bytes; :meth:`received` counts each data chunk it gets."""
 
-    __slots__ = ("_clock", "last")
+    __slots__ = ("_clock", "_since", "last")
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
+        self._since = 0  # bytes received since ``last``
         self.last = clock()
 
-    def received(self) -> None:
-        self.last = self._clock()  # one float store, on the event loop: no lock
+    def received(self, size: int) -> None:
+        """On the event loop, no lock: ``last`` moves on once FLOWING_BYTES more arrived."""
+        self._since += size
+        if self._since >= FLOWING_BYTES:
+            self._since = 0
+            self.last = self._clock()
 
 
 class Streaming:
@@ -68,10 +75,10 @@ class Streaming:
     thread adds to a round's sums only while none is, since receiving is what the round waits
     for and the close does not need the sums densified (rounds/summing.py).
 
-    A push counts only while its bytes flow (a message in the last ``quiet_seconds``): a
-    client that opens a push and trickles a byte now and then, or stalls, costs no CPU and
-    must not stop every round's sums. Whoever waited is woken when the last push ends, or by
-    a timer once the open ones have gone quiet."""
+    A push counts only while its bytes flow (:data:`FLOWING_BYTES` in the last
+    ``quiet_seconds``, or just opened): a client that opens a push and trickles small
+    messages, or stalls, costs no CPU and must not stop every round's sums. Whoever waited
+    is woken when the last push ends, or by a timer once the open ones have gone quiet."""
 
     def __init__(
         self, quiet_seconds: float = QUIET_SECONDS, clock: Callable[[], float] = time.monotonic
@@ -118,9 +125,10 @@ class Streaming:
     def _arm(self) -> None:
         """(Under the lock.) Look again in ``quiet_seconds``: pushes that stall end nothing."""
         if self._timer is None:
-            self._timer = threading.Timer(self.quiet_seconds, self._recheck)
-            self._timer.daemon = True
-            self._timer.start()
+            timer = threading.Timer(self.quiet_seconds, self._recheck)
+            timer.daemon = True
+            timer.start()  # (a thread that cannot start leaves no timer that never fires)
+            self._timer = timer
 
     def _recheck(self) -> None:
         with self._lock:
