@@ -23,7 +23,11 @@ import pytest
 import torch
 
 from raflora.client_sdk import AdminClient, RafloraClient, lora_state_dict
-from raflora.server.cluster.ray_modules import CLIENT_SERVER_RACE, RayModuleMap, join_retrying
+from raflora.server.cluster.ray_modules import (
+    CLIENT_SERVER_RACE,
+    RayModuleMap,
+    join_retrying,
+)
 from raflora.server.engine import (
     AdapterSchema,
     ClientUpdate,
@@ -328,6 +332,22 @@ def test_a_join_lost_to_rays_client_server_race_is_tried_again(
     assert (join.calls, join.shutdowns) == (2, 1)
     assert "joining the Ray cluster ray://head:10001" in caplog.text
     assert "joining again (2 of 3)" in caplog.text
+
+
+def zombie() -> Exception:
+    # the same race as Ray 2.60's client raised it in CI, one step earlier in the proxier
+    return ConnectionAbortedError(
+        "Initialization failure from server: Traceback (most recent call last): File "
+        '"ray/util/client/server/proxier.py", line 396, in start_specific_server cmd = '
+        "psutil_proc.cmdline() ... psutil.ZombieProcess: PID still exists but it's a zombie "
+        "(pid=21585)"
+    )
+
+
+def test_a_join_whose_client_server_turned_zombie_is_tried_again() -> None:
+    join = FlakyJoin([zombie(), race()])
+    join_retrying(join.init, join.shutdown, "ray://head:10001")
+    assert (join.calls, join.shutdowns) == (3, 2)
 
 
 def test_a_join_refused_for_another_reason_is_not_tried_again() -> None:

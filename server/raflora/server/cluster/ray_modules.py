@@ -54,6 +54,10 @@ def unreachable(address: str, timeout_seconds: float = 5.0) -> str | None:
 #: Ray 2.60 races there (the fork can die while the proxier reads its command line, seen on a
 #: fresh head's first driver); the next driver gets a fresh server, so joining again works.
 CLIENT_SERVER_RACE = "Starting Ray client server failed"
+#: The same race caught one step earlier: the proxier's psutil finds the fork a zombie while
+#: reading its command line (seen in CI: "Initialization failure from server: ...
+#: psutil.ZombieProcess: PID still exists but it's a zombie").
+CLIENT_SERVER_ZOMBIE = "ZombieProcess"
 
 
 def join_retrying(
@@ -62,14 +66,16 @@ def join_retrying(
     address: str,
     attempts: int = 3,
 ) -> None:
-    """``init()``, again (after ``shutdown()``) while it fails with :data:`CLIENT_SERVER_RACE`;
-    any other failure (refused token, wrong version) is final at once."""
+    """``init()``, again (after ``shutdown()``) while it fails with :data:`CLIENT_SERVER_RACE`
+    or :data:`CLIENT_SERVER_ZOMBIE`; any other failure (refused token, wrong version) is
+    final at once."""
     for attempt in range(1, attempts + 1):
         try:
             init()
             return
         except Exception as exc:
-            if CLIENT_SERVER_RACE not in str(exc) or attempt == attempts:
+            raced = CLIENT_SERVER_RACE in str(exc) or CLIENT_SERVER_ZOMBIE in str(exc)
+            if not raced or attempt == attempts:
                 raise
             log.warning(
                 "joining the Ray cluster %s: its client server did not start a session for "
