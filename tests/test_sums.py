@@ -394,7 +394,7 @@ def test_the_close_starts_from_the_rounds_sum_times_omega_and_the_probes(
         handed.append(lowrank.Sketched(*args))  # type: ignore[arg-type]
         return handed[-1]
 
-    monkeypatch.setattr(sums_module, "secret_probes", known_probes)
+    monkeypatch.setattr(lowrank, "secret_probes", known_probes)  # sketch_basis draws G
     monkeypatch.setattr(sums_module, "Sketched", recorded)
     updates = random_updates(schema, CLIENTS)
     cfg = StrategyConfig(schema=schema, max_rank=R, compute_dtype=torch.float64)

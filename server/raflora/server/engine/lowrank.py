@@ -160,7 +160,6 @@ class _Factored:
         self.d_out, self.width = int(B.shape[0]), int(B.shape[1])
         self.d_in = int(A.shape[1])
         self.dtype, self.device = B.dtype, B.device
-        self._projected: tuple[Tensor, Tensor] | None = None  # (Q, QᵀB) of the last project
 
     def times(self, X: Tensor) -> Tensor:
         return self.B @ (self.A @ X)
@@ -169,14 +168,12 @@ class _Factored:
         return self.A.T @ (self.B.T @ Y)
 
     def project(self, Q: Tensor) -> Tensor:
-        QtB = Q.T @ self.B
-        self._projected = (Q, QtB)
-        return QtB @ self.A
+        return (Q.T @ self.B) @ self.A
 
     def missed(self, Q: Tensor, QtW: Tensor) -> float:
-        last = self._projected
-        QtB = last[1] if last is not None and last[0] is Q else Q.T @ self.B
-        return residual_norm_bound(self.B - Q @ QtB, self.A)
+        # (randomized_svd hands every close its probes as ``given``: this is the operator's
+        # own bound, for a caller of _randomized without them.)
+        return residual_norm_bound(self.B - Q @ (Q.T @ self.B), self.A)
 
     def rounding(self) -> float:
         # C = B − Q QᵀB in the compute dtype can hide up to ~eps·‖B‖·‖A‖ of ‖(I − P)ΔW‖.
@@ -262,20 +259,29 @@ def randomized_svd(
     return _randomized(op, max_rank, oversample, power_iterations, tolerance, widen, given)
 
 
+def sketch_basis(d_in: int, k: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """[Ω G] (d_in × (k + PROBES)): the first sketch's public Ω beside fresh secret probes,
+    so that one product takes both (the G of :class:`Sketched`)."""
+    omega = sketch_start(d_in, k, dtype, device)
+    return torch.cat([omega, secret_probes(d_in, dtype, device)], dim=1)
+
+
+def probe_rounding(dtype: torch.dtype, magnitude: float, *inner: int) -> float:
+    """What rounding in probes ΔW G can hide of the probe bound: GEMMs of these inner sizes
+    round each entry to ~√(inner)·eps of ``magnitude`` (Σ ‖B‖_F·‖A‖_F of the terms)."""
+    eps = torch.finfo(dtype).eps
+    return 8 * eps * PROBE_FACTOR * math.sqrt(max(inner)) * magnitude
+
+
 def _sketched_at_once(op: _Factored, k: int) -> Sketched:
     """ΔW [Ω G] in one product through the factors: the first sketch and the certificate's
     secret probes, as a round's sums hold them (§2.11). One draw of G serves every try of
     the certificate (Q never depends on it), and (I − QQᵀ)ΔW G is then ΔW G − Q(QᵀΔW G),
     where fresh probes per try cost a product each and formed B − QQᵀB (d_out × N)."""
     k = min(k, op.width, op.d_out, op.d_in)
-    omega = sketch_start(op.d_in, k, op.dtype, op.device)
-    probes = secret_probes(op.d_in, op.dtype, op.device)
-    Y = op.times(torch.cat([omega, probes], dim=1))
-    # What rounding in ΔW G can hide of the bound, as for the sums' probes (engine/sums.py):
-    # GEMMs of inner sizes d_in and N round each entry to ~√(inner)·eps of ‖B‖·‖A‖.
-    eps = torch.finfo(op.dtype).eps
+    Y = op.times(sketch_basis(op.d_in, k, op.dtype, op.device))
     size = float(torch.linalg.norm(op.B)) * float(torch.linalg.norm(op.A))
-    rounding = 8 * eps * PROBE_FACTOR * math.sqrt(max(op.d_out, op.d_in, op.width)) * size
+    rounding = probe_rounding(op.dtype, size, op.d_out, op.d_in, op.width)  # inner: d_in, N
     return Sketched(Y[:, :k], Y[:, k:], rounding)
 
 

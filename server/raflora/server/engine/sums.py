@@ -34,14 +34,13 @@ from torch import Tensor
 from .errors import AggregationError, InvalidUpdateError
 from .lowrank import (
     OVERSAMPLE,
-    PROBE_FACTOR,
     PROBES,
     Sketched,
     SvdMethod,
     close_cost,
     dense_close_cost,
-    secret_probes,
-    sketch_start,
+    probe_rounding,
+    sketch_basis,
     sketched_close_cost,
     truncated_svd_of_dense,
     truncated_svd_of_sum,
@@ -129,9 +128,9 @@ class RoundSums:
         self._basis: dict[int, Tensor] = {}
         for shape in strategy.schema.modules.values():
             if shape.d_in not in self._basis:
-                omega = sketch_start(shape.d_in, self._k, strategy.dtype, strategy.device)
-                probes = secret_probes(shape.d_in, strategy.dtype, strategy.device)
-                self._basis[shape.d_in] = torch.cat([omega, probes], dim=1)
+                self._basis[shape.d_in] = sketch_basis(
+                    shape.d_in, self._k, strategy.dtype, strategy.device
+                )
         self._sketches: dict[str, list[Tensor]] = {name: [] for name in strategy.schema}
         self._unsketched: list[list[_Summed]] = []  # per interval, as _pending
         self._magnitude: dict[str, list[float]] = {name: [] for name in strategy.schema}
@@ -472,12 +471,8 @@ class RoundSums:
             sketch.addmm_(carried.B, carried.A @ self._basis[shape.d_in])
             allowance += float(torch.linalg.norm(carried.B)) * float(torch.linalg.norm(carried.A))
             width += carried.rank
-        eps = torch.finfo(self.strategy.dtype).eps
-        given = Sketched(
-            sketch[:, : self._k],
-            sketch[:, self._k :],
-            8 * eps * PROBE_FACTOR * math.sqrt(max(shape.d_out, shape.d_in)) * allowance,
-        )
+        rounding = probe_rounding(self.strategy.dtype, allowance, shape.d_out, shape.d_in)
+        given = Sketched(sketch[:, : self._k], sketch[:, self._k :], rounding)
         if W is not None:
             if carried is not None:
                 W.addmm_(carried.B, carried.A)
