@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from raflora.server.engine import (
     StrategyConfig,
     lora_scaling,
     make_strategy,
+    split_lowrank,
 )
 
 from .conftest import CLIENTS, random_updates, rel_err
@@ -122,3 +125,35 @@ def test_distribution_is_deterministic(schema: AdapterSchema) -> None:
     for m in schema:
         assert torch.equal(a.factors[m].A, b.factors[m].A)
         assert torch.equal(a.factors[m].B, b.factors[m].B)
+
+
+def test_the_shared_init_is_the_documented_draw(schema: AdapterSchema) -> None:
+    """Recomputed from its definition (initialization.py's docstring), not from the code: a
+    change of the draw would hand clients that join later another init than earlier ones."""
+    seed = 77
+    strategy = make_strategy("raflora", StrategyConfig(schema=schema, max_rank=R, seed=seed))
+    served = strategy.distribute(strategy.initial_state(), R, 1.0)
+    for name, shape in schema.modules.items():
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        u = torch.rand(R, shape.d_in, generator=gen, dtype=torch.float32)
+        expected = (u * 2 - 1) * (1.0 / shape.d_in**0.5)
+        assert torch.equal(served.factors[name].A.float(), expected)
+
+
+@pytest.mark.parametrize("split", list(FactorSplit))
+def test_a_full_rank_view_draws_no_init_and_shares_no_memory(split: FactorSplit) -> None:
+    U, _ = torch.linalg.qr(torch.randn(6, 1, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(5, 1, dtype=torch.float64))
+    state = LowRank(U, torch.tensor([2.0], dtype=torch.float64), V)
+
+    def never() -> torch.Tensor:
+        raise AssertionError("a view of a full-rank state drew init rows")
+
+    f = split_lowrank(state, 1, 0.5, split, never)
+    assert rel_err(0.5 * f.B @ f.A, state.dense()) < 1e-12
+    for factor in (f.A, f.B):
+        assert factor.is_contiguous()
+        assert factor.untyped_storage().data_ptr() not in {
+            t.untyped_storage().data_ptr() for t in (state.U, state.S, state.V)
+        }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -30,12 +31,17 @@ def live_slot_count(S: Tensor, d_out: int, d_in: int) -> int:
 
 
 def split_lowrank(
-    state: LowRank, rank: int, scale: float, split: FactorSplit, init_rows: Tensor
+    state: LowRank,
+    rank: int,
+    scale: float,
+    split: FactorSplit,
+    init_rows: Tensor | Callable[[], Tensor],
 ) -> FactorPair:
     """Best rank-``rank`` approximation of the state as LoRA factors with ``scale·B·A`` = it.
 
     Slots beyond the state's numerical rank get B = 0 and a fresh direction in A (orthogonal
-    to the others) so they stay trainable. ``init_rows`` holds at least ``rank`` init rows.
+    to the others) so they stay trainable. ``init_rows`` holds at least ``rank`` init rows, or
+    makes them: then only when a slot is dead (a view of a full-rank state draws none).
     """
     d_out, d_in = int(state.U.shape[0]), int(state.V.shape[0])
     n_live = min(rank, live_slot_count(state.S, d_out, d_in))
@@ -44,8 +50,14 @@ def split_lowrank(
         root = torch.sqrt(S / scale)
         B_live, A_live = U * root, root[:, None] * V.T
     else:
-        B_live, A_live = U * (S / scale), V.T
-    fresh = orthogonal_fresh_rows(A_live, init_rows[n_live:rank].to(A_live.dtype))
+        # A copy, never a view of the state's V (a caller may write into the factors).
+        B_live, A_live = U * (S / scale), V.T.clone(memory_format=torch.contiguous_format)
+    if n_live == rank:  # every slot live: no fresh rows, nothing to join
+        return FactorPair(B=B_live.contiguous(), A=A_live.contiguous())
+    rows = init_rows() if callable(init_rows) else init_rows
+    fresh = orthogonal_fresh_rows(A_live, rows[n_live:rank].to(A_live.dtype))
+    if n_live == 0:  # round 0, or a state of zeros: the init itself, B = 0
+        return FactorPair(B=B_live.new_zeros(d_out, rank), A=fresh.contiguous())
     B = torch.cat([B_live, B_live.new_zeros(d_out, rank - n_live)], dim=1)
     A = torch.cat([A_live, fresh], dim=0)
     return FactorPair(B=B.contiguous(), A=A.contiguous())

@@ -71,7 +71,7 @@ class SpectralStrategy(Strategy):
     ) -> tuple[FactorPair, FactorPair | None]:
         module = state.modules[name]
         assert isinstance(module, LowRank)
-        init = self.init_rows(name, rank)
+        init = lambda: self.init_rows(name, rank)  # noqa: E731  # drawn only for dead slots
         return split_lowrank(module, rank, scale, self.config.split, init), None
 
     def _aggregate_module(self, name: str, state: GlobalState, round_: PreparedRound) -> LowRank:
