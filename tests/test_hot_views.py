@@ -264,8 +264,9 @@ def test_the_hot_views_show_in_the_metrics(tmp_path: Path) -> None:
         assert held > 0
         text = scrape(server.metrics_url)
         assert f"raflora_hot_view_bytes {float(held)}" in text
-        # The first pull waited for the build, which kept the view: no pull read the disk.
-        assert 'raflora_pulls_from_memory_total{federation="m"} 3.0' in text
+        # The first pull followed the build, which kept the view: no pull read the disk.
+        assert 'raflora_pulls_while_built_total{federation="m"} 1.0' in text
+        assert 'raflora_pulls_from_memory_total{federation="m"} 2.0' in text
         admin.delete_federation("m")
         assert "raflora_hot_view_bytes 0.0" in scrape(server.metrics_url)
 

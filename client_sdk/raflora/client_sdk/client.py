@@ -374,8 +374,11 @@ class RafloraClient:
         ``round`` None means the newest published round; an evaluator that must see every
         round can ask for an older one.
         """
-        request = pb.PullRequest(
-            federation_id=self.federation_id, client_id=self.client_id, round=round
+        request = pb.PullRequest(  # the digest last: a view may stream while it is built
+            federation_id=self.federation_id,
+            client_id=self.client_id,
+            round=round,
+            digest_last=True,
         )
 
         def attempt() -> PulledAdapter:

@@ -127,7 +127,8 @@ def receive_adapter(
     stream: Iterable[Any], progress: ProgressCallback | None = None
 ) -> tuple[pb.PullHeader, dict[str, Tensor]]:
     """A Pull-shaped stream (Pull, ExportAdapter): its header and tensors, checked against the
-    header's size and SHA-256 (DataLossError otherwise).
+    header's size and SHA-256, which the header carries or a trailer after the data
+    (DataLossError otherwise).
 
     Items are data chunks as memoryviews (the SDK's fast deserializer) or ``PullChunk``
     messages. Each chunk is hashed as it arrives and copied once into the payload's buffer.
@@ -139,22 +140,30 @@ def receive_adapter(
     dest: memoryview | None = None
     digest = hashlib.sha256()
     received = 0
+    trailer: str | None = None  # the digest, when it follows the data
     # One worker hashes the buffer's filled regions in order while this thread receives.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raflora-pull-hash") as hasher:
         for message in stream:
             if isinstance(message, memoryview):
                 data = message
-            elif message.WhichOneof("payload") == "header":
+            elif (kind := message.WhichOneof("payload")) == "header":
                 if header is not None:
                     raise _short("a second header arrived", received)
                 header = message.header
                 buffer = _allocate(header.total_bytes)
                 dest = memoryview(buffer.numpy())
                 continue
+            elif kind == "trailer":
+                if header is None or header.sha256 or trailer is not None:
+                    raise _unexpected_trailer(received)
+                trailer = message.trailer.sha256
+                continue
             else:
                 data = memoryview(message.data)
             if dest is None or header is None:
                 raise _short("data arrived before the header", received)
+            if trailer is not None:
+                raise _short("data arrived after the digest trailer", received)
             if received + len(data) > header.total_bytes:
                 raise _short(f"more than the declared {header.total_bytes} bytes arrived", received)
             region = dest[received : received + len(data)]
@@ -168,13 +177,29 @@ def receive_adapter(
                 progress(received, header.total_bytes)
     if header is None or received != header.total_bytes:
         raise _short(f"the stream ended after {received} bytes", received)
-    if digest.hexdigest() != header.sha256:
+    expected = header.sha256 or trailer
+    if expected is None:
+        raise DataLossError(
+            "sha256: the stream ended without the digest its header promised in a trailer",
+            reason=ErrorReason.CHECKSUM_MISMATCH,
+            field="sha256",
+        )
+    if digest.hexdigest() != expected:
         raise DataLossError(
             "sha256: the download does not match its checksum",
             reason=ErrorReason.CHECKSUM_MISMATCH,
             field="sha256",
         )
     return header, _tensors_of(buffer, header.total_bytes, torch)
+
+
+def _unexpected_trailer(received: int) -> DataLossError:
+    return DataLossError(
+        f"trailer: a digest trailer arrived after {received} bytes where none was due "
+        "(before the header, a second one, or the header carried the digest)",
+        reason=ErrorReason.CHECKSUM_MISMATCH,
+        field="trailer",
+    )
 
 
 def _short(what: str, received: int) -> DataLossError:

@@ -1185,11 +1185,17 @@ class PullRequest(_message.Message):
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
+    DIGEST_LAST_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     client_id: _builtins.str
     round: _builtins.int
     """Unset: the newest published round. Set: that round (older ones are kept on disk), so an
     evaluator or auditor can read every round even when it falls behind.
+    """
+    digest_last: _builtins.bool
+    """The client takes the digest last, in a PullTrailer (PullHeader.sha256 then empty): the
+    server may stream a view while it builds it instead of only once it is built. A server
+    that predates the field sends the digest in the header as before.
     """
     def __init__(
         self,
@@ -1197,10 +1203,11 @@ class PullRequest(_message.Message):
         federation_id: _builtins.str = ...,
         client_id: _builtins.str = ...,
         round: _builtins.int | None = ...,
+        digest_last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "round", b"round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "client_id", b"client_id", "federation_id", b"federation_id", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "client_id", b"client_id", "digest_last", b"digest_last", "federation_id", b"federation_id", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__round: _TypeAlias = _typing.Literal["round"]  # noqa: Y015
     _WhichOneofArgType__round: _TypeAlias = _typing.Literal["_round", b"_round"]  # noqa: Y015
@@ -1226,7 +1233,7 @@ class PullHeader(_message.Message):
     scale: _builtins.float
     total_bytes: _builtins.int
     sha256: _builtins.str
-    """hex digest of the concatenated chunks"""
+    """hex digest of the concatenated chunks; empty: a PullTrailer"""
     has_merge: _builtins.bool
     """FLoRA: merge `<module>.merge.lora_{A,B}.weight` first"""
     lora_alpha: _builtins.float
@@ -1258,27 +1265,53 @@ class PullHeader(_message.Message):
 Global___PullHeader: _TypeAlias = PullHeader  # noqa: Y015
 
 @_typing.final
+class PullTrailer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """hex digest of the concatenated chunks"""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullTrailer: _TypeAlias = PullTrailer  # noqa: Y015
+
+@_typing.final
 class PullChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___PullHeader:
         """always the first message"""
+
+    @_builtins.property
+    def trailer(self) -> Global___PullTrailer:
+        """last, exactly when the header's sha256 is empty"""
 
     def __init__(
         self,
         *,
         header: Global___PullHeader | None = ...,
         data: _builtins.bytes = ...,
+        trailer: Global___PullTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "data", "trailer"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -166,6 +166,12 @@ class ServerMetrics:
             ["federation"],
             registry=r,
         )
+        self.pulls_while_built = Counter(
+            "raflora_pulls_while_built",
+            "Pulls that streamed their view while it was being built (the digest last)",
+            ["federation"],
+            registry=r,
+        )
         self.hot_view_bytes = Gauge(
             "raflora_hot_view_bytes",
             "Memory held by pull views kept as messages, fills and views still streamed included",

@@ -11,6 +11,7 @@ from ..config import FederationConfig
 from ..rounds import EventType, FederationRuntime, Phase, PrivacyStatus, RoundEvent, Snapshot, View
 from ..rounds.hub import ClientInfo
 from ..rounds.tickets import PushOutcome
+from ..rounds.views import LivePull
 from ..storage.manifest import Holders
 from ..storage.s3_direct import DownloadGrant, UploadGrant
 
@@ -242,6 +243,20 @@ def pull_header(view: View) -> pb.PullHeader:
         sha256=view.sha256,
         has_merge=view.has_merge,
         energy=energy_proto(view.energy, view.holders),
+    )
+
+
+def live_pull_header(live: LivePull) -> pb.PullHeader:
+    """A pull's header for a view still being built: its digest follows in a trailer."""
+    facts = live.facts
+    return pb.PullHeader(
+        round=facts.round,
+        rank=live.rank,
+        scale=live.scale,
+        total_bytes=facts.total_bytes,
+        sha256="",
+        has_merge=facts.has_merge,
+        energy=energy_proto(facts.energy, facts.holders),
     )
 
 

@@ -36,7 +36,7 @@ from ..rounds import (
 from ..rounds.preload import STREAMING, StreamingPush
 from ..rounds.terms import check_sha256
 from ..rounds.tickets import PushTicket, retrieve
-from ..rounds.views import ViewReader
+from ..rounds.views import LivePull, ViewReader
 from .interceptors import refusal_of
 from .serde import (
     client_info_proto,
@@ -46,6 +46,7 @@ from .serde import (
     direct_upload_proto,
     event_proto,
     federation_proto,
+    live_pull_header,
     pull_header,
     push_response,
     status_proto,
@@ -266,11 +267,21 @@ class AggregationService(pb_grpc.AggregationServiceServicer):
             claims, runtime.id, request.client_id, runtime.client(request.client_id).rank
         )
         requested = request.round if request.HasField("round") else None
-        view, reader = await runtime.open_view(request.client_id, requested)
-        if reader.hot is not None:
-            self.metrics.pulls_from_memory.labels(runtime.id).inc()
-        await stream_view(context, clock, runtime, view, reader, pull_header(view), self.chunk_size)
-        self.metrics.download_bytes.labels(runtime.id, str(view.rank)).inc(view.size)
+        live = None
+        if request.digest_last:  # the client takes the digest last: follow a build in flight
+            live = await runtime.follow_view(request.client_id, requested)
+        if live is not None:
+            self.metrics.pulls_while_built.labels(runtime.id).inc()
+            await stream_live(context, clock, live)
+            rank, size = live.rank, live.facts.total_bytes
+        else:
+            view, reader = await runtime.open_view(request.client_id, requested)
+            if reader.hot is not None:
+                self.metrics.pulls_from_memory.labels(runtime.id).inc()
+            header = pull_header(view)
+            await stream_view(context, clock, runtime, view, reader, header, self.chunk_size)
+            rank, size = view.rank, view.size
+        self.metrics.download_bytes.labels(runtime.id, str(rank)).inc(size)
         self.metrics.pull_seconds.labels(runtime.id).observe(time.perf_counter() - started)
 
     async def WatchRounds(
@@ -477,6 +488,17 @@ async def stream_view(
                 await clock.write(context, message)
             return
         await _stream_stored(context, clock, runtime, view, reader, chunk_size)
+
+
+async def stream_live(context: Any, clock: StreamClock, live: LivePull) -> None:
+    """Write a view as its build frames it, then its digest in a trailer (docs/design.md
+    §4.3): the client checks the digest at the end, as it would the header's."""
+    with live:
+        await clock.write(context, pb.PullChunk(header=live_pull_header(live)))
+        async for message in live.messages():
+            await clock.write(context, message)
+        view = await live.view()
+        await clock.write(context, pb.PullChunk(trailer=pb.PullTrailer(sha256=view.sha256)))
 
 
 async def _stream_stored(

@@ -43,12 +43,20 @@ class HotEntry:
 
 
 class Fill:
-    """Room reserved for one view's messages while they are framed or collected."""
+    """Room reserved for one view's messages while they are framed or collected.
+
+    Pulls may stream a build's messages while it frames them (live_views.py): they
+    :meth:`HotViews.follow` its fill, and the bytes stay counted until the last of them ends,
+    whatever becomes of the fill (kept as an entry they then read, dropped, not kept)."""
 
     def __init__(self, key: HotKey | None, size: int) -> None:
         self.key = key  # None: a build that learns its view's digest only once it has written
         self.size = size
         self.dropped = False  # its view or federation went: the room is given back already
+        self.settled = False  # ended or dropped: no more followers
+        self.followers = 0
+        self.entry: HotEntry | None = None  # what it became, its followers its readers
+        self.owed = False  # not kept, but its size stays counted for its followers
 
 
 class HotViews:
@@ -74,9 +82,30 @@ class HotViews:
 
     def release(self, entry: HotEntry) -> None:
         with self._lock:
-            entry.readers -= 1
-            if entry.evicted and entry.readers == 0:
-                self.used -= entry.size
+            self._release(entry)
+
+    def _release(self, entry: HotEntry) -> None:
+        entry.readers -= 1
+        if entry.evicted and entry.readers == 0:
+            self.used -= entry.size
+
+    def follow(self, fill: Fill) -> bool:
+        """One more pull streams ``fill``'s messages as they are framed (it must
+        :meth:`unfollow`); False once the fill has ended: the view is built, or gone."""
+        with self._lock:
+            if fill.settled:
+                return False
+            fill.followers += 1
+            return True
+
+    def unfollow(self, fill: Fill) -> None:
+        with self._lock:
+            fill.followers -= 1
+            if fill.entry is not None:  # its followers became the entry's readers
+                self._release(fill.entry)
+            elif fill.owed and fill.followers == 0:
+                fill.owed = False
+                self.used -= fill.size
 
     def get(self, key: HotKey) -> tuple[bytes, ...] | None:
         """The view's messages, for a look (tests, tools); pulls :meth:`acquire` them."""
@@ -113,15 +142,31 @@ class HotViews:
             if fill.dropped:
                 return  # its room went back when its view or federation was dropped
             self._fills.remove(fill)
-            self.used -= fill.size
+            fill.settled = True
             key = fill.key if key is None else key
-            if messages is None or key is None or key in self._entries or self._filling(key):
+            size = sum(len(m) for m in messages) if messages is not None else 0
+            if (
+                messages is None
+                or key is None
+                or key in self._entries
+                or self._filling(key)
+                or size > self.max_view_bytes
+                or self.used - fill.size + size > self.limit
+            ):
+                self._settle_unkept(fill)
                 return
-            size = sum(len(m) for m in messages)
-            if size > self.max_view_bytes or self.used + size > self.limit:
-                return
-            self._entries[key] = HotEntry(tuple(messages), size)
+            self.used -= fill.size
+            entry = HotEntry(tuple(messages), size)
+            entry.readers = fill.followers
+            fill.entry = entry
+            self._entries[key] = entry
             self.used += size
+
+    def _settle_unkept(self, fill: Fill) -> None:
+        if fill.followers:
+            fill.owed = True  # counted until its last follower ends
+        else:
+            self.used -= fill.size
 
     def drop(self, where: Callable[[HotKey], bool]) -> None:
         """Forget every entry (and fill in progress) whose key ``where`` selects."""
@@ -130,8 +175,8 @@ class HotViews:
                 self._remove(key)
             for fill in [f for f in self._fills if f.key is not None and where(f.key)]:
                 self._fills.remove(fill)
-                fill.dropped = True
-                self.used -= fill.size
+                fill.dropped = fill.settled = True
+                self._settle_unkept(fill)
 
     def _filling(self, key: HotKey) -> bool:
         return any(f.key == key for f in self._fills)

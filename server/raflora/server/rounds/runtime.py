@@ -71,7 +71,7 @@ from .selection import Selection, select
 from .summing import RoundSummer
 from .terms import check_push_terms, check_sha256, join_terms
 from .tickets import HeaderVerdict, PushOutcome, PushTicket
-from .views import RoundContent, View, ViewCache, ViewReader
+from .views import LivePull, RoundContent, View, ViewCache, ViewReader
 
 log = logging.getLogger("raflora.server")
 T = TypeVar("T")
@@ -993,6 +993,20 @@ class FederationRuntime:
     async def view_at(self, rank: int, scale: float, round_: int | None = None) -> View:
         """The view at (``rank``, ``scale``) of the newest round (None) or an older one: what a
         client with those terms pulls, and what ExportAdapter serves."""
+        round_at, content = self._view_source(round_)
+        return await self.views.get(round_at, rank, scale, content)
+
+    async def follow_view(self, client_id: str, round_: int | None = None) -> LivePull | None:
+        """The client's view while it is being built, to stream as it is framed (a build
+        starts on a miss); None when it is built already, or cannot be followed (then
+        :meth:`open_view`)."""
+        self.check_serving()
+        joined = self.client(client_id)
+        round_at, content = self._view_source(round_)
+        return await self.views.follow(round_at, joined.rank, joined.scale, content)
+
+    def _view_source(self, round_: int | None) -> tuple[int, Callable[[], RoundContent]]:
+        """The round a view request means (None: the newest) and how to read its content."""
         current = self.state.round
         if round_ is not None and round_ > current:
             raise FailedPreconditionError(
@@ -1002,13 +1016,11 @@ class FederationRuntime:
             )
         if round_ is None or round_ == current:
             newest = RoundContent(self.state, self.energy, self.holders)
-            return await self.views.get(current, rank, scale, lambda: newest)
+            return current, lambda: newest
         if round_ == 0:
-            return await self.views.get(
-                0, rank, scale, lambda: RoundContent(self.strategy.initial_state(), None, ())
-            )
+            return 0, lambda: RoundContent(self.strategy.initial_state(), None, ())
         older = round_
-        return await self.views.get(older, rank, scale, lambda: self.published.content(older))
+        return older, lambda: self.published.content(older)
 
     async def discard_view(self, view: View) -> None:
         """A view whose bytes no longer match its digest: drop it, the next pull rebuilds it."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
@@ -33,11 +33,13 @@ from raflora.server.engine.validation import all_finite
 from raflora.v1.framing import Framer
 from raflora.v1.wire import DEFAULT_CHUNK_SIZE, LORA_A, LORA_B, ErrorReason, tensor_name
 
-from ..errors import InvalidArgumentError, NotFoundError, ServiceError
+from ..errors import InvalidArgumentError, NotFoundError, ServiceError, UnavailableError
 from ..storage import FederationStore, StoredView
 from ..storage.manifest import Holders
 from ..storage.store import TensorSpec
+from ..storage.tensorio import Tee, safetensors_size
 from .hot_views import Fill, HotEntry, HotKey, HotViews
+from .live_views import LiveBuild, LiveFacts
 
 ViewKey = tuple[int, int, float]
 
@@ -169,6 +171,7 @@ class ViewCache:
         self.federation_id = federation_id
         self.chunk_size = chunk_size  # of the messages a build frames for the hot views
         self._tasks: dict[ViewKey, asyncio.Task[View]] = {}
+        self._live: dict[ViewKey, LiveBuild] = {}  # builds in flight, for pulls to follow
         self._streaming: dict[int, int] = {}  # round -> open ViewReaders
         self._gone: set[int] = set()  # rounds deleted by retention
         self.closed = False  # the federation was deleted
@@ -178,16 +181,7 @@ class ViewCache:
     ) -> View:
         """The view, built on a miss from ``content()`` (called in the build's thread, so an
         older round is read from storage only when its view is not cached)."""
-        self._check(round_)
-        key = (round_, rank, scale)
-        task = self._tasks.get(key)
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(lambda: self.build(content(), rank, scale))
-            )
-            self._tasks.pop(key, None)
-            self._tasks[key] = task  # insertion order: the newest last
-            await self._evict(key[0])
+        task = await self._task(round_, rank, scale, content)
         try:
             view = await asyncio.shield(task)
         except (ServiceError, OSError):
@@ -195,6 +189,51 @@ class ViewCache:
             raise
         self._check(round_)
         return view
+
+    async def follow(
+        self, round_: int, rank: int, scale: float, content: Callable[[], RoundContent]
+    ) -> LivePull | None:
+        """The view's build in flight, for a pull to stream while it runs (starting it on a
+        miss); None when the view is built already or its build does not frame into memory:
+        the caller then uses :meth:`get`."""
+        task = await self._task(round_, rank, scale, content)
+        live = self._live.get((round_, rank, scale))
+        if task.done() or live is None or not await asyncio.shield(live.started):
+            return None
+        assert live.facts is not None and live.fill is not None
+        if not self.hot.follow(live.fill):  # it ended meanwhile: the view is built
+            return None
+        try:
+            self._check(round_)
+        except ServiceError:
+            self.hot.unfollow(live.fill)
+            raise
+        return LivePull(self, round_, rank, scale, live, task)
+
+    async def _task(
+        self, round_: int, rank: int, scale: float, content: Callable[[], RoundContent]
+    ) -> asyncio.Task[View]:
+        """The build of the view, started unless it is built or building."""
+        self._check(round_)
+        key = (round_, rank, scale)
+        task = self._tasks.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            loop = asyncio.get_running_loop()
+            live = LiveBuild(loop)
+            task = loop.create_task(
+                asyncio.to_thread(lambda: self.build(content(), rank, scale, live))
+            )
+            self._live[key] = live
+            task.add_done_callback(lambda _done: self._built(key, live))
+            self._tasks.pop(key, None)
+            self._tasks[key] = task  # insertion order: the newest last
+            await self._evict(key[0])
+        return task
+
+    def _built(self, key: ViewKey, live: LiveBuild) -> None:
+        live.finish()
+        if self._live.get(key) is live:
+            del self._live[key]
 
     def _check(self, round_: int) -> None:
         if self.closed:
@@ -271,7 +310,9 @@ class ViewCache:
         self._tasks = {k: v for k, v in self._tasks.items() if k[0] >= round_}
         self._drop_hot(lambda key: key[0] < round_)
 
-    def build(self, content: RoundContent, rank: int, scale: float) -> View:
+    def build(
+        self, content: RoundContent, rank: int, scale: float, live: LiveBuild | None = None
+    ) -> View:
         state = content.state
         specs: list[TensorSpec] = []
         has_merge = False
@@ -320,7 +361,12 @@ class ViewCache:
         fill = None if self.closed else self.hot.begin_fill(None, size, evict=True)
         framing = None if fill is None else (fill, Framer(self.chunk_size))
         try:
-            tee = None if framing is None else framing[1].feed
+            tee: Tee | None = None if framing is None else framing[1].feed
+            if live is not None and framing is not None:  # pulls may stream it as it is framed
+                total = safetensors_size(specs, metadata)
+                facts = LiveFacts(total, has_merge, state.round, content.energy, content.holders)
+                live.begin(facts, framing[1].messages, framing[0])
+                tee = _telling(framing[1].feed, live)
             stored = self.store.write_view(state.round, key, specs, produce(), metadata, tee)
         except BaseException:
             if framing is not None:
@@ -330,3 +376,76 @@ class ViewCache:
         if framing is not None:  # the bytes just written and hashed
             self.end_fill(view, framing[0], framing[1].close())
         return view
+
+
+def _telling(feed: Tee, live: LiveBuild) -> Tee:
+    """``feed``, then a word to the pulls following the build."""
+
+    def tee(piece: memoryview) -> None:
+        feed(piece)
+        live.advanced()
+
+    return tee
+
+
+class LivePull:
+    """One pull streaming a view while it is built: it pins the view's round (retention
+    keeps it) and holds the build's reserved room counted until it ends (:meth:`close`)."""
+
+    def __init__(
+        self,
+        cache: ViewCache,
+        round_: int,
+        rank: int,
+        scale: float,
+        live: LiveBuild,
+        task: asyncio.Task[View],
+    ) -> None:
+        assert live.facts is not None and live.fill is not None
+        self.round, self.rank, self.scale = round_, rank, scale
+        self.facts: LiveFacts = live.facts
+        self._cache = cache
+        self._live = live
+        self._fill: Fill = live.fill
+        self._task = task
+        self._pin = ViewReader(cache, round_, None)
+        self._closed = False
+
+    async def messages(self) -> AsyncIterator[bytes]:
+        """The view's messages as the build frames them; NOT_FOUND once the federation is
+        deleted."""
+        async for message in self._live.follow():
+            self._pin.check()
+            yield message
+
+    async def view(self) -> View:
+        """The built view (its digest), once the build has ended; the build's error if it
+        failed, UNAVAILABLE if its round's views were pruned meanwhile (pull again)."""
+        try:
+            view = await asyncio.shield(self._task)
+        except FileNotFoundError:
+            raise UnavailableError(
+                "round", "the view's round was pruned while it was built; pull again"
+            ) from None
+        self._cache._check(self.round)
+        return view
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._cache.hot.unfollow(self._fill)
+        finally:
+            self._pin.close()
+
+    def __enter__(self) -> LivePull:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

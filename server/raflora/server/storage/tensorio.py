@@ -408,6 +408,17 @@ def read_factors(reader: TensorReader, schema: AdapterSchema) -> dict[str, Facto
     }
 
 
+def safetensors_size(
+    specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """The size of the file :func:`write_safetensors_to` writes for ``specs``, known before
+    any tensor is produced (a pull can announce it while the view is still being built)."""
+    order = [(name, _CODE_OF[dtype], tuple(shape)) for name, dtype, shape in specs]
+    prefix, layout = encode_header(order, dict(metadata or {}))
+    return len(prefix) + (layout.entries[-1].end if layout.entries else 0)
+
+
 def write_safetensors(
     path: Path,
     specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
